@@ -1,0 +1,96 @@
+"""One typer app; one command per DVC stage, each thin: load params -> call one function."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import typer
+
+from biomedsynth.params import ParamsError, apply_profile, load_params
+from biomedsynth.sources import UnreadableInput
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="biomedsynth: can GAN-made medical images stand in for real ones? (see README)")
+ParamsOpt = typer.Option(Path("params.yaml"), "--params", help="params file to read")
+
+
+def _fail(code: int, msg: str):
+    typer.echo(f"biomedsynth: {msg}", err=True)
+    raise typer.Exit(code)
+
+
+def _params(path: Path):
+    try:
+        return load_params(path)
+    except ParamsError as e:
+        _fail(2, str(e))
+
+
+def _run(fn, *args, **kwargs):
+    """Call a stage; turn bad-data errors into one line (BIOMEDSYNTH_DEBUG=1 keeps the traceback)."""
+    try:
+        return fn(*args, **kwargs)
+    except (ValueError, UnreadableInput, FileNotFoundError) as e:
+        if os.environ.get("BIOMEDSYNTH_DEBUG"):
+            raise
+        _fail(1, str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+
+def _print_summary(title: str, summary: dict) -> None:
+    typer.echo(f"{title}:\n{json.dumps(summary, indent=2, sort_keys=True)}")
+
+
+@app.command()
+def sample(params: Path = ParamsOpt, out: Path = typer.Option(Path("data/raw"), help="where to write it")):
+    """Write the built-in phantom sample (X-ray scans + CSV, whole-slide images + XML) to data/raw."""
+    from biomedsynth.sources.phantom_wsi import write_histology_sample
+    from biomedsynth.sources.phantom_xray import write_xray_sample
+
+    p = _params(params)
+    x, h = p.sample.xray, p.sample.histology
+    n_scans = write_xray_sample(out / "xray", n_patients=x.patients, seed=p.seed, difficulty=x.difficulty,
+                                abnormal_fraction=x.abnormal_fraction, scans_per_patient=x.scans_per_patient,
+                                min_side=x.min_side, max_side=x.max_side)
+    n_slides = write_histology_sample(out / "histology", n_normal=h.normal_slides, n_tumor=h.tumor_slides,
+                                      seed=p.seed, width=h.width, height=h.height)
+    typer.echo(f"wrote {n_scans} X-ray scans to {out / 'xray'} and {n_slides} slides to {out / 'histology'}")
+
+
+@app.command()
+def profile(name: str = typer.Argument(..., help="smoke | default | paper"), params: Path = ParamsOpt):
+    """Switch params.yaml to a size profile (keeps comments; `dvc params diff` shows the change)."""
+    _params(params)
+    try:
+        changed = apply_profile(name, params)
+    except ParamsError as e:
+        _fail(2, str(e))
+    typer.echo(f"{params}: profile {name}, {len(changed)} value(s) changed" +
+               "".join(f"\n  {k}" for k in changed))
+
+
+@app.command()
+def ingest(modality: str = typer.Argument(..., help="xray | histology"), params: Path = ParamsOpt):
+    """ingest@<modality>: decode and preprocess the raw data into data/interim/<modality>."""
+    from biomedsynth.ingest import ingest as run_ingest
+
+    if modality not in ("xray", "histology"):
+        _fail(2, f"modality = {modality!r}: allowed xray, histology")
+    p = _params(params)
+    summary = _run(run_ingest, modality, p, Path("data/interim") / modality,
+                   Path("metrics/ingest") / f"{modality}.json")
+    _print_summary(f"ingest@{modality}", summary)
+
+
+@app.command()
+def studygroups(params: Path = ParamsOpt):
+    """studygroups: X-Norm, X-Norm-L, H-Norm, H-Tumor, balanced and split by patient / slide."""
+    from biomedsynth.studygroups import build_studygroups
+
+    p = _params(params)
+    summary = _run(build_studygroups, Path("data/interim/xray"), Path("data/interim/histology"),
+                   p.studygroups, Path("data/studygroups"), p.seed, Path("metrics/studygroups.json"))
+    for name, sides in summary.items():
+        typer.echo(f"{name:9s} " + "  ".join(
+            f"{side} {s['images']}/{s['requested']} images, {s['units']} patients/slides, {len(s['per_label'])} labels"
+            for side, s in sides.items()))

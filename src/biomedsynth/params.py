@@ -1,0 +1,239 @@
+"""The pydantic models of params.yaml: the only place a knob is read and checked.
+
+Every model forbids unknown keys and has no defaults, so a typo or a missing key stops the
+command instead of silently falling back to a value nobody chose.
+"""
+from __future__ import annotations
+
+from io import StringIO
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from ruamel.yaml import YAML
+
+from biomedsynth.store import atomic_write_text
+
+PosInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+PROFILES_DIR = Path(__file__).resolve().parents[2] / "profiles"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- the built-in phantom sample (written by `biomedsynth sample`, tracked by data.dvc) ---
+class XraySample(Strict):
+    patients: PosInt
+    scans_per_patient: tuple[PosInt, PosInt]
+    abnormal_fraction: Fraction
+    min_side: Annotated[int, Field(ge=128)]
+    max_side: Annotated[int, Field(ge=128)]
+    difficulty: Fraction
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.scans_per_patient[0] > self.scans_per_patient[1] or self.min_side > self.max_side:
+            raise ValueError("ranges must be [low, high] with low <= high")
+        return self
+
+
+class HistologySample(Strict):
+    normal_slides: PosInt
+    tumor_slides: PosInt
+    width: Annotated[int, Field(ge=512)]
+    height: Annotated[int, Field(ge=512)]
+
+
+class Sample(Strict):
+    xray: XraySample
+    histology: HistologySample
+
+
+# --- where the raw data is and in which format ---
+class XraySource(Strict):
+    format: Literal["nih", "manifest"]
+    root: Path
+    csv: Path | None  # nih: Data_Entry*.csv found in root when null; manifest: required
+
+    @model_validator(mode="after")
+    def _manifest_needs_csv(self):
+        if self.format == "manifest" and self.csv is None:
+            raise ValueError("format 'manifest' needs csv: the manifest CSV path")
+        return self
+
+
+class HistologySource(Strict):
+    format: Literal["slides", "tiles", "pcam"]
+    root: Path
+    labels_csv: Path | None  # slides: `slide,label` CSV instead of Camelyon16 file names
+
+
+class Sources(Strict):
+    xray: XraySource
+    histology: HistologySource
+
+
+# --- ingest ---
+class XrayIngest(Strict):
+    size: Annotated[int, Field(ge=16, le=4096)]
+    normal_only: bool
+    on_no_lungs: Literal["skip", "central"]
+    percentiles: tuple[Annotated[float, Field(ge=0, le=100)], Annotated[float, Field(ge=0, le=100)]]
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.percentiles[0] >= self.percentiles[1]:
+            raise ValueError("percentiles must be [low, high] with low < high")
+        return self
+
+
+class HistologyIngest(Strict):
+    tile_size: Annotated[int, Field(ge=16, le=4096)]
+    level: NonNegInt
+    min_tissue: Fraction
+    tiles_per_slide: PosInt
+    tumor_label: Literal["slide", "annotation"]
+
+
+class Ingest(Strict):
+    workers: PosInt  # processes for decoding; does not change results
+    xray: XrayIngest
+    histology: HistologyIngest
+
+
+# --- study groups (SPEC section 2) ---
+AgeBin = tuple[NonNegInt, NonNegInt]
+
+
+class XrayGroup(Strict):
+    age_bins: Annotated[list[AgeBin], Field(min_length=1)]
+    balance: Literal["sex_age", "sex"]  # X-Norm: every sex x age label equal; X-Norm-L: sexes equal per bin
+    train: PosInt
+    test: PosInt
+
+    @model_validator(mode="after")
+    def _bins_ordered(self):
+        for (lo, hi), nxt in zip(self.age_bins, self.age_bins[1:] + [None]):
+            if lo > hi or (nxt is not None and nxt[0] <= hi):
+                raise ValueError(f"age_bins must be increasing, non-overlapping [low, high] pairs; bad at [{lo}, {hi}]")
+        return self
+
+
+class HistologyGroup(Strict):
+    train: PosInt
+    test: PosInt
+
+
+class XrayGroups(Strict):
+    test_fraction: Annotated[float, Field(gt=0.0, lt=1.0)]  # of patients, held out for every X-ray group
+    x_norm: XrayGroup
+    x_norm_l: XrayGroup
+
+
+class HistologyGroups(Strict):
+    test_fraction: Annotated[float, Field(gt=0.0, lt=1.0)]  # of slides per slide label
+    h_norm: HistologyGroup
+    h_tumor: HistologyGroup
+
+
+class StudyGroups(Strict):
+    xray: XrayGroups
+    histology: HistologyGroups
+
+
+class Params(Strict):
+    profile: Literal["smoke", "default", "paper"]
+    seed: NonNegInt
+    sample: Sample
+    sources: Sources
+    ingest: Ingest
+    studygroups: StudyGroups
+
+
+class ParamsError(Exception):
+    """A params file that cannot be used; the message is one line naming the key and value."""
+
+
+def _lookup(data, loc):
+    for key in loc:
+        try:
+            data = data[key]
+        except (KeyError, IndexError, TypeError):
+            return "<missing>"
+    return data
+
+
+def _one_line(path: Path, err: ValidationError, data: dict) -> str:
+    e = err.errors()[0]
+    loc = [k for k in e["loc"] if not (isinstance(k, str) and k.startswith("function-after"))]
+    key = ".".join(str(k) for k in loc) or "<top level>"
+    value = _lookup(data, loc)
+    if e["type"] == "missing":
+        return f"{path}: missing key '{key}'"
+    if e["type"] == "extra_forbidden":
+        model = Params
+        for k in loc[:-1]:
+            field = model.model_fields.get(str(k)) if isinstance(model, type) else None
+            model = field.annotation if field is not None else None
+        allowed = ", ".join(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else "?"
+        return f"{path}: unknown key '{key}' (allowed here: {allowed})"
+    return f"{path}: {key} = {value!r}: {e['msg']}"
+
+
+def load_params(path: Path | str = "params.yaml") -> Params:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: no such params file") from None
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    try:
+        return Params.model_validate(data if data is not None else {})
+    except ValidationError as e:
+        raise ParamsError(_one_line(path, e, data or {})) from None
+
+
+def apply_profile(name: str, params_path: Path | str = "params.yaml", profiles_dir: Path = PROFILES_DIR) -> list[str]:
+    """Set every key of profiles/<name>.yaml in params.yaml, keeping its comments and order.
+
+    Returns the dotted keys whose values changed. The result is validated before it is written.
+    """
+    overlay_path = Path(profiles_dir) / f"{name}.yaml"
+    if not overlay_path.is_file():
+        known = sorted(p.stem for p in Path(profiles_dir).glob("*.yaml"))
+        raise ParamsError(f"profile '{name}' does not exist (known: {', '.join(known)})")
+    rt = YAML()
+    rt.preserve_quotes = True
+    params_path = Path(params_path)
+    doc = rt.load(params_path.read_text())
+    overlay = yaml.safe_load(overlay_path.read_text())
+    changed: list[str] = []
+
+    def merge(node, over, prefix):
+        for key, value in over.items():
+            dotted = f"{prefix}{key}"
+            if key not in node:
+                raise ParamsError(f"{overlay_path}: key '{dotted}' is not in {params_path}")
+            if isinstance(value, dict):
+                merge(node[key], value, dotted + ".")
+            elif node[key] != value:
+                if isinstance(value, list) and hasattr(node[key], "fa"):
+                    node[key][:] = value  # keep the sequence's flow style
+                else:
+                    node[key] = value
+                changed.append(dotted)
+
+    merge(doc, overlay, "")
+    buf = StringIO()
+    rt.dump(doc, buf)
+    try:
+        Params.model_validate(yaml.safe_load(buf.getvalue()))
+    except ValidationError as e:
+        raise ParamsError(_one_line(overlay_path, e, yaml.safe_load(buf.getvalue()))) from None
+    atomic_write_text(params_path, buf.getvalue())
+    return changed

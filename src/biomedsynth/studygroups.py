@@ -1,0 +1,154 @@
+"""Study groups (SPEC section 2): X-Norm, X-Norm-L, H-Norm, H-Tumor, split by patient or slide.
+
+One split of patients (X-ray) and one of slides (histology) serves every group of the modality, so a
+patient or slide is on one side for all groups and all later tasks. Each side is then balanced and
+sampled to the configured size; what the data could not supply is reported, never padded.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from biomedsynth.params import HistologyGroups, StudyGroups, XrayGroup, XrayGroups
+from biomedsynth.store import ImageSet, ImageSetWriter, write_json
+
+SIDES = ("train", "test")
+
+
+class GroupError(ValueError):
+    """The data cannot make a group as configured (e.g. an empty sex-age label)."""
+
+
+def age_bin_names(bins) -> list[str]:
+    return [f"{lo:02d}-{hi:02d}" for lo, hi in bins]
+
+
+def assign_age_bins(ages: pd.Series, bins) -> pd.Series:
+    """Name of the inclusive [lo, hi] bin holding each age, or None outside every bin."""
+    out = pd.Series([None] * len(ages), index=ages.index, dtype=object)
+    for (lo, hi), name in zip(bins, age_bin_names(bins)):
+        out[(ages >= lo) & (ages <= hi)] = name
+    return out
+
+
+def split_units(strata: pd.Series, test_fraction: float, rng: np.random.Generator) -> set[str]:
+    """Hold out about `test_fraction` of the units (patients, slides) of each stratum for testing.
+
+    `strata` maps unit id -> stratum. A stratum with two or more units keeps at least one on each
+    side; a lone unit stays in training.
+    """
+    test: set[str] = set()
+    for _, units in sorted(strata.groupby(strata).groups.items()):
+        units = sorted(units)
+        if len(units) < 2:
+            continue
+        k = min(len(units) - 1, max(1, round(test_fraction * len(units))))
+        test.update(rng.choice(units, size=k, replace=False).tolist())
+    return test
+
+
+def _take(pool: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    return rng.choice(pool, size=k, replace=False) if k < len(pool) else pool
+
+
+def balance_xray(meta: pd.DataFrame, group: XrayGroup, n: int, rng: np.random.Generator,
+                 name: str) -> pd.DataFrame:
+    """Rows of `meta` (one split side) forming a balanced group of at most `n` scans, with `label`.
+
+    sex_age: every sex x age-bin label gets the same count. sex: each age bin gets as many women as
+    men, bins keep their natural (uneven) sizes, scaled down together to fit `n`.
+    """
+    bins = assign_age_bins(meta["age"], group.age_bins)
+    pools = {(sex, b): meta.index[(meta["sex"] == sex) & (bins == b)].to_numpy()
+             for b in age_bin_names(group.age_bins) for sex in ("F", "M")}
+    if group.balance == "sex_age":
+        empty = [f"{s}_{b}" for (s, b), p in pools.items() if len(p) == 0]
+        if empty:
+            raise GroupError(f"{name}: no normal scans for label(s) {', '.join(empty)}; widen studygroups age_bins")
+        per = min(n // len(pools), min(len(p) for p in pools.values()))
+        counts = {key: per for key in pools}
+    else:
+        pairs = {b: min(len(pools["F", b]), len(pools["M", b])) for b in age_bin_names(group.age_bins)}
+        total = 2 * sum(pairs.values())
+        if total == 0:
+            raise GroupError(f"{name}: no age bin holds scans of both sexes")
+        scale = min(1.0, n / total)
+        counts = {(s, b): int(m * scale) for b, m in pairs.items() for s in ("F", "M")}
+    rows = np.concatenate([_take(pools[key], k, rng) for key, k in counts.items() if k > 0]) \
+        if any(counts.values()) else np.array([], dtype=int)
+    if len(rows) == 0:
+        raise GroupError(f"{name}: too few scans to give every label at least one")
+    out = meta.loc[np.sort(rows)].copy()
+    out["age_bin"] = bins[out.index]
+    out["label"] = out["sex"] + "_" + out["age_bin"]
+    return out
+
+
+def _write_side(src: ImageSet, rows: pd.DataFrame, out: Path, desc: str) -> None:
+    with ImageSetWriter(out, src.shape) as w:
+        for i, row in tqdm(rows.iterrows(), total=len(rows), desc=desc, leave=False):
+            w.add(src[int(i)], **row.to_dict())
+
+
+def _side_summary(rows: pd.DataFrame, requested: int) -> dict:
+    return {"images": len(rows), "requested": requested, "shortfall": requested - len(rows),
+            "units": int(rows["patient_id"].nunique()),
+            "per_label": {str(k): int(v) for k, v in rows["label"].value_counts().sort_index().items()}}
+
+
+def _check_disjoint(sides: dict[str, pd.DataFrame], name: str) -> None:
+    shared = set(sides["train"]["patient_id"]) & set(sides["test"]["patient_id"])
+    if shared:  # the split is by unit, so this would be a bug, not bad data
+        raise AssertionError(f"{name}: {len(shared)} patient/slide ids on both sides, e.g. {sorted(shared)[:3]}")
+
+
+def build_xray_groups(src: ImageSet, cfg: XrayGroups, out: Path, rng: np.random.Generator) -> dict:
+    meta = src.meta[src.meta["normal"].astype(str) == "True"] if "normal" in src.meta else src.meta
+    patients = meta.groupby("patient_id").agg(sex=("sex", "first"), age=("age", "min"))
+    test_ids = split_units(patients["sex"] + (patients["age"] // 10).astype(str), cfg.test_fraction, rng)
+    is_test = meta["patient_id"].isin(test_ids)
+    summary = {}
+    for name in ("x_norm", "x_norm_l"):
+        group: XrayGroup = getattr(cfg, name)
+        sides = {side: balance_xray(meta[is_test == (side == "test")], group, getattr(group, side), rng,
+                                    f"{name} {side}") for side in SIDES}
+        _check_disjoint(sides, name)
+        for side, rows in sides.items():
+            _write_side(src, rows, out / name / side, f"{name}/{side}")
+        summary[name] = {side: _side_summary(rows, getattr(group, side)) for side, rows in sides.items()}
+    return summary
+
+
+def build_histology_groups(src: ImageSet, cfg: HistologyGroups, out: Path, rng: np.random.Generator) -> dict:
+    meta = src.meta
+    slides = meta.groupby("patient_id")["slide_label"].first()
+    test_ids = split_units(slides, cfg.test_fraction, rng)
+    is_test = meta["patient_id"].isin(test_ids)
+    summary = {}
+    for name, label in (("h_norm", "normal"), ("h_tumor", "tumor")):
+        group = getattr(cfg, name)
+        sides = {}
+        for side in SIDES:
+            pool = meta.index[(meta["label"] == label) & (is_test == (side == "test"))].to_numpy()
+            if len(pool) == 0:
+                raise GroupError(f"{name} {side}: no '{label}' tiles on this side of the slide split; "
+                                 "add slides or tiles_per_slide")
+            sides[side] = meta.loc[np.sort(_take(pool, getattr(group, side), rng))]
+        _check_disjoint(sides, name)
+        for side, rows in sides.items():
+            _write_side(src, rows, out / name / side, f"{name}/{side}")
+        summary[name] = {side: _side_summary(rows, getattr(group, side)) for side, rows in sides.items()}
+    return summary
+
+
+def build_studygroups(xray: Path, histology: Path, cfg: StudyGroups, out: Path, seed: int,
+                      summary_path: Path) -> dict:
+    """Write <out>/<group>/{train,test} image sets and the per-group summary JSON; return the summary."""
+    rng = np.random.default_rng(seed)
+    summary = {**build_xray_groups(ImageSet(xray), cfg.xray, out, rng),
+               **build_histology_groups(ImageSet(histology), cfg.histology, out, rng)}
+    write_json(summary_path, summary)
+    return summary

@@ -1,0 +1,86 @@
+"""PatchCamelyon: 96x96 RGB tiles in HDF5, read a chunk of tiles at a time (train_x alone is 6 GB).
+
+Per split under root: camelyonpatch_level_2_split_<split>_x.h5 (dataset `x`, (N, 96, 96, 3) uint8),
+..._<split>_y.h5 (dataset `y`, (N, 1, 1, 1) uint8, 1 = tumour) and, optionally,
+..._<split>_meta.csv, whose `wsi` column names each tile's source slide. slide_id is that slide;
+without the meta CSV it is "<split>-<index>", one group per tile, so the train/test split is by tile
+and tiles of one slide can land on both sides. The files come gzipped (.h5.gz) and must be gunzipped.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+import h5py
+import numpy as np
+
+from biomedsynth.sources import Tile
+from biomedsynth.sources.manifest import read_table, skip
+
+PREFIX = "camelyonpatch_level_2_split_"
+LABELS = {0: "normal", 1: "tumor"}
+
+
+class Split(NamedTuple):
+    name: str
+    x: Path
+    y: Path
+    wsi: list[str] | None  # source slide per tile, from the meta CSV
+
+
+def _h5(path: Path, key: str, what: str) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of dataset `key` in an HDF5 file, with clear errors for the usual faults."""
+    if not path.is_file():
+        gz = path.with_name(path.name + ".gz")
+        if gz.is_file():
+            raise ValueError(f"{gz} is gzip-compressed; run `gunzip {gz}` first")
+        raise ValueError(f"{path} not found ({what})")
+    try:
+        with h5py.File(path, "r") as f:
+            if key not in f:
+                raise ValueError(f"{path}: no dataset {key!r} (has: {', '.join(f.keys())})")
+            return f[key].shape, f[key].dtype
+    except OSError as e:
+        raise ValueError(f"{path}: not a readable HDF5 file ({e})") from None
+
+
+def find_split(root: Path, name: str) -> Split:
+    x, y, meta = (root / f"{PREFIX}{name}_{k}" for k in ("x.h5", "y.h5", "meta.csv"))
+    (xs, xt), (ys, _) = _h5(x, "x", f"the tiles of split {name!r}"), _h5(y, "y", f"the labels for {x.name}")
+    if len(xs) != 4 or xs[-1] != 3 or xt != np.uint8:
+        raise ValueError(f"{x}: dataset 'x' is {xt} {xs}, expected uint8 (N, H, W, 3)")
+    n = xs[0]
+    if not ys or ys[0] != n or np.prod(ys) != n:
+        raise ValueError(f"{y}: dataset 'y' has shape {ys}, expected one label per tile of {x.name} ({n})")
+    wsi = None
+    if meta.is_file():
+        wsi = list(read_table(meta, ["wsi"])["wsi"].str.strip())
+        if len(wsi) != n:
+            raise ValueError(f"{meta}: {len(wsi)} rows for {n} tiles in {x.name}")
+    return Split(name, x, y, wsi)
+
+
+def pcam_tiles(root: Path, splits: tuple[str, ...] = ("train", "valid", "test"),
+               chunk: int = 1024) -> tuple[Iterator[Tile], dict[str, int]]:
+    """(tiles, skipped): files are checked now; tiles stream out `chunk` at a time as the iterator is
+    consumed, and `skipped` (reason -> count: bad_label, a y value other than 0/1) fills up meanwhile."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    found = [find_split(Path(root), s) for s in splits]
+    skipped: Counter = Counter()
+    return _tiles(found, chunk, skipped), skipped
+
+
+def _tiles(splits: list[Split], chunk: int, skipped: Counter) -> Iterator[Tile]:
+    for s in splits:
+        with h5py.File(s.x, "r") as fx, h5py.File(s.y, "r") as fy:
+            x, y = fx["x"], fy["y"]
+            for start in range(0, len(x), chunk):
+                images, labels = x[start:start + chunk], y[start:start + chunk].reshape(-1)
+                for i, (image, label) in enumerate(zip(images, labels.tolist()), start):
+                    if label not in LABELS:
+                        skip(skipped, "bad_label", f"{s.y.name} tile {i}: label {label}")
+                        continue
+                    yield Tile(image, s.wsi[i] if s.wsi else f"{s.name}-{i}", LABELS[label], f"{s.x.name}:{i}")

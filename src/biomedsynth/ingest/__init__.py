@@ -39,6 +39,12 @@ def ingest(modality: str, p: Params, out: Path, summary_path: Path) -> dict:
                                    tumor_label=cfg.tumor_label, seed=p.seed)
     else:
         raise ValueError(f"unknown modality '{modality}' (allowed: xray, histology)")
+    # timings differ run to run: printed, not written, so the metrics file (and dvc.lock) change only
+    # when the results do
+    timing = {k: summary.pop(k) for k in ("seconds", "scans_per_s", "tiles_per_s") if k in summary}
     summary = {"listing_skipped": dict(listing_skipped), **summary}
     write_json(summary_path, summary)
+    summary["timing"] = timing
+    if summary["written"] == 0:
+        raise ValueError(f"ingest@{modality}: no usable input in {src.root}; see {summary_path} for what was skipped")
     return summary

@@ -6,7 +6,7 @@ import yaml
 from typer.testing import CliRunner
 
 from biomedsynth.cli import app
-from biomedsynth.params import PROFILES_DIR, ParamsError, apply_profile, load_params
+from biomedsynth.params import DVC_IGNORED_KEYS, PROFILES_DIR, ParamsError, apply_profile, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,6 +28,12 @@ def test_repo_params_and_profiles_validate(tmp_path):
         assert load_params(path).profile == name
 
 
+def test_no_knob_is_named_like_dvc_file_metadata():
+    def keys(d):
+        return {k for k, v in d.items()} | {k2 for v in d.values() if isinstance(v, dict) for k2 in keys(v)}
+    assert not keys(yaml.safe_load((ROOT / "params.yaml").read_text())) & DVC_IGNORED_KEYS
+
+
 def test_profiles_set_the_same_keys():
     def keys(d, prefix=""):
         return {k2 for k, v in d.items() for k2 in (keys(v, f"{prefix}{k}.") if isinstance(v, dict) else [prefix + k])}
@@ -37,10 +43,10 @@ def test_profiles_set_the_same_keys():
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda d: d["ingest"]["xray"].update(sizee=64), "unknown key 'ingest.xray.sizee'"),
+    (lambda d: d["ingest"]["xray"].update(imagesize=64), "unknown key 'ingest.xray.imagesize'"),
     (lambda d: d.update(seeed=1), "unknown key 'seeed'"),
     (lambda d: d["studygroups"]["histology"]["h_norm"].update(train=-5), "studygroups.histology.h_norm.train = -5"),
-    (lambda d: d["ingest"]["xray"].pop("size"), "missing key 'ingest.xray.size'"),
+    (lambda d: d["ingest"]["xray"].pop("image_size"), "missing key 'ingest.xray.image_size'"),
     (lambda d: d["ingest"]["xray"].update(on_no_lungs="guess"), "ingest.xray.on_no_lungs = 'guess'"),
     (lambda d: d["studygroups"]["xray"]["x_norm"].update(age_bins=[[30, 40], [35, 50]]), "age_bins"),
 ])
@@ -51,12 +57,12 @@ def test_bad_params_name_the_key(tmp_path, edit, message):
 
 
 def test_cli_exits_2_with_one_line_and_writes_nothing(tmp_path, monkeypatch):
-    path = _write(tmp_path, lambda d: d["ingest"]["xray"].update(size=-64))
+    path = _write(tmp_path, lambda d: d["ingest"]["xray"].update(image_size=-64))
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(app, ["ingest", "xray", "--params", str(path)])
     assert result.exit_code == 2
     lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and "ingest.xray.size = -64" in lines[0] and "greater than or equal to 16" in lines[0]
+    assert len(lines) == 1 and "ingest.xray.image_size = -64" in lines[0] and "greater than or equal to 16" in lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
 
 
@@ -64,9 +70,9 @@ def test_profile_switch_keeps_comments_and_reports_changes(tmp_path):
     path = tmp_path / "params.yaml"
     shutil.copy(ROOT / "params.yaml", path)
     changed = apply_profile("smoke", path)
-    assert "ingest.xray.size" in changed and "profile" in changed
+    assert "ingest.xray.image_size" in changed and "profile" in changed
     text = path.read_text()
-    assert "# Every knob of the pipeline" in text and load_params(path).ingest.xray.size == 32
+    assert "# Every knob of the pipeline" in text and load_params(path).ingest.xray.image_size == 32
     apply_profile("default", path)
     assert yaml.safe_load(path.read_text()) == yaml.safe_load((ROOT / "params.yaml").read_text())
     with pytest.raises(ParamsError, match="does not exist"):

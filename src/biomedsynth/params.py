@@ -21,6 +21,11 @@ Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 PROFILES_DIR = Path(__file__).resolve().parents[2] / "profiles"
 
 
+# DVC's run cache hashes a stage without any key named "size" or "nfiles" (its own file metadata), so a
+# knob with that name would not rerun its stage: `dvc repro` would restore outputs made with another value.
+DVC_IGNORED_KEYS = {"size", "nfiles"}
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -79,7 +84,7 @@ class Sources(Strict):
 
 # --- ingest ---
 class XrayIngest(Strict):
-    size: Annotated[int, Field(ge=16, le=4096)]
+    image_size: Annotated[int, Field(ge=16, le=4096)]
     normal_only: bool
     on_no_lungs: Literal["skip", "central"]
     percentiles: tuple[Annotated[float, Field(ge=0, le=100)], Annotated[float, Field(ge=0, le=100)]]

@@ -17,7 +17,7 @@ def ingest(modality: str, p: Params, out: Path, summary_path: Path) -> dict:
         src, cfg = p.sources.xray, p.ingest.xray
         records, listing_skipped = (nih_records(src.root, src.csv) if src.format == "nih"
                                     else manifest_records(src.csv, src.root))
-        summary = ingest_xray(records, out, size=cfg.size, normal_only=cfg.normal_only,
+        summary = ingest_xray(records, out, size=cfg.image_size, normal_only=cfg.normal_only,
                               on_no_lungs=cfg.on_no_lungs, lo_pct=cfg.percentiles[0],
                               hi_pct=cfg.percentiles[1], workers=p.ingest.workers)
     elif modality == "histology":

@@ -1,0 +1,202 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from biomedsynth.gan import pggan
+
+
+def small(resolution, channels=1, n_classes=0):
+    kw = dict(n_classes=n_classes, fmap_base=256, fmap_max=16)
+    return pggan.Generator(resolution, channels, 8, **kw), pggan.Discriminator(resolution, channels, **kw)
+
+
+def test_equalised_lr_runtime_weight():
+    torch.manual_seed(0)
+    conv, lin = pggan.EqConv2d(6, 5, 3), pggan.EqLinear(7, 4)
+    x = torch.randn(2, 6, 5, 5)
+    torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight * math.sqrt(2 / 54), conv.bias, padding=1))
+    v = torch.randn(3, 7)
+    torch.testing.assert_close(lin(v), F.linear(v, lin.weight * math.sqrt(2 / 7), lin.bias))
+    to_rgb = pggan.EqConv2d(32, 3, 1, gain=1.0)  # configurable gain: toRGB uses 1
+    y = torch.randn(1, 32, 4, 4)
+    torch.testing.assert_close(to_rgb(y), F.conv2d(y, to_rgb.weight / math.sqrt(32), to_rgb.bias))
+    big = pggan.EqConv2d(64, 64, 3)
+    assert abs(big.weight.std().item() - 1.0) < 0.02 and big.bias.abs().sum() == 0  # stored N(0, 1), zero bias
+
+
+def test_pixel_norm_unit_rms():
+    x = torch.randn(3, 10, 4, 4) * torch.linspace(0.1, 50, 16).view(1, 1, 4, 4)
+    rms = pggan.pixel_norm(x).square().mean(1).sqrt()
+    torch.testing.assert_close(rms, torch.ones(3, 4, 4))
+
+
+def test_minibatch_stddev_known_values():
+    # sample i holds the constant i; groups are strided {0, 2, 4, 6} and {1, 3, 5, 7}: offsets -3, -1, 1, 3
+    x = torch.arange(8.0).view(8, 1, 1, 1).expand(8, 2, 3, 3)
+    y = pggan.minibatch_stddev(x)
+    assert y.shape == (8, 3, 3, 3) and torch.equal(y[:, :2], x)
+    torch.testing.assert_close(y[:, 2], torch.full((8, 3, 3), math.sqrt(5.0)))
+    # a random input against an explicit per-group loop
+    x = torch.randn(8, 3, 2, 2)
+    y = pggan.minibatch_stddev(x)
+    for i in range(8):
+        group = x[i % 2::2]
+        expected = group.var(0, unbiased=False).add(1e-8).sqrt().mean()
+        torch.testing.assert_close(y[i, 3], torch.full((2, 2), expected.item()))
+    with pytest.raises(ValueError, match="multiple of the group size"):
+        pggan.minibatch_stddev(torch.randn(6, 2, 4, 4))
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_generator_fade_in(depth):
+    torch.manual_seed(0)
+    G, _ = small(32, 3, n_classes=2)
+    z, y = torch.randn(4, 8), torch.tensor([0, 1, 1, 0])
+    previous = G(z, y, depth - 1, 1.0)
+    old = F.interpolate(previous, scale_factor=2, mode="nearest")
+    torch.testing.assert_close(G(z, y, depth, 0.0), old, rtol=0, atol=0)
+    new = G(z, y, depth, 1.0)
+    torch.testing.assert_close(new, G.to_rgb[depth](G.features(z, y, depth)), rtol=0, atol=0)
+    torch.testing.assert_close(G(z, y, depth, 0.25), 0.75 * old + 0.25 * new)
+    with torch.no_grad():  # the old toRGB no longer matters at alpha 1
+        G.to_rgb[depth - 1].weight.mul_(3.0)
+    torch.testing.assert_close(G(z, y, depth, 1.0), new, rtol=0, atol=0)
+    assert not torch.allclose(G(z, y, depth, 0.5), 0.5 * old + 0.5 * new)
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_discriminator_fade_in(depth):
+    torch.manual_seed(0)
+    _, D = small(32, 3, n_classes=2)
+    x, y = torch.randn(4, 3, 4 << depth, 4 << depth), torch.tensor([1, 0, 1, 1])
+    torch.testing.assert_close(D(x, y, depth, 0.0), D(F.avg_pool2d(x, 2), y, depth - 1, 1.0), rtol=0, atol=0)
+    new, mid = D(x, y, depth, 1.0), D(x, y, depth, 0.5)
+    with torch.no_grad():  # the old fromRGB no longer matters at alpha 1, but does during the fade
+        D.from_rgb[depth - 1].weight.mul_(3.0)
+    torch.testing.assert_close(D(x, y, depth, 1.0), new, rtol=0, atol=0)
+    assert not torch.allclose(D(x, y, depth, 0.5), mid)
+    with pytest.raises(ValueError, match="takes"):
+        D(x, y, depth - 1, 1.0)
+
+
+def test_fade_reals():
+    x = torch.randn(2, 1, 32, 32)
+    at16 = F.avg_pool2d(x, 2)
+    torch.testing.assert_close(pggan.fade_reals(x, 2, 1.0), at16)
+    torch.testing.assert_close(pggan.fade_reals(x, 2, 0.0), F.interpolate(F.avg_pool2d(x, 4), scale_factor=2))
+    torch.testing.assert_close(pggan.fade_reals(x, 2, 0.5),
+                               0.5 * at16 + 0.5 * F.interpolate(F.avg_pool2d(x, 4), scale_factor=2))
+    torch.testing.assert_close(pggan.fade_reals(x, 0, 0.3), F.avg_pool2d(x, 8))
+    assert pggan.fade_reals(x, 3, 0.7).shape == (2, 1, 32, 32)
+
+
+@pytest.mark.parametrize("resolution", [32, 64, 128, 256])
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("n_classes", [0, 3])
+def test_output_shapes_full_depth(resolution, channels, n_classes):
+    G, D = small(resolution, channels, n_classes)
+    labels = torch.tensor([0, 2, 1, 1]) if n_classes else None
+    with torch.no_grad():
+        x = G(torch.randn(4, 8), labels)
+        assert x.shape == (4, channels, resolution, resolution)
+        assert D(x, labels).shape == (4,)
+        assert G(torch.randn(4, 8), labels, 2, 0.5).shape == (4, channels, 16, 16)
+
+
+def test_feature_widths_follow_fmap_base():
+    G = pggan.Generator(256, 1, 512)  # the paper's widths: 512 up to 32 px, then halving
+    assert [blk[1].weight.shape[0] for blk in G.blocks] == [512, 512, 512, 256, 128, 64]
+    assert G.dense.weight.shape == (512 * 16, 512)
+
+
+def test_wgan_gp_loss_on_a_linear_critic():
+    class Linear(nn.Module):  # D(x) = <w, x>: its input gradient is w everywhere, |grad| = |w|
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(1, 1, 4, 4))
+
+        def forward(self, x, labels=None, depth=None, alpha=1.0):
+            return (x * self.w).sum((1, 2, 3))
+    torch.manual_seed(0)
+    D = Linear()
+    real, fake = torch.randn(8, 1, 4, 4), torch.randn(8, 1, 4, 4)
+    loss = pggan.d_loss(D, real, fake, gp_lambda=10.0, drift=0.001)
+    s_real, s_fake, norm = D(real).detach(), D(fake).detach(), D.w.detach().norm()
+    expected = s_fake.mean() - s_real.mean() + 10.0 * (norm - 1) ** 2 + 0.001 * s_real.square().mean()
+    torch.testing.assert_close(loss, expected)
+    loss.backward()  # the penalty's gradient only reaches w through the double backward
+    w = D.w.detach()
+    grad = (fake.mean(0, keepdim=True) - real.mean(0, keepdim=True) + 20.0 * (norm - 1) * w / norm
+            + 0.001 * 2 * (s_real[:, None, None, None] * real).mean(0, keepdim=True))
+    torch.testing.assert_close(D.w.grad, grad)
+    torch.testing.assert_close(pggan.g_loss(D, fake), -s_fake.mean())
+
+
+@pytest.mark.parametrize("depth,alpha,n_classes", [(3, 1.0, 0), (2, 0.5, 2)])
+def test_training_steps_finite_and_change_weights(depth, alpha, n_classes):
+    torch.manual_seed(0)
+    G, D = small(32, 3, n_classes)
+    opt_g, opt_d = pggan.make_optimizers(G, D)
+    assert opt_d.defaults["lr"] == 1e-3 and opt_d.defaults["betas"] == (0.0, 0.99)
+    ema = pggan.EMA(G)
+    before_g = [p.detach().clone() for p in G.parameters()]
+    before_d = [p.detach().clone() for p in D.parameters()]
+    real = pggan.fade_reals(torch.rand(8, 3, 32, 32) * 2 - 1, depth, alpha)
+    labels = torch.randint(0, 2, (8,)) if n_classes else None
+    for _ in range(2):
+        ld = pggan.d_loss(D, real, G(torch.randn(8, 8), labels, depth, alpha), labels, depth, alpha)
+        opt_d.zero_grad(); ld.backward(); opt_d.step()
+        lg = pggan.g_loss(D, G(torch.randn(8, 8), labels, depth, alpha), labels, depth, alpha)
+        opt_g.zero_grad(); lg.backward(); opt_g.step()
+        ema.update(G)
+        assert torch.isfinite(ld) and torch.isfinite(lg)
+    used_g = [i for i, p in enumerate(G.parameters()) if p.grad is not None]
+    assert len(used_g) > 4
+    assert all(not torch.equal(before_g[i], list(G.parameters())[i]) for i in used_g)
+    assert sum(not torch.equal(a, b) for a, b in zip(before_d, D.parameters())) > 4
+    # toRGBs not on the current path (beyond the depth; the old one at alpha 1) get no gradient and stay put
+    unused = G.to_rgb[3] if depth < 3 else G.to_rgb[2]
+    assert unused.weight.grad is None and torch.equal(unused.weight, ema.model.to_rgb[3 if depth < 3 else 2].weight)
+
+
+def test_ema_update_and_buffers():
+    net = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    ema = pggan.EMA(net, decay=0.9)
+    start = net[0].weight.detach().clone()
+    with torch.no_grad():
+        net[0].weight.add_(1.0)
+    net(torch.randn(4, 3))  # moves BatchNorm's running stats
+    ema.update(net)
+    torch.testing.assert_close(ema.model[0].weight, start + 0.1)
+    torch.testing.assert_close(ema.model[1].running_mean, net[1].running_mean)
+    assert not any(p.requires_grad for p in ema.model.parameters())
+
+
+def test_phase_schedule():
+    s = pggan.PhaseSchedule(32, 100)  # depths 0..3
+    expected = {0: (0, 1.0), 99: (0, 1.0), 100: (1, 0.0), 150: (1, 0.5), 199: (1, 0.99), 200: (1, 1.0),
+                299: (1, 1.0), 300: (2, 0.0), 325: (2, 0.25), 425: (2, 1.0), 500: (3, 0.0), 550: (3, 0.5), 600: (3, 1.0),
+                699: (3, 1.0), 700: (3, 1.0), 10**9: (3, 1.0)}
+    for seen, (depth, alpha) in expected.items():
+        d, a = s(seen)
+        assert d == depth and a == pytest.approx(alpha), seen
+    assert s.growth_images == 600 and s.max_depth == 3
+    with pytest.raises(ValueError):
+        s(-1)
+    with pytest.raises(ValueError):
+        pggan.PhaseSchedule(48, 100)
+
+
+def test_bf16_autocast_and_channels_last():
+    G, D = small(32, 1, 2)
+    G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
+    y = torch.tensor([0, 1, 1, 0])
+    real = torch.randn(4, 1, 16, 16).to(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fake = G(torch.randn(4, 8), y, 2, 0.5)
+        ld = pggan.d_loss(D, real, fake, y, 2, 0.5)
+    assert fake.dtype == torch.bfloat16 and ld.dtype == torch.float32 and torch.isfinite(ld)
+    ld.backward()

@@ -13,16 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from biomedsynth.gan import doublings
+
 MAX_WIDTH = 512  # cap on feature maps, so a 512 px model does not start from 4096 channels
 
 
 def check_shape(resolution: int, channels: int) -> int:
-    """Number of 2x steps between 4x4 and `resolution`; ValueError for sizes the models do not build."""
-    if not (32 <= resolution <= 512 and resolution & (resolution - 1) == 0):
-        raise ValueError(f"resolution must be a power of two in 32..512, got {resolution}")
-    if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
-    return int(math.log2(resolution)) - 2
+    return doublings(resolution, channels, 32, 512)
 
 
 def widths(base_width: int, steps: int) -> list[int]:

@@ -15,16 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from biomedsynth.gan import doublings
+
 SQRT2 = math.sqrt(2.0)
 
 
 def check_shape(resolution: int, channels: int) -> int:
-    """The final depth for `resolution`; ValueError for sizes the models do not build."""
-    if not (8 <= resolution <= 1024 and resolution & (resolution - 1) == 0):
-        raise ValueError(f"resolution must be a power of two in 8..1024, got {resolution}")
-    if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
-    return int(math.log2(resolution)) - 2
+    return doublings(resolution, channels, 8, 1024)
 
 
 class EqLinear(nn.Module):

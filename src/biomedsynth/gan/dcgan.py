@@ -7,8 +7,6 @@ the latent in G and add a projection term <embed(y), features> to D's logit (Miy
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn

@@ -26,7 +26,7 @@ from skimage.filters import threshold_otsu
 from skimage.morphology import remove_small_holes, remove_small_objects
 from tqdm import tqdm
 
-from biomedsynth.sources import SlideRecord, Tile, UnreadableInput
+from biomedsynth.sources import SlideRecord, Tile
 from biomedsynth.sources.wsi import points_in_tumour, read_annotation_polygons
 from biomedsynth.store import ImageSetWriter
 

@@ -29,6 +29,10 @@ def test_sample_ingest_studygroups(tmp_path, monkeypatch):
     for cmd in (["sample"], ["ingest", "xray"], ["ingest", "histology"], ["studygroups"]):
         result = run(app, cmd)
         assert result.exit_code == 0, (cmd, result.output)
+    # the sample never overwrites data already there, and leaves no partial folder behind
+    result = run(app, ["sample"])
+    assert result.exit_code == 1 and "already holds data" in result.output
+    assert sorted(p.name for p in Path("data").iterdir()) == ["interim", "raw", "studygroups"]
     # a corrupt scan in the user's data is skipped and counted, the rest still ingested
     scans = sorted(Path("data/raw/xray/images").glob("*.png"))
     scans[0].write_bytes(scans[0].read_bytes()[:200])

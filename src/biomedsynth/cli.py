@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import typer
@@ -42,18 +43,27 @@ def _print_summary(title: str, summary: dict) -> None:
 
 
 @app.command()
-def sample(params: Path = ParamsOpt, out: Path = typer.Option(Path("data/raw"), help="where to write it")):
+def sample(params: Path = ParamsOpt, out: Path = typer.Option(Path("data/raw"), help="where to write it"),
+           force: bool = typer.Option(False, help="replace what is at --out")):
     """Write the built-in phantom sample (X-ray scans + CSV, whole-slide images + XML) to data/raw."""
     from biomedsynth.sources.phantom_wsi import write_histology_sample
     from biomedsynth.sources.phantom_xray import write_xray_sample
 
     p = _params(params)
+    if out.exists() and any(out.iterdir()) and not force:
+        _fail(1, f"{out} already holds data; pass --force to replace it with the phantom sample")
+    # written beside --out and renamed into place, so a killed run never leaves a partial sample
+    # that `make repro` would take for a dataset
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
     x, h = p.sample.xray, p.sample.histology
-    n_scans = write_xray_sample(out / "xray", n_patients=x.patients, seed=p.seed, difficulty=x.difficulty,
+    n_scans = write_xray_sample(tmp / "xray", n_patients=x.patients, seed=p.seed, difficulty=x.difficulty,
                                 abnormal_fraction=x.abnormal_fraction, scans_per_patient=x.scans_per_patient,
                                 min_side=x.min_side, max_side=x.max_side)
-    n_slides = write_histology_sample(out / "histology", n_normal=h.normal_slides, n_tumor=h.tumor_slides,
+    n_slides = write_histology_sample(tmp / "histology", n_normal=h.normal_slides, n_tumor=h.tumor_slides,
                                       seed=p.seed, width=h.width, height=h.height)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
     typer.echo(f"wrote {n_scans} X-ray scans to {out / 'xray'} and {n_slides} slides to {out / 'histology'}")
 
 

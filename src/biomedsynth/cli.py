@@ -104,3 +104,67 @@ def studygroups(params: Path = ParamsOpt):
         typer.echo(f"{name:9s} " + "  ".join(
             f"{side} {s['images']}/{s['requested']} images, {s['units']} patients/slides, {len(s['per_label'])} labels"
             for side, s in sides.items()))
+
+
+GROUP_MODALITY = {"x_norm": "xray", "x_norm_l": "xray", "h_norm": "histology", "h_tumor": "histology"}
+ArchArg = typer.Argument(..., help="dcgan | pggan")
+GroupArg = typer.Argument(..., help="x_norm | x_norm_l | h_norm | h_tumor")
+SetupArg = typer.Argument(..., help="uncond (one model per label) | cond (one model fed the label)")
+
+
+def _check_model(arch: str, group: str, setup: str) -> str:
+    """The stage's name, arch-group-setup (its folder under models/gan and data/synthetic)."""
+    for key, value, allowed in (("arch", arch, ("dcgan", "pggan")), ("group", group, tuple(GROUP_MODALITY)),
+                                ("setup", setup, ("uncond", "cond"))):
+        if value not in allowed:
+            _fail(2, f"{key} = {value!r}: allowed {', '.join(allowed)}")
+    return f"{arch}-{group}-{setup}"
+
+
+@app.command("train-gan")
+def train_gan(arch: str = ArchArg, group: str = GroupArg, setup: str = SetupArg, params: Path = ParamsOpt):
+    """train_gan@<arch>-<group>-<setup>: train, checkpoint and score the GANs of one study group."""
+    from biomedsynth.gan.train import Options, train_gan as run_train_gan
+    from biomedsynth.store import ImageSet
+
+    name = _check_model(arch, group, setup)
+    p = _params(params)
+    modality = GROUP_MODALITY[group]
+    train_set = Path("data/studygroups") / group / "train"
+
+    def options():
+        real = ImageSet(train_set)
+        labels = tuple(sorted(real.meta["label"].unique()))
+        return Options.from_params(p, arch, modality, setup, labels, real.shape[2])
+
+    opt = _run(options)
+    tracked = {"seed": p.seed, "gan": {modality: getattr(p.gan, modality).model_dump(),
+                                       arch: getattr(p.gan, arch).model_dump(), "score": p.gan.score.model_dump()}}
+    summary = _run(run_train_gan, opt, train_set, Path("models/gan") / name, Path("metrics/gan") / f"{name}.json",
+                   Path("metrics/gan/curves") / f"{name}.csv", stage=f"train_gan@{name}", tracking_params=tracked)
+    if summary:
+        _print_summary(f"train_gan@{name}", summary)
+
+
+@app.command()
+def synthesize(arch: str = ArchArg, group: str = GroupArg, setup: str = SetupArg, params: Path = ParamsOpt):
+    """synthesize@<arch>-<group>-<setup>: a synthetic copy of the group's training set, screened and copy-checked."""
+    from biomedsynth.gan.train import Synthesizer
+    from biomedsynth.store import write_json
+    from biomedsynth.synthesize import synthesize as run_synthesize
+
+    name = _check_model(arch, group, setup)
+    p = _params(params)
+    s = p.synthesize
+    screen = s.hash_screen == "all" or (s.hash_screen == "dcgan_xray" and arch == "dcgan"
+                                        and GROUP_MODALITY[group] == "xray")
+    gen = _run(Synthesizer, Path("models/gan") / name, s.checkpoint)
+    summary = _run(run_synthesize, gen.sample, Path("data/studygroups") / group / "train",
+                   Path("data/studygroups") / group / "test", Path("data/synthetic") / name,
+                   resolution=gen.opt.resolution, hash_screen=screen, hash_threshold=s.hash_threshold,
+                   hash_size=s.hash_size, max_tries_factor=s.max_tries_factor, batch_size=s.batch_size,
+                   copy_check_images=s.copy_check.images, copy_check_side=s.copy_check.side, seed=p.seed,
+                   figure_path=Path("metrics/synthesize") / f"{name}-closest.png")
+    summary["checkpoint_epochs"] = gen.epochs
+    write_json(Path("metrics/synthesize") / f"{name}.json", summary)
+    _print_summary(f"synthesize@{name}", summary)

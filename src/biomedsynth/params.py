@@ -17,6 +17,7 @@ from biomedsynth.store import atomic_write_text
 
 PosInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
+PosFloat = Annotated[float, Field(gt=0.0)]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 PROFILES_DIR = Path(__file__).resolve().parents[2] / "profiles"
 
@@ -150,6 +151,76 @@ class StudyGroups(Strict):
     histology: HistologyGroups
 
 
+# --- GAN training (SPEC section 3) ---
+Betas = tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]]
+
+
+class GanData(Strict):
+    resolution: Annotated[int, Field(ge=32, le=1024)]  # GAN side; real images are area-downsampled to it
+    latent_dim: PosInt
+    batch_size: PosInt
+
+
+class XrayGan(GanData):
+    epochs_uncond: PosInt   # one model per sex-age label
+    epochs_cond: PosInt     # one model per group, conditional on the label
+
+
+class HistologyGan(GanData):
+    epochs: PosInt
+
+
+class Dcgan(Strict):
+    base_width: PosInt      # feature maps next to the output (doubling towards 4x4, capped at 512)
+    lr: PosFloat
+    betas: Betas
+
+
+class Pggan(Strict):
+    fmap_base: PosInt       # feature maps at depth d: min(fmap_base / 2**(d+2), fmap_max)
+    fmap_max: PosInt
+    lr: PosFloat
+    betas: Betas
+    ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)]
+    images_per_phase: PosInt | None  # null: the epochs spread evenly over the growth phases
+
+
+class GanScore(Strict):
+    images: Annotated[int, Field(ge=4)]   # real and generated images compared per epoch
+    swd_directions: Annotated[int, Field(gt=0, multiple_of=128)]  # random projections of SWD (the paper: 512)
+    feature_epochs: PosInt                # training epochs of the KID feature net
+
+
+class Gan(Strict):
+    xray: XrayGan
+    histology: HistologyGan
+    dcgan: Dcgan
+    pggan: Pggan
+    score: GanScore
+
+
+# --- synthetic datasets (SPEC section 4) ---
+class CopyCheck(Strict):
+    images: PosInt          # synthetic (and held-out real) images compared with the training set
+    side: Annotated[int, Field(ge=4)]  # px both are resized to before the pixel distance
+
+
+class Synthesize(Strict):
+    checkpoint: Annotated[str, Field(pattern=r"^(best|last|epoch_[1-9][0-9]*)$")]
+    hash_screen: Literal["dcgan_xray", "all", "none"]
+    hash_size: Annotated[int, Field(ge=2, le=64)]
+    hash_threshold: NonNegInt  # bits
+    max_tries_factor: Annotated[float, Field(ge=1.0)]
+    batch_size: PosInt
+    copy_check: CopyCheck
+
+    @model_validator(mode="after")
+    def _threshold_in_range(self):
+        if self.hash_threshold > self.hash_size ** 2:
+            raise ValueError(f"hash_threshold must be at most hash_size**2 = {self.hash_size ** 2} bits")
+        return self
+
+
 class Params(Strict):
     profile: Literal["smoke", "default", "paper"]
     seed: NonNegInt
@@ -157,6 +228,8 @@ class Params(Strict):
     sources: Sources
     ingest: Ingest
     studygroups: StudyGroups
+    gan: Gan
+    synthesize: Synthesize
 
 
 class ParamsError(Exception):

@@ -82,6 +82,13 @@ def _descriptors(images, centres: list[torch.Tensor], nhood_size: int, batch_siz
     return [torch.cat(o).flatten(0, 1) for o in out]
 
 
+def _sort_columns(x: torch.Tensor) -> torch.Tensor:
+    """Each column of (N, D) sorted; on the CPU through numpy, whose sort is ~4x faster than torch's there."""
+    if x.device.type == "cpu":
+        return torch.from_numpy(np.sort(x.T.numpy(), axis=1)).T
+    return x.sort(0).values
+
+
 def sliced_wasserstein(real, fake, nhoods_per_image: int = 128, nhood_size: int = 7, dirs_per_repeat: int = 128,
                        dir_repeats: int = 4, seed: int = 0, per_set_norm: bool = False,
                        batch_size: int = 64) -> tuple[list[float], float]:
@@ -126,7 +133,7 @@ def sliced_wasserstein(real, fake, nhoods_per_image: int = 128, nhood_size: int 
         for _ in range(dir_repeats):
             dirs = torch.from_numpy(rng.standard_normal((a.shape[1], dirs_per_repeat), dtype=np.float32)).to(device)
             dirs /= dirs.norm(dim=0, keepdim=True)
-            dists.append(((a @ dirs).sort(0).values - (b @ dirs).sort(0).values).abs().mean())
+            dists.append((_sort_columns(a @ dirs) - _sort_columns(b @ dirs)).abs().mean())
         per_level.append(torch.stack(dists).mean().item())
     return per_level, float(np.mean(per_level))
 

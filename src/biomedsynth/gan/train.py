@@ -1,0 +1,529 @@
+"""Training loop of the train_gan stage: the models of one (architecture, study group, setup).
+
+Setups (SPEC section 3): `uncond` trains one unconditional model per label of the group (the study's
+64 sex-age models per architecture; a histology group has one label, so one model); `cond` trains one
+model conditional on the label. Every model lives in its own folder under the stage's output:
+
+    options.json              the stage's resolved settings; a resume continues only when they match
+    feature_net.pt            the KID feature net, trained once on the group's real training images
+    <model>/checkpoint.pt     last complete epoch: G, D, EMA, optimisers, RNG state, images seen
+    <model>/epochs/NNN.pt     the sampling generator of every epoch (what `checkpoint: epoch_N` picks)
+    <model>/grids/NNN.png     samples of a fixed latent per epoch
+    <model>/log.jsonl         per epoch: losses, images/s, PGGAN depth/alpha, SWD, KID
+
+A run killed at any moment continues from the last complete checkpoint when the stage runs again
+(the folder is a persistent DVC output). Under torchrun every rank trains on its share of each batch
+list and gradients are averaged across ranks; rank 0 alone writes.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from biomedsynth.gan import dcgan, pggan, score
+from biomedsynth.store import ImageSet, atomic_write_text, write_json
+
+COND_MODEL = "conditional"  # folder of the one model of the `cond` setup
+GRID_COLUMNS = 8
+
+
+@dataclass(frozen=True)
+class Options:
+    """Everything that decides a model's weights; saved beside the outputs and compared on resume."""
+    arch: str                  # dcgan | pggan
+    setup: str                 # uncond | cond
+    labels: tuple[str, ...]    # the group's labels, sorted (class ids of conditional models)
+    resolution: int
+    channels: int
+    latent_dim: int
+    batch_size: int
+    epochs: int
+    seed: int
+    lr: float
+    betas: tuple[float, float]
+    net: dict = field(default_factory=dict)   # dcgan: base_width; pggan: fmap_base, fmap_max
+    ema_decay: float = 0.0                    # pggan only
+    images_per_phase: int | None = None       # pggan only; None: epochs spread evenly over the phases
+    score_images: int = 128
+    swd_directions: int = 512
+    feature_epochs: int = 3
+
+    def __post_init__(self):
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))  # Adam refuses int betas
+        if self.arch not in ("dcgan", "pggan"):
+            raise ValueError(f"arch must be dcgan or pggan, got {self.arch!r}")
+        if self.setup not in ("uncond", "cond"):
+            raise ValueError(f"setup must be uncond or cond, got {self.setup!r}")
+        (dcgan if self.arch == "dcgan" else pggan).check_shape(self.resolution, self.channels)
+        bad = [lb for lb in self.labels if not re.fullmatch(r"[A-Za-z0-9_.+-]+", lb) or lb == COND_MODEL]
+        if bad:
+            raise ValueError(f"label {bad[0]!r} cannot name a model folder (letters, digits, _ . + - only)")
+        if self.arch == "pggan" and self.batch_size % 4:
+            raise ValueError(f"PGGAN's minibatch stddev groups 4 images: batch_size must be a multiple of 4, "
+                             f"got {self.batch_size}")
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.labels) if self.setup == "cond" else 0
+
+    @classmethod
+    def from_params(cls, p, arch: str, modality: str, setup: str, labels: tuple[str, ...], channels: int) -> Options:
+        """The options of one train_gan stage from the params models (params.Params)."""
+        data, net = getattr(p.gan, modality), getattr(p.gan, arch)
+        if modality == "histology":
+            epochs = data.epochs
+        else:
+            epochs = data.epochs_cond if setup == "cond" else data.epochs_uncond
+        arch_opts = (dict(net=dict(base_width=net.base_width)) if arch == "dcgan" else
+                     dict(net=dict(fmap_base=net.fmap_base, fmap_max=net.fmap_max), ema_decay=net.ema_decay,
+                          images_per_phase=net.images_per_phase))
+        return cls(arch=arch, setup=setup, labels=labels, resolution=data.resolution, channels=channels,
+                   latent_dim=data.latent_dim, batch_size=data.batch_size, epochs=epochs, seed=p.seed, lr=net.lr,
+                   betas=tuple(net.betas), score_images=p.gan.score.images,
+                   swd_directions=p.gan.score.swd_directions,
+                   feature_epochs=p.gan.score.feature_epochs, **arch_opts)
+
+    def to_json(self) -> dict:
+        return json.loads(json.dumps(asdict(self)))
+
+    @classmethod
+    def from_json(cls, d: dict) -> Options:
+        return cls(**{**d, "labels": tuple(d["labels"]), "betas": tuple(d["betas"])})
+
+
+# ---- distributed (torchrun) ----
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size), initialising the process group when torchrun started several processes."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def pick_device(rank: int = 0) -> torch.device:
+    """BIOMEDSYNTH_DEVICE when set, else cuda (this rank's local GPU) when present, else cpu."""
+    if name := os.environ.get("BIOMEDSYNTH_DEVICE"):
+        return torch.device(name)
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def average_gradients(module: torch.nn.Module, world: int) -> None:
+    """Average gradients over ranks with one all_reduce (what DDP does), done by hand because the
+    WGAN-GP penalty's double backward and PGGAN's depth-dependent unused layers defeat DDP's hooks."""
+    if world == 1:
+        return
+    # layers a PGGAN does not use yet have no gradient on any rank (all ranks share the depth); they
+    # stay None so Adam skips them exactly as in a single process
+    params = [p for p in module.parameters() if p.grad is not None]
+    flat = torch.cat([p.grad.flatten() for p in params])
+    dist.all_reduce(flat)
+    flat /= world
+    for p, chunk in zip(params, flat.split([p.numel() for p in params])):
+        p.grad.copy_(chunk.view_as(p))
+
+
+# ---- models ----
+
+def build(opt: Options):
+    """(G, D, opt_g, opt_d, ema or None) on the CPU with the options' seed."""
+    torch.manual_seed(opt.seed)
+    if opt.arch == "dcgan":
+        G = dcgan.Generator(opt.resolution, opt.channels, opt.latent_dim, n_classes=opt.n_classes, **opt.net)
+        D = dcgan.Discriminator(opt.resolution, opt.channels, n_classes=opt.n_classes, **opt.net)
+        return (G, D, *dcgan.make_optimizers(G, D, opt.lr, opt.betas), None)
+    G = pggan.Generator(opt.resolution, opt.channels, opt.latent_dim, n_classes=opt.n_classes, **opt.net)
+    D = pggan.Discriminator(opt.resolution, opt.channels, n_classes=opt.n_classes, **opt.net)
+    return (G, D, *pggan.make_optimizers(G, D, opt.lr, opt.betas), pggan.EMA(G, opt.ema_decay))
+
+
+def phase_schedule(opt: Options, images_per_epoch: int) -> pggan.PhaseSchedule:
+    """PGGAN's growth; by default the epochs spread evenly over the 2 * depths + 1 phases, so every
+    depth trains on the same number of images (the study: same batch and epochs at every depth)."""
+    max_depth = pggan.check_shape(opt.resolution, opt.channels)
+    total = opt.epochs * images_per_epoch
+    per_phase = opt.images_per_phase or max(1, total // (2 * max_depth + 1))
+    if per_phase * 2 * max_depth > total:
+        raise ValueError(f"PGGAN: {opt.epochs} epochs of {images_per_epoch} images end before the growth to "
+                         f"{opt.resolution} px ({per_phase} images per phase x {2 * max_depth} phases); "
+                         "lower images_per_phase or raise the epochs")
+    return pggan.PhaseSchedule(opt.resolution, per_phase)
+
+
+@torch.no_grad()
+def generate(G: torch.nn.Module, opt: Options, z: torch.Tensor, labels: torch.Tensor | None,
+             depth: int | None = None, alpha: float = 1.0, batch_size: int = 256) -> torch.Tensor:
+    """Float (N, C, resolution, resolution) images in [-1, 1]; a PGGAN below full depth is upsampled."""
+    was_training = G.training
+    G.eval()  # DCGAN samples with BatchNorm's running statistics, so a sample never changes the model
+    out = []
+    for s in range(0, len(z), batch_size):
+        y = None if labels is None else labels[s:s + batch_size]
+        x = G(z[s:s + batch_size], y) if opt.arch == "dcgan" else G(z[s:s + batch_size], y, depth, alpha)
+        x = x.float().clamp(-1, 1)
+        if x.shape[-1] != opt.resolution:
+            x = F.interpolate(x, size=opt.resolution, mode="nearest")
+        out.append(x.cpu())
+    G.train(was_training)
+    return torch.cat(out)
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """Float (N, C, H, W) in [-1, 1] -> uint8 (N, H, W, C), the store's layout."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def save_grid(images: np.ndarray, path: Path, columns: int = GRID_COLUMNS) -> None:
+    """uint8 (N, H, W, C) images tiled row-major into one PNG, 2 px gaps."""
+    n, h, w, c = images.shape
+    rows = math.ceil(n / columns)
+    grid = np.full((rows * (h + 2), columns * (w + 2), c), 255, np.uint8)
+    for i, img in enumerate(images):
+        r, q = divmod(i, columns)
+        grid[r * (h + 2):r * (h + 2) + h, q * (w + 2):q * (w + 2) + w] = img
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
+
+
+def read_batch(images: ImageSet, idx: np.ndarray, resolution: int) -> torch.Tensor:
+    """Stored images at idx (in that order) -> float (N, C, resolution, resolution) in [-1, 1], area-downsampled."""
+    x = score.as_model_images(np.stack([images[int(i)] for i in idx]))
+    return F.interpolate(x, size=resolution, mode="area") if x.shape[-1] != resolution else x
+
+
+# ---- checkpoints ----
+
+def _atomic_save(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def epoch_file(model_dir: Path, epoch: int) -> Path:
+    return model_dir / "epochs" / f"{epoch:03d}.pt"
+
+
+def read_log(model_dir: Path) -> list[dict]:
+    path = model_dir / "log.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
+
+
+# ---- one model ----
+
+@dataclass
+class ModelData:
+    """The real images one model learns from: indices into the group's training set and class ids."""
+    name: str
+    indices: np.ndarray
+    class_ids: np.ndarray | None   # conditional models only
+
+
+def train_model(opt: Options, data: ModelData, images: ImageSet, model_dir: Path, scorer: Scorer,
+                device: torch.device, rank: int = 0, world: int = 1, log=print, tracker=None) -> list[dict]:
+    """Train one model to opt.epochs, resuming from model_dir/checkpoint.pt; returns its log rows."""
+    G, D, opt_g, opt_d, ema = build(opt)
+    n = len(data.indices)
+    if n < opt.batch_size * world:
+        raise ValueError(f"model {data.name}: {n} training images, fewer than one batch of {opt.batch_size}"
+                         f"{f' x {world} ranks' if world > 1 else ''}; lower the batch size or enlarge the group")
+    steps_per_epoch = n // (opt.batch_size * world)
+    images_per_epoch = steps_per_epoch * opt.batch_size * world
+    schedule = phase_schedule(opt, images_per_epoch) if opt.arch == "pggan" else None
+    start_epoch, images_seen = 0, 0
+    ckpt_path = model_dir / "checkpoint.pt"
+    if ckpt_path.is_file():
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        G.load_state_dict(ck["G"]), D.load_state_dict(ck["D"])
+        opt_g.load_state_dict(ck["opt_g"]), opt_d.load_state_dict(ck["opt_d"])
+        if ema is not None:
+            ema.model.load_state_dict(ck["ema"])
+        start_epoch, images_seen = ck["epoch"], ck["images_seen"]
+        _set_rng_state(ck["rng"])
+        log(f"{data.name}: resuming after epoch {start_epoch} of {opt.epochs}")
+    rows = [r for r in read_log(model_dir) if r["epoch"] <= start_epoch]  # drop a half-written epoch's line
+    if start_epoch >= opt.epochs:
+        return rows
+    use_amp = device.type == "cuda"  # bf16 autocast + channels_last on GPU; fp32 on CPU
+    fmt = torch.channels_last if use_amp else torch.contiguous_format
+    for m in (G, D) + ((ema.model,) if ema else ()):
+        m.to(device, memory_format=fmt)
+    for o in (opt_g, opt_d):  # optimiser state loaded on the CPU follows the parameters
+        for st in o.state.values():
+            for k, v in st.items():
+                if torch.is_tensor(v) and k != "step":
+                    st[k] = v.to(device)
+    loss_fns = dcgan if opt.arch == "dcgan" else pggan
+    sampler = ema.model if ema is not None else G
+    g_fixed = torch.Generator().manual_seed(opt.seed)  # the grid's latent: the same every epoch and run
+    grid_labels = _grid_labels(opt, data)
+    z_grid = torch.randn(len(grid_labels) if grid_labels is not None else 2 * GRID_COLUMNS, opt.latent_dim,
+                         generator=g_fixed)
+    y_all = None if data.class_ids is None else torch.from_numpy(data.class_ids)
+
+    for epoch in range(start_epoch + 1, opt.epochs + 1):
+        order = np.random.default_rng((opt.seed, epoch)).permutation(n)  # resumable without saved state
+        sums, t0 = {"loss_d": 0.0, "loss_g": 0.0}, time.perf_counter()
+        for step in tqdm(range(steps_per_epoch), desc=f"{data.name} epoch {epoch}", unit="step", leave=False,
+                         disable=None if rank == 0 else True):  # None: shown on a terminal only
+            chunk = order[(step * world + rank) * opt.batch_size:(step * world + rank + 1) * opt.batch_size]
+            chunk = np.sort(chunk)  # sorted reads are kinder to memory-maps; the set is still random
+            real = read_batch(images, data.indices[chunk], opt.resolution).to(device, memory_format=fmt)
+            y = None if y_all is None else y_all[chunk].to(device)
+            extra = ()
+            if schedule is not None:
+                depth, alpha = schedule(images_seen)
+                real, extra = pggan.fade_reals(real, depth, alpha), (depth, alpha)
+            z = torch.randn(len(real), opt.latent_dim, device=device)
+            with torch.autocast(device.type, torch.bfloat16, enabled=use_amp):
+                with torch.no_grad():
+                    fake = G(z, y, *extra)
+                loss_d = loss_fns.d_loss(D, real, fake, y, *extra)
+            opt_d.zero_grad(set_to_none=True)
+            loss_d.backward()
+            average_gradients(D, world)
+            opt_d.step()
+            with torch.autocast(device.type, torch.bfloat16, enabled=use_amp):
+                loss_g = loss_fns.g_loss(D, G(torch.randn_like(z), y, *extra), y, *extra)
+            opt_g.zero_grad(set_to_none=True)
+            loss_g.backward()
+            average_gradients(G, world)
+            opt_g.step()
+            if ema is not None:
+                ema.update(G)
+            images_seen += len(real) * world
+            sums["loss_d"] += loss_d.item()
+            sums["loss_g"] += loss_g.item()
+        seconds = time.perf_counter() - t0
+        depth, alpha = schedule(images_seen) if schedule is not None else (None, 1.0)
+        if rank == 0:
+            row = {"epoch": epoch, "images_seen": images_seen, "images_per_s": round(images_per_epoch / seconds, 1),
+                   **{k: v / steps_per_epoch for k, v in sums.items()}}
+            if depth is not None:
+                row.update(depth=depth, side=4 << depth, alpha=round(alpha, 4))
+            _atomic_save({"state_dict": sampler.state_dict(), "depth": depth, "alpha": alpha},
+                         epoch_file(model_dir, epoch))
+            y_grid = None if grid_labels is None else torch.from_numpy(grid_labels).to(device)
+            save_grid(to_uint8(generate(sampler, opt, z_grid.to(device), y_grid, depth, alpha)),
+                      model_dir / "grids" / f"{epoch:03d}.png")
+            row.update(scorer.score(sampler, opt, data, depth, alpha, epoch))
+            rows.append(row)
+            atomic_write_text(model_dir / "log.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+            _atomic_save({"G": G.state_dict(), "D": D.state_dict(), "opt_g": opt_g.state_dict(),
+                          "opt_d": opt_d.state_dict(), "ema": ema.model.state_dict() if ema else None,
+                          "epoch": epoch, "images_seen": images_seen, "rng": _rng_state()}, ckpt_path)
+            log(f"{data.name} epoch {epoch}/{opt.epochs}: loss D {row['loss_d']:.3f} G {row['loss_g']:.3f}, "
+                f"SWD {row['swd']:.4f}, KID {row['kid']:.4f}, {row['images_per_s']} img/s"
+                + (f", {row['side']} px alpha {row['alpha']:.2f}" if depth is not None else ""))
+            if tracker is not None:
+                tracker.log_metrics({f"{data.name}.{k}": v for k, v in row.items()
+                                     if k != "epoch" and isinstance(v, (int, float))}, step=epoch)
+        if world > 1:
+            dist.barrier()  # ranks leave an epoch together, so none reads a checkpoint being written
+    return rows
+
+
+def _grid_labels(opt: Options, data: ModelData) -> np.ndarray | None:
+    """Class ids for the grid: one row of GRID_COLUMNS samples per label (conditional models only)."""
+    if data.class_ids is None:
+        return None
+    return np.repeat(np.arange(len(opt.labels)), GRID_COLUMNS)
+
+
+# ---- scoring ----
+
+class Scorer:
+    """Per-epoch SWD and KID of a generator against a fixed subset of its real training images."""
+
+    def __init__(self, images: ImageSet, feature_net: score.FeatureNet, device: torch.device, seed: int):
+        self.images, self.net, self.device, self.seed = images, feature_net, device, seed
+        self._real: dict[str, tuple] = {}
+
+    def _real_subset(self, opt: Options, data: ModelData):
+        if data.name not in self._real:
+            rng = np.random.default_rng((self.seed, len(data.indices)))
+            pick = np.sort(rng.choice(len(data.indices), min(opt.score_images, len(data.indices)), replace=False))
+            real = read_batch(self.images, data.indices[pick], opt.resolution)
+            feats = score.extract_features(self.net, real.to(self.device))
+            y = None if data.class_ids is None else torch.from_numpy(data.class_ids[pick])
+            self._real[data.name] = (real, feats, y)
+        return self._real[data.name]
+
+    def score(self, G, opt: Options, data: ModelData, depth, alpha, epoch: int) -> dict:
+        real, real_feats, y = self._real_subset(opt, data)
+        g = torch.Generator().manual_seed(opt.seed + 1)  # the same latents every epoch: epochs differ by G only
+        z = torch.randn(len(real), opt.latent_dim, generator=g).to(self.device)
+        fake = generate(G, opt, z, None if y is None else y.to(self.device), depth, alpha)
+        _, swd = score.sliced_wasserstein(real, fake, dir_repeats=max(1, opt.swd_directions // 128), seed=self.seed)
+        kid_mean, _ = score.kid(real_feats, score.extract_features(self.net, fake.to(self.device)),
+                                n_subsets=50, seed=self.seed)
+        return {"swd": round(swd, 6), "kid": round(kid_mean, 6)}
+
+
+# ---- the stage ----
+
+def model_data(meta, opt: Options) -> list[ModelData]:
+    """The models of a setup: one per label (uncond) or one over all labels (cond)."""
+    labels = meta["label"].to_numpy()
+    if opt.setup == "cond":
+        class_ids = np.searchsorted(np.asarray(opt.labels), labels)
+        return [ModelData(COND_MODEL, np.arange(len(meta)), class_ids)]
+    return [ModelData(lb, np.flatnonzero(labels == lb), None) for lb in opt.labels]
+
+
+def _prepare_out(out: Path, opt: Options, log) -> None:
+    """Keep a previous run's folder only when it was made with the same options (epochs may grow)."""
+    opts_path = out / "options.json"
+    if opts_path.is_file():
+        old = json.loads(opts_path.read_text())
+        if {**old, "epochs": opt.epochs} == opt.to_json() and old["epochs"] <= opt.epochs:
+            return
+        log(f"{out}: options changed since the last run; starting over")
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    write_json(opts_path, opt.to_json())
+
+
+def train_gan(opt: Options, train_set: Path, out: Path, metrics_path: Path, curve_path: Path,
+              stage: str = "train_gan", tracking_params: dict | None = None, log=print) -> dict:
+    """Train every model of one stage; write the per-stage metrics and the mean score curve."""
+    from biomedsynth import tracking
+
+    rank, world = dist_info()
+    device = pick_device(rank)
+    images = ImageSet(train_set)
+    if images.shape[2] != opt.channels:
+        raise ValueError(f"{train_set}: images have {images.shape[2]} channel(s), the GAN expects {opt.channels}")
+    if rank == 0:
+        _prepare_out(out, opt, log)
+    if world > 1:
+        dist.barrier()
+    net_path = out / "feature_net.pt"
+    if net_path.is_file():
+        ck = torch.load(net_path, map_location="cpu", weights_only=False)
+        net = score.FeatureNet(**ck["config"])
+        net.load_state_dict(ck["state_dict"])
+    else:  # trained on every rank alike (same seed), saved by rank 0
+        sub = np.sort(np.random.default_rng(opt.seed).permutation(len(images))[:4096])
+        real = read_batch(images, sub, opt.resolution)
+        net = score.train_feature_net(real, images.meta["label"].to_numpy()[sub], epochs=opt.feature_epochs,
+                                      seed=opt.seed)
+        if rank == 0:
+            _atomic_save({"config": net.config, "state_dict": net.state_dict()}, net_path)
+    scorer = Scorer(images, net.to(device).eval(), device, opt.seed)
+    results = {}
+    with tracking.run(stage, tracking_params or opt.to_json(), enabled=rank == 0) as tracker:
+        for data in model_data(images.meta, opt):
+            results[data.name] = train_model(opt, data, images, out / data.name, scorer, device, rank, world,
+                                             log, tracker)
+        if rank == 0:
+            summary = summarise(results, opt)
+            write_json(metrics_path, summary)
+            write_curve(results, curve_path)
+            tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+            tracker.log_artifact(curve_path)
+            for name in results:
+                last = out / name / "grids" / f"{opt.epochs:03d}.png"
+                tracker.log_artifact(last)
+    if world > 1:
+        dist.barrier()
+    return summarise(results, opt) if rank == 0 else {}
+
+
+def best_epoch(rows: list[dict]) -> int:
+    """The epoch with the lowest SWD (the earliest on a tie)."""
+    return min(rows, key=lambda r: (r["swd"], r["epoch"]))["epoch"]
+
+
+def summarise(results: dict[str, list[dict]], opt: Options) -> dict:
+    """Stage metrics: the SWD/KID of each model's best and last epoch, averaged over the models."""
+    best = [next(r for r in rows if r["epoch"] == best_epoch(rows)) for rows in results.values()]
+    last = [rows[-1] for rows in results.values()]
+    mean = lambda rows, k: round(float(np.mean([r[k] for r in rows])), 6)  # noqa: E731
+    return {"models": len(results), "epochs": opt.epochs, "swd_best": mean(best, "swd"), "kid_best": mean(best, "kid"),
+            "swd_last": mean(last, "swd"), "kid_last": mean(last, "kid"),
+            "best_epoch_mean": round(float(np.mean([r["epoch"] for r in best])), 2)}
+
+
+def write_curve(results: dict[str, list[dict]], path: Path) -> None:
+    """Per epoch, the mean over the stage's models of SWD, KID and the losses (the DVC plot)."""
+    lines = ["epoch,swd,kid,loss_d,loss_g"]
+    for epoch in range(1, min(len(rows) for rows in results.values()) + 1):
+        rows = [r for rs in results.values() for r in rs if r["epoch"] == epoch]
+        lines.append(f"{epoch}," + ",".join(f"{np.mean([r[k] for r in rows]):.6f}"
+                                            for k in ("swd", "kid", "loss_d", "loss_g")))
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+# ---- sampling for the next stage ----
+
+def resolve_checkpoint(model_dir: Path, choice: str) -> int:
+    """`best` (lowest SWD), `last` or `epoch_N` -> an epoch number that has a saved generator."""
+    rows = read_log(model_dir)
+    if not rows:
+        raise FileNotFoundError(f"{model_dir}: no trained epochs; run train_gan first")
+    if choice == "best":
+        epoch = best_epoch(rows)
+    elif choice == "last":
+        epoch = rows[-1]["epoch"]
+    elif m := re.fullmatch(r"epoch_(\d+)", choice):
+        epoch = int(m.group(1))
+    else:
+        raise ValueError(f"checkpoint = {choice!r}: allowed best, last, epoch_N")
+    if not epoch_file(model_dir, epoch).is_file():
+        raise ValueError(f"checkpoint = {choice!r}: {model_dir} has epochs 1..{rows[-1]['epoch']}")
+    return epoch
+
+
+class Synthesizer:
+    """The trained generators of one stage as one sampler: sample(label, n, rng) -> uint8 (n, H, W, C)."""
+
+    def __init__(self, model_root: Path, checkpoint: str, device: torch.device | None = None):
+        self.opt = Options.from_json(json.loads((model_root / "options.json").read_text()))
+        self.device = device or pick_device()
+        self.epochs: dict[str, int] = {}
+        self._models: dict[str, tuple] = {}
+        names = [COND_MODEL] if self.opt.setup == "cond" else list(self.opt.labels)
+        for name in names:
+            epoch = resolve_checkpoint(model_root / name, checkpoint)
+            snap = torch.load(epoch_file(model_root / name, epoch), map_location="cpu", weights_only=False)
+            G = build(self.opt)[0]
+            G.load_state_dict(snap["state_dict"])
+            self._models[name] = (G.to(self.device).eval(), snap["depth"], snap["alpha"])
+            self.epochs[name] = epoch
+
+    def sample(self, label: str, n: int, rng: np.random.Generator) -> np.ndarray:
+        if label not in self.opt.labels:
+            raise ValueError(f"label {label!r} was not trained (models know {', '.join(self.opt.labels)})")
+        G, depth, alpha = self._models[COND_MODEL if self.opt.setup == "cond" else label]
+        z = torch.from_numpy(rng.standard_normal((n, self.opt.latent_dim), dtype=np.float32)).to(self.device)
+        y = torch.full((n,), self.opt.labels.index(label), device=self.device) if self.opt.setup == "cond" else None
+        return to_uint8(generate(G, self.opt, z, y, depth, alpha))

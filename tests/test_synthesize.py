@@ -1,0 +1,165 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from biomedsynth.store import ImageSet, ImageSetWriter
+from biomedsynth.synthesize import average_hash, nearest_hamming, synthesize
+
+SIDE = 32
+THRESHOLD = 45
+LABELS = {"F_18-27": 5, "M_18-27": 3, "F_28-38": 4}  # label -> training images
+
+
+def xray_like(rng, n, side=SIDE):
+    """A bright torso with two dark lungs, jittered in place and size, plus noise: a global body shape."""
+    yy, xx = (np.mgrid[:side, :side] + 0.5) / side
+    out = np.empty((n, side, side, 1), np.uint8)
+    for k in range(n):
+        j = rng.normal(0, 0.02, 6)
+        img = np.where(((xx - 0.5) / (0.42 + j[0])) ** 2 + ((yy - 0.6) / (0.55 + j[1])) ** 2 < 1, 200.0, 20.0)
+        for cx in (0.3 + j[2], 0.7 + j[3]):
+            img[((xx - cx) / (0.13 + j[4])) ** 2 + ((yy - 0.45) / (0.25 + j[5])) ** 2 < 1] = 60
+        out[k, ..., 0] = np.clip(img + rng.normal(0, 12, img.shape), 0, 255)
+    return out
+
+
+def scramble(images, rng, block=8):
+    """Shuffle each image's block x block tiles: the same pixels, no body shape."""
+    n, h, w, c = images.shape
+    g = h // block
+    tiles = images.reshape(n, g, block, g, block, c).swapaxes(2, 3).reshape(n, g * g, block, block, c)
+    tiles = np.stack([t[rng.permutation(g * g)] for t in tiles])
+    return tiles.reshape(n, g, g, block, block, c).swapaxes(2, 3).reshape(images.shape)
+
+
+def write_set(path, images, labels, rng):
+    with ImageSetWriter(path, images.shape[1:]) as w:
+        for i, (img, lab) in enumerate(zip(images, labels)):
+            w.add(img, image_id=f"img{i}", patient_id=str(i // 2), label=lab, sex=lab[0],
+                  age=int(rng.integers(18, 39)), age_bin=lab[2:], source=f"raw/{i}.png")
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    """A tiny X-ray-like study group: train with LABELS' counts (x4), test from the same distribution."""
+    root, rng = tmp_path_factory.mktemp("real"), np.random.default_rng(100)
+    train_labels = [lab for lab, n in LABELS.items() for _ in range(4 * n)]
+    train = xray_like(rng, len(train_labels))
+    write_set(root / "train", train, train_labels, rng)
+    write_set(root / "test", xray_like(rng, 200), [list(LABELS)[i % 3] for i in range(200)], rng)
+    return root, train, train_labels
+
+
+def fresh(label, n, rng):
+    return xray_like(rng, n)
+
+
+def run(real, tmp_path, sample, name="syn", **kw):
+    root = real[0]
+    args = dict(resolution=SIDE, hash_screen=True, hash_threshold=THRESHOLD, hash_size=16, max_tries_factor=4.0,
+                batch_size=8, copy_check_images=100, copy_check_side=16, seed=0, figure_path=tmp_path / f"{name}.png")
+    return synthesize(sample, root / "train", root / "test", tmp_path / name, **{**args, **kw})
+
+
+def test_average_hash_hand_computed_and_batched_memmap(tmp_path):
+    img = np.array([[0, 20, 10, 30],
+                    [20, 0, 30, 10],
+                    [100, 120, 40, 40],
+                    [120, 100, 40, 40]], np.uint8)
+    # 2x2 cell means 10, 20, 110, 40; their mean 45: only the lower-left cell is above it
+    assert average_hash(img[None, ..., None], hash_size=2).tolist() == [[False, False, True, False]]
+    # channel mean (img + 255 - img + img) / 3 is increasing in img: the same bits
+    rgb = np.stack([img, 255 - img, img], -1)[None]
+    assert average_hash(rgb, hash_size=2).tolist() == [[False, False, True, False]]
+    many = xray_like(np.random.default_rng(1), 5)
+    np.save(tmp_path / "a.npy", many)
+    mapped = np.load(tmp_path / "a.npy", mmap_mode="r")
+    assert np.array_equal(average_hash(mapped, batch_size=2), average_hash(many))
+    assert average_hash(many).shape == (5, 256)
+
+
+def test_nearest_hamming_equals_brute_force():
+    rng = np.random.default_rng(2)
+    ref, query = rng.random((300, 64)) > 0.5, rng.random((50, 64)) > 0.5
+    query[:3] = ref[[7, 150, 299]]
+    brute = (query[:, None] != ref[None]).sum(-1).min(1)
+    got = nearest_hamming(query, ref, chunk=7)
+    assert got.tolist() == brute.tolist() and got[:3].tolist() == [0, 0, 0]
+
+
+def test_screen_keeps_body_shapes_and_rejects_scrambled(real, tmp_path):
+    rng = np.random.default_rng(3)
+    train_hash = average_hash(real[1])
+    keep, scrambled = xray_like(rng, 20), scramble(xray_like(rng, 20), rng)
+    assert (nearest_hamming(average_hash(keep), train_hash) <= THRESHOLD).all()
+    assert (nearest_hamming(average_hash(scrambled), train_hash) > THRESHOLD).all()
+
+    def half_scrambled(label, n, rng):  # even draws intact, odd draws scrambled
+        x = xray_like(rng, n)
+        x[1::2] = scramble(x[1::2], rng)
+        return x
+
+    m = run(real, tmp_path, half_scrambled)
+    assert m["rejected"] == sum(v["drawn"] // 2 for v in m["per_label"].values())
+    assert m["images"] == len(real[2]) and m["drawn"] - m["rejected"] >= m["images"]
+    assert 0.4 < m["rejection_rate"] < 0.6 and m["real_rejection_rate"] == 0.0
+    out = ImageSet(tmp_path / "syn")
+    assert (nearest_hamming(average_hash(next(out.batches(batch_size=1000))), train_hash) <= THRESHOLD).all()
+
+
+def test_matches_label_counts_and_copies_label_constant_columns(real, tmp_path):
+    def small(label, n, rng):  # the GAN runs at half the real side
+        return xray_like(rng, n, SIDE // 2)
+
+    m = run(real, tmp_path, small, resolution=SIDE // 2, hash_screen=False, batch_size=3)
+    out = ImageSet(tmp_path / "syn")
+    assert out.shape == (SIDE // 2, SIDE // 2, 1)
+    want = pd.Series(real[2]).value_counts().sort_index()
+    assert out.meta["label"].value_counts().sort_index().to_dict() == want.to_dict()
+    assert {k: v["images"] for k, v in m["per_label"].items()} == want.to_dict()
+    assert m["rejected"] == 0 and m["drawn"] == len(out) == m["images"]
+    assert out.meta["image_id"].tolist() == [f"syn-{i:06d}" for i in range(len(out))]
+    assert set(out.meta.columns) == {"image_id", "label", "source", "sex", "age_bin"}  # age varies per label
+    assert (out.meta["source"] == "synthetic").all()
+    assert (out.meta["sex"] == out.meta["label"].str[0]).all()
+    assert (out.meta["age_bin"] == out.meta["label"].str[2:]).all()
+
+
+def test_cap_names_the_label_when_nothing_passes(real, tmp_path):
+    def noise(label, n, rng):
+        return rng.integers(0, 256, (n, SIDE, SIDE, 1), dtype=np.uint8)
+
+    with pytest.raises(ValueError, match=r"label 'F_18-27' got 0 of 20 images after 60 drawn.*hash_threshold=45"):
+        run(real, tmp_path, noise, max_tries_factor=3.0)
+    assert not (tmp_path / "syn").exists()
+
+
+def test_rejects_a_sampler_of_the_wrong_shape(real, tmp_path):
+    with pytest.raises(ValueError, match=r"sampler gave uint8 \(8, 16, 16, 1\) for label 'F_18-27'"):
+        run(real, tmp_path, lambda label, n, rng: xray_like(rng, n, SIDE // 2))
+
+
+def test_copy_check_flags_copies_not_fresh_images(real, tmp_path):
+    _, train, labels = real
+    by_label = {lab: train[np.array(labels) == lab] for lab in LABELS}
+
+    def copies(label, n, rng):
+        return by_label[label][rng.integers(0, len(by_label[label]), n)]
+
+    c = run(real, tmp_path, copies, name="copies")["copy_check"]
+    f = run(real, tmp_path, fresh, name="fresh")["copy_check"]
+    assert c["share_closer"] == 1.0 and c["median_nn_synthetic"] < 1e-2 < c["threshold"]
+    assert f["share_closer"] <= 0.1 and f["median_nn_synthetic"] > f["threshold"]
+    assert 0.7 < f["median_nn_synthetic"] / f["median_nn_real"] < 1.4
+    assert c["images_checked"] == len(labels)
+    assert (tmp_path / "copies.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_same_seed_same_output(real, tmp_path):
+    files = lambda d: {p.name: p.read_bytes() for p in sorted(d.iterdir())}  # noqa: E731
+    a, b = run(real, tmp_path, fresh, name="a"), run(real, tmp_path, fresh, name="b")
+    run(real, tmp_path, fresh, name="c", seed=1)
+    assert a == b and files(tmp_path / "a") == files(tmp_path / "b") and json.loads(json.dumps(a)) == a
+    assert files(tmp_path / "a")["shard-00000.npy"] != files(tmp_path / "c")["shard-00000.npy"]

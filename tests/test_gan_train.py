@@ -140,10 +140,14 @@ def test_train_gan_stage_then_synthesizer_samples_each_label(group, tmp_path, mo
     monkeypatch.setenv("BIOMEDSYNTH_MLFLOW", "0")
     opt = options("dcgan", setup="cond")
     out = tmp_path / "models"
-    summary = T.train_gan(opt, group.path, out, tmp_path / "m.json", tmp_path / "curve.csv", log=lambda m: None)
+    summary = T.train_gan(opt, group.path, out, tmp_path / "m.json", tmp_path / "s.csv", tmp_path / "l.csv",
+                          log=lambda m: None)
     assert summary["models"] == 1 and summary["epochs"] == 2
     assert json.loads((tmp_path / "m.json").read_text()) == summary
-    assert (tmp_path / "curve.csv").read_text().splitlines()[0] == "epoch,swd,kid,loss_d,loss_g"
+    rows = T.read_log(out / T.COND_MODEL)
+    assert (tmp_path / "s.csv").read_text().splitlines() == [
+        "epoch,swd,kid", *(f"{r['epoch']},{r['swd']:.6f},{r['kid']:.6f}" for r in rows)]
+    assert (tmp_path / "l.csv").read_text().splitlines()[0] == "epoch,loss_d,loss_g"
     gen = T.Synthesizer(out, "last", torch.device("cpu"))
     images = gen.sample("M_a", 5, np.random.default_rng(0))
     assert images.shape == (5, 32, 32, 1) and images.dtype == np.uint8
@@ -152,7 +156,7 @@ def test_train_gan_stage_then_synthesizer_samples_each_label(group, tmp_path, mo
         gen.sample("X", 1, np.random.default_rng(0))
     # changed options: the old models are not resumed from but replaced
     T.train_gan(dataclasses.replace(opt, seed=4, epochs=1), group.path, out, tmp_path / "m.json",
-                tmp_path / "curve.csv", log=lambda m: None)
+                tmp_path / "s.csv", tmp_path / "l.csv", log=lambda m: None)
     assert len(T.read_log(out / T.COND_MODEL)) == 1
 
 

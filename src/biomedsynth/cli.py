@@ -140,8 +140,10 @@ def train_gan(arch: str = ArchArg, group: str = GroupArg, setup: str = SetupArg,
     opt = _run(options)
     tracked = {"seed": p.seed, "gan": {modality: getattr(p.gan, modality).model_dump(),
                                        arch: getattr(p.gan, arch).model_dump(), "score": p.gan.score.model_dump()}}
-    summary = _run(run_train_gan, opt, train_set, Path("models/gan") / name, Path("metrics/gan") / f"{name}.json",
-                   Path("metrics/gan/curves") / f"{name}.csv", stage=f"train_gan@{name}", tracking_params=tracked)
+    metrics = Path("metrics/gan")
+    summary = _run(run_train_gan, opt, train_set, Path("models/gan") / name, metrics / f"{name}.json",
+                   metrics / "scores" / f"{name}.csv", metrics / "losses" / f"{name}.csv",
+                   stage=f"train_gan@{name}", tracking_params=tracked)
     if summary:
         _print_summary(f"train_gan@{name}", summary)
 

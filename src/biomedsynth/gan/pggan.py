@@ -77,11 +77,12 @@ def _act(x: torch.Tensor) -> torch.Tensor:
 
 class Generator(nn.Module):
     def __init__(self, resolution: int, channels: int, latent_dim: int, n_classes: int = 0,
-                 fmap_base: int = 16384, fmap_max: int = 512):
+                 fmap_base: int = 8192, fmap_max: int = 512):
         super().__init__()
         self.max_depth = check_shape(resolution, channels)
         self.resolution, self.channels, self.latent_dim, self.n_classes = resolution, channels, latent_dim, n_classes
-        nf = [min(fmap_base // (4 << d), fmap_max) for d in range(self.max_depth + 1)]  # width at depth d
+        # width at depth d (side 4 * 2**d), the paper's min(fmap_base / 2**stage, fmap_max) with stage = d + 1
+        nf = [min(fmap_base // (2 << d), fmap_max) for d in range(self.max_depth + 1)]
         self.embed = nn.Embedding(n_classes, latent_dim) if n_classes else None  # N(0, 1) rows, like z
         self.dense = EqLinear(latent_dim * (2 if n_classes else 1), nf[0] * 16, gain=SQRT2 / 4)  # the paper's gain
         self.conv4 = EqConv2d(nf[0], nf[0], 3)
@@ -128,11 +129,11 @@ class Generator(nn.Module):
 
 class Discriminator(nn.Module):
     def __init__(self, resolution: int, channels: int, n_classes: int = 0,
-                 fmap_base: int = 16384, fmap_max: int = 512, mbstd_group: int = 4):
+                 fmap_base: int = 8192, fmap_max: int = 512, mbstd_group: int = 4):
         super().__init__()
         self.max_depth = check_shape(resolution, channels)
         self.resolution, self.channels, self.n_classes, self.mbstd_group = resolution, channels, n_classes, mbstd_group
-        nf = [min(fmap_base // (4 << d), fmap_max) for d in range(self.max_depth + 1)]
+        nf = [min(fmap_base // (2 << d), fmap_max) for d in range(self.max_depth + 1)]
         self.from_rgb = nn.ModuleList([EqConv2d(channels, nf[d], 1) for d in range(self.max_depth + 1)])
         self.blocks = nn.ModuleList([  # blocks[d - 1] takes depth d down to depth d - 1
             nn.ModuleList([EqConv2d(nf[d], nf[d], 3), EqConv2d(nf[d], nf[d - 1], 3)]) for d in range(1, self.max_depth + 1)])

@@ -268,7 +268,8 @@ def train_model(opt: Options, data: ModelData, images: ImageSet, model_dir: Path
             ema.model.load_state_dict(ck["ema"])
         start_epoch, images_seen = ck["epoch"], ck["images_seen"]
         _set_rng_state(ck["rng"])
-        log(f"{data.name}: resuming after epoch {start_epoch} of {opt.epochs}")
+        log(f"{data.name}: " + (f"resuming after epoch {start_epoch} of {opt.epochs}" if start_epoch < opt.epochs
+                                else f"already trained ({opt.epochs} epochs)"))
     rows = [r for r in read_log(model_dir) if r["epoch"] <= start_epoch]  # drop a half-written epoch's line
     if start_epoch >= opt.epochs:
         return rows
@@ -371,8 +372,8 @@ class Scorer:
         if data.name not in self._real:
             rng = np.random.default_rng((self.seed, len(data.indices)))
             pick = np.sort(rng.choice(len(data.indices), min(opt.score_images, len(data.indices)), replace=False))
-            real = read_batch(self.images, data.indices[pick], opt.resolution)
-            feats = score.extract_features(self.net, real.to(self.device))
+            real = read_batch(self.images, data.indices[pick], opt.resolution).to(self.device)
+            feats = score.extract_features(self.net, real)
             y = None if data.class_ids is None else torch.from_numpy(data.class_ids[pick])
             self._real[data.name] = (real, feats, y)
         return self._real[data.name]
@@ -381,10 +382,10 @@ class Scorer:
         real, real_feats, y = self._real_subset(opt, data)
         g = torch.Generator().manual_seed(opt.seed + 1)  # the same latents every epoch: epochs differ by G only
         z = torch.randn(len(real), opt.latent_dim, generator=g).to(self.device)
-        fake = generate(G, opt, z, None if y is None else y.to(self.device), depth, alpha)
+        fake = generate(G, opt, z, None if y is None else y.to(self.device), depth, alpha).to(self.device)
+        # on the GPU when training there: SWD sorts millions of projections at the paper's image count
         _, swd = score.sliced_wasserstein(real, fake, dir_repeats=max(1, opt.swd_directions // 128), seed=self.seed)
-        kid_mean, _ = score.kid(real_feats, score.extract_features(self.net, fake.to(self.device)),
-                                n_subsets=50, seed=self.seed)
+        kid_mean, _ = score.kid(real_feats, score.extract_features(self.net, fake), n_subsets=50, seed=self.seed)
         return {"swd": round(swd, 6), "kid": round(kid_mean, 6)}
 
 
@@ -412,9 +413,9 @@ def _prepare_out(out: Path, opt: Options, log) -> None:
     write_json(opts_path, opt.to_json())
 
 
-def train_gan(opt: Options, train_set: Path, out: Path, metrics_path: Path, curve_path: Path,
+def train_gan(opt: Options, train_set: Path, out: Path, metrics_path: Path, scores_path: Path, losses_path: Path,
               stage: str = "train_gan", tracking_params: dict | None = None, log=print) -> dict:
-    """Train every model of one stage; write the per-stage metrics and the mean score curve."""
+    """Train every model of one stage; write the per-stage metrics and the mean score and loss curves."""
     from biomedsynth import tracking
 
     rank, world = dist_info()
@@ -447,9 +448,9 @@ def train_gan(opt: Options, train_set: Path, out: Path, metrics_path: Path, curv
         if rank == 0:
             summary = summarise(results, opt)
             write_json(metrics_path, summary)
-            write_curve(results, curve_path)
+            write_curves(results, scores_path, losses_path)
             tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
-            tracker.log_artifact(curve_path)
+            tracker.log_artifact(scores_path)
             for name in results:
                 last = out / name / "grids" / f"{opt.epochs:03d}.png"
                 tracker.log_artifact(last)
@@ -473,14 +474,14 @@ def summarise(results: dict[str, list[dict]], opt: Options) -> dict:
             "best_epoch_mean": round(float(np.mean([r["epoch"] for r in best])), 2)}
 
 
-def write_curve(results: dict[str, list[dict]], path: Path) -> None:
-    """Per epoch, the mean over the stage's models of SWD, KID and the losses (the DVC plot)."""
-    lines = ["epoch,swd,kid,loss_d,loss_g"]
-    for epoch in range(1, min(len(rows) for rows in results.values()) + 1):
-        rows = [r for rs in results.values() for r in rs if r["epoch"] == epoch]
-        lines.append(f"{epoch}," + ",".join(f"{np.mean([r[k] for r in rows]):.6f}"
-                                            for k in ("swd", "kid", "loss_d", "loss_g")))
-    atomic_write_text(path, "\n".join(lines) + "\n")
+def write_curves(results: dict[str, list[dict]], scores_path: Path, losses_path: Path) -> None:
+    """Per epoch, the mean over the stage's models of SWD and KID, and of the losses (the DVC plots)."""
+    for path, keys in ((scores_path, ("swd", "kid")), (losses_path, ("loss_d", "loss_g"))):
+        lines = ["epoch," + ",".join(keys)]
+        for epoch in range(1, min(len(rows) for rows in results.values()) + 1):
+            rows = [r for rs in results.values() for r in rs if r["epoch"] == epoch]
+            lines.append(f"{epoch}," + ",".join(f"{np.mean([r[k] for r in rows]):.6f}" for k in keys))
+        atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 # ---- sampling for the next stage ----

@@ -9,7 +9,9 @@ model conditional on the label. Every model lives in its own folder under the st
     <model>/checkpoint.pt     last complete epoch: G, D, EMA, optimisers, RNG state, images seen
     <model>/epochs/NNN.pt     the sampling generator of every epoch (what `checkpoint: epoch_N` picks)
     <model>/grids/NNN.png     samples of a fixed latent per epoch
-    <model>/log.jsonl         per epoch: losses, images/s, PGGAN depth/alpha, SWD, KID
+    <model>/log.jsonl         per epoch: losses, PGGAN depth/alpha, SWD, KID (deterministic for a seed on CPU)
+    <model>/speed.jsonl       per epoch: seconds and images/s; kept out of DVC's hash (.dvcignore), so
+                              retraining on another machine or load changes no hash when the weights agree
 
 A run killed at any moment continues from the last complete checkpoint when the stage runs again
 (the folder is a persistent DVC output). Under torchrun every rank trains on its share of each batch
@@ -326,8 +328,11 @@ def train_model(opt: Options, data: ModelData, images: ImageSet, model_dir: Path
         seconds = time.perf_counter() - t0
         depth, alpha = schedule(images_seen) if schedule is not None else (None, 1.0)
         if rank == 0:
-            row = {"epoch": epoch, "images_seen": images_seen, "images_per_s": round(images_per_epoch / seconds, 1),
-                   **{k: v / steps_per_epoch for k, v in sums.items()}}
+            speed = {"epoch": epoch, "seconds": round(seconds, 2), "images_per_s": round(images_per_epoch / seconds, 1)}
+            model_dir.mkdir(parents=True, exist_ok=True)
+            with open(model_dir / "speed.jsonl", "a") as f:
+                f.write(json.dumps(speed) + "\n")
+            row = {"epoch": epoch, "images_seen": images_seen, **{k: v / steps_per_epoch for k, v in sums.items()}}
             if depth is not None:
                 row.update(depth=depth, side=4 << depth, alpha=round(alpha, 4))
             _atomic_save({"state_dict": sampler.state_dict(), "depth": depth, "alpha": alpha},
@@ -342,10 +347,10 @@ def train_model(opt: Options, data: ModelData, images: ImageSet, model_dir: Path
                           "opt_d": opt_d.state_dict(), "ema": ema.model.state_dict() if ema else None,
                           "epoch": epoch, "images_seen": images_seen, "rng": _rng_state()}, ckpt_path)
             log(f"{data.name} epoch {epoch}/{opt.epochs}: loss D {row['loss_d']:.3f} G {row['loss_g']:.3f}, "
-                f"SWD {row['swd']:.4f}, KID {row['kid']:.4f}, {row['images_per_s']} img/s"
+                f"SWD {row['swd']:.4f}, KID {row['kid']:.4f}, {speed['images_per_s']} img/s"
                 + (f", {row['side']} px alpha {row['alpha']:.2f}" if depth is not None else ""))
             if tracker is not None:
-                tracker.log_metrics({f"{data.name}.{k}": v for k, v in row.items()
+                tracker.log_metrics({f"{data.name}.{k}": v for k, v in {**row, **speed}.items()
                                      if k != "epoch" and isinstance(v, (int, float))}, step=epoch)
         if world > 1:
             dist.barrier()  # ranks leave an epoch together, so none reads a checkpoint being written

@@ -170,3 +170,16 @@ def synthesize(arch: str = ArchArg, group: str = GroupArg, setup: str = SetupArg
     summary["checkpoint_epochs"] = gen.epochs
     write_json(Path("metrics/synthesize") / f"{name}.json", summary)
     _print_summary(f"synthesize@{name}", summary)
+
+
+@app.command()
+def tasks(params: Path = ParamsOpt):
+    """tasks: the benchmark's real / synthetic training sets and real test set of each task."""
+    from biomedsynth.tasks import build_tasks
+
+    p = _params(params)
+    summary = _run(build_tasks, p.tasks, Path("data/studygroups"), Path("data/synthetic"), Path("data/tasks"),
+                   p.seed, Path("metrics/tasks.json"))
+    for task, sets in summary.items():
+        typer.echo(f"{task:9s} " + "  ".join(f"{name} {s['images']}/{s['requested']}" for name, s in sets.items())
+                   + f"  at {next(iter(sets.values()))['side']} px")

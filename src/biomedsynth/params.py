@@ -221,6 +221,34 @@ class Synthesize(Strict):
         return self
 
 
+# --- the benchmark's task sets (SPEC section 5) ---
+class TaskSize(Strict):
+    train: PosInt
+    test: PosInt
+
+
+class HistologyTask(TaskSize):
+    arch: Literal["dcgan", "pggan"]  # whose H-Norm + H-Tumor synthetic sets train the synthetic model
+
+
+class AgeTask(TaskSize):
+    young: AgeBin    # age bins wholly inside these ranges form the classes
+    mature: AgeBin
+
+
+class XrayTasks(Strict):
+    group: Literal["x_norm", "x_norm_l"]   # the real study group both X-ray tasks draw from
+    arch: Literal["dcgan", "pggan"]        # with setup: the synthetic copy of that group
+    setup: Literal["uncond", "cond"]
+    sex: TaskSize
+    age: AgeTask
+
+
+class Tasks(Strict):
+    histology: HistologyTask
+    xray: XrayTasks
+
+
 class Params(Strict):
     profile: Literal["smoke", "default", "paper"]
     seed: NonNegInt
@@ -230,6 +258,7 @@ class Params(Strict):
     studygroups: StudyGroups
     gan: Gan
     synthesize: Synthesize
+    tasks: Tasks
 
 
 class ParamsError(Exception):

@@ -183,3 +183,51 @@ def tasks(params: Path = ParamsOpt):
     for task, sets in summary.items():
         typer.echo(f"{task:9s} " + "  ".join(f"{name} {s['images']}/{s['requested']}" for name, s in sets.items())
                    + f"  at {next(iter(sets.values()))['side']} px")
+
+
+TaskArg = typer.Argument(..., help="histology | xray_sex | xray_age")
+
+
+def _check_task(task: str) -> None:
+    from biomedsynth.tasks import TASKS
+
+    if task not in TASKS:
+        _fail(2, f"task = {task!r}: allowed {', '.join(TASKS)}")
+
+
+@app.command()
+def features(task: str = TaskArg, params: Path = ParamsOpt):
+    """features@<task>: uniform LBP histograms (each radius and their concatenation) of the task's three sets."""
+    from biomedsynth.classify.lbp import write_features
+    from biomedsynth.tasks import SETS
+
+    _check_task(task)
+    lbp = _params(params).classify.lbp
+    for name in SETS:
+        summary = _run(write_features, Path("data/tasks") / task / name, Path("data/features") / task / name,
+                       lbp.radii, lbp.workers)
+        typer.echo(f"features@{task} {name}: {summary['images']} images, dims {summary['dims']}")
+
+
+@app.command("classify")
+def classify_cmd(task: str = TaskArg, model: str = typer.Argument(..., help="knn | svm | rf | vgg16"),
+                 params: Path = ParamsOpt):
+    """classify@<task>-<model>: train on real and on synthetic, test on real; accuracy, AUC, drop with intervals."""
+    from biomedsynth import tracking
+    from biomedsynth.classify.benchmark import MODELS, classify
+
+    _check_task(task)
+    if model not in MODELS:
+        _fail(2, f"model = {model!r}: allowed {', '.join(MODELS)}")
+    p = _params(params)
+    cfg = p.classify
+    tracked = {"task": task, "model": model, "tasks": p.tasks.model_dump(mode="json"),
+               "classify": {k: v for k, v in cfg.model_dump(mode="json").items()
+                            if k in ("seeds", "bootstrap", "cv_folds", model)}}
+    out = Path("metrics") / task
+    with tracking.run(f"classify@{task}-{model}", tracked) as tracker:
+        r = _run(classify, task, model, cfg, Path("data/tasks") / task, Path("data/features") / task,
+                 Path("models/classify") / task / model, out / f"{model}.json", out / model, tracker)
+    typer.echo(f"classify@{task}-{model}: " + ", ".join(
+        f"{k} {r[k]['accuracy']['value']:.3f} [{r[k]['accuracy']['low']:.3f}, {r[k]['accuracy']['high']:.3f}]"
+        for k in ("real", "synthetic")) + f", drop {r['drop']['accuracy']['value']:+.1%}")

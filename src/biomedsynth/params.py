@@ -249,6 +249,36 @@ class Tasks(Strict):
     xray: XrayTasks
 
 
+# --- the classifiers (SPEC section 5) ---
+GridValue = int | float | str | None
+Grid = dict[str, Annotated[list[GridValue], Field(min_length=1)]]
+
+
+class Lbp(Strict):
+    radii: Annotated[list[PosInt], Field(min_length=1)]   # P = 8R points each; the study: 2, 3, 4 + concat
+    workers: PosInt                                       # processes; results do not depend on it
+
+
+class Vgg16(Strict):
+    input_side: Annotated[int, Field(ge=32)]  # px fed to VGG16 (images resized)
+    epochs: PosInt
+    batch_size: PosInt
+    lr: PosFloat
+    val_fraction: Annotated[float, Field(gt=0.0, lt=1.0)]  # of the training set, for the best-val-loss checkpoint
+    weights: Path | None                                    # a local torchvision VGG16 state dict; null: from scratch
+
+
+class Classify(Strict):
+    seeds: Annotated[list[NonNegInt], Field(min_length=1)]  # each classifier is trained once per seed
+    bootstrap: Annotated[int, Field(ge=100)]                 # resamples of the test set for the 95% intervals
+    cv_folds: Annotated[int, Field(ge=2)]
+    lbp: Lbp
+    knn: Grid
+    svm: Grid
+    rf: Grid
+    vgg16: Vgg16
+
+
 class Params(Strict):
     profile: Literal["smoke", "default", "paper"]
     seed: NonNegInt
@@ -259,6 +289,7 @@ class Params(Strict):
     gan: Gan
     synthesize: Synthesize
     tasks: Tasks
+    classify: Classify
 
 
 class ParamsError(Exception):

@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/lbp_speed.py [--sizes 64 256] [--images 256] [--workers N]
 
 Images are random uint8 written to a temporary image set, read the way the pipeline reads them
-(workers open the set by path). Also prints the single-core cost of each radius.
+(workers open the set by path); the pool's start-up (about a second: workers import scikit-image)
+is included, as a pipeline run pays it once. Also prints the single-core cost of each radius.
 """
 from __future__ import annotations
 

@@ -136,6 +136,12 @@ def test_checkpoint_choice_best_last_and_epoch(tmp_path):
         T.resolve_checkpoint(tmp_path, "newest")
 
 
+def test_best_skips_pggan_epochs_before_full_growth():
+    rows = [{"epoch": 1, "swd": 0.1, "side": 8, "alpha": 1.0}, {"epoch": 2, "swd": 0.2, "side": 16, "alpha": 0.5},
+            {"epoch": 3, "swd": 0.4, "side": 16, "alpha": 1.0}, {"epoch": 4, "swd": 0.3, "side": 16, "alpha": 1.0}]
+    assert T.best_epoch(rows) == 4  # the 8 px epoch scores lower but draws upsampled blocks
+
+
 def test_train_gan_stage_then_synthesizer_samples_each_label(group, tmp_path, monkeypatch):
     monkeypatch.setenv("BIOMEDSYNTH_MLFLOW", "0")
     opt = options("dcgan", setup="cond")

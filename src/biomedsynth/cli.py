@@ -231,3 +231,22 @@ def classify_cmd(task: str = TaskArg, model: str = typer.Argument(..., help="knn
     typer.echo(f"classify@{task}-{model}: " + ", ".join(
         f"{k} {r[k]['accuracy']['value']:.3f} [{r[k]['accuracy']['low']:.3f}, {r[k]['accuracy']['high']:.3f}]"
         for k in ("real", "synthetic")) + f", drop {r['drop']['accuracy']['value']:+.1%}")
+
+
+@app.command()
+def report(params: Path = ParamsOpt):
+    """report: metrics/summary.json (Table 3 with intervals) and reports/report.{md,html}."""
+    import yaml
+
+    from biomedsynth.report import summarise, write_report
+    from biomedsynth.store import write_json
+
+    _params(params)
+    gan_names = list(yaml.safe_load(Path("dvc.yaml").read_text())["vars"][0]["gan_models"])
+    summary = _run(summarise, Path("metrics"))
+    write_json(Path("metrics/summary.json"), summary)
+    _run(write_report, Path("metrics"), Path("models/gan"), Path("data/studygroups"), Path("data/synthetic"),
+         gan_names, Path("reports"))
+    c = summary["claims"]
+    typer.echo(f"report: reports/report.html; mean accuracy drop deep {c['deep_drop_mean']:.1%} vs LBP "
+               f"{c['lbp_drop_mean']:.1%} (the study: {c['study_deep_drop_mean']:.1%} vs {c['study_lbp_drop_mean']:.1%})")

@@ -465,8 +465,11 @@ def train_gan(opt: Options, train_set: Path, out: Path, metrics_path: Path, scor
 
 
 def best_epoch(rows: list[dict]) -> int:
-    """The epoch with the lowest SWD (the earliest on a tie)."""
-    return min(rows, key=lambda r: (r["swd"], r["epoch"]))["epoch"]
+    """The epoch with the lowest SWD (the earliest on a tie) among those at the full side: a PGGAN still
+    growing draws upsampled blocks, whose smoothness SWD can score better than detailed full-size images."""
+    top = max(r.get("side", 0) for r in rows)
+    grown = [r for r in rows if r.get("side", 0) == top and r.get("alpha", 1.0) == 1.0]
+    return min(grown or rows, key=lambda r: (r["swd"], r["epoch"]))["epoch"]
 
 
 def summarise(results: dict[str, list[dict]], opt: Options) -> dict:

@@ -8,11 +8,11 @@ PGGAN runs at its full depth (alpha 1), with the WGAN-GP penalty's double backwa
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
 from biomedsynth.gan import dcgan, pggan
+from timing import images_per_s as time_steps  # benchmarks/timing.py, beside this script
 
 
 # network widths: the papers' (the paper profile) and the default profile's CPU-sized ones
@@ -59,17 +59,7 @@ def images_per_s(arch: str, res: int, channels: int, batch: int, steps: int, dev
         if ema is not None:
             ema.update(G)
 
-    step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
-    return batch * steps / (time.perf_counter() - t0), peak
+    return time_steps(step, batch, steps, device)
 
 
 def main() -> None:

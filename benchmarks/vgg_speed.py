@@ -8,12 +8,12 @@ Inputs are random tensors already at the input size, so the figure is the networ
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
 from biomedsynth.classify.vgg import build_vgg, make_optimizer, train_step
 from biomedsynth.gan.train import pick_device
+from timing import images_per_s as time_steps  # benchmarks/timing.py, beside this script
 
 
 def images_per_s(res: int, channels: int, batch: int, steps: int, device: torch.device,
@@ -25,17 +25,7 @@ def images_per_s(res: int, channels: int, batch: int, steps: int, device: torch.
     opt = make_optimizer(model, 1e-4)
     x = torch.rand(batch, channels, res, res, device=device).mul(2).sub(1).contiguous(memory_format=fmt)
     y = torch.randint(0, 2, (batch,), device=device)
-    train_step(model, opt, x, y, bf16)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        train_step(model, opt, x, y, bf16)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
-    return batch * steps / (time.perf_counter() - t0), peak
+    return time_steps(lambda: train_step(model, opt, x, y, bf16), batch, steps, device)
 
 
 def main() -> None:

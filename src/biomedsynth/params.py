@@ -129,9 +129,13 @@ class XrayGroup(Strict):
         return self
 
 
-class HistologyGroup(Strict):
+class TrainTest(Strict):
+    """Images requested on each side of the split (a histology group, a task set)."""
     train: PosInt
     test: PosInt
+
+
+HistologyGroup = TrainTest
 
 
 class XrayGroups(Strict):
@@ -222,16 +226,11 @@ class Synthesize(Strict):
 
 
 # --- the benchmark's task sets (SPEC section 5) ---
-class TaskSize(Strict):
-    train: PosInt
-    test: PosInt
-
-
-class HistologyTask(TaskSize):
+class HistologyTask(TrainTest):
     arch: Literal["dcgan", "pggan"]  # whose H-Norm + H-Tumor synthetic sets train the synthetic model
 
 
-class AgeTask(TaskSize):
+class AgeTask(TrainTest):
     young: AgeBin    # age bins wholly inside these ranges form the classes
     mature: AgeBin
 
@@ -240,7 +239,7 @@ class XrayTasks(Strict):
     group: Literal["x_norm", "x_norm_l"]   # the real study group both X-ray tasks draw from
     arch: Literal["dcgan", "pggan"]        # with setup: the synthetic copy of that group
     setup: Literal["uncond", "cond"]
-    sex: TaskSize
+    sex: TrainTest
     age: AgeTask
 
 

@@ -12,7 +12,7 @@ import argparse
 import torch
 
 from biomedsynth.classify.vgg import build_vgg, make_optimizer, train_step
-from biomedsynth.gan.train import pick_device
+from biomedsynth.distributed import pick_device
 from timing import images_per_s as time_steps  # benchmarks/timing.py, beside this script
 
 

@@ -18,6 +18,7 @@ from biomedsynth.gan import train as T
 from biomedsynth.store import ImageSet, ImageSetWriter
 
 ROOT = Path(__file__).resolve().parents[1]
+PYTHONPATH = os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])  # child processes
 CLI = [sys.executable, "-c", "from biomedsynth.cli import app; app()"]
 
 
@@ -176,7 +177,7 @@ def test_kill_9_of_the_cli_stage_resumes(tmp_path):
         subprocess.run(CLI + ["profile", "smoke"], cwd=root, check=True, capture_output=True)
         return root
 
-    env = {**os.environ, "BIOMEDSYNTH_MLFLOW": "0", "PYTHONPATH": str(ROOT / "src")}
+    env = {**os.environ, "BIOMEDSYNTH_MLFLOW": "0", "PYTHONPATH": PYTHONPATH}
     cmd = CLI + ["train-gan", "dcgan", "x_norm", "cond"]
     straight, killed = project("straight"), project("killed")
     subprocess.run(cmd, cwd=straight, env=env, check=True, capture_output=True)
@@ -202,7 +203,8 @@ def test_torchrun_two_cpu_processes_train_with_rank_0_writing(tmp_path):
     tiny_group(tmp_path / "data/studygroups/x_norm/train", n=64)
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
     subprocess.run(CLI + ["profile", "smoke"], cwd=tmp_path, check=True, capture_output=True)
-    env = {**os.environ, "BIOMEDSYNTH_MLFLOW": "0", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    env = {**os.environ, "BIOMEDSYNTH_MLFLOW": "0", "OMP_NUM_THREADS": "1", "PYTHONPATH": PYTHONPATH,
+           "BIOMEDSYNTH_DEVICE": "cpu"}  # gloo on CPU even where a GPU is present
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--no-python",
                           *CLI, "train-gan", "pggan", "x_norm", "cond"], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=300)
@@ -214,3 +216,20 @@ def test_torchrun_two_cpu_processes_train_with_rank_0_writing(tmp_path):
     assert run.stdout.count("epoch 2/2") == 1
     ck = torch.load(model / "checkpoint.pt", weights_only=False)
     assert ck["epoch"] == 2 and all(torch.isfinite(w).all() for w in ck["G"].values())
+
+
+@pytest.mark.parametrize("arch, per_phase, epochs, kept", [
+    ("dcgan", None, 3, True),    # more epochs: the run continues
+    ("pggan", 8, 3, True),       # a fixed growth schedule: continues too
+    ("pggan", None, 3, False),   # phases spread over the epochs would stretch: start over
+    ("dcgan", None, 1, False),   # fewer epochs: start over
+    ("dcgan", None, 2, True),    # the same options
+])
+def test_a_previous_run_is_kept_only_when_continuing_it_equals_a_fresh_run(tmp_path, arch, per_phase, epochs, kept):
+    extra = {"images_per_phase": per_phase} if arch == "pggan" else {}
+    T._prepare_out(tmp_path / "out", options(arch, epochs=2, **extra), print)
+    (tmp_path / "out" / "F_a").mkdir()  # a model trained before
+    new = options(arch, epochs=epochs, **extra)
+    T._prepare_out(tmp_path / "out", new, print)
+    assert (tmp_path / "out" / "F_a").exists() == kept
+    assert json.loads((tmp_path / "out" / "options.json").read_text()) == new.to_json()

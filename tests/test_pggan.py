@@ -82,6 +82,14 @@ def test_discriminator_fade_in(depth):
         D(x, y, depth - 1, 1.0)
 
 
+def test_fade_mixes_dtypes_and_is_exact_at_the_ends():
+    """Under CUDA bf16 autocast a fade-in's two paths came out fp32 and bf16, and lerp refused the mix."""
+    old, new = torch.rand(2, 1, 8, 8), torch.rand(2, 1, 8, 8).bfloat16()
+    assert pggan.fade(old, new, 0.5).dtype == torch.bfloat16
+    assert torch.equal(pggan.fade(old, new, 1.0), new)
+    assert torch.equal(pggan.fade(old, new, 0.0), old.bfloat16())
+
+
 def test_fade_reals():
     x = torch.randn(2, 1, 32, 32)
     at16 = F.avg_pool2d(x, 2)

@@ -124,7 +124,7 @@ class Generator(nn.Module):
         if alpha >= 1.0:
             return new
         old = F.interpolate(self.to_rgb[depth - 1](x), scale_factor=2, mode="nearest")
-        return torch.lerp(old, new, float(alpha))  # lerp returns its ends exactly at weight 0 and 1
+        return fade(old, new, alpha)
 
 
 class Discriminator(nn.Module):
@@ -162,7 +162,7 @@ class Discriminator(nn.Module):
         if depth > 0:
             h = self.block(depth, h)
             if alpha < 1.0:
-                h = torch.lerp(_act(self.from_rgb[depth - 1](F.avg_pool2d(x, 2))), h, float(alpha))
+                h = fade(_act(self.from_rgb[depth - 1](F.avg_pool2d(x, 2))), h, alpha)
             for d in range(depth - 1, 0, -1):
                 h = self.block(d, h)
         h = _act(self.conv4(minibatch_stddev(h, self.mbstd_group)))
@@ -174,6 +174,12 @@ class Discriminator(nn.Module):
             # projection scaled like an equalised linear layer of fan-in nf[0]
             score = score + (self.embed(labels) * h).sum(1) / math.sqrt(h.shape[1])
         return score
+
+
+def fade(old: torch.Tensor, new: torch.Tensor, alpha: float) -> torch.Tensor:
+    """lerp(old, new, alpha), exact at alpha 0 and 1, in new's dtype: under CUDA bf16 autocast the two paths of
+    a fade-in can come out in different dtypes (fp32 upsampling vs a bf16 conv), which lerp refuses."""
+    return torch.lerp(old.to(new.dtype), new, float(alpha))
 
 
 def _check_depth(depth: int, max_depth: int) -> int:
@@ -191,7 +197,7 @@ def fade_reals(images: torch.Tensor, depth: int, alpha: float) -> torch.Tensor:
     x = F.avg_pool2d(images, images.shape[-1] // side) if images.shape[-1] != side else images
     if depth == 0 or alpha >= 1.0:
         return x
-    return torch.lerp(F.interpolate(F.avg_pool2d(x, 2), scale_factor=2, mode="nearest"), x, float(alpha))
+    return fade(F.interpolate(F.avg_pool2d(x, 2), scale_factor=2, mode="nearest"), x, alpha)
 
 
 def d_loss(D: Discriminator, real: torch.Tensor, fake: torch.Tensor, labels: torch.Tensor | None = None,

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+from biomedsynth.distributed import average_gradients, dist_info, pick_device
 from biomedsynth.gan import dcgan, pggan, score
 from biomedsynth.store import ImageSet, atomic_write_text, write_json
 
@@ -104,42 +105,6 @@ class Options:
     @classmethod
     def from_json(cls, d: dict) -> Options:
         return cls(**{**d, "labels": tuple(d["labels"]), "betas": tuple(d["betas"])})
-
-
-# ---- distributed (torchrun) ----
-
-def dist_info() -> tuple[int, int]:
-    """(rank, world size), initialising the process group when torchrun started several processes."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return (dist.get_rank(), world) if world > 1 else (0, 1)
-
-
-def pick_device(rank: int = 0) -> torch.device:
-    """BIOMEDSYNTH_DEVICE when set, else cuda (this rank's local GPU) when present, else cpu."""
-    if name := os.environ.get("BIOMEDSYNTH_DEVICE"):
-        return torch.device(name)
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", rank))
-        torch.cuda.set_device(local)
-        return torch.device("cuda", local)
-    return torch.device("cpu")
-
-
-def average_gradients(module: torch.nn.Module, world: int) -> None:
-    """Average gradients over ranks with one all_reduce (what DDP does), done by hand because the
-    WGAN-GP penalty's double backward and PGGAN's depth-dependent unused layers defeat DDP's hooks."""
-    if world == 1:
-        return
-    # layers a PGGAN does not use yet have no gradient on any rank (all ranks share the depth); they
-    # stay None so Adam skips them exactly as in a single process
-    params = [p for p in module.parameters() if p.grad is not None]
-    flat = torch.cat([p.grad.flatten() for p in params])
-    dist.all_reduce(flat)
-    flat /= world
-    for p, chunk in zip(params, flat.split([p.numel() for p in params])):
-        p.grad.copy_(chunk.view_as(p))
 
 
 # ---- models ----
@@ -406,11 +371,17 @@ def model_data(meta, opt: Options) -> list[ModelData]:
 
 
 def _prepare_out(out: Path, opt: Options, log) -> None:
-    """Keep a previous run's folder only when it was made with the same options (epochs may grow)."""
+    """Keep a previous run's folder only when it was made with the same options. More epochs continue it
+    where the schedule does not depend on the total: always for DCGAN, for PGGAN only with a fixed
+    images_per_phase (else the growth phases stretch, and a continued run would differ from a fresh one)."""
     opts_path = out / "options.json"
     if opts_path.is_file():
         old = json.loads(opts_path.read_text())
-        if {**old, "epochs": opt.epochs} == opt.to_json() and old["epochs"] <= opt.epochs:
+        fixed_schedule = opt.arch == "dcgan" or opt.images_per_phase is not None
+        if old == opt.to_json():
+            return
+        if fixed_schedule and {**old, "epochs": opt.epochs} == opt.to_json() and old["epochs"] < opt.epochs:
+            write_json(opts_path, opt.to_json())
             return
         log(f"{out}: options changed since the last run; starting over")
     shutil.rmtree(out, ignore_errors=True)
@@ -456,9 +427,10 @@ def train_gan(opt: Options, train_set: Path, out: Path, metrics_path: Path, scor
             write_curves(results, scores_path, losses_path)
             tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
             tracker.log_artifact(scores_path)
-            for name in results:
-                last = out / name / "grids" / f"{opt.epochs:03d}.png"
-                tracker.log_artifact(last)
+            for name, rows in results.items():
+                tracker.log_artifact(out / name / "grids" / f"{opt.epochs:03d}.png")
+                # the model: the generator of the epoch `synthesize.checkpoint: best` samples from
+                tracker.log_artifact(out / name / "epochs" / f"{best_epoch(rows):03d}.pt", f"model/{name}")
     if world > 1:
         dist.barrier()
     return summarise(results, opt) if rank == 0 else {}

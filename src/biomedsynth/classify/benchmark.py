@@ -8,12 +8,16 @@ all seeds (training randomness), so both kinds of uncertainty are shown.
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
+import joblib
 import numpy as np
+import torch.distributed as dist
 from sklearn.metrics import roc_curve
 
 from biomedsynth.classify import classic, metrics
+from biomedsynth.distributed import dist_info
 from biomedsynth.classify.lbp import read_features
 from biomedsynth.params import Classify
 from biomedsynth.store import ImageSet, atomic_write_text, write_json
@@ -24,8 +28,9 @@ TRAIN_SETS = ("real", "synthetic")
 
 
 def _fit_predict(model: str, task_dir: Path, features_dir: Path, train: str, cfg: Classify, seed: int,
-                 out: Path, log) -> tuple[np.ndarray, np.ndarray, dict]:
-    """(test predictions, test scores of class 1, details) of `model` trained on the task's `train` set."""
+                 out: Path, log) -> tuple[np.ndarray, np.ndarray, dict] | None:
+    """(test predictions, test scores of class 1, details) of `model` trained on the task's `train` set;
+    None on a torchrun rank other than 0."""
     train_meta, test_meta = ImageSet(task_dir / train).meta, ImageSet(task_dir / "test").meta
     y = train_meta["y"].astype(int).to_numpy()
     groups = None if train == "synthetic" else train_meta["group"].to_numpy()  # CV / validation by patient
@@ -36,6 +41,8 @@ def _fit_predict(model: str, task_dir: Path, features_dir: Path, train: str, cfg
         net, history = train_vgg(task_dir / train, y, groups=groups, input_size=v.input_side, epochs=v.epochs,
                                  batch_size=v.batch_size, lr=v.lr, val_fraction=v.val_fraction, seed=seed,
                                  weights=v.weights, checkpoint=out / f"{train}-seed{seed}.pt", log=log)
+        if not history:  # a torchrun rank > 0: it helped train; rank 0 scores
+            return None
         scores = predict_scores(net, task_dir / "test", v.input_side)
         best = min(history, key=lambda r: r["val_loss"])
         return (scores >= 0.5).astype(int), scores, {"best_epoch": best["epoch"], "val_loss": best["val_loss"],
@@ -50,8 +57,10 @@ def _fit_predict(model: str, task_dir: Path, features_dir: Path, train: str, cfg
             log(f"{train}: a class has {fewest} patients/slides, so CV uses {folds} folds"
                 + ("" if groups is not None else " without grouping"))
     fits = classic.fit_all_variants(model, train_feats, y, test_feats, getattr(cfg, model), folds=folds,
-                                    seed=seed, groups=groups)
+                                    seed=seed, groups=groups, n_jobs=-1)  # all cores; same result as one
     best = fits["variants"][fits["best_variant"]]
+    joblib.dump({"estimator": best["estimator"], "lbp_variant": fits["best_variant"], "classes": [0, 1]},
+                out / f"{train}-seed{seed}.joblib")
     y_test = test_meta["y"].astype(int).to_numpy()
     details = {"best_variant": fits["best_variant"], "cv_folds": folds, "cv_grouped": groups is not None,
                "variants": {name: {"cv_accuracy": round(v["cv_score"], 4), "best_params": v["best_params"],
@@ -72,20 +81,33 @@ def _write_plots(plots: Path, train: str, y_test: np.ndarray, pred: np.ndarray, 
 def classify(task: str, model: str, cfg: Classify, task_dir: Path, features_dir: Path, models_out: Path,
              metrics_path: Path, plots_dir: Path, tracker=None, log=print) -> dict:
     """Train `model` on the real and the synthetic set of `task` for every seed; test on the real test set.
-    VGG16 keeps its best-validation-loss checkpoints in models_out; the LBP models refit in seconds."""
+    models_out/<train>-seed<N>.{pt,joblib} keeps each trained model: VGG16's best-validation-loss state,
+    an LBP model's fitted estimator of the variant chosen by CV."""
     if model not in MODELS:
         raise ValueError(f"model must be one of {', '.join(MODELS)}, got {model!r}")
-    models_out.mkdir(parents=True, exist_ok=True)
+    rank, world = dist_info()
+    if rank > 0 and model != "vgg16":  # the LBP models run in one process: rank 0's
+        return {}
+    if rank == 0:
+        shutil.rmtree(models_out, ignore_errors=True)  # no model of an earlier seed list survives
+        models_out.mkdir(parents=True)
+    if world > 1:  # the others wait until rank 0 has emptied models_out
+        dist.barrier()
     y_test = ImageSet(task_dir / "test").meta["y"].astype(int).to_numpy()
     runs = {train: [] for train in TRAIN_SETS}
     for seed in cfg.seeds:
         for train in TRAIN_SETS:
-            pred, score, details = _fit_predict(model, task_dir, features_dir, train, cfg, seed, models_out, log)
+            fitted = _fit_predict(model, task_dir, features_dir, train, cfg, seed, models_out, log)
+            if fitted is None:
+                continue
+            pred, score, details = fitted
             runs[train].append((pred, score, details))
             acc = float(np.mean(pred == y_test))
             log(f"{task} {model} seed {seed} trained on {train}: test accuracy {acc:.3f}")
             if tracker is not None:
                 tracker.log_metrics({f"{train}.accuracy": acc}, step=seed)
+    if rank > 0:
+        return {}
     first = {train: runs[train][0] for train in TRAIN_SETS}
     result = {}
     for train, (pred, score, details) in first.items():
@@ -102,4 +124,5 @@ def classify(task: str, model: str, cfg: Classify, task_dir: Path, features_dir:
         tracker.log_metrics({f"{k}.{m}": result[k][m]["value"] for k in (*TRAIN_SETS, "drop")
                              for m in ("accuracy", "balanced_accuracy", "auc")})
         tracker.log_artifacts(plots_dir, "plots")
+        tracker.log_artifacts(models_out, "model")
     return result

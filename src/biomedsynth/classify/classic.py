@@ -108,13 +108,14 @@ def score_of(estimator: BaseEstimator, X) -> np.ndarray:
 def fit_all_variants(model: str, features_train: dict, y_train, features_test: dict, grid: dict, *,
                      folds: int = 5, seed: int = 0, n_jobs: int = 1, groups=None) -> dict:
     """fit_classic on every LBP variant (same folds for all), then predict the test set. Returns
-    {"best_variant": name, "variants": {name: {"best_params", "cv_score", "cv_std", "pred", "score"}}}."""
+    {"best_variant": name, "variants": {name: {"best_params", "cv_score", "cv_std", "pred", "score",
+    "estimator"}}}."""
     if not features_train or set(features_train) != set(features_test):
         raise ValueError(f"train and test feature variants differ: {sorted(features_train)} vs {sorted(features_test)}")
     variants = {}
     for name, X in features_train.items():
         estimator, info = fit_classic(model, X, y_train, grid, folds=folds, seed=seed, n_jobs=n_jobs, groups=groups)
-        variants[name] = {**info, "pred": estimator.predict(features_test[name]),
+        variants[name] = {**info, "estimator": estimator, "pred": estimator.predict(features_test[name]),
                           "score": score_of(estimator, features_test[name])}
     # The best variant is the one with the best CV score on the training set, never the best test score:
     # choosing by test accuracy would make the reported test accuracy optimistic. All variants are reported.

@@ -19,9 +19,10 @@ import torch.nn.functional as F
 import torchvision
 from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from biomedsynth.gan.train import pick_device
+from biomedsynth.distributed import dist_info, pick_device
 from biomedsynth.store import ImageSet
 
 MIN_INPUT = 32  # VGG16's five 2x poolings need at least 32 px to leave a 1x1 map
@@ -149,8 +150,10 @@ def train_vgg(train_set: Path | ImageSet, labels: np.ndarray, *, groups: np.ndar
     """Train VGG16 on a stored set with 0/1 `labels`; returns (the model of the best-validation-loss epoch,
     one history row per epoch: epoch, train_loss, val_loss, val_acc, seconds, images_per_s).
 
-    The input channels are the set's. `checkpoint`: the best state is also written there atomically
-    ({"state_dict", "epoch", "val_loss", "channels", "input_size"}) each time it improves.
+    Under torchrun each rank trains on its share of every epoch (DistributedDataParallel); rank 0 validates,
+    restores the best state and writes the checkpoint, the other ranks return an empty history.
+    The input channels are the set's. `checkpoint`: the returned state is written there atomically at the end
+    ({"state_dict", "epoch", "val_loss", "channels", "input_size"}).
     """
     images = train_set if isinstance(train_set, ImageSet) else ImageSet(train_set)
     labels = np.asarray(labels)
@@ -163,39 +166,48 @@ def train_vgg(train_set: Path | ImageSet, labels: np.ndarray, *, groups: np.ndar
         raise ValueError(f"input_size must be at least {MIN_INPUT} px for VGG16, got {input_size}")
     train_idx, val_idx = split_validation(labels, groups, val_fraction, seed)
 
-    torch.manual_seed(seed)
-    device = pick_device()
+    rank, world = dist_info()
+    torch.manual_seed(seed)  # every rank builds the same initial weights
+    device = pick_device(rank)
     amp, fmt = _precision(device)
     model = build_vgg(images.shape[2], weights).to(device, memory_format=fmt)
+    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world > 1 else model
     opt = make_optimizer(model, lr)
     y_all = torch.from_numpy(labels.astype(np.int64))
     y_val = y_all[val_idx]
-    history, best, best_loss = [], None, float("inf")
+    history, best, best_loss, best_epoch = [], None, float("inf"), epochs
     for epoch in range(1, epochs + 1):
         model.train()
         order = np.random.default_rng((seed, epoch)).permutation(train_idx)
+        # each rank takes every world-th image (padded by wrapping, as torch's DistributedSampler does), so all
+        # ranks step equally often; `batch_size` is per process
+        mine = np.resize(order, -(-len(order) // world) * world)[rank::world]
         total, t0 = 0.0, time.perf_counter()
-        for s in tqdm(range(0, len(order), batch_size), desc=f"vgg16 epoch {epoch}", unit="batch",
-                      leave=False, disable=None):  # None: shown on a terminal only
-            idx = np.sort(order[s:s + batch_size])  # sorted reads are kinder to memory-maps
+        for s in tqdm(range(0, len(mine), batch_size), desc=f"vgg16 epoch {epoch}", unit="batch",
+                      leave=False, disable=None if rank == 0 else True):  # None: shown on a terminal only
+            idx = np.sort(mine[s:s + batch_size])  # sorted reads are kinder to memory-maps
             x = _device_batch(images, idx, input_size, device, fmt)
-            loss = train_step(model, opt, x, y_all[idx].to(device), amp)
+            loss = train_step(net, opt, x, y_all[idx].to(device), amp)
             total += loss.item() * len(idx)
         seconds = time.perf_counter() - t0
+        if rank > 0:  # rank 0 alone validates, keeps the best state and writes; the others only train
+            continue
         logits = _logits(model, images, val_idx, input_size, batch_size)
         val_loss = F.cross_entropy(logits, y_val).item()
-        row = {"epoch": epoch, "train_loss": total / len(train_idx), "val_loss": val_loss,
+        row = {"epoch": epoch, "train_loss": total / len(mine), "val_loss": val_loss,
                "val_acc": (logits.argmax(1) == y_val).float().mean().item(), "seconds": round(seconds, 2),
                "images_per_s": round(len(train_idx) / seconds, 1)}
         history.append(row)
         improved = val_loss < best_loss
         if improved:
-            best_loss, best = val_loss, {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-            if checkpoint is not None:
-                _atomic_save({"state_dict": best, "epoch": epoch, "val_loss": val_loss,
-                              "channels": images.shape[2], "input_size": input_size}, Path(checkpoint))
+            best_loss, best_epoch = val_loss, epoch
+            best = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         log(f"vgg16 epoch {epoch}/{epochs}: train loss {row['train_loss']:.4f}, val loss {val_loss:.4f}"
             f"{' (best)' if improved else ''}, val acc {row['val_acc']:.3f}, {row['images_per_s']} img/s")
     if best is not None:  # a NaN validation loss never improves: keep the last state then
         model.load_state_dict(best)
+    if checkpoint is not None and rank == 0:  # written once: VGG16 is 0.5 GB whatever the input size
+        _atomic_save({"state_dict": best or model.state_dict(), "epoch": best_epoch,
+                      "val_loss": best_loss, "channels": images.shape[2], "input_size": input_size}, Path(checkpoint))
     return model, history

@@ -1,0 +1,97 @@
+"""The classify stage's function end to end on a tiny task: what it writes and that the saved models are the
+ones that were scored."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import joblib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from biomedsynth.classify.benchmark import classify
+from biomedsynth.classify.lbp import read_features, write_features
+from biomedsynth.params import load_params
+from biomedsynth.store import ImageSetWriter
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHONPATH = os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])  # child processes
+
+
+def _texture(rng, label: int, side: int = 16) -> np.ndarray:
+    """Class 0 stripes, class 1 a 2 px checkerboard, with noise: an easy problem for rotation-invariant LBP."""
+    r, c = np.indices((side, side))
+    img = (r % 3 == 0) if label == 0 else ((r // 2 + c // 2) % 2 == 0)
+    return np.clip(200 * img + rng.normal(0, 25, img.shape) + 20, 0, 255).astype(np.uint8)[..., None]
+
+
+def _task(tasks: Path, features: Path, rng) -> tuple[Path, Path]:
+    """real (grouped by 12 patients), synthetic (no patients), test: 24 images each, balanced."""
+    for name in ("real", "synthetic", "test"):
+        with ImageSetWriter(tasks / name, (16, 16, 1)) as w:
+            for i in range(24):
+                w.add(_texture(rng, i % 2), image_id=f"{name}{i}", y=i % 2, group=f"p{i % 12}")
+        write_features(tasks / name, features / name, radii=[1, 2])
+    return tasks, features
+
+
+@pytest.fixture
+def cfg():
+    c = load_params(ROOT / "params.yaml").classify
+    return c.model_copy(update={"seeds": [0, 1], "bootstrap": 200, "cv_folds": 2, "knn": {"n_neighbors": [1, 3]},
+                                "rf": {"n_estimators": [20], "max_depth": [None, 4]}})
+
+
+@pytest.mark.parametrize("model", ["knn", "rf"])
+def test_lbp_model_is_saved_and_reproduces_the_scored_predictions(tmp_path, cfg, model):
+    tasks, feats = _task(tmp_path / "tasks", tmp_path / "features", np.random.default_rng(0))
+    out = tmp_path / "models"
+    (out / "stale").mkdir(parents=True)  # left by an earlier run: must not survive
+    r = classify("t", model, cfg, tasks, feats, out, tmp_path / "m.json", tmp_path / "plots", log=lambda _: None)
+    assert sorted(p.name for p in out.iterdir()) == [f"{t}-seed{s}.joblib" for t in ("real", "synthetic")
+                                                     for s in (0, 1)]
+    assert json.loads((tmp_path / "m.json").read_text())["real"]["accuracy"]["value"] == r["real"]["accuracy"]["value"]
+    assert r["real"]["cv_grouped"] and not r["synthetic"]["cv_grouped"]
+    assert r["seeds"]["real"]["n_seeds"] == 2
+    saved = joblib.load(out / "real-seed0.joblib")
+    assert saved["lbp_variant"] == r["real"]["best_variant"]
+    _, test = read_features(feats / "test")
+    scored = pd.read_csv(tmp_path / "plots" / "confusion-real.csv")["predicted"].to_numpy()
+    np.testing.assert_array_equal(saved["estimator"].predict(test[saved["lbp_variant"]]), scored)
+    assert r["real"]["accuracy"]["value"] > 0.9  # an easy problem: a broken pipeline would sit near 0.5
+
+
+def test_vgg16_checkpoints_are_the_models_output(tmp_path, cfg, monkeypatch):
+    monkeypatch.setenv("BIOMEDSYNTH_DEVICE", "cpu")
+    tasks, feats = _task(tmp_path / "tasks", tmp_path / "features", np.random.default_rng(1))
+    cfg = cfg.model_copy(update={"seeds": [0], "vgg16": cfg.vgg16.model_copy(
+        update={"input_side": 32, "epochs": 1, "batch_size": 8, "val_fraction": 0.25})})
+    out = tmp_path / "models"
+    r = classify("t", "vgg16", cfg, tasks, feats, out, tmp_path / "m.json", tmp_path / "plots", log=lambda _: None)
+    assert sorted(p.name for p in out.iterdir()) == ["real-seed0.pt", "synthetic-seed0.pt"]
+    ck = torch.load(out / "real-seed0.pt", weights_only=False)
+    assert ck["channels"] == 1 and ck["input_size"] == 32 and r["real"]["best_epoch"] == 1
+
+
+def test_torchrun_two_cpu_processes_train_vgg16_with_rank_0_writing(tmp_path):
+    """`launcher: torchrun ... --no-python biomedsynth`: 2 gloo ranks share VGG16's batches; rank 0 alone
+    validates, writes the checkpoints and the metrics, and logs."""
+    _task(tmp_path / "data/tasks/xray_sex", tmp_path / "data/features/xray_sex", np.random.default_rng(2))
+    cli = [sys.executable, "-c", "from biomedsynth.cli import app; app()"]
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    subprocess.run(cli + ["profile", "smoke"], cwd=tmp_path, check=True, capture_output=True)
+    env = {**os.environ, "BIOMEDSYNTH_MLFLOW": "0", "OMP_NUM_THREADS": "1", "PYTHONPATH": PYTHONPATH,
+           "BIOMEDSYNTH_DEVICE": "cpu"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--no-python",
+                          *cli, "classify", "xray_sex", "vgg16"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.count("vgg16 epoch 1/1") == 2  # real and synthetic, logged by rank 0 only
+    assert run.stdout.count("classify@xray_sex-vgg16:") == 1
+    out = tmp_path / "models/classify/xray_sex/vgg16"
+    assert sorted(p.name for p in out.iterdir()) == ["real-seed0.pt", "synthetic-seed0.pt"]
+    r = json.loads((tmp_path / "metrics/xray_sex/vgg16.json").read_text())
+    assert r["test_images"] == 24 and 0 <= r["real"]["accuracy"]["value"] <= 1

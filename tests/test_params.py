@@ -1,3 +1,4 @@
+import os
 import shutil
 from pathlib import Path
 
@@ -6,7 +7,7 @@ import yaml
 from typer.testing import CliRunner
 
 from biomedsynth.cli import app
-from biomedsynth.params import DVC_IGNORED_KEYS, PROFILES_DIR, ParamsError, apply_profile, load_params
+from biomedsynth.params import DVC_IGNORED_KEYS, PROFILES_DIR, ParamsError, apply_profile, load_params, set_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,3 +78,39 @@ def test_profile_switch_keeps_comments_and_reports_changes(tmp_path):
     assert yaml.safe_load(path.read_text()) == yaml.safe_load((ROOT / "params.yaml").read_text())
     with pytest.raises(ParamsError, match="does not exist"):
         apply_profile("huge", path)
+
+
+def test_set_writes_values_as_yaml_keeps_comments_and_checks(tmp_path):
+    path = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", path)
+    before = path.read_text()
+    assert set_params(["sources.xray.format=manifest", "sources.xray.csv=data/raw/pacs/manifest.csv",
+                       "classify.seeds=[0, 1]", "classify.vgg16.weights=null"], path) == [
+        "sources.xray.format", "sources.xray.csv", "classify.seeds"]
+    p = load_params(path)
+    assert (p.sources.xray.format, str(p.sources.xray.csv), p.classify.seeds) == (
+        "manifest", "data/raw/pacs/manifest.csv", [0, 1])
+    changed = [line for line in path.read_text().splitlines() if line not in before.splitlines()]
+    assert len(changed) == 3 and "# repeat every classifier" in changed[-1]  # comments stay
+    assert "weights: null" in path.read_text()
+    for bad, message in [(["sources.xray.formt=nih"], "key 'sources.xray.formt' is not in"),
+                         (["sources.xray.format=dicom"], "sources.xray.format = 'dicom'"),
+                         (["seed"], "expected key=value")]:
+        with pytest.raises(ParamsError, match=message):
+            set_params(bad, path)
+    assert load_params(path).sources.xray.format == "manifest"  # a refused change writes nothing
+
+
+def test_device_knob_pins_the_device_unless_the_environment_says_otherwise(tmp_path, monkeypatch):
+    from biomedsynth import cli
+    from biomedsynth.distributed import pick_device
+
+    path = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", path)
+    set_params(["device=cpu"], path)
+    monkeypatch.delenv("BIOMEDSYNTH_DEVICE", raising=False)
+    cli._params(path)
+    assert os.environ["BIOMEDSYNTH_DEVICE"] == "cpu" and pick_device().type == "cpu"
+    monkeypatch.setenv("BIOMEDSYNTH_DEVICE", "cuda:3")
+    cli._params(path)
+    assert os.environ["BIOMEDSYNTH_DEVICE"] == "cuda:3"

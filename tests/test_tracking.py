@@ -180,3 +180,59 @@ def test_mlflow_is_imported_only_when_a_run_opens():
             "with tracking.run('s', {}, enabled=False) as r: r.log_metrics({'a': 1.0})\n"
             "assert 'mlflow' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A team's tracking server on 127.0.0.1 (its own sqlite store and artifact folder), stopped afterwards."""
+    import time
+    import urllib.request
+
+    port = _free_port()
+    exe = os.path.join(os.path.dirname(sys.executable), "mlflow")
+    proc = subprocess.Popen([exe, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                             "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
+                             "--artifacts-destination", str(tmp_path / "server-artifacts")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                if urllib.request.urlopen(url + "/health", timeout=2).status == 200:
+                    break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                pytest.fail(f"mlflow server did not start: {proc.stderr.read().decode()[-1500:]}")
+            time.sleep(0.5)
+        yield url, tmp_path / "server-artifacts"
+    finally:
+        os.killpg(proc.pid, 15)  # the server and its workers
+        proc.wait(timeout=30)
+    assert proc.poll() is not None
+
+
+def test_runs_go_to_a_team_server(root, mlflow_server, monkeypatch):
+    from mlflow import MlflowClient
+
+    url, store = mlflow_server
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-a")
+    (root / "vgg16.pt").write_bytes(b"weights")
+    with tracking.run("classify@xray_sex-vgg16", PARAMS) as r:
+        r.log_metrics({"real.accuracy": 0.8, "synthetic.accuracy": 0.7})
+        r.log_artifact(root / "vgg16.pt", "model")
+    got = MlflowClient(url).get_run(r.run_id)
+    assert got.info.status == "FINISHED" and got.data.metrics == {"real.accuracy": 0.8, "synthetic.accuracy": 0.7}
+    assert got.data.tags["dvc_exp_name"] == "exp-a" and got.data.params["gan.arch"] == "dcgan"
+    assert [f.read_bytes() for f in store.rglob("vgg16.pt")] == [b"weights"]  # uploaded to the server's store
+    assert not (root / "mlartifacts").exists() and not (root / "t.db").exists()  # nothing written locally

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from biomedsynth.params import ParamsError, apply_profile, load_params
+from biomedsynth.params import ParamsError, apply_profile, load_params, set_params
 from biomedsynth.sources import UnreadableInput
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -23,9 +23,12 @@ def _fail(code: int, msg: str):
 
 def _params(path: Path):
     try:
-        return load_params(path)
+        p = load_params(path)
     except ParamsError as e:
         _fail(2, str(e))
+    if p.device != "auto":  # the environment still wins: BIOMEDSYNTH_DEVICE=cpu for one command
+        os.environ.setdefault("BIOMEDSYNTH_DEVICE", p.device)
+    return p
 
 
 def _run(fn, *args, **kwargs):
@@ -77,6 +80,18 @@ def profile(name: str = typer.Argument(..., help="smoke | default | paper"), par
         _fail(2, str(e))
     typer.echo(f"{params}: profile {name}, {len(changed)} value(s) changed" +
                "".join(f"\n  {k}" for k in changed))
+
+
+@app.command("set")
+def set_cmd(assignments: list[str] = typer.Argument(..., help="key=value, e.g. sources.xray.format=manifest"),
+            params: Path = ParamsOpt):
+    """Set knobs in params.yaml (values read as YAML), keeping its comments; checked before it is written."""
+    _params(params)
+    try:
+        changed = set_params(assignments, params)
+    except ParamsError as e:
+        _fail(2, str(e))
+    typer.echo(f"{params}: {len(changed)} value(s) changed" + "".join(f"\n  {k}" for k in changed))
 
 
 @app.command()
@@ -215,6 +230,7 @@ def classify_cmd(task: str = TaskArg, model: str = typer.Argument(..., help="knn
     """classify@<task>-<model>: train on real and on synthetic, test on real; accuracy, AUC, drop with intervals."""
     from biomedsynth import tracking
     from biomedsynth.classify.benchmark import MODELS, classify
+    from biomedsynth.distributed import dist_info
 
     _check_task(task)
     if model not in MODELS:
@@ -225,9 +241,12 @@ def classify_cmd(task: str = TaskArg, model: str = typer.Argument(..., help="knn
                "classify": {k: v for k, v in cfg.model_dump(mode="json").items()
                             if k in ("seeds", "bootstrap", "cv_folds", model)}}
     out = Path("metrics") / task
-    with tracking.run(f"classify@{task}-{model}", tracked) as tracker:
+    rank, _ = dist_info()
+    with tracking.run(f"classify@{task}-{model}", tracked, enabled=rank == 0) as tracker:
         r = _run(classify, task, model, cfg, Path("data/tasks") / task, Path("data/features") / task,
                  Path("models/classify") / task / model, out / f"{model}.json", out / model, tracker)
+    if not r:  # a torchrun rank > 0
+        return
     typer.echo(f"classify@{task}-{model}: " + ", ".join(
         f"{k} {r[k]['accuracy']['value']:.3f} [{r[k]['accuracy']['low']:.3f}, {r[k]['accuracy']['high']:.3f}]"
         for k in ("real", "synthetic")) + f", drop {r['drop']['accuracy']['value']:+.1%}")
@@ -250,3 +269,18 @@ def report(params: Path = ParamsOpt):
     c = summary["claims"]
     typer.echo(f"report: reports/report.html; mean accuracy drop deep {c['deep_drop_mean']:.1%} vs LBP "
                f"{c['lbp_drop_mean']:.1%} (the study: {c['study_deep_drop_mean']:.1%} vs {c['study_lbp_drop_mean']:.1%})")
+
+
+@app.command()
+def review(base: str = typer.Option("origin/main", help="git revision the pull request is compared with"),
+           smoke_summary: Path = typer.Option(None, help="metrics/summary.json of a smoke run to include"),
+           out: Path = typer.Option(None, help="write here instead of stdout")):
+    """CI's pull-request review (Markdown): params and committed metrics against BASE, plus the smoke Table 3."""
+    from biomedsynth.review import review_markdown
+    from biomedsynth.store import atomic_write_text
+
+    text = _run(review_markdown, base, smoke_summary)
+    if out:
+        atomic_write_text(out, text)
+    else:
+        typer.echo(text, nl=False)

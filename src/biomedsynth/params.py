@@ -278,9 +278,15 @@ class Classify(Strict):
     vgg16: Vgg16
 
 
+# `biomedsynth`, or torchrun running it directly: `torchrun --nproc-per-node 4 --no-python biomedsynth`
+LAUNCHER = r"^(biomedsynth|(torchrun|python3? -m torch\.distributed\.run)( \S+)* --no-python biomedsynth)$"
+
+
 class Params(Strict):
     profile: Literal["smoke", "default", "paper"]
     seed: NonNegInt
+    launcher: Annotated[str, Field(pattern=LAUNCHER)]
+    device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")]
     sample: Sample
     sources: Sources
     ingest: Ingest
@@ -344,18 +350,38 @@ def apply_profile(name: str, params_path: Path | str = "params.yaml", profiles_d
     if not overlay_path.is_file():
         known = sorted(p.stem for p in Path(profiles_dir).glob("*.yaml"))
         raise ParamsError(f"profile '{name}' does not exist (known: {', '.join(known)})")
+    return _overlay(yaml.safe_load(overlay_path.read_text()), Path(params_path), str(overlay_path))
+
+
+def set_params(assignments: list[str], params_path: Path | str = "params.yaml") -> list[str]:
+    """Set dotted keys from `key=value` strings (values read as YAML: 2, null, [1, 2], text), keeping
+    comments and order; the same checks as a profile. Returns the keys whose values changed."""
+    overlay: dict = {}
+    for item in assignments:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ParamsError(f"'{item}': expected key=value, e.g. sources.xray.format=manifest")
+        *parents, leaf = key.split(".")
+        node = overlay
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(text) if text else ""
+    return _overlay(overlay, Path(params_path), "set")
+
+
+def _overlay(overlay: dict, params_path: Path, source: str) -> list[str]:
+    """Write `overlay`'s values into params_path, keeping comments and order, after validating the result."""
     rt = YAML()
     rt.preserve_quotes = True
-    params_path = Path(params_path)
+    rt.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
     doc = rt.load(params_path.read_text())
-    overlay = yaml.safe_load(overlay_path.read_text())
     changed: list[str] = []
 
     def merge(node, over, prefix):
         for key, value in over.items():
             dotted = f"{prefix}{key}"
-            if key not in node:
-                raise ParamsError(f"{overlay_path}: key '{dotted}' is not in {params_path}")
+            if not hasattr(node, "keys") or key not in node:
+                raise ParamsError(f"{source}: key '{dotted}' is not in {params_path}")
             if isinstance(value, dict):
                 merge(node[key], value, dotted + ".")
             elif node[key] != value:
@@ -371,6 +397,6 @@ def apply_profile(name: str, params_path: Path | str = "params.yaml", profiles_d
     try:
         Params.model_validate(yaml.safe_load(buf.getvalue()))
     except ValidationError as e:
-        raise ParamsError(_one_line(overlay_path, e, yaml.safe_load(buf.getvalue()))) from None
+        raise ParamsError(_one_line(Path(source), e, yaml.safe_load(buf.getvalue()))) from None
     atomic_write_text(params_path, buf.getvalue())
     return changed

@@ -306,6 +306,11 @@ def _html(blocks: list) -> str:
             f"<style>{CSS}</style></head><body>\n" + "\n".join(out) + "\n</body></html>\n")
 
 
+def table3_markdown(summary: dict) -> str:
+    """Table 3 beside the study's and the verdict on its claim, as Markdown (the report's first section)."""
+    return _markdown([*_table3(summary), *_claim(summary["claims"])])
+
+
 def write_report(metrics_dir: Path, models_dir: Path, groups_dir: Path, synthetic_dir: Path, gan_names: list[str],
                  out_dir: Path, *, samples: int = 8, seed: int = 0) -> None:
     """Write out_dir/report.md with its PNGs under out_dir/figures/, and a self-contained out_dir/report.html.

@@ -73,25 +73,24 @@ def sample(params: Path = ParamsOpt, out: Path = typer.Option(Path("data/raw"), 
 @app.command()
 def profile(name: str = typer.Argument(..., help="smoke | default | paper"), params: Path = ParamsOpt):
     """Switch params.yaml to a size profile (keeps comments; `dvc params diff` shows the change)."""
+    _change_params(params, f"profile {name}, ", lambda: apply_profile(name, params))
+
+
+def _change_params(params: Path, what: str, change) -> None:
+    """Run `change` (it returns the dotted keys it changed) on a valid params file; list them, or fail in one line."""
     _params(params)
     try:
-        changed = apply_profile(name, params)
+        changed = change()
     except ParamsError as e:
         _fail(2, str(e))
-    typer.echo(f"{params}: profile {name}, {len(changed)} value(s) changed" +
-               "".join(f"\n  {k}" for k in changed))
+    typer.echo(f"{params}: {what}{len(changed)} value(s) changed" + "".join(f"\n  {k}" for k in changed))
 
 
 @app.command("set")
 def set_cmd(assignments: list[str] = typer.Argument(..., help="key=value, e.g. sources.xray.format=manifest"),
             params: Path = ParamsOpt):
     """Set knobs in params.yaml (values read as YAML), keeping its comments; checked before it is written."""
-    _params(params)
-    try:
-        changed = set_params(assignments, params)
-    except ParamsError as e:
-        _fail(2, str(e))
-    typer.echo(f"{params}: {len(changed)} value(s) changed" + "".join(f"\n  {k}" for k in changed))
+    _change_params(params, "", lambda: set_params(assignments, params))
 
 
 @app.command()

@@ -21,7 +21,7 @@ def images_per_s(res: int, channels: int, batch: int, steps: int, device: torch.
     """(images/s, peak GPU MiB or nan) of `steps` timed training steps after one warm-up step."""
     torch.manual_seed(0)
     fmt = torch.channels_last if bf16 else torch.contiguous_format
-    model = build_vgg(channels).to(device, memory_format=fmt)
+    model = build_vgg(channels, input_size=res).to(device, memory_format=fmt)
     opt = make_optimizer(model, 1e-4)
     x = torch.rand(batch, channels, res, res, device=device).mul(2).sub(1).contiguous(memory_format=fmt)
     y = torch.randint(0, 2, (batch,), device=device)

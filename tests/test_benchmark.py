@@ -28,12 +28,13 @@ def _texture(rng, label: int, side: int = 16) -> np.ndarray:
     return np.clip(200 * img + rng.normal(0, 25, img.shape) + 20, 0, 255).astype(np.uint8)[..., None]
 
 
-def _task(tasks: Path, features: Path, rng) -> tuple[Path, Path]:
-    """real (grouped by 12 patients), synthetic (no patients), test: 24 images each, balanced."""
-    for name in ("real", "synthetic", "test"):
+def _task(tasks: Path, features: Path, rng, sets=("real", "synthetic", "test")) -> tuple[Path, Path]:
+    """The named sets, 24 balanced images each; real and test grouped by 12 patients, synthetic images their own."""
+    for name in sets:
         with ImageSetWriter(tasks / name, (16, 16, 1)) as w:
             for i in range(24):
-                w.add(_texture(rng, i % 2), image_id=f"{name}{i}", y=i % 2, group=f"p{i % 12}")
+                group = f"{name}:{i}" if name.startswith("synthetic") else f"p{i % 12}"
+                w.add(_texture(rng, i % 2), image_id=f"{name}{i}", y=i % 2, group=group)
         write_features(tasks / name, features / name, radii=[1, 2])
     return tasks, features
 
@@ -47,15 +48,23 @@ def cfg():
 
 @pytest.mark.parametrize("model", ["knn", "rf"])
 def test_lbp_model_is_saved_and_reproduces_the_scored_predictions(tmp_path, cfg, model):
-    tasks, feats = _task(tmp_path / "tasks", tmp_path / "features", np.random.default_rng(0))
+    sets = ("real", "synthetic", "synthetic_d1", "real_synthetic", "test")
+    tasks, feats = _task(tmp_path / "tasks", tmp_path / "features", np.random.default_rng(0), sets)
     out = tmp_path / "models"
     (out / "stale").mkdir(parents=True)  # left by an earlier run: must not survive
     r = classify("t", model, cfg, tasks, feats, out, tmp_path / "m.json", tmp_path / "plots", log=lambda _: None)
-    assert sorted(p.name for p in out.iterdir()) == [f"{t}-seed{s}.joblib" for t in ("real", "synthetic")
-                                                     for s in (0, 1)]
+    # every arm at both seeds; the second synthetic draw at the first seed only
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [f"{t}-seed{s}.joblib" for t in ("real", "synthetic", "real_synthetic") for s in (0, 1)]
+        + ["synthetic_d1-seed0.joblib"])
     assert json.loads((tmp_path / "m.json").read_text())["real"]["accuracy"]["value"] == r["real"]["accuracy"]["value"]
-    assert r["real"]["cv_grouped"] and not r["synthetic"]["cv_grouped"]
-    assert r["seeds"]["real"]["n_seeds"] == 2
+    assert r["real"]["cv_grouped"]
+    assert r["spread"]["seeds"]["real"]["n"] == 2 and r["spread"]["draws"]["n"] == 2
+    assert r["synthetic"]["draws"] == 2 and r["bootstrap"]["unit"] == "patient"
+    assert r["test_clusters"] == {"0": 6, "1": 6}  # p0..p11: even ids hold class 0
+    assert not r["real"]["degenerate"] and set(r["drop"]) == {"relative", "chance_normalised"}
+    p = pd.read_csv(tmp_path / "plots" / "predictions.csv")
+    assert len(p) == 24 * 7 and set(p["arm"]) == {"real", "synthetic", "real_synthetic"}
     saved = joblib.load(out / "real-seed0.joblib")
     assert saved["lbp_variant"] == r["real"]["best_variant"]
     _, test = read_features(feats / "test")

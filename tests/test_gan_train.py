@@ -15,6 +15,7 @@ import torch
 
 from biomedsynth.gan import score
 from biomedsynth.gan import train as T
+from biomedsynth.gan.feature_net import fingerprint
 from biomedsynth.store import ImageSet, ImageSetWriter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,9 +23,9 @@ PYTHONPATH = os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", ""
 CLI = [sys.executable, "-c", "from biomedsynth.cli import app; app()"]
 
 
-def tiny_group(path: Path, n: int = 32, side: int = 32, channels: int = 1, labels=("F_a", "M_a")) -> ImageSet:
-    """A disc whose brightness depends on the label, plus noise."""
-    rng = np.random.default_rng(0)
+def tiny_group(path: Path, n: int = 32, side: int = 32, channels: int = 1, labels=("F_a", "M_a"), seed: int = 0) -> ImageSet:
+    """A disc whose brightness depends on the label, plus noise; patients `<seed>-<i>`."""
+    rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:side, :side]
     disc = ((yy - side / 2) ** 2 + (xx - side / 2) ** 2 < (side / 3) ** 2)
     with ImageSetWriter(path, (side, side, channels)) as w:
@@ -32,8 +33,21 @@ def tiny_group(path: Path, n: int = 32, side: int = 32, channels: int = 1, label
             label = labels[i % len(labels)]
             img = 40 + 120 * disc * (1 + labels.index(label)) / len(labels) + rng.normal(0, 10, (side, side))
             w.add(np.repeat(np.clip(img, 0, 255).astype(np.uint8)[..., None], channels, 2), label=label,
-                  patient_id=str(i))
+                  patient_id=f"{seed}-{i}")
     return ImageSet(path)
+
+
+def tiny_study(root: Path, group: str = "x_norm", n: int = 32, modality: str = "xray") -> tuple[ImageSet, ImageSet]:
+    """<root>/data/studygroups/<group>/{train,val} and <root>/models/feature_net/<modality>.pt, as the stages read them."""
+    train = tiny_group(root / "data/studygroups" / group / "train", n=n)
+    val = tiny_group(root / "data/studygroups" / group / "val", n=16, seed=1)
+    score.save_feature_net(feature_net(train), root / "models/feature_net" / f"{modality}.pt", resolution=32)
+    return train, val
+
+
+def feature_net(images: ImageSet) -> score.FeatureNet:
+    return score.train_feature_net(T.read_batch(images, np.arange(len(images)), 32), images.meta["label"].to_numpy(),
+                                   epochs=1)
 
 
 def options(arch: str, setup: str = "cond", epochs: int = 2, **kw) -> T.Options:
@@ -41,19 +55,29 @@ def options(arch: str, setup: str = "cond", epochs: int = 2, **kw) -> T.Options:
     extra = {} if arch == "dcgan" else dict(ema_decay=0.9, images_per_phase=8)
     base = dict(arch=arch, setup=setup, labels=("F_a", "M_a"), resolution=32, channels=1, latent_dim=16,
                 batch_size=8, epochs=epochs, seed=3, lr=2e-4 if arch == "dcgan" else 1e-3,
-                betas=(0.5, 0.999) if arch == "dcgan" else (0.0, 0.99), net=net, score_images=16, feature_epochs=1)
+                betas=(0.5, 0.999) if arch == "dcgan" else (0.0, 0.99), net=net, score_images=16)
     return T.Options(**{**base, **extra, **kw})
 
 
 @pytest.fixture(scope="module")
-def group(tmp_path_factory):
-    return tiny_group(tmp_path_factory.mktemp("g") / "train")
+def study(tmp_path_factory):
+    """(root, train set, validation set) of a tiny X-Norm group with its feature net."""
+    root = tmp_path_factory.mktemp("g")
+    return (root, *tiny_study(root))
 
 
-def scorer_for(images: ImageSet) -> T.Scorer:
-    net = score.train_feature_net(T.read_batch(images, np.arange(len(images)), 32), images.meta["label"].to_numpy(),
-                                  epochs=1)
-    return T.Scorer(images, net, torch.device("cpu"), 0)
+@pytest.fixture(scope="module")
+def group(study):
+    return study[1]
+
+
+@pytest.fixture(scope="module")
+def val(study):
+    return study[2]
+
+
+def scorer_for(train: ImageSet, val: ImageSet) -> T.Scorer:
+    return T.Scorer(train, val, feature_net(train), torch.device("cpu"), 0)
 
 
 class Killed(Exception):
@@ -68,10 +92,10 @@ def kill_after_epoch(epoch: int):
 
 
 @pytest.mark.parametrize("arch", ["dcgan", "pggan"])
-def test_resume_after_a_kill_gives_the_weights_of_a_straight_run(group, tmp_path, arch):
+def test_resume_after_a_kill_gives_the_weights_of_a_straight_run(group, val, tmp_path, arch):
     opt = options(arch)
-    data = T.model_data(group.meta, opt)[0]
-    scorer = scorer_for(group)
+    data = T.model_data(group.meta, val.meta, opt)[0]
+    scorer = scorer_for(group, val)
     straight = T.train_model(opt, data, group, tmp_path / "a", scorer, torch.device("cpu"), log=lambda m: None)
     with pytest.raises(Killed):
         T.train_model(opt, data, group, tmp_path / "b", scorer, torch.device("cpu"), log=kill_after_epoch(1))
@@ -83,13 +107,13 @@ def test_resume_after_a_kill_gives_the_weights_of_a_straight_run(group, tmp_path
             assert torch.equal(w, b[key][name]), f"{key}.{name} differs after resume"
     assert a["images_seen"] == b["images_seen"] == 2 * 32
     assert [r["loss_d"] for r in straight] == [r["loss_d"] for r in resumed]
-    assert all(np.isfinite(r[k]) for r in resumed for k in ("loss_d", "loss_g", "swd", "kid"))
+    assert all(np.isfinite(r[k]) for r in resumed for k in ("loss_d", "loss_g", "swd", "kid", "swd_floor", "kid_floor"))
     assert (tmp_path / "b" / "grids" / "002.png").is_file() and T.epoch_file(tmp_path / "b", 2).is_file()
 
 
-def test_pggan_grows_to_full_resolution_and_logs_depth(group, tmp_path):
+def test_pggan_grows_to_full_resolution_and_logs_depth(group, val, tmp_path):
     opt = options("pggan", epochs=4, images_per_phase=None)  # 4 epochs x 32 images over 2 x 3 + 1 phases
-    rows = T.train_model(opt, T.model_data(group.meta, opt)[0], group, tmp_path, scorer_for(group),
+    rows = T.train_model(opt, T.model_data(group.meta, val.meta, opt)[0], group, tmp_path, scorer_for(group, val),
                          torch.device("cpu"), log=lambda m: None)
     assert [r["side"] for r in rows] == sorted(r["side"] for r in rows)
     assert rows[-1]["side"] == 32 and rows[-1]["alpha"] == 1.0 and rows[0]["side"] < 32
@@ -100,18 +124,23 @@ def test_pggan_refuses_epochs_that_end_before_full_growth():
         T.phase_schedule(options("pggan", epochs=1, images_per_phase=64), images_per_epoch=32)
 
 
-def test_a_label_smaller_than_one_batch_is_named(group, tmp_path):
+def test_a_label_smaller_than_one_batch_is_named(group, val, tmp_path):
     opt = options("dcgan", setup="uncond", batch_size=32)
     with pytest.raises(ValueError, match="model F_a: 16 training images, fewer than one batch of 32"):
-        T.train_model(opt, T.model_data(group.meta, opt)[0], group, tmp_path, None, torch.device("cpu"))
+        T.train_model(opt, T.model_data(group.meta, val.meta, opt)[0], group, tmp_path, None, torch.device("cpu"))
 
 
 def test_uncond_trains_one_model_per_label_and_cond_one_model():
     meta = pd.DataFrame({"label": ["M_a", "F_a", "M_a", "F_a", "F_a"]})
-    uncond = T.model_data(meta, options("dcgan", setup="uncond"))
-    assert [(d.name, d.indices.tolist()) for d in uncond] == [("F_a", [1, 3, 4]), ("M_a", [0, 2])]
-    (cond,) = T.model_data(meta, options("dcgan", setup="cond"))
+    val = pd.DataFrame({"label": ["F_a", "X_b", "M_a"]})  # X_b: a label without training images
+    uncond = T.model_data(meta, val, options("dcgan", setup="uncond"))
+    assert [(d.name, d.indices.tolist(), d.val_indices.tolist()) for d in uncond] == [
+        ("F_a", [1, 3, 4], [0]), ("M_a", [0, 2], [2])]
+    (cond,) = T.model_data(meta, val, options("dcgan", setup="cond"))
     assert cond.name == T.COND_MODEL and cond.class_ids.tolist() == [1, 0, 1, 0, 0]
+    assert cond.val_indices.tolist() == [0, 2] and cond.val_class_ids.tolist() == [0, 1]
+    with pytest.raises(ValueError, match="model M_a: no validation images"):
+        T.model_data(meta, val.iloc[:2], options("dcgan", setup="uncond"))
 
 
 @pytest.mark.parametrize("bad, match", [(dict(arch="wgan"), "arch must be"), (dict(setup="both"), "setup must be"),
@@ -143,17 +172,28 @@ def test_best_skips_pggan_epochs_before_full_growth():
     assert T.best_epoch(rows) == 4  # the 8 px epoch scores lower but draws upsampled blocks
 
 
-def test_train_gan_stage_then_synthesizer_samples_each_label(group, tmp_path, monkeypatch):
+def test_train_gan_stage_then_synthesizer_samples_each_label(study, tmp_path, monkeypatch):
     monkeypatch.setenv("BIOMEDSYNTH_MLFLOW", "0")
+    root, group, val = study
+    net = root / "models/feature_net/xray.pt"
     opt = options("dcgan", setup="cond")
     out = tmp_path / "models"
-    summary = T.train_gan(opt, group.path, out, tmp_path / "m.json", tmp_path / "s.csv", tmp_path / "l.csv",
-                          log=lambda m: None)
+    lines = []
+    summary = T.train_gan(opt, group.path, val.path, net, out, tmp_path / "m.json", tmp_path / "s.csv",
+                          tmp_path / "l.csv", log=lines.append)
     assert summary["models"] == 1 and summary["epochs"] == 2
+    assert summary["score_images"] == summary["val_images"] == 16  # all of val
     assert json.loads((tmp_path / "m.json").read_text()) == summary
+    model = summary["per_model"][T.COND_MODEL]
+    assert 0 < model["swd_floor"] < model["swd_noise"] and summary["swd_floor"] == model["swd_floor"]
+    assert summary["learnt"] == model["learnt"] is (model["swd_relative"] < T.LEARNT_BELOW)
+    assert any("learnt nothing" in line for line in lines) != model["learnt"]  # a 2-epoch GAN: warned
+    assert json.loads((out / "options.json").read_text())["feature_net"] == fingerprint(net)
     rows = T.read_log(out / T.COND_MODEL)
+    assert all(r["swd_floor"] == model["swd_floor"] for r in rows)  # the per-model log shows the floor
     assert (tmp_path / "s.csv").read_text().splitlines() == [
-        "epoch,swd,kid", *(f"{r['epoch']},{r['swd']:.6f},{r['kid']:.6f}" for r in rows)]
+        "epoch,swd,kid,swd_floor,kid_floor",
+        *(f"{r['epoch']},{r['swd']:.6f},{r['kid']:.6f},{r['swd_floor']:.6f},{r['kid_floor']:.6f}" for r in rows)]
     assert (tmp_path / "l.csv").read_text().splitlines()[0] == "epoch,loss_d,loss_g"
     gen = T.Synthesizer(out, "last", torch.device("cpu"))
     images = gen.sample("M_a", 5, np.random.default_rng(0))
@@ -162,16 +202,60 @@ def test_train_gan_stage_then_synthesizer_samples_each_label(group, tmp_path, mo
     with pytest.raises(ValueError, match="label 'X' was not trained"):
         gen.sample("X", 1, np.random.default_rng(0))
     # changed options: the old models are not resumed from but replaced
-    T.train_gan(dataclasses.replace(opt, seed=4, epochs=1), group.path, out, tmp_path / "m.json",
+    T.train_gan(dataclasses.replace(opt, seed=4, epochs=1), group.path, val.path, net, out, tmp_path / "m.json",
                 tmp_path / "s.csv", tmp_path / "l.csv", log=lambda m: None)
     assert len(T.read_log(out / T.COND_MODEL)) == 1
+    score.save_feature_net(feature_net(group), tmp_path / "net64.pt", resolution=64)
+    with pytest.raises(ValueError, match="trained on 64 px images, the GAN draws 32 px"):
+        T.train_gan(opt, group.path, val.path, tmp_path / "net64.pt", out, tmp_path / "m.json", tmp_path / "s.csv",
+                    tmp_path / "l.csv", log=lambda m: None)
+
+
+class Replay(torch.nn.Module):
+    """A 'generator' that draws given images in turn (real ones: a perfect generator) whatever its input."""
+
+    def __init__(self, images: torch.Tensor):
+        super().__init__()
+        self.images = images
+
+    def forward(self, z, y=None):
+        return self.images[torch.arange(len(z)) % len(self.images)]
+
+
+def test_floor_and_learnt_flag_against_noise_and_blur(group, val):
+    opt = options("dcgan", setup="uncond")
+    data = T.model_data(group.meta, val.meta, opt)[0]
+    scorer = scorer_for(group, val)
+    real = T.read_batch(group, data.indices, 32)
+    noise = torch.rand(64, 1, 32, 32) * 2 - 1
+    ref = scorer.reference(opt, data).scores
+    assert ref["val_images"] == 8 and ref["images"] == 16  # all 8 of the label's, repeated up to score_images
+    assert 0 < ref["swd_floor"] < min(ref["swd_noise"], ref["swd_blur"])
+    assert ref["kid_floor"] < ref["kid_noise"]  # KID is unbiased: ~0 (either side) for one distribution
+    verdicts = {}
+    for name, G in (("real", Replay(real)), ("noise", Replay(noise))):
+        rows = [{"epoch": 1, **scorer.score(G, opt, data, None, 1.0, 1)}]
+        verdicts[name] = T.model_summary(rows, ref, 0.2)
+    assert verdicts["real"]["learnt"] and verdicts["real"]["swd_relative"] < 0.2
+    assert not verdicts["noise"]["learnt"] and verdicts["noise"]["swd_relative"] > 0.8
+
+
+@pytest.mark.parametrize("swd, improving", [
+    ([0.9, 0.7, 0.6, 0.5, 0.45, 0.4, 0.38, 0.36, 0.33, 0.31], True),   # best last, still falling
+    ([0.9, 0.5, 0.4, 0.35, 0.3, 0.32, 0.33, 0.35, 0.36, 0.38], False),  # best at epoch 5, rising since
+    ([0.9, 0.5, 0.4, 0.35, 0.3, 0.32, 0.33, 0.35, 0.29, 0.30], False),  # best in the tail, but no longer falling
+])
+def test_still_improving_needs_a_late_best_and_a_falling_tail(swd, improving):
+    rows = [{"epoch": e, "swd": s} for e, s in enumerate(swd, 1)]
+    trend = T.trend(rows, 0.2)
+    assert trend["still_improving"] is improving and (trend["swd_tail_slope"] < 0) == (swd[-1] < swd[-2])
 
 
 def test_kill_9_of_the_cli_stage_resumes(tmp_path):
     """The real thing: SIGKILL the train-gan command mid-run, run it again, get the straight run's weights."""
     def project(name: str) -> Path:
         root = tmp_path / name
-        tiny_group(root / "data/studygroups/x_norm/train", n=64)
+        tiny_study(root, n=64)
         params = (ROOT / "params.yaml").read_text()
         (root / "params.yaml").write_text(params)
         subprocess.run(CLI + ["profile", "smoke"], cwd=root, check=True, capture_output=True)
@@ -200,7 +284,7 @@ def test_kill_9_of_the_cli_stage_resumes(tmp_path):
 
 def test_torchrun_two_cpu_processes_train_with_rank_0_writing(tmp_path):
     """torchrun with the gloo backend: 2 ranks share each epoch's batches; rank 0 alone writes."""
-    tiny_group(tmp_path / "data/studygroups/x_norm/train", n=64)
+    tiny_study(tmp_path, n=64)
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
     subprocess.run(CLI + ["profile", "smoke"], cwd=tmp_path, check=True, capture_output=True)
     env = {**os.environ, "BIOMEDSYNTH_MLFLOW": "0", "OMP_NUM_THREADS": "1", "PYTHONPATH": PYTHONPATH,

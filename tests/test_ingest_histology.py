@@ -1,11 +1,23 @@
+import json
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
+from PIL import Image
+from typer.testing import CliRunner
 
-from biomedsynth.ingest.histology import ingest_histology, tissue_mask
+from biomedsynth.cli import app
+from biomedsynth.ingest import ingest
+from biomedsynth.ingest.histology import TILE_LEVEL_WARNING, ingest_histology, tissue_mask
+from biomedsynth.params import load_params, set_params
 from biomedsynth.sources import SlideRecord, Tile
 from biomedsynth.sources.wsi import write_annotation_xml, write_pyramidal_tiff
 from biomedsynth.store import ImageSet
+from test_scans import write_dicom
+from test_wsi import write_dicom_wsi
 
+ROOT = Path(__file__).resolve().parents[1]
 W, H = 1024, 768  # tissue fills x < 512, glass the rest
 
 
@@ -77,6 +89,9 @@ def test_ingest_keeps_tissue_tiles_with_slide_labels(slides, tmp_path):
     assert s["written"] == 2 * 96 and s["per_label"] == {"normal": 96, "tumor": 96}  # 8 x 12 tissue tiles each
     assert s["grid_tiles"] == 2 * 16 * 12 and s["background_tiles"] == 2 * 96
     assert s["slides_read"] == 2 and s["slides_skipped"] == {}
+    assert s["per_slide"] == {"normal_001": {"grid": 192, "background": 96, "kept": 96},
+                              "tumor_001": {"grid": 192, "background": 96, "kept": 96}}
+    assert s["split_unit"] == "slide" and s["warnings"] == []
     ds = ImageSet(tmp_path / "set")
     m = ds.meta
     assert list(m.columns) == ["image_id", "patient_id", "label", "slide_label", "x", "y", "level",
@@ -106,7 +121,7 @@ def test_tiles_per_slide_is_a_seeded_sample(slides, tmp_path):
     ids = []
     for seed, out in ((0, "a"), (0, "b"), (1, "c")):
         s = _ingest([rec["normal"], rec["tumor"]], tmp_path / out, tiles_per_slide=10, seed=seed)
-        assert s["written"] == 20
+        assert s["written"] == 20 and s["per_slide"]["tumor_001"] == {"grid": 192, "background": 96, "kept": 10}
         ids.append(list(ImageSet(tmp_path / out).meta["image_id"]))
     assert ids[0] == ids[1] and ids[0] != ids[2]
 
@@ -145,6 +160,7 @@ def test_slide_without_tissue_gives_no_tiles(slides, tmp_path):
     rec, _ = slides
     s = _ingest([rec["glass"], rec["normal"]], tmp_path / "set")
     assert s["slides_read"] == 2 and s["written"] == 96 and s["slides_without_tissue_tiles"] == ["glass_001"]
+    assert s["per_slide"]["glass_001"] == {"grid": 64, "background": 64, "kept": 0}
     with pytest.raises(ValueError, match=r"wrote no tiles \(no tiles with tissue_fraction >= 0.5\)"):
         _ingest([rec["glass"]], tmp_path / "none")
 
@@ -167,6 +183,7 @@ def test_ready_cut_tiles(tmp_path):
              Tile(img[:64, :80], "s2", "normal", "c.png"), Tile(img, "s2", "benign", "d.png")]
     s = _ingest(None, tmp_path / "set", tiles=iter(tiles))
     assert s["tiles_in"] == 4 and s["written"] == 3 and s["tiles_skipped"] == {"bad_label": 1}
+    assert s["per_slide"] == {"s1": {"kept": 2}, "s2": {"kept": 1}} and s["split_unit"] == "slide"
     ds = ImageSet(tmp_path / "set")
     assert ds.shape == (64, 64, 3)
     m = ds.meta
@@ -174,3 +191,90 @@ def test_ready_cut_tiles(tmp_path):
     assert (m[["x", "y", "level"]].astype(int) == -1).all().all()
     assert np.array_equal(ds[2], img[:64, 8:72])  # 64x80: centre-cropped to 64x64, no resize
     assert abs(ds[0].astype(float).mean() - img.mean()) < 3
+
+
+def _tile(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+
+
+def test_tiles_without_slide_ids_are_split_by_tile_with_a_warning(tmp_path):
+    tiles = [Tile(_tile(i), None, "normal", f"n{i}.png") for i in range(3)] + [Tile(_tile(9), "s1", "tumor", "t.png")]
+    s = _ingest(None, tmp_path / "set", tiles=iter(tiles), tile_size=32)
+    assert s["split_unit"] == "tile" and s["warnings"] == [TILE_LEVEL_WARNING]
+    assert TILE_LEVEL_WARNING == "split by tile: slides may leak between train and test"
+    assert list(ImageSet(tmp_path / "set").meta["patient_id"]) == ["tile_0", "tile_1", "tile_2", "s1"]
+    assert s["per_slide"] == {"s1": {"kept": 1}}
+
+
+def test_same_pixels_twice_in_a_slide_are_skipped_and_counted(tmp_path):
+    blank = np.full((32, 32, 3), 240, np.uint8)  # one colour: no identity, never a duplicate
+    tiles = [Tile(_tile(1), "s1", "normal", "a.png"), Tile(_tile(1), "s1", "normal", "a_copy.png"),
+             Tile(_tile(2), "s2", "normal", "b.png"), Tile(blank, "s1", "normal", "w1.png"),
+             Tile(blank, "s2", "normal", "w2.png")]
+    s = _ingest(None, tmp_path / "set", tiles=iter(tiles), tile_size=32)
+    assert s["written"] == 4 and s["tiles_skipped"] == {"duplicate_pixels": 1}
+    assert list(ImageSet(tmp_path / "set").meta["source"]) == ["a.png", "b.png", "w1.png", "w2.png"]
+
+
+def test_same_pixels_under_two_slides_stop_the_ingest_naming_both(tmp_path):
+    tiles = [Tile(_tile(1), "tumor_001", "tumor", "tumor/a.png"), Tile(_tile(2), "tumor_001", "tumor", "tumor/b.png"),
+             Tile(_tile(1), "tumor_002", "tumor", "tumor/c.png")]
+    with pytest.raises(ValueError) as err:
+        _ingest(None, tmp_path / "set", tiles=iter(tiles), tile_size=32)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("identical pixels under two slides: "
+                                                      "'tumor_001' (tumor/a.png) and 'tumor_002' (tumor/c.png)")
+    assert not (tmp_path / "set").exists()
+
+
+def _tile_folder_project(tmp_path: Path) -> Path:
+    """A project folder whose params.yaml reads a tile folder of Camelyon16-named tiles without slides.csv."""
+    rng = np.random.default_rng(0)
+    for name in ("normal/normal_001_x0_y0.png", "normal/normal_001_x64_y0.png", "tumor/tumor_001_x0_y0.png",
+                 "tumor/tumor_002_x0_y0.png"):
+        (tmp_path / "tiles" / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "tiles" / name)
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    set_params(["sources.histology.format=tiles", "sources.histology.root=tiles"], tmp_path / "params.yaml")
+    return tmp_path / "params.yaml"
+
+
+def test_cli_refuses_tiles_without_slide_ids_in_one_line_then_splits_by_tile_when_allowed(tmp_path, monkeypatch):
+    params = _tile_folder_project(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["ingest", "histology", "--params", str(params)])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1, result.output
+    assert lines[0].startswith("biomedsynth: tiles: tiles have no slide ids")
+    assert "allow_tile_level_split=true" in lines[0]
+    assert not (tmp_path / "metrics").exists()
+
+    set_params(["sources.histology.allow_tile_level_split=true"], params)
+    assert CliRunner().invoke(app, ["ingest", "histology", "--params", str(params)]).exit_code == 0
+    metrics = json.loads((tmp_path / "metrics" / "ingest" / "histology.json").read_text())
+    assert metrics["split_unit"] == "tile" and metrics["warnings"] == [TILE_LEVEL_WARNING]
+
+    set_params(["sources.histology.slide_id=camelyon16"], params)  # real ids: split by slide, no warning
+    assert CliRunner().invoke(app, ["ingest", "histology", "--params", str(params)]).exit_code == 0
+    metrics = json.loads((tmp_path / "metrics" / "ingest" / "histology.json").read_text())
+    assert metrics["split_unit"] == "slide" and metrics["warnings"] == []
+    assert metrics["per_slide"] == {"normal_001": {"kept": 2}, "tumor_001": {"kept": 1}, "tumor_002": {"kept": 1}}
+
+
+def test_dicom_slides_are_cut_and_other_dicom_files_counted_by_name(tmp_path):
+    rgb = _tissue_slide(np.random.default_rng(3))
+    write_dicom_wsi(tmp_path / "raw" / "normal_004", rgb, levels=3)
+    (tmp_path / "raw" / "sr").mkdir()
+    write_dicom(tmp_path / "raw" / "sr" / "report.dcm", np.zeros((4, 4), np.uint16))
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    set_params([f"sources.histology.root={tmp_path / 'raw'}", "ingest.histology.tumor_label=slide",
+                "ingest.histology.tiles_per_slide=1000"], tmp_path / "params.yaml")
+    s = ingest("histology", load_params(tmp_path / "params.yaml"), tmp_path / "set", tmp_path / "histology.json")
+    assert s["per_slide"] == {"normal_004": {"grid": 192, "background": 96, "kept": 96}}
+    assert s["listing_skipped"] == {"unsupported": 1}
+    assert s["unsupported_files"] == [f"{tmp_path / 'raw' / 'sr' / 'report.dcm'}: DICOM of SOP class "
+                                      "1.2.840.10008.5.1.4.1.1.7, not a whole-slide image"]
+    assert json.loads((tmp_path / "histology.json").read_text())["unsupported_files"] == s["unsupported_files"]
+    ds = ImageSet(tmp_path / "set")
+    x, y = int(ds.meta["x"][7]), int(ds.meta["y"][7])
+    assert np.array_equal(ds[7], rgb[y:y + 64, x:x + 64])  # uncompressed DICOM: the very pixels

@@ -1,8 +1,10 @@
 import numpy as np
 import pytest
+import tifffile
 from PIL import Image
+from scipy import ndimage
 
-from biomedsynth.ingest.xray import find_lungs, ingest_xray, lung_hull, normalise, preprocess_scan
+from biomedsynth.ingest.xray import fit_square, find_lungs, ingest_xray, lung_hull, normalise, preprocess_scan
 from biomedsynth.sources import ScanRecord
 from biomedsynth.store import ImageSet
 
@@ -92,18 +94,61 @@ def test_normalise_maps_region_percentiles_to_0_and_255():
 
 def test_preprocess_scan_statuses():
     img, truth = synthetic_chest()
-    out, status = preprocess_scan(img.astype(np.float32), 64, "skip", 5.0, 95.0)
+    out, status = preprocess_scan(img.astype(np.float32), 64, "skip", 5.0, 95.0, fit="pad")
     assert status == "ok" and out.shape == (64, 64) and out.dtype == np.uint8
     # the hull's darkest 5% (lung) is black, the spine between the lungs saturates
     assert out[29, 20] < 40 and out[29, 44] < 40 and out[29, 32] > 215
     flat = np.full((200, 180), 7.0, np.float32)
-    assert preprocess_scan(flat, 32, "skip") == (None, "skipped")
+    assert preprocess_scan(flat, 32, "skip", fit="pad") == (None, "skipped")
     ramp = np.tile(np.linspace(0, 1, 200, dtype=np.float32), (200, 1))  # no lungs; central box = 0.25..0.75
-    out, status = preprocess_scan(ramp, 40, "central", 0.0, 100.0)
+    out, status = preprocess_scan(ramp, 40, "central", 0.0, 100.0, fit="stretch")
     assert status == "central" and out.shape == (40, 40)
     assert out[20, :8].max() == 0 and out[20, -8:].min() == 255 and 100 < out[20, 20] < 155
     with pytest.raises(ValueError, match="on_no_lungs"):
-        preprocess_scan(ramp, 40, "guess")
+        preprocess_scan(ramp, 40, "guess", fit="pad")
+    with pytest.raises(ValueError, match="fit = 'squash'"):
+        preprocess_scan(ramp, 40, "central", fit="squash")
+
+
+def test_fit_square_stretch_crop_and_pad():
+    wide = np.arange(4 * 10, dtype=np.uint8).reshape(4, 10) + 100
+    wide[0, :3] = wide[-1, :3] = 7  # the top and bottom edges' median stays 100-ish, not 7
+    assert fit_square(wide, "stretch") is wide
+    np.testing.assert_array_equal(fit_square(wide, "crop"), wide[:, 3:7])
+    padded = fit_square(wide, "pad")
+    background = np.rint(np.median(np.concatenate([wide[0], wide[-1]])))
+    assert padded.shape == (10, 10) and padded.dtype == np.uint8
+    np.testing.assert_array_equal(padded[3:7], wide)
+    assert (padded[:3] == background).all() and (padded[7:] == background).all()
+    tall = wide.T[:9]  # 9 x 4: an odd amount to add, the extra column goes to the right
+    padded = fit_square(tall, "pad")
+    assert padded.shape == (9, 9) and (padded[:, 2:6] == tall).all()
+    assert (padded[:, :2] == np.rint(np.median(np.concatenate([tall[:, 0], tall[:, -1]])))).all()
+    np.testing.assert_array_equal(fit_square(tall, "crop"), tall[2:6])
+
+
+def _lung_aspect(out: np.ndarray) -> float:
+    """Height over width of the largest dark component off the border (a lung) of a preprocessed scan."""
+    lab, n = ndimage.label(out < 60)
+    border = set(lab[[0, -1]].ravel()) | set(lab[:, [0, -1]].ravel())
+    lung = max((k for k in range(1, n + 1) if k not in border), key=lambda k: (lab == k).sum())
+    rows, cols = ndimage.find_objects((lab == lung).astype(int))[0]
+    return (rows.stop - rows.start) / (cols.stop - cols.start)
+
+
+def test_fit_modes_on_a_wide_scan():
+    img, truth = synthetic_chest(h=300, w=420)  # landscape: lungs 132 px tall, 101 px wide
+    rows, cols = ndimage.find_objects(truth[:, :210].astype(int))[0]
+    true_aspect = (rows.stop - rows.start) / (cols.stop - cols.start)
+    out = {fit: preprocess_scan(img.astype(np.float32), 128, "skip", fit=fit) for fit in ("stretch", "crop", "pad")}
+    assert all(o.shape == (128, 128) and status == "ok" for o, status in out.values())
+    pad, crop, stretch = out["pad"][0], out["crop"][0], out["stretch"][0]
+    band = round((420 - 300) / 2 * 128 / 420) - 1  # rows added above and below, less one blended by the resize
+    assert (pad[:band] == pad[0, 0]).all() and (pad[-band:] == pad[0, 0]).all() and pad[0, 0] < 20  # air: black
+    assert abs(_lung_aspect(pad) / true_aspect - 1) < 0.1      # proportions kept
+    assert abs(_lung_aspect(stretch) / true_aspect - 1) > 0.25  # squashed: lungs look taller and narrower
+    assert abs(_lung_aspect(crop) / true_aspect - 1) < 0.1 and not (crop[:band] == crop[0, 0]).all()
+    assert pad[64, 0] < 20 and stretch[64, 0] < 20 and crop[64, 0] > 100  # crop cuts through the chest wall
 
 
 def _write_study(tmp_path):
@@ -123,10 +168,11 @@ def _write_study(tmp_path):
 
 def test_ingest_xray_end_to_end(tmp_path):
     records = _write_study(tmp_path)
-    kw = dict(size=32, normal_only=True, lo_pct=5.0, hi_pct=95.0)
+    kw = dict(size=32, normal_only=True, lo_pct=5.0, hi_pct=95.0, fit="pad")
     s2 = ingest_xray(records, tmp_path / "set2", on_no_lungs="central", workers=2, **kw)
     assert s2["scans_listed"] == 10 and s2["dropped_abnormal"] == 1 and s2["unreadable"] == 1
     assert s2["written"] == 8 and s2["lungs_not_found"] == {"central": 1, "skip": 0}
+    assert s2["skipped"] == {"duplicate_pixels": 0}
     assert "scan8.png" in s2["unreadable_examples"][0] and s2["scans_per_s"] > 0
     ds = ImageSet(tmp_path / "set2")
     assert len(ds) == 8 and ds.shape == (32, 32, 1)
@@ -142,4 +188,26 @@ def test_ingest_xray_end_to_end(tmp_path):
     np.testing.assert_array_equal(np.stack([ds1[i] for i in range(7)]), np.stack([ds[i] for i in range(7)]))
     with pytest.raises(ValueError, match="on_no_lungs"):
         ingest_xray(records, tmp_path / "bad", on_no_lungs="maybe", workers=1, **kw)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_same_pixels_twice_for_a_patient_skipped_and_under_two_patients_refused(tmp_path):
+    scan, _ = synthetic_chest(seed=5)
+    Image.fromarray(scan).save(tmp_path / "a.png")
+    tifffile.imwrite(tmp_path / "a_again.tif", scan)  # the same pixels in another file and format
+    Image.fromarray(synthetic_chest(seed=6)[0]).save(tmp_path / "b.png")
+    blank = np.full((200, 180), 900, np.uint16)  # one value: no identity, never a duplicate
+    Image.fromarray(blank).save(tmp_path / "blank1.png")
+    Image.fromarray(blank).save(tmp_path / "blank2.png")
+    rec = lambda name, patient: ScanRecord(tmp_path / name, name, patient, "F", 40, True)
+    kw = dict(size=32, normal_only=True, on_no_lungs="central", lo_pct=5.0, hi_pct=95.0, fit="pad", workers=1)
+    s = ingest_xray([rec("a.png", "p1"), rec("a_again.tif", "p1"), rec("b.png", "p2"), rec("blank1.png", "p3"),
+                     rec("blank2.png", "p4")], tmp_path / "set", **kw)
+    assert s["written"] == 4 and s["skipped"] == {"duplicate_pixels": 1}
+    assert list(ImageSet(tmp_path / "set").meta.image_id) == ["a.png", "b.png", "blank1.png", "blank2.png"]
+    with pytest.raises(ValueError) as err:
+        ingest_xray([rec("a.png", "p1"), rec("b.png", "p2"), rec("a_again.tif", "p7")], tmp_path / "bad", **kw)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(
+        f"identical pixels under two patients: 'p1' ({tmp_path / 'a.png'}) and 'p7' ({tmp_path / 'a_again.tif'})")
     assert not (tmp_path / "bad").exists()

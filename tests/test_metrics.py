@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from biomedsynth.classify.metrics import (binary_metrics, bootstrap, bootstrap_indices, relative_drop,
-                                          resampled_metrics, summarise_seeds)
+from biomedsynth.classify.metrics import (arm_samples, binary_metrics, cluster_weights, degenerate, drops, interval,
+                                          joint_cluster_weights, summarise_seeds, weighted_metrics)
 
 
 def test_binary_metrics_by_hand():
@@ -18,62 +18,126 @@ def test_binary_metrics_by_hand():
     assert m["auc"] == pytest.approx(3.5 / 6)
 
 
-def test_resampled_auc_matches_sklearn():
+def test_weighted_metrics_equal_the_metrics_of_the_repeated_images():
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 30)
+    score = np.round(rng.normal(y, 1.0), 1)  # rounding makes ties
+    pred = (score > 0.5).astype(int)
+    w = rng.integers(0, 4, (5, len(y))).astype(float)
+    w[:, [0, -1]] += 1  # both classes weigh something
+    got = weighted_metrics(y, pred, score, w)
+    for r, row in enumerate(w.astype(int)):
+        idx = np.repeat(np.arange(len(y)), row)
+        assert got["auc"][r] == pytest.approx(roc_auc_score(y[idx], score[idx]))
+        assert got["accuracy"][r] == pytest.approx(np.mean(pred[idx] == y[idx]))
+        assert got["balanced_accuracy"][r] == pytest.approx(binary_metrics(y[idx], pred[idx], score[idx])
+                                                            ["balanced_accuracy"])
+
+
+def test_cluster_weights_draw_whole_clusters_within_their_class_stratum():
+    y = np.array([0, 0, 0, 1, 1, 1, 1, 0])
+    groups = np.array(["a", "a", "b", "c", "c", "d", "e", "e"])  # e holds both classes: its own stratum
+    w = cluster_weights(y, groups, n_boot=200, seed=3)
+    assert w.shape == (201, 8) and (w[0] == 1).all()
+    assert (w[1:, 0] == w[1:, 1]).all() and (w[1:, 3] == w[1:, 4]).all() and (w[1:, 6] == w[1:, 7]).all()
+    per_cluster = {g: w[1:, list(groups).index(g)] for g in "abcde"}
+    assert (per_cluster["a"] + per_cluster["b"] == 2).all()  # 2 clusters holding only class 0
+    assert (per_cluster["c"] + per_cluster["d"] == 2).all()
+    assert (per_cluster["e"] == 1).all()  # alone in its stratum: always drawn once
+    assert np.array_equal(w, cluster_weights(y, groups, n_boot=200, seed=3))
+
+
+def test_k_copies_of_every_image_give_the_same_interval_as_one():
+    """Copies of a patient's images carry no new information: the cluster bootstrap's interval is unchanged
+    (an image bootstrap would shrink it by about sqrt(k))."""
     rng = np.random.default_rng(0)
     y = np.repeat([0, 1], 40)
-    score = np.round(rng.normal(y, 1.0), 1)  # rounding makes ties
-    idx = bootstrap_indices(y, n_boot=5, seed=1)
-    auc = resampled_metrics(y, (score > 0.5).astype(int), score, idx)["auc"]
-    assert auc == pytest.approx([roc_auc_score(y[r], score[r]) for r in idx])
+    pred = np.where(rng.random(80) < 0.75, y, 1 - y)
+    score = pred + rng.random(80)
+    groups = np.arange(80).astype(str)
+    once = arm_samples(y, [(pred, score)], cluster_weights(y, groups, 1000, seed=0))
+    k = 5
+    copies = arm_samples(np.tile(y, k), [(np.tile(pred, k), np.tile(score, k))],
+                         cluster_weights(np.tile(y, k), np.tile(groups, k), 1000, seed=0))
+    for m in once:
+        assert interval(copies[m]) == pytest.approx(interval(once[m]))
+    # the same copies resampled as independent images: the interval the old bootstrap gave, ~sqrt(k) narrower
+    image_wise = arm_samples(np.tile(y, k), [(np.tile(pred, k), np.tile(score, k))],
+                             cluster_weights(np.tile(y, k), np.arange(80 * k).astype(str), 1000, seed=0))
+    width = lambda d: d["high"] - d["low"]  # noqa: E731
+    assert width(interval(image_wise["accuracy"])) < 0.6 * width(interval(once["accuracy"]))
 
 
-def test_bootstrap_indices_keep_class_counts_and_are_reproducible():
-    y = np.array([0] * 7 + [1] * 3)
-    idx = bootstrap_indices(y, n_boot=50, seed=3)
-    assert idx.shape == (50, 10)
-    assert (y[idx].sum(1) == 3).all()
-    assert np.array_equal(idx, bootstrap_indices(y, n_boot=50, seed=3))
-    assert not np.array_equal(idx, bootstrap_indices(y, n_boot=50, seed=4))
+def test_joint_weights_give_a_shared_patient_the_same_weight_in_every_set():
+    a = (np.array([0, 1, 1, 0]), np.array(["p1", "p2", "p3", "p4"]))
+    b = (np.array([1, 0, 0]), np.array(["p2", "p5", "p1"]))
+    w = joint_cluster_weights({"a": a, "b": b}, n_boot=100, seed=0)
+    assert np.array_equal(w["a"][:, 1], w["b"][:, 0]) and np.array_equal(w["a"][:, 0], w["b"][:, 2])
+    assert np.array_equal(w["a"], joint_cluster_weights({"a": a, "b": b}, n_boot=100, seed=0)["a"])
 
 
-def test_bootstrap_interval_covers_true_accuracy():
-    # 200 fresh test sets of a classifier that is right with probability 0.8 on every image
+def test_cluster_interval_covers_the_true_accuracy_of_correlated_patients():
+    """Patients with 4 scans that a model gets right or wrong together: the cluster interval keeps ~95%
+    coverage where the image-wise one would not."""
     rng = np.random.default_rng(0)
-    y = np.repeat([0, 1], 100)
-    covered = 0
-    for k in range(200):
-        correct = rng.random(len(y)) < 0.8
-        pred = np.where(correct, y, 1 - y)
-        ci = bootstrap(y, pred, pred + rng.random(len(y)), n_boot=1000, seed=k)["accuracy"]
-        assert ci["low"] <= ci["value"] <= ci["high"]
-        covered += ci["low"] <= 0.8 <= ci["high"]
-    assert 0.90 <= covered / 200 <= 0.98
+    y = np.repeat([0, 1], 200)
+    groups = (np.arange(400) // 4).astype(str)  # 4 scans per patient, one class per patient
+    covered = {"cluster": 0, "image": 0}
+    for k in range(150):
+        patient_ok = rng.random(100) < 0.8
+        pred = np.where(np.repeat(patient_ok, 4), y, 1 - y)
+        for kind, g in (("cluster", groups), ("image", np.arange(400).astype(str))):
+            ci = interval(arm_samples(y, [(pred, pred + rng.random(400))], cluster_weights(y, g, 400, k))["accuracy"])
+            covered[kind] += ci["low"] <= 0.8 <= ci["high"]
+    assert 0.88 <= covered["cluster"] / 150 <= 0.99
+    assert covered["image"] / 150 < 0.8
 
 
-def test_paired_drop_interval_narrower_than_unpaired():
+def test_paired_drops_and_chance_normalisation():
     rng = np.random.default_rng(1)
     y = np.repeat([0, 1], 150)
+    groups = np.arange(300).astype(str)
     hard = rng.random(len(y)) < 0.15  # both models miss the hard images; the synthetic one a few more
-    real_ok = ~hard
-    synth_ok = ~hard & (rng.random(len(y)) > 0.05)
+    real_ok, synth_ok = ~hard, ~hard & (rng.random(len(y)) > 0.05)
     pred_r, pred_s = np.where(real_ok, y, 1 - y), np.where(synth_ok, y, 1 - y)
-    score_r, score_s = pred_r + 0.5 * rng.random(len(y)), pred_s + 0.5 * rng.random(len(y))
-    paired = relative_drop(y, pred_r, score_r, pred_s, score_s, n_boot=1000, seed=0)["accuracy"]
+    w = cluster_weights(y, groups, 1000, seed=0)
+    real = arm_samples(y, [(pred_r, pred_r + 0.5 * rng.random(len(y)))], w)
+    synth = arm_samples(y, [(pred_s, pred_s + 0.5 * rng.random(len(y)))], w)
+    d = drops(real, synth)
     acc_r, acc_s = real_ok.mean(), synth_ok.mean()
-    assert paired["value"] == pytest.approx((acc_r - acc_s) / acc_r)
+    assert interval(d["relative"]["accuracy"])["value"] == pytest.approx((acc_r - acc_s) / acc_r)
+    assert interval(d["chance_normalised"]["accuracy"])["value"] == pytest.approx((acc_r - acc_s) / (acc_r - 0.5))
+    paired = interval(d["relative"]["accuracy"])
     assert paired["low"] > 0  # the paired interval sees the drop
     # unpaired: each model on its own independent resamples
-    a = resampled_metrics(y, pred_r, score_r, bootstrap_indices(y, 1000, seed=10))["accuracy"]
-    b = resampled_metrics(y, pred_s, score_s, bootstrap_indices(y, 1000, seed=11))["accuracy"]
-    low, high = np.percentile((a - b) / a, [2.5, 97.5])
+    a = arm_samples(y, [(pred_r, pred_r + 0.0)], cluster_weights(y, groups, 1000, seed=10))["accuracy"]
+    b = arm_samples(y, [(pred_s, pred_s + 0.0)], cluster_weights(y, groups, 1000, seed=11))["accuracy"]
+    low, high = np.percentile((a[1:] - b[1:]) / a[1:], [2.5, 97.5])
     assert paired["high"] - paired["low"] < 0.5 * (high - low)
+
+
+def test_a_constant_predictor_is_degenerate_and_a_good_one_is_not():
+    rng = np.random.default_rng(2)
+    y = np.repeat([0, 1], 50)
+    groups = np.arange(100).astype(str)
+    w = cluster_weights(y, groups, 500, seed=0)
+    constant = (np.ones(100, int), rng.random(100))
+    acc = interval(arm_samples(y, [constant], w)["accuracy"])
+    assert acc["value"] == 0.5
+    assert degenerate([constant], acc) == ["predicts one class for 100% of test images",
+                                           "accuracy interval contains chance (0.5)"]
+    good = (np.where(rng.random(100) < 0.9, y, 1 - y), rng.random(100))
+    assert degenerate([good], interval(arm_samples(y, [good], w)["accuracy"])) == []
+    # a model right on 96% of images that still calls 96% of them class 1 would be caught by the share rule
+    skewed = (np.r_[np.zeros(4, int), np.ones(96, int)], rng.random(100))
+    assert "predicts one class for 96% of test images" in degenerate([skewed], {"low": 0.6, "high": 0.7})
 
 
 def test_single_class_test_set_is_refused():
     with pytest.raises(ValueError, match="only class 1"):
         binary_metrics([1, 1, 1], [1, 0, 1], [0.9, 0.2, 0.7])
     with pytest.raises(ValueError, match="only class 0"):
-        bootstrap([0, 0], [0, 1], [0.1, 0.8], n_boot=10)
+        weighted_metrics([0, 0], [0, 1], [0.1, 0.8], np.ones((1, 2)))
 
 
 def test_bad_inputs_are_named():
@@ -89,7 +153,7 @@ def test_summarise_seeds():
     runs = [{"accuracy": 0.8, "confusion": [[4, 1], [1, 4]], "auc": {"value": 0.9}},
             {"accuracy": 0.9, "confusion": [[5, 0], [1, 4]], "auc": {"value": 0.7}}]
     s = summarise_seeds(runs)
-    assert s["n_seeds"] == 2
+    assert s["n"] == 2
     assert s["accuracy"]["mean"] == pytest.approx(0.85)
     assert s["accuracy"]["std"] == pytest.approx(np.std([0.8, 0.9], ddof=1))
     assert s["confusion"]["mean"] == [[4.5, 0.5], [1.0, 4.0]]

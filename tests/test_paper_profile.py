@@ -108,3 +108,31 @@ def test_benchmark_table_2_and_classifiers(paper):
     radii = re.search(r"radius (\d+), (\d+), (\d+)", text).groups()
     assert paper.classify.lbp.radii == [int(r) for r in radii]
     assert f"**{paper.classify.cv_folds}-fold cross-validation**" in text
+
+
+def test_age_task_is_the_studys_18_38_vs_48_68(paper):
+    """SPEC 5: young 18-38, mature 48-68, exactly. X-Norm-L's paper bins 37-39, 45-49 and 67-77 straddle those
+    edges: the real scans are classed by their own ages, so every age 18-38 is young and 48-68 mature;
+    synthetic images carry only a bin, so only bins wholly inside a range can be classed."""
+    import pandas as pd
+
+    from biomedsynth.studygroups import age_bin_names, assign_age_bins
+    from biomedsynth.tasks import _age_classes
+
+    ranges = re.search(r'age "young" (\d+)-(\d+) vs "mature" (\d+)-(\d+)', _section(5)).groups()
+    young, mature = (int(ranges[0]), int(ranges[1])), (int(ranges[2]), int(ranges[3]))
+    age = paper.tasks.xray.age
+    classify = _age_classes(age.young, age.mature)
+    bins = paper.studygroups.xray.x_norm_l.age_bins
+    scans = pd.DataFrame({"age": range(18, 78)})
+    scans["age_bin"] = assign_age_bins(scans["age"], bins)
+    scans["label"] = "F_" + scans["age_bin"]
+    y, _ = classify(scans)
+    assert list(scans["age"][y == 0]) == list(range(young[0], young[1] + 1))
+    assert list(scans["age"][y == 1]) == list(range(mature[0], mature[1] + 1))
+    synthetic = pd.DataFrame({"age_bin": age_bin_names(bins)})
+    synthetic["label"] = "F_" + synthetic["age_bin"]
+    y, _ = classify(synthetic)
+    wholly_inside = [b for b in synthetic["age_bin"]
+                     if young[0] <= int(b.split("-")[0]) and int(b.split("-")[1]) <= young[1]]
+    assert list(synthetic["age_bin"][y == 0]) == wholly_inside and "37-39" not in wholly_inside

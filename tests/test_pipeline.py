@@ -19,11 +19,11 @@ def test_sample_ingest_studygroups(tmp_path, monkeypatch):
     apply_profile("smoke", "params.yaml")
     p = yaml.safe_load(Path("params.yaml").read_text())
     p["sample"]["xray"].update(patients=80, min_side=256, max_side=320)
-    p["sample"]["histology"].update(normal_slides=2, tumor_slides=2, width=1024, height=768)
-    p["studygroups"]["xray"].update(test_fraction=0.3)
+    p["sample"]["histology"].update(normal_slides=3, tumor_slides=3, width=1024, height=768)
+    p["studygroups"]["xray"].update(test_fraction=0.3, val_fraction=0.4)
     p["studygroups"]["xray"]["x_norm"].update(train=40, test=12)
     p["studygroups"]["xray"]["x_norm_l"].update(train=40, test=12)
-    p["studygroups"]["histology"].update(test_fraction=0.5)
+    p["studygroups"]["histology"].update(test_fraction=0.34)
     Path("params.yaml").write_text(yaml.safe_dump(p))
     run = CliRunner().invoke
     for cmd in (["sample"], ["ingest", "xray"], ["ingest", "histology"], ["studygroups"]):
@@ -46,3 +46,25 @@ def test_sample_ingest_studygroups(tmp_path, monkeypatch):
         train, test = (ImageSet(Path("data/studygroups") / name / side).meta for side in ("train", "test"))
         assert len(train) == groups[name]["train"]["images"] > 0 and len(test) > 0
         assert not set(train["patient_id"]) & set(test["patient_id"])
+
+
+def test_a_gan_stage_table3_does_not_use_says_so_and_keeps_what_it_holds(tmp_path, monkeypatch):
+    """gan.stages: table3 trains only the sets the benchmark uses; another stage writes `trained: false` and
+    empty curves, and leaves a model trained earlier in place (a setting never deletes a trained model)."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(ROOT / "params.yaml", "params.yaml")
+    p = yaml.safe_load(Path("params.yaml").read_text())
+    assert p["gan"]["stages"] == "table3" and p["tasks"]["xray"]["arch"] == "pggan"
+    earlier = Path("models/gan/dcgan-x_norm_l-uncond/F_18-30/checkpoint.pt")
+    earlier.parent.mkdir(parents=True)
+    earlier.write_bytes(b"trained earlier")
+    run = CliRunner().invoke
+    result = run(app, ["train-gan", "dcgan", "x_norm_l", "uncond"])
+    assert result.exit_code == 0 and "not trained: gan.stages is table3" in result.output, result.output
+    assert json.loads(Path("metrics/gan/dcgan-x_norm_l-uncond.json").read_text())["trained"] is False
+    assert Path("metrics/gan/scores/dcgan-x_norm_l-uncond.csv").read_text() == "epoch,swd,kid,swd_floor,kid_floor\n"
+    assert earlier.read_bytes() == b"trained earlier"
+    result = run(app, ["synthesize", "dcgan", "x_norm_l", "uncond"])
+    assert result.exit_code == 0 and "not drawn" in result.output
+    assert json.loads(Path("metrics/synthesize/dcgan-x_norm_l-uncond.json").read_text())["synthesized"] is False
+    assert Path("data/synthetic/dcgan-x_norm_l-uncond").is_dir() and Path("metrics/synthesize/dcgan-x_norm_l-uncond").is_dir()

@@ -9,8 +9,8 @@ import pytest
 
 from biomedsynth.report import TASK_NAMES
 from biomedsynth.review import MARKER, review_markdown
-
-ROOT = Path(__file__).resolve().parents[1]
+from biomedsynth.table3 import write_table3
+from test_table3 import HOLDS, plant
 
 
 def _git(repo: Path, *args: str) -> None:
@@ -18,11 +18,17 @@ def _git(repo: Path, *args: str) -> None:
                    capture_output=True)
 
 
-def _project(repo: Path, lr: float, accuracy: float) -> None:
+def _project(repo: Path, lr: float, accuracy: float, verdict: int = 1) -> None:
     (repo / "params.yaml").write_text(f"gan:\n  lr: {lr}\nseed: 0\n")
     (repo / "dvc.yaml").write_text("stages:\n  classify:\n    cmd: 'true'\n    params: [gan.lr, seed]\n"
-                                   "    metrics:\n      - m.json:\n          cache: false\n")
+                                   "    metrics:\n      - m.json:\n          cache: false\n"
+                                   "      - metrics/table3.json:\n          cache: false\n")
     (repo / "m.json").write_text(json.dumps({"vgg16": {"real": {"accuracy": accuracy}}}))
+    (repo / "metrics").mkdir(exist_ok=True)
+    (repo / "metrics" / "table3.json").write_text(json.dumps({
+        "xray_sex.vgg16.real": accuracy, "xray_sex.vgg16.synthetic": 0.7, "xray_sex.vgg16.drop": 0.1,
+        "xray_sex.vgg16.is_degenerate": 0, "verdict": verdict, "verdict_low": 0.01 * verdict - 0.02,
+        "verdict_high": 0.05, "cells_used": 12}))
 
 
 @pytest.fixture
@@ -39,11 +45,17 @@ def repo(tmp_path, monkeypatch):
     return repo
 
 
-def test_review_shows_what_the_branch_changed_and_the_smoke_table(repo):
-    _project(repo, 0.001, 0.75)  # the pull request: a new learning rate and the metrics it produced
-    text = review_markdown("main", ROOT / "metrics" / "summary.json", repo)
+def test_review_leads_with_table3_then_what_else_changed_and_the_smoke_table(repo):
+    _project(repo, 0.001, 0.75, verdict=0)  # the pull request: a new learning rate and the metrics it produced
+    plant(repo.parent / "smoke", HOLDS, patients=40)
+    write_table3(repo.parent / "smoke", repo.parent / "summary.json", repo.parent / "table3.json", 100)
+    text = review_markdown("main", repo.parent / "summary.json", repo)
     lines = text.splitlines()
     assert lines[0] == MARKER
+    first_table = text.split("<details>")[0]
+    assert "holds [-0.010, +0.050], 12 cells → **inconclusive [-0.020, +0.050], 12 cells**" in first_table
+    assert "| xray_sex.vgg16 | 0.800 → **0.750** | 0.700 | - | 10.0% | - | no |" in first_table
+    assert "gan.lr" not in first_table and "gan.lr" in text.split("<details>")[1]
     params = next(line for line in lines if "gan.lr" in line)
     assert "0.0002" in params and "0.001" in params
     metric = next(line for line in lines if "vgg16.real.accuracy" in line)
@@ -55,4 +67,4 @@ def test_review_shows_what_the_branch_changed_and_the_smoke_table(repo):
 
 def test_review_says_no_change_when_nothing_changed(repo):
     text = review_markdown("main", None, repo)
-    assert text.count("No change.") == 2 and "Table 3" not in text
+    assert text.count("No change.") == 2 and "smoke run" not in text and "→" not in text

@@ -134,16 +134,34 @@ def test_feature_net_learns_labels_and_kid_separates_sets():
     np.testing.assert_allclose(score.extract_features(net, score.as_model_images(images[:8])), feats[:8], atol=1e-5)
 
 
-def test_feature_net_rotation_proxy_without_labels_is_deterministic():
-    rng = np.random.default_rng(0)
-    ramp = np.add.outer(np.arange(32), 2 * np.arange(32)) * 2.5  # brighter toward one corner
-    images = np.clip(ramp + rng.normal(0, 30, (128, 32, 32)), 0, 255).astype(np.uint8)
-    net = score.train_feature_net(images, None, epochs=3, batch_size=32, width=8, input_size=32)
-    assert net.config["n_classes"] == 4
-    x = score.as_model_images(images)
-    turns = torch.arange(128) % 4
-    rotated = torch.stack([torch.rot90(img, int(k), (1, 2)) for img, k in zip(x, turns)])
+def test_feature_net_learns_two_attributes_with_a_head_each_and_is_deterministic(tmp_path):
+    images, orientation = stripes(256, 32, seed=0)
+    brightness = np.where(np.arange(256) % 2, "dark", "light")
+    images = np.where((brightness == "dark")[:, None, None, None], images // 2, images).astype(np.uint8)
+    labels = np.stack([orientation, brightness], 1)
+    net = score.train_feature_net(images, labels, epochs=3, batch_size=32, width=8, input_size=32)
+    assert net.config["n_classes"] == 4  # two heads of two classes
     with torch.no_grad():
-        assert (net(rotated).argmax(1) == turns).float().mean() > 0.7
-    again = score.train_feature_net(images, ["only"] * 128, epochs=3, batch_size=32, width=8, input_size=32)
+        z_orientation, z_brightness = net(score.as_model_images(images)).split([2, 2], 1)
+    assert (z_orientation.argmax(1).numpy() == (orientation == "M-20-21")).mean() > 0.9
+    assert (z_brightness.argmax(1).numpy() == (brightness == "light")).mean() > 0.9  # np.unique order: dark, light
+    again = score.train_feature_net(images, labels, epochs=3, batch_size=32, width=8, input_size=32)
     np.testing.assert_array_equal(score.extract_features(again, images), score.extract_features(net, images))
+    score.save_feature_net(net, tmp_path / "net.pt", resolution=32)
+    loaded = score.load_feature_net(tmp_path / "net.pt")
+    assert loaded.info == {"resolution": 32} and not loaded.training
+    np.testing.assert_array_equal(score.extract_features(loaded, images), score.extract_features(net, images))
+    with pytest.raises(ValueError, match="at least 2 values per label"):
+        score.train_feature_net(images, np.stack([orientation, ["one"] * 256], 1), epochs=1)
+
+
+def test_noise_and_blur_keep_the_colours_and_lose_the_detail():
+    x = textures(64, 32, 3) * torch.tensor([0.5, 0.3, 0.2]).view(1, 3, 1, 1) + torch.tensor([0.2, -0.3, 0.1]).view(1, 3, 1, 1)
+    noise, blur = score.noise_images(x, seed=1), score.blurred(x)
+    assert noise.shape == blur.shape == x.shape
+    torch.testing.assert_close(noise.mean((0, 2, 3)), x.mean((0, 2, 3)), atol=0.01, rtol=0)
+    torch.testing.assert_close(noise.std((0, 2, 3)), x.std((0, 2, 3)), atol=0.01, rtol=0)
+    torch.testing.assert_close(blur.mean((0, 2, 3)), x.mean((0, 2, 3)), atol=0.01, rtol=0)
+    detail = lambda y: score.laplacian_pyramid(y, 2)[0].abs().mean()  # noqa: E731
+    assert detail(blur) < 0.2 * detail(x) < detail(noise)
+    torch.testing.assert_close(score.noise_images(x, seed=1), noise)  # seeded

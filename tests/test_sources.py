@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from biomedsynth.params import HistologySource
 from biomedsynth.sources import ScanRecord
 from biomedsynth.sources.folder import folder_tiles
 from biomedsynth.sources.manifest import manifest_records, parse_age
@@ -131,11 +132,28 @@ def test_manifest_duplicate_ids_and_missing_column(tmp_path):
     csv = tmp_path / "m.csv"
     pd.DataFrame({"path": ["p1/scan.png", "p2/scan.png"], "patient_id": ["1", "2"], "sex": ["F", "M"],
                   "age": ["20", "30"]}).to_csv(csv, index=False)
-    with pytest.raises(ValueError, match=r"'scan' on rows 1 and 2.*add an image_id column"):
+    with pytest.raises(ValueError, match=r"1 image id\(s\) listed more than once: 'scan' on rows 1, 2; "
+                                         r"de-duplicate .*\(ids are the file names without extension\)") as err:
         manifest_records(csv)
+    assert "image_id column" not in str(err.value)  # another id would hide an image listed under two patients
     pd.DataFrame({"path": ["p1/scan.png"], "patient_id": ["1"], "age": ["20"]}).to_csv(csv, index=False)
     with pytest.raises(ValueError, match=r"m\.csv: missing column 'sex'"):
         manifest_records(csv)
+
+
+def test_manifest_lists_every_duplicate_id_count_and_first_ten(tmp_path):
+    touch(tmp_path / "a.png")
+    csv = tmp_path / "m.csv"
+    ids = [f"id{i:02d}" for i in range(12)]
+    pd.DataFrame({"path": ["a.png"] * 25, "image_id": ids + ids + ["once"], "patient_id": [str(i) for i in range(25)],
+                  "sex": ["F"] * 25, "age": ["40"] * 25}).to_csv(csv, index=False)
+    with pytest.raises(ValueError) as err:
+        manifest_records(csv)
+    message = str(err.value)
+    assert "\n" not in message
+    assert "12 image id(s) listed more than once: 'id00' on rows 1, 13; 'id01' on rows 2, 14" in message
+    assert "'id09' on rows 10, 22; ... (the first 10 shown); de-duplicate the table" in message
+    assert "'id10'" not in message and "'once'" not in message
 
 
 def test_manifest_all_rows_bad_is_fatal(tmp_path):
@@ -147,35 +165,82 @@ def test_manifest_all_rows_bad_is_fatal(tmp_path):
 
 # --- tile folder ---
 
-def test_folder_tiles_labels_slides_conversion_and_corrupt(tmp_path):
+def test_folder_tiles_labels_slide_regex_conversion_and_corrupt(tmp_path):
     rgb = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3)
     touch(tmp_path / "normal" / "s1_0.png", rgb)
     touch(tmp_path / "normal" / "s1_1.png", np.full((4, 5), 77, np.uint8))  # grayscale
     touch(tmp_path / "Tumour" / "s2_x3_y9.tif", np.zeros((4, 5, 4), np.uint8))  # RGBA
-    (tmp_path / "Tumour" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (tmp_path / "Tumour" / "s3_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     (tmp_path / "Tumour" / "notes.txt").write_text("hi")
-    touch(tmp_path / "Tumour" / "lone.jpg", rgb)
-    tiles, skipped = folder_tiles(tmp_path)
+    touch(tmp_path / "Tumour" / "lone.jpg", rgb)  # no slide in its name: skipped, not a slide of its own
+    tiles, skipped = folder_tiles(tmp_path, slide_id=r"^(?P<slide>s\d+)_", allow_tile_level_split=False)
     assert skipped == {}  # nothing read yet
     tiles = list(tiles)
-    assert skipped == {"unreadable": 1, "unsupported_format": 1}
+    assert skipped == {"no_slide_id": 1, "unreadable": 1, "unsupported_format": 1}
     assert [(t.source, t.slide_id, t.label) for t in tiles] == [
-        ("Tumour/lone.jpg", "lone", "tumor"), ("Tumour/s2_x3_y9.tif", "s2", "tumor"),
-        ("normal/s1_0.png", "s1", "normal"), ("normal/s1_1.png", "s1", "normal")]
+        ("Tumour/s2_x3_y9.tif", "s2", "tumor"), ("normal/s1_0.png", "s1", "normal"),
+        ("normal/s1_1.png", "s1", "normal")]
     assert all(t.image.dtype == np.uint8 and t.image.shape == (4, 5, 3) for t in tiles)
-    np.testing.assert_array_equal(tiles[2].image, rgb)
-    assert (tiles[3].image == 77).all()
+    np.testing.assert_array_equal(tiles[1].image, rgb)
+    assert (tiles[2].image == 77).all()
 
 
 def test_folder_tiles_slides_csv_and_label_errors(tmp_path):
     touch(tmp_path / "1" / "a.png")
     touch(tmp_path / "1" / "b.png")
     pd.DataFrame({"file": ["1/a.png"], "slide": ["tumor_001"]}).to_csv(tmp_path / "slides.csv", index=False)
-    tiles, skipped = folder_tiles(tmp_path)
+    tiles, skipped = folder_tiles(tmp_path, slide_id=None, allow_tile_level_split=False)
     assert [(t.slide_id, t.label) for t in tiles] == [("tumor_001", "tumor")] and skipped == {"not_in_slides_csv": 1}
+    with pytest.raises(ValueError, match=r"slides\.csv and sources\.histology\.slide_id = 'camelyon16' both"):
+        folder_tiles(tmp_path, slide_id="camelyon16", allow_tile_level_split=False)
     (tmp_path / "tumr").mkdir()
     with pytest.raises(ValueError, match="found tumr"):
-        folder_tiles(tmp_path)
+        folder_tiles(tmp_path, slide_id=None, allow_tile_level_split=False)
+
+
+CAMELYON_TILES = ["normal/normal_017_x0_y0.png", "normal/normal_017_x256_y0.png", "tumor/tumor_001_x100_y200.png",
+                  "tumor/tumor_002_x100_y200.png", "tumor/tumor_002_5.png"]
+
+
+def test_folder_tiles_without_slide_ids_refused_then_split_by_tile(tmp_path):
+    for name in CAMELYON_TILES:
+        touch(tmp_path / name)
+    with pytest.raises(ValueError) as err:  # before: every "tumor_..." tile was one slide 'tumor'
+        folder_tiles(tmp_path, slide_id=None, allow_tile_level_split=False)
+    message = str(err.value)
+    assert "\n" not in message and "tiles have no slide ids" in message
+    assert all(how in message for how in ("slides.csv", "sources.histology.slide_id", "allow_tile_level_split=true"))
+    tiles, _ = folder_tiles(tmp_path, slide_id=None, allow_tile_level_split=True)
+    assert [t.slide_id for t in tiles] == [None] * len(CAMELYON_TILES)
+
+
+@pytest.mark.parametrize("rule, names, slides", [
+    ("camelyon16", CAMELYON_TILES, ["normal_017", "normal_017", "tumor_001", "tumor_002", "tumor_002"]),
+    ("camelyon16", ["tumor/test_003_7.png", "tumor/tumor_0012.png"], ["test_003", "tumor_0012"]),
+    ("pcam", ["normal/camelyon16_train_normal_033_12.png", "tumor/camelyon16_train_tumor_101_x4_y8.png",
+              "tumor/camelyon16_test_002_0.png", "tumor/camelyon16_train_tumor_101.png"],
+     ["camelyon16_train_normal_033", "camelyon16_train_tumor_101", "camelyon16_test_002",
+      "camelyon16_train_tumor_101"]),
+    (r"slide-(?P<slide>\w+?)-tile", ["normal/case7_slide-A12-tile3.png"], ["A12"]),
+])
+def test_slide_id_presets_and_regex_read_the_file_name(tmp_path, rule, names, slides):
+    for name in names:
+        touch(tmp_path / name)
+    tiles, skipped = folder_tiles(tmp_path, slide_id=rule, allow_tile_level_split=False)
+    assert sorted((t.source, t.slide_id) for t in tiles) == sorted(zip(names, slides)) and skipped == {}
+
+
+def test_slide_id_matching_no_file_and_bad_knob_values(tmp_path):
+    touch(tmp_path / "normal" / "slideA_0.png")
+    with pytest.raises(ValueError, match=r"slide_id = 'camelyon16' matches no file name \(e\.g\. 'slideA_0\.png'\)"):
+        folder_tiles(tmp_path, slide_id="camelyon16", allow_tile_level_split=False)
+    base = {"format": "tiles", "root": "r", "labels_csv": None, "allow_tile_level_split": False}
+    assert HistologySource(**base, slide_id="pcam").slide_id == "pcam"
+    for bad, why in (("camelyon17", "group named 'slide'"), ("(?P<slide>[", "nor a regex")):
+        with pytest.raises(ValueError, match=why):
+            HistologySource(**base, slide_id=bad)
+    with pytest.raises(ValueError, match="slide_id reads tile file names"):
+        HistologySource(**{**base, "format": "pcam"}, slide_id="pcam")
 
 
 # --- PatchCamelyon ---
@@ -205,32 +270,46 @@ def test_pcam_tiles_labels_slides_and_streaming(tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(h5py.Dataset, "__getitem__", spy)
-    tiles, skipped = pcam_tiles(tmp_path, splits=("train", "test"), chunk=3)
+    tiles, skipped = pcam_tiles(tmp_path, allow_tile_level_split=True, splits=("train", "test"), chunk=3)
     first = next(tiles)
     assert rows_read == [3, 3]  # one chunk of x and of y, not the whole file
     tiles = [first, *tiles]
     assert max(rows_read) == 3 and skipped == {}
     assert [t.label for t in tiles] == ["tumor" if i % 3 == 0 else "normal" for i in [*range(10), *range(5)]]
-    assert [t.slide_id for t in tiles] == ([f"camelyon16_train_{i // 4}" for i in range(10)]
-                                           + [f"test-{i}" for i in range(5)])
+    assert [t.slide_id for t in tiles] == [f"camelyon16_train_{i // 4}" for i in range(10)] + [None] * 5
     assert tiles[12].source == "camelyonpatch_level_2_split_test_x.h5:2"
     np.testing.assert_array_equal(np.stack([t.image for t in tiles]), np.concatenate([xs["train"], xs["test"]]))
+
+
+def test_pcam_without_meta_csv_is_refused_unless_split_by_tile(tmp_path):
+    pcam_tree(tmp_path, "train", 4, meta=True)
+    pcam_tree(tmp_path, "test", 4, meta=False)
+    with pytest.raises(ValueError) as err:  # before: each tile of `test` became a slide of its own, silently
+        pcam_tiles(tmp_path, allow_tile_level_split=False, splits=("train", "test"))
+    message = str(err.value)
+    assert "\n" not in message and "_meta.csv for split(s) test, so their tiles have no slide ids" in message
+    assert "allow_tile_level_split=true" in message
+    tiles, _ = pcam_tiles(tmp_path, allow_tile_level_split=False, splits=("train",))
+    assert [t.slide_id for t in tiles] == ["camelyon16_train_0"] * 4
 
 
 def test_pcam_errors(tmp_path):
     pcam_tree(tmp_path, "valid", 2, meta=False)
     with pytest.raises(ValueError, match="split_train_x.h5 not found"):
-        pcam_tiles(tmp_path)
+        pcam_tiles(tmp_path, allow_tile_level_split=True)
     (tmp_path / "camelyonpatch_level_2_split_valid_y.h5").rename(tmp_path / "camelyonpatch_level_2_split_valid_y.h5.gz")
     with pytest.raises(ValueError, match=r"split_valid_y\.h5\.gz is gzip-compressed; run `gunzip"):
-        pcam_tiles(tmp_path, splits=("valid",))
+        pcam_tiles(tmp_path, allow_tile_level_split=True, splits=("valid",))
     (tmp_path / "camelyonpatch_level_2_split_valid_y.h5.gz").unlink()
     with pytest.raises(ValueError, match=r"valid_y\.h5 not found \(the labels for camelyonpatch_level_2_split_valid_x"):
-        pcam_tiles(tmp_path, splits=("valid",))
+        pcam_tiles(tmp_path, allow_tile_level_split=True, splits=("valid",))
     with h5py.File(tmp_path / "camelyonpatch_level_2_split_valid_y.h5", "w") as f:
         f.create_dataset("y", data=np.array([1, 7], np.uint8))
-    tiles, skipped = pcam_tiles(tmp_path, splits=("valid",))
+    tiles, skipped = pcam_tiles(tmp_path, allow_tile_level_split=True, splits=("valid",))
     assert [t.label for t in tiles] == ["tumor"] and skipped == {"bad_label": 1}
     pd.DataFrame({"wsi": ["a"]}).to_csv(tmp_path / "camelyonpatch_level_2_split_valid_meta.csv")
     with pytest.raises(ValueError, match="1 rows for 2 tiles"):
-        pcam_tiles(tmp_path, splits=("valid",))
+        pcam_tiles(tmp_path, allow_tile_level_split=False, splits=("valid",))
+    pd.DataFrame({"wsi": ["a", " "]}).to_csv(tmp_path / "camelyonpatch_level_2_split_valid_meta.csv")
+    with pytest.raises(ValueError, match=r"empty wsi \(slide\) on row 2"):
+        pcam_tiles(tmp_path, allow_tile_level_split=False, splits=("valid",))

@@ -4,7 +4,8 @@ import pytest
 
 from biomedsynth.params import HistologyGroup, HistologyGroups, StudyGroups, XrayGroup, XrayGroups
 from biomedsynth.store import ImageSet, ImageSetWriter
-from biomedsynth.studygroups import GroupError, assign_age_bins, balance_xray, build_studygroups, split_units
+from biomedsynth.studygroups import (GroupError, assign_age_bins, balance_xray, build_studygroups, split_sides,
+                                     split_units, val_size)
 
 BINS = [(18, 29), (30, 49), (50, 68)]
 
@@ -33,9 +34,9 @@ def _histology_set(path, slides=(("normal", 6), ("tumor", 4))):
 def _cfg(train=60, test=20, htrain=50, htest=20):
     xg = dict(age_bins=BINS, train=train, test=test)
     return StudyGroups(
-        xray=XrayGroups(test_fraction=0.25, x_norm=XrayGroup(balance="sex_age", **xg),
+        xray=XrayGroups(test_fraction=0.25, val_fraction=0.3, x_norm=XrayGroup(balance="sex_age", **xg),
                         x_norm_l=XrayGroup(balance="sex", **xg)),
-        histology=HistologyGroups(test_fraction=0.3, h_norm=HistologyGroup(train=htrain, test=htest),
+        histology=HistologyGroups(test_fraction=0.3, val_fraction=0.25, h_norm=HistologyGroup(train=htrain, test=htest),
                                   h_tumor=HistologyGroup(train=htrain, test=htest)))
 
 
@@ -49,6 +50,21 @@ def test_split_units_is_stratified_and_keeps_lone_units_in_training():
     test = split_units(strata, 0.3, np.random.default_rng(0))
     assert sum(u in test for u in strata.index[:10]) == 3 and sum(u in test for u in strata.index[10:14]) == 1
     assert "p14" not in test  # the only unit of stratum c
+
+
+def test_validation_units_come_from_the_training_side_of_each_stratum():
+    strata = pd.Series({f"p{i}": ("a" if i < 20 else "b" if i < 24 else "c") for i in range(25)})
+    cfg = XrayGroups(test_fraction=0.25, val_fraction=0.2, x_norm=XrayGroup(age_bins=BINS, balance="sex_age",
+                                                                           train=1, test=1),
+                     x_norm_l=XrayGroup(age_bins=BINS, balance="sex", train=1, test=1))
+    sides = split_sides(strata, cfg, np.random.default_rng(0))
+    counts = sides.groupby(strata).value_counts().unstack(fill_value=0)
+    assert counts.loc["a"].to_dict() == {"test": 5, "train": 12, "val": 3}  # 25% of 20, then 20% of the other 15
+    assert counts.loc["b"].to_dict() == {"test": 1, "train": 2, "val": 1}
+    assert sides["p24"] == "train"  # a lone unit stays in training
+    # the test side is drawn first, as before validation existed
+    assert set(sides.index[sides == "test"]) == split_units(strata, 0.25, np.random.default_rng(0))
+    assert val_size(400, 0.2) == 100 and val_size(10, 0.01) == 1
 
 
 def test_balance_sex_age_gives_every_label_the_same_count():
@@ -71,20 +87,26 @@ def test_groups_never_share_a_patient_or_slide_and_are_balanced(tmp_path):
     summary = build_studygroups(tmp_path / "xray", tmp_path / "hist", _cfg(), tmp_path / "groups", 0,
                                 tmp_path / "summary.json")
     for group in ("x_norm", "x_norm_l", "h_norm", "h_tumor"):
-        train, test = (ImageSet(tmp_path / "groups" / group / side).meta for side in ("train", "test"))
-        assert len(train) and len(test)
-        assert not set(train["patient_id"]) & set(test["patient_id"])
-        assert summary[group]["train"]["images"] == len(train)
+        train, val, test = (ImageSet(tmp_path / "groups" / group / side).meta for side in ("train", "val", "test"))
+        assert len(train) and len(val) and len(test)
+        for a, b in ((train, val), (train, test), (val, test)):
+            assert not set(a["patient_id"]) & set(b["patient_id"])
+        assert summary[group]["train"]["images"] == len(train) and summary[group]["val"]["images"] == len(val)
+        assert set(val["label"]) == set(train["label"])
     xn = ImageSet(tmp_path / "groups/x_norm/train").meta
     counts = xn["label"].value_counts()
     assert len(counts) == 6 and counts.nunique() == 1 and len(xn) <= 60
+    xv = ImageSet(tmp_path / "groups/x_norm/val").meta["label"].value_counts()  # balanced like train
+    assert len(xv) == 6 and xv.nunique() == 1 and summary["x_norm"]["val"]["requested"] == 26  # 60 x 0.3 / 0.7
     assert (xn["normal"].astype(str) == "True").all()  # X-Norm holds normal scans only
     xl = ImageSet(tmp_path / "groups/x_norm_l/test").meta
     per_bin = xl.groupby(["age_bin", "sex"]).size().unstack()
     assert (per_bin["F"] == per_bin["M"]).all()
-    # one patient split for every X-ray group: a test patient of X-Norm is never a train patient of X-Norm-L
+    # one patient split for every X-ray group: a test or validation patient of X-Norm is never a train patient
+    # of X-Norm-L
     xl_train = ImageSet(tmp_path / "groups/x_norm_l/train").meta
-    assert not set(ImageSet(tmp_path / "groups/x_norm/test").meta["patient_id"]) & set(xl_train["patient_id"])
+    for side in ("test", "val"):
+        assert not set(ImageSet(tmp_path / "groups/x_norm" / side).meta["patient_id"]) & set(xl_train["patient_id"])
     hn = ImageSet(tmp_path / "groups/h_norm/train").meta
     assert (hn["label"] == "normal").all() and len(hn) == 50
     ht = ImageSet(tmp_path / "groups/h_tumor/test").meta
@@ -101,8 +123,18 @@ def test_shortfall_is_reported_not_padded(tmp_path):
     assert tumour_train["images"] < 1000 and tumour_train["shortfall"] == 1000 - tumour_train["images"]
 
 
+def test_a_label_without_validation_images_is_a_clear_error(tmp_path):
+    _xray_set(tmp_path / "xray")
+    _histology_set(tmp_path / "hist")
+    x = _cfg().xray  # balanced by sex only, so an age bin can lack validation scans
+    x = x.model_copy(update={"val_fraction": 0.1, "x_norm": x.x_norm_l})
+    cfg = _cfg().model_copy(update={"xray": x})
+    with pytest.raises(GroupError, match="x_norm val: no images of label.s. F_50-68, M_50-68 .*val_fraction"):
+        build_studygroups(tmp_path / "xray", tmp_path / "hist", cfg, tmp_path / "groups", 0, tmp_path / "s.json")
+
+
 def test_a_class_without_test_slides_is_a_clear_error(tmp_path):
     _xray_set(tmp_path / "xray")
     _histology_set(tmp_path / "hist", slides=(("normal", 4), ("tumor", 1)))
-    with pytest.raises(GroupError, match="h_tumor test: no 'tumor' tiles"):
+    with pytest.raises(GroupError, match="h_tumor val: no 'tumor' tiles"):  # the lone slide trains; val comes first
         build_studygroups(tmp_path / "xray", tmp_path / "hist", _cfg(), tmp_path / "groups", 0, tmp_path / "s.json")

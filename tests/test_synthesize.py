@@ -4,8 +4,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from biomedsynth.evidence import feature_net_space
+from biomedsynth.gan import score
 from biomedsynth.store import ImageSet, ImageSetWriter
-from biomedsynth.synthesize import average_hash, nearest_hamming, synthesize
+from biomedsynth.synthesize import average_hash, calibrate_hash_threshold, nearest_hamming, synthesize
 
 SIDE = 32
 THRESHOLD = 45
@@ -43,13 +45,16 @@ def write_set(path, images, labels, rng):
 
 @pytest.fixture(scope="module")
 def real(tmp_path_factory):
-    """A tiny X-ray-like study group: train with LABELS' counts (x4), test from the same distribution."""
+    """A tiny X-ray-like study group: train with LABELS' counts (x4), test from the same distribution, and
+    the feature space of a small FeatureNet trained on it (saved and loaded as the GAN stage's)."""
     root, rng = tmp_path_factory.mktemp("real"), np.random.default_rng(100)
     train_labels = [lab for lab, n in LABELS.items() for _ in range(4 * n)]
     train = xray_like(rng, len(train_labels))
     write_set(root / "train", train, train_labels, rng)
     write_set(root / "test", xray_like(rng, 200), [list(LABELS)[i % 3] for i in range(200)], rng)
-    return root, train, train_labels
+    net = score.train_feature_net(train, train_labels, epochs=2, batch_size=16, width=8, input_size=32)
+    score.save_feature_net(net, root / "feature_net.pt")
+    return root, train, train_labels, feature_net_space(root / "feature_net.pt")
 
 
 def fresh(label, n, rng):
@@ -58,8 +63,9 @@ def fresh(label, n, rng):
 
 def run(real, tmp_path, sample, name="syn", **kw):
     root = real[0]
-    args = dict(resolution=SIDE, hash_screen=True, hash_threshold=THRESHOLD, hash_size=16, max_tries_factor=4.0,
-                batch_size=8, copy_check_images=100, copy_check_side=16, seed=0, figure_path=tmp_path / f"{name}.png")
+    args = dict(resolution=SIDE, hash_screen=True, hash_threshold=THRESHOLD, hash_quantile=0.99, hash_size=16,
+                max_tries_factor=4.0, batch_size=8, feature_space=real[3], evidence_images=100, evidence_side=16,
+                pca_dims=16, prdc_k=5, cells=50, seed=0, figure_path=tmp_path / f"{name}.png")
     return synthesize(sample, root / "train", root / "test", tmp_path / name, **{**args, **kw})
 
 
@@ -121,10 +127,29 @@ def test_matches_label_counts_and_copies_label_constant_columns(real, tmp_path):
     assert {k: v["images"] for k, v in m["per_label"].items()} == want.to_dict()
     assert m["rejected"] == 0 and m["drawn"] == len(out) == m["images"]
     assert out.meta["image_id"].tolist() == [f"syn-{i:06d}" for i in range(len(out))]
-    assert set(out.meta.columns) == {"image_id", "label", "source", "sex", "age_bin"}  # age varies per label
+    assert set(out.meta.columns) == {"image_id", "label", "source", "sex", "age_bin", "draw"}  # age varies per label
     assert (out.meta["source"] == "synthetic").all()
     assert (out.meta["sex"] == out.meta["label"].str[0]).all()
     assert (out.meta["age_bin"] == out.meta["label"].str[2:]).all()
+
+
+def test_each_draw_is_a_whole_copy_with_fresh_latents(real, tmp_path):
+    seen = []
+
+    def recorded(label, n, rng):
+        batch = xray_like(rng, n)
+        seen.append(batch)
+        return batch
+
+    m = run(real, tmp_path, recorded, hash_screen=False, draws=3)
+    out = ImageSet(tmp_path / "syn")
+    want = pd.Series(real[2]).value_counts().sort_index().to_dict()
+    assert m["draws"] == 3 and m["images"] == len(out) == 3 * len(real[1])
+    for draw in range(3):
+        assert out.meta[out.meta["draw"] == draw]["label"].value_counts().sort_index().to_dict() == want
+    assert {k: v["images"] for k, v in m["per_label"].items()} == {k: 3 * v for k, v in want.items()}
+    images = np.stack([out[i] for i in range(len(out))])
+    assert len(np.unique(images.reshape(len(out), -1), axis=0)) == len(out)  # no image repeats across draws
 
 
 def test_cap_names_the_label_when_nothing_passes(real, tmp_path):
@@ -141,20 +166,49 @@ def test_rejects_a_sampler_of_the_wrong_shape(real, tmp_path):
         run(real, tmp_path, lambda label, n, rng: xray_like(rng, n, SIDE // 2))
 
 
-def test_copy_check_flags_copies_not_fresh_images(real, tmp_path):
-    _, train, labels = real
+def test_evidence_flags_copies_not_fresh_images(real, tmp_path):
+    _, train, labels, _ = real
     by_label = {lab: train[np.array(labels) == lab] for lab in LABELS}
 
     def copies(label, n, rng):
         return by_label[label][rng.integers(0, len(by_label[label]), n)]
 
-    c = run(real, tmp_path, copies, name="copies")["copy_check"]
-    f = run(real, tmp_path, fresh, name="fresh")["copy_check"]
-    assert c["share_closer"] == 1.0 and c["median_nn_synthetic"] < 1e-2 < c["threshold"]
-    assert f["share_closer"] <= 0.1 and f["median_nn_synthetic"] > f["threshold"]
-    assert 0.7 < f["median_nn_synthetic"] / f["median_nn_real"] < 1.4
-    assert c["images_checked"] == len(labels)
+    c = run(real, tmp_path, copies, name="copies")
+    f = run(real, tmp_path, fresh, name="fresh")
+    assert c["evidence"]["images"] == {"synthetic": len(labels), "heldout": len(labels), "train": len(labels)}
+    assert c["evidence"]["copying"] and c["evidence"]["near_duplicates"] == len(labels)
+    for space in ("pixels", "features"):
+        e = c["evidence"][space]
+        assert e["copying"] and e["c_t"] < -3 and e["authentic"] == 0 and e["dcr_median"] < 1e-3
+        assert e["authentic_heldout"] > 0.3 and e["dcr_share_below_q01"] == 1.0
+    assert not f["evidence"]["copying"] and f["evidence"]["near_duplicates"] <= 2
+    for space in ("pixels", "features"):
+        e = f["evidence"][space]
+        assert not e["copying"] and e["c_t"] > -3
+        assert abs(e["authentic"] - e["authentic_heldout"]) < 0.25 and e["dcr_share_below_q05"] <= 0.15
+        assert e["prdc"]["coverage"] > 0.5 and set(e["prdc_per_label"]) == set(LABELS)
     assert (tmp_path / "copies.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_calibrated_hash_threshold_by_hand():
+    train = np.array([[0, 0, 0, 0], [1, 1, 1, 1]], bool)
+    heldout = np.array([[0, 0, 0, 0], [1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 1], [1, 1, 0, 0], [1, 0, 1, 0]], bool)
+    # nearest distances 0, 1, 2, 1, 2, 2 -> sorted 0 1 1 2 2 2; numpy's 'higher' rounds the position q * 5 up
+    assert [calibrate_hash_threshold(heldout, train, q) for q in (0.1, 0.2, 0.3, 0.5, 0.99)] == [1, 1, 1, 2, 2]
+    assert calibrate_hash_threshold(heldout[:2], train, 0.5) == 1
+
+
+def test_stage_calibrates_the_hash_threshold_unless_params_set_it(real, tmp_path):
+    root = real[0]
+    d = np.sort(nearest_hamming(average_hash(next(ImageSet(root / "test").batches(batch_size=1000))),
+                                average_hash(real[1])))
+    m = run(real, tmp_path, fresh, hash_threshold=None, hash_quantile=0.9)
+    assert m["hash_threshold"] == d[int(np.ceil(0.9 * (len(d) - 1)))] and m["hash_threshold_source"] == "calibrated"
+    assert m["hash_quantile"] == 0.9 and m["real_rejection_rate"] <= 0.1
+    assert m["real_rejection_rate"] == np.mean(d > m["hash_threshold"]) > 0
+    fixed = run(real, tmp_path, fresh, name="fixed")
+    assert (fixed["hash_threshold"], fixed["hash_threshold_source"]) == (THRESHOLD, "params")
+    assert fixed["hash_quantile"] is None
 
 
 def test_same_seed_same_output(real, tmp_path):

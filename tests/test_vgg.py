@@ -112,3 +112,20 @@ def test_local_weights_are_loaded(tmp_path):
     torch.save({"features.0.weight": torch.zeros(64, 3, 3, 3)}, tmp_path / "partial.pt")
     with pytest.raises(ValueError, match="not a VGG16 state dict, missing"):
         vgg.build_vgg(3, tmp_path / "partial.pt")
+
+
+@pytest.mark.parametrize("side", [32, 64, 96])
+def test_head_sized_for_the_input_computes_what_torchvision_would(tmp_path, side):
+    """Below 224 px the first classifier layer takes the feature map at its own side; loaded weights are
+    folded through torchvision's 7 x 7 pool, so outputs match torchvision's model exactly."""
+    torch.manual_seed(0)
+    ref = torchvision.models.vgg16(weights=None)
+    torch.save(ref.state_dict(), tmp_path / "vgg16.pt")
+    net = vgg.build_vgg(3, tmp_path / "vgg16.pt", input_size=side).eval()
+    assert net.classifier[0].in_features == 512 * (side // 32) ** 2
+    ref.classifier[6] = net.classifier[6]  # the two-class head is fresh in both
+    x = torch.randn(2, 3, side, side)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), ref.eval()(x), rtol=1e-4, atol=1e-5)
+    assert sum(p.numel() for p in vgg.build_vgg(1, input_size=32).parameters()) < 35e6
+    assert vgg.build_vgg(1, input_size=224).classifier[0].in_features == 512 * 49  # torchvision's at 224 px

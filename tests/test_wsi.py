@@ -1,9 +1,15 @@
+from pathlib import Path
+
 import numpy as np
 import openslide
 import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from biomedsynth.sources.wsi import (list_slides, points_in_tumour, read_annotation_polygons, write_annotation_xml,
-                                     write_pyramidal_tiff)
+from biomedsynth.sources.wsi import (DICOM_WSI, list_slides, points_in_tumour, read_annotation_polygons,
+                                     write_annotation_xml, write_pyramidal_tiff)
+from test_scans import write_dicom
 
 
 def _smooth_rgb(h=768, w=1024):
@@ -75,6 +81,73 @@ def test_list_slides_label_csv_and_errors(tmp_path):
         list_slides(tmp_path / "slides", tmp_path / "labels.csv")
     with pytest.raises(ValueError, match="no slides"):
         list_slides(_touch(tmp_path / "empty" / "labels.csv").parent)
+
+
+def write_dicom_wsi(folder: Path, rgb: np.ndarray, tile: int = 128, levels: int = 2) -> None:
+    """A DICOM whole-slide image as scanners export it: one uncompressed TILED_FULL file per pyramid level
+    (level k is rgb subsampled 2**k times) plus a label image, one series, in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    series, study, frame = generate_uid(), generate_uid(), generate_uid()
+    images = [(f"level{k}.dcm", "VOLUME", rgb[::2 ** k, ::2 ** k]) for k in range(levels)]
+    for name, flavor, image in [*images, ("label.dcm", "LABEL", rgb[:64, :64])]:
+        h, w, _ = image.shape
+        rows, cols = -(-h // tile), -(-w // tile)
+        padded = np.full((rows * tile, cols * tile, 3), 255, np.uint8)
+        padded[:h, :w] = image
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = DICOM_WSI, generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = DICOM_WSI, meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID, ds.Modality = study, series, frame, "SM"
+        ds.ImageType = ["ORIGINAL", "PRIMARY", flavor, "NONE"]
+        ds.DimensionOrganizationType = "TILED_FULL"
+        ds.TotalPixelMatrixColumns, ds.TotalPixelMatrixRows, ds.TotalPixelMatrixFocalPlanes = w, h, 1
+        ds.Rows = ds.Columns = tile
+        ds.NumberOfFrames = rows * cols
+        ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+        spacing = Dataset()
+        spacing.PixelSpacing, spacing.SliceThickness = [0.00025 * rgb.shape[1] / w] * 2, 0.001
+        ds.SharedFunctionalGroupsSequence = Sequence([Dataset()])
+        ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence = Sequence([spacing])
+        path = Dataset()
+        path.OpticalPathIdentifier = "1"
+        ds.OpticalPathSequence, ds.NumberOfOpticalPaths = Sequence([path]), 1
+        ds.PixelData = padded.reshape(rows, tile, cols, tile, 3).swapaxes(1, 2).tobytes()  # frames row by row
+        ds.save_as(folder / name, enforce_file_format=True)
+
+
+def test_dicom_slide_folder_is_one_slide_that_openslide_reads(tmp_path):
+    rgb = _smooth_rgb(300, 520)
+    write_dicom_wsi(tmp_path / "dicom" / "tumor_005", rgb)
+    _touch(tmp_path / "dicom" / "tumor_005.xml")
+    write_pyramidal_tiff(tmp_path / "normal_001.tif", rgb)
+    (tmp_path / "dicom" / "ct").mkdir()
+    write_dicom(tmp_path / "dicom" / "ct" / "slice1.dcm", np.zeros((8, 8), np.uint16))  # a DICOM of another kind
+    (tmp_path / "dicom" / "broken.dcm").write_bytes(b"not dicom at all")
+    unsupported = []
+    recs = list_slides(tmp_path, unsupported=unsupported)
+    # before: .dcm was no slide suffix, so the slide was left out without a word
+    assert [(r.slide_id, r.label, r.path.name) for r in recs] == [("tumor_005", "tumor", "level0.dcm"),
+                                                                  ("normal_001", "normal", "normal_001.tif")]
+    assert recs[0].annotation == tmp_path / "dicom" / "tumor_005.xml"
+    assert [u.split(":")[0] for u in unsupported] == [str(tmp_path / "dicom" / "broken.dcm"),
+                                                      str(tmp_path / "dicom" / "ct" / "slice1.dcm")]
+    assert "not a whole-slide image" in unsupported[1]
+    s = openslide.OpenSlide(str(recs[0].path))
+    assert s.level_dimensions == ((520, 300), (260, 150))
+    assert (np.asarray(s.read_region((0, 0), 0, (520, 300)))[..., :3] == rgb).all()
+
+
+def test_one_file_under_two_slide_names_is_refused(tmp_path):
+    write_pyramidal_tiff(tmp_path / "normal_001.tif", _smooth_rgb(256, 256))
+    write_pyramidal_tiff(tmp_path / "normal_002.tif", _smooth_rgb(256, 384))
+    assert len(list_slides(tmp_path)) == 2
+    (tmp_path / "tumor_009.tif").write_bytes((tmp_path / "normal_001.tif").read_bytes())
+    with pytest.raises(ValueError, match=r"slides 'normal_001' and 'tumor_009' are the same file .*remove the copy"):
+        list_slides(tmp_path)
 
 
 CAMELYON_XML = """<?xml version="1.0"?>

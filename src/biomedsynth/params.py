@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from ruamel.yaml import YAML
 
+from biomedsynth.sources import slide_id_pattern
 from biomedsynth.store import atomic_write_text
 
 PosInt = Annotated[int, Field(gt=0)]
@@ -76,6 +77,17 @@ class HistologySource(Strict):
     format: Literal["slides", "tiles", "pcam"]
     root: Path
     labels_csv: Path | None  # slides: `slide,label` CSV instead of Camelyon16 file names
+    slide_id: str | None     # tiles: slide from the file name, camelyon16 | pcam | a regex with a group 'slide'
+    allow_tile_level_split: bool  # tiles/pcam without slide ids: split by tile (else refused)
+
+    @model_validator(mode="after")
+    def _slide_id_for_tile_folders(self):
+        if self.slide_id is not None:
+            if self.format != "tiles":
+                raise ValueError(f"slide_id reads tile file names (format 'tiles'); format {self.format!r} has "
+                                 "its slide ids already (slide file names, PatchCamelyon's _meta.csv)")
+            slide_id_pattern(self.slide_id)
+        return self
 
 
 class Sources(Strict):
@@ -89,6 +101,7 @@ class XrayIngest(Strict):
     normal_only: bool
     on_no_lungs: Literal["skip", "central"]
     percentiles: tuple[Annotated[float, Field(ge=0, le=100)], Annotated[float, Field(ge=0, le=100)]]
+    fit: Literal["stretch", "crop", "pad"]  # how a non-square scan is made square before the resize
 
     @model_validator(mode="after")
     def _ordered(self):
@@ -140,12 +153,14 @@ HistologyGroup = TrainTest
 
 class XrayGroups(Strict):
     test_fraction: Annotated[float, Field(gt=0.0, lt=1.0)]  # of patients, held out for every X-ray group
+    val_fraction: Annotated[float, Field(gt=0.0, lt=1.0)]   # of the other patients, the GANs' validation part
     x_norm: XrayGroup
     x_norm_l: XrayGroup
 
 
 class HistologyGroups(Strict):
     test_fraction: Annotated[float, Field(gt=0.0, lt=1.0)]  # of slides per slide label
+    val_fraction: Annotated[float, Field(gt=0.0, lt=1.0)]   # of the other slides per slide label, for validation
     h_norm: HistologyGroup
     h_tumor: HistologyGroup
 
@@ -190,12 +205,14 @@ class Pggan(Strict):
 
 
 class GanScore(Strict):
-    images: Annotated[int, Field(ge=4)]   # real and generated images compared per epoch
+    images: Annotated[int, Field(ge=4)]   # validation and generated images compared per epoch and model
     swd_directions: Annotated[int, Field(gt=0, multiple_of=128)]  # random projections of SWD (the paper: 512)
-    feature_epochs: PosInt                # training epochs of the KID feature net
+    feature_epochs: PosInt                # training epochs of the modality's KID feature net
+    trend_tail: Annotated[float, Field(gt=0.0, le=0.5)]  # a best epoch in this last share of epochs: still improving
 
 
 class Gan(Strict):
+    stages: Literal["table3", "all"]  # which GAN stages train: those whose sets Table 3 uses, or all twelve
     xray: XrayGan
     histology: HistologyGan
     dcgan: Dcgan
@@ -204,23 +221,28 @@ class Gan(Strict):
 
 
 # --- synthetic datasets (SPEC section 4) ---
-class CopyCheck(Strict):
-    images: PosInt          # synthetic (and held-out real) images compared with the training set
-    side: Annotated[int, Field(ge=4)]  # px both are resized to before the pixel distance
+class Evidence(Strict):
+    images: PosInt          # synthetic and held-out real images measured against every training image
+    side: Annotated[int, Field(ge=4)]  # px images are area-downsampled to before the pixel PCA
+    pca_dims: PosInt        # axes of the pixel PCA, fitted on up to `images` training images
+    k: PosInt               # PRDC's neighbours (Naeem et al.: 5)
+    cells: PosInt           # C_T's k-means cells at most (fewer when held-out images are < 20 per cell)
 
 
 class Synthesize(Strict):
     checkpoint: Annotated[str, Field(pattern=r"^(best|last|epoch_[1-9][0-9]*)$")]
     hash_screen: Literal["dcgan_xray", "all", "none"]
     hash_size: Annotated[int, Field(ge=2, le=64)]
-    hash_threshold: NonNegInt  # bits
+    hash_threshold: NonNegInt | None  # bits; None: calibrated from held-out real images at hash_quantile
+    hash_quantile: Annotated[float, Field(gt=0.0, le=1.0)]
     max_tries_factor: Annotated[float, Field(ge=1.0)]
     batch_size: PosInt
-    copy_check: CopyCheck
+    draws: PosInt  # independent synthetic copies of the group (fresh latents): the benchmark repeats its arm on each
+    evidence: Evidence
 
     @model_validator(mode="after")
     def _threshold_in_range(self):
-        if self.hash_threshold > self.hash_size ** 2:
+        if self.hash_threshold is not None and self.hash_threshold > self.hash_size ** 2:
             raise ValueError(f"hash_threshold must be at most hash_size**2 = {self.hash_size ** 2} bits")
         return self
 

@@ -1,8 +1,7 @@
-"""The report stage: Table 3 (accuracy of each classifier trained on real and on synthetic images, both
-tested on real ones) with intervals beside the study's numbers, whether the study's claim holds, and per GAN
-stage the figures that show what the synthetic images look like and how they were picked and checked.
+"""The report stage: Table 3 with its intervals, flags and verdict (from metrics/summary.json, the table3
+stage's) beside the study's numbers, and per GAN stage the figures that show what the synthetic images look
+like and how they were picked and checked.
 
-`summarise` is the stage's metrics file, flat enough for `dvc metrics show` and `dvc exp show` to compare.
 `write_report` writes report.md (figures beside it under figures/, so it renders on GitHub) and report.html,
 self-contained: the same PNGs embedded as data URIs, so it opens offline and can be mailed as one file.
 The document is built once as a list of blocks and rendered to both formats.
@@ -23,24 +22,13 @@ import pandas as pd
 from matplotlib.figure import Figure
 from PIL import Image
 
-from biomedsynth.classify.benchmark import CLASSIC as LBP
-from biomedsynth.classify.benchmark import MODELS
+from biomedsynth.evidence import RULE
 from biomedsynth.store import ImageSet
+from biomedsynth.table3 import DROPS, HEADLINE
 from biomedsynth.tasks import TASKS
 
-DEEP = tuple(m for m in MODELS if m not in LBP)
 TASK_NAMES = {"histology": "histology", "xray_sex": "X-ray sex", "xray_age": "X-ray age"}
 MODEL_NAMES = {"vgg16": "VGG16", "knn": "k-NN", "svm": "SVM", "rf": "RF"}
-
-# SPEC section 6: task -> model -> (accuracy trained on real, accuracy trained on synthetic, relative drop)
-STUDY_TABLE3 = {
-    "histology": {"vgg16": (0.96, 0.93, 0.0312), "knn": (0.94, 0.87, 0.0745),
-                  "svm": (0.90, 0.85, 0.0556), "rf": (0.93, 0.86, 0.0753)},
-    "xray_sex": {"vgg16": (0.90, 0.88, 0.0222), "knn": (0.84, 0.78, 0.0714),
-                 "svm": (0.82, 0.74, 0.0976), "rf": (0.83, 0.72, 0.1325)},
-    "xray_age": {"vgg16": (0.86, 0.83, 0.0349), "knn": (0.80, 0.73, 0.0875),
-                 "svm": (0.79, 0.71, 0.1013), "rf": (0.80, 0.70, 0.1250)},
-}
 TITLE = "biomedsynth: can synthetic images stand in for real ones?"
 CSS = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
        "table{border-collapse:collapse;margin:1em 0;font-size:90%}th,td{border:1px solid #ccc;padding:3px 8px}"
@@ -67,41 +55,6 @@ def _existing(path: Path) -> Path:
 
 def _read_json(path: Path) -> dict:
     return json.loads(_existing(path).read_text())
-
-
-# ---- Table 3 as metrics ----
-
-def _claims(drops: dict[str, dict[str, float]]) -> dict:
-    """Mean relative drop over tasks of the deep and of the LBP models present; the claim is deep < LBP."""
-    def mean(models):
-        values = [d[m] for d in drops.values() for m in models if m in d]
-        return round(float(np.mean(values)), 4) if values else None
-    deep, lbp = mean(DEEP), mean(LBP)
-    return {"deep_drop_mean": deep, "lbp_drop_mean": lbp,
-            "deep_drop_below_lbp": None if deep is None or lbp is None else deep < lbp}
-
-
-def summarise(metrics_dir: Path, tasks: tuple[str, ...] = TASKS, models: tuple[str, ...] = MODELS) -> dict:
-    """Table 3 from metrics/<task>/<model>.json: per task and model the accuracy trained on real, on
-    synthetic and the relative drop, each {value, low, high}; plus "claims" (ours beside the study's)."""
-    for name, given, known in (("task", tasks, TASKS), ("model", models, MODELS)):
-        if unknown := sorted(set(given) - set(known)):
-            raise ValueError(f"unknown {name}(s) {', '.join(unknown)}; known: {', '.join(known)}")
-    table = {}
-    for task in tasks:
-        for model in models:
-            path = Path(metrics_dir) / task / f"{model}.json"
-            m = _read_json(path)
-            try:
-                table.setdefault(task, {})[model] = {
-                    k: {b: round(float(m[k]["accuracy"][b]), 4) for b in ("value", "low", "high")}
-                    for k in ("real", "synthetic", "drop")}
-            except KeyError as e:
-                raise ValueError(f"{path}: no {e.args[0]!r} in its real/synthetic/drop accuracy") from None
-    ours = _claims({t: {m: v["drop"]["value"] for m, v in row.items()} for t, row in table.items()})
-    study = _claims({t: {m: STUDY_TABLE3[t][m][2] for m in row} for t, row in table.items()})
-    return {**table, "claims": {**ours, "study_deep_drop_mean": study["deep_drop_mean"],
-                                "study_lbp_drop_mean": study["lbp_drop_mean"]}}
 
 
 # ---- figures ----
@@ -195,59 +148,109 @@ def _score_plot(scores_csv: Path, checkpoints: list[int]) -> bytes:
 #      | ("img", file, png, caption)
 
 def _ci(d: dict, percent: bool = False) -> str:
-    f = (lambda x: f"{100 * x:.1f}%") if percent else (lambda x: f"{x:.3f}")
+    def f(x):
+        return "n/a" if x is None else f"{100 * x:.1f}%" if percent else f"{x:.3f}"
     return f"{f(d['value'])} [{f(d['low'])}, {f(d['high'])}]"
 
 
 def _table3(summary: dict) -> list:
-    rows = [[TASK_NAMES[task], MODEL_NAMES[model], _ci(v["real"]), _ci(v["synthetic"]), _ci(v["drop"], True),
-             "{:.2f} → {:.2f} ({:.2f}%)".format(*STUDY_TABLE3[task][model][:2], 100 * STUDY_TABLE3[task][model][2])]
-            for task, row in summary.items() if task != "claims" for model, v in row.items()]
+    rows = []
+    for task, row in summary.items():
+        if task not in TASKS:
+            continue
+        for model, v in row.items():
+            flags = "; ".join(f"{arm}: {', '.join(r)}" for arm, r in v["degenerate_reasons"].items())
+            study = v["study"]
+            rows.append([TASK_NAMES[task], MODEL_NAMES[model], _ci(v["real"]),
+                         _ci(v["synthetic"]) + (f" ({v['synthetic_draws']} draws)" if v["synthetic_draws"] > 1 else ""),
+                         _ci(v["real_synthetic"]) if "real_synthetic" in v else "n/a",
+                         _ci(v["drop"], True), _ci(v["drop_chance_normalised"], True),
+                         f"DEGENERATE ({flags})" if v["degenerate"] else "ok",
+                         "{:.2f} → {:.2f} ({:.2f}%)".format(study["real"], study["synthetic"], 100 * study["drop"])])
     return [("h2", "Table 3: accuracy trained on real → trained on synthetic, tested on real"),
-            ("p", "Values with 95% bootstrap intervals over the real test set (first seed); the relative drop "
-                  "(real - synthetic) / real has a paired interval. The last column is the study's result."),
-            ("table", ["task", "model", "real", "synthetic", "relative drop", "study"], rows)]
+            ("p", "Accuracy on the real test set with 95% intervals from a bootstrap over its patients (X-ray) or "
+                  "slides (histology), first training seed; the synthetic arm is the mean over its independent "
+                  "draws from the generator. Drops are paired over the same resampled patients/slides: relative "
+                  "(real - synthetic) / real, and chance-normalised (real - synthetic) / (real - 0.5). A cell is "
+                  "DEGENERATE when a model predicts one class for >= 95% of the test images or its accuracy "
+                  "interval contains chance; such cells are shown but left out of the verdict. The last column is "
+                  "the study's result."),
+            ("table", ["task", "model", "real", "synthetic", "real + synthetic", "relative drop",
+                       "chance-normalised drop", "flag", "study"], rows),
+            ("table", ["task", "model", "seed std real", "seed std synthetic", "draw std synthetic"],
+             [[TASK_NAMES[t], MODEL_NAMES[m], *(f"{v['spread']['seeds'].get(a, 0):.3f} (n={v['spread']['n_seeds']})"
+                                                for a in ("real", "synthetic")),
+               f"{v['spread']['draws']:.3f} (n={v['spread']['n_draws']})"]
+              for t, row in summary.items() if t in TASKS for m, v in row.items()])]
 
 
 def _claim(claims: dict) -> list:
-    pct = lambda x: "n/a" if x is None else f"{100 * x:.2f}%"  # noqa: E731
-    verdict = {True: "holds here", False: "does not hold here",
-               None: "cannot be checked here (it needs a deep and an LBP model)"}[claims["deep_drop_below_lbp"]]
+    pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"  # noqa: E731
+    rows = [[DROPS[kind], claims[kind]["verdict"], pct(claims[kind]["deep_drop_mean"]),
+             pct(claims[kind]["lbp_drop_mean"]),
+             "n/a" if claims[kind]["difference"] is None else _ci(claims[kind]["difference"], True),
+             claims[kind]["cells_used"]] for kind in DROPS]
     return [("h2", "The study's claim"),
+            ("p", claims["sentence"]),
             ("p", "The study found that training on synthetic instead of real images costs the deep model (VGG16) "
-                  "2.2-3.5% of its accuracy and the LBP models (k-NN, SVM, RF) 5.5-13.25%. Mean relative drop over "
-                  f"the tasks here: deep {pct(claims['deep_drop_mean'])} "
-                  f"(study {pct(claims['study_deep_drop_mean'])}), "
-                  f"LBP {pct(claims['lbp_drop_mean'])} (study {pct(claims['study_lbp_drop_mean'])}). "
-                  f"The claim that the deep model loses less than the LBP models {verdict}.")]
+                  "2.2-3.5% of its accuracy and the LBP models (k-NN, SVM, RF) 5.5-13.25% (mean relative drop "
+                  f"{pct(claims['study_deep_drop_mean'])} vs {pct(claims['study_lbp_drop_mean'])}). The verdict "
+                  f"uses the {DROPS[HEADLINE]}; the relative drop's is shown beside."
+                  + (f" Left out as degenerate: {', '.join(claims['cells_left_out'])}." if claims["cells_left_out"]
+                     else "")),
+            ("table", ["drop measure", "verdict", "mean deep drop", "mean LBP drop", "LBP - deep [95%]", "cells used"],
+             rows)]
 
 
 def _task_sets(tasks_json: Path) -> list:
     tasks = _read_json(tasks_json)
     order = [t for t in TASKS if t in tasks] + [t for t in tasks if t not in TASKS]
-    rows = [[TASK_NAMES.get(t, t), *(tasks[t][k]["images"] for k in ("real", "synthetic", "test")),
-             tasks[t]["test"]["side"]] for t in order]
+    def clusters(s):
+        return " / ".join(str(s.get("clusters_per_class", {}).get(c, "?")) for c in ("0", "1"))
+    rows = [[TASK_NAMES.get(t, t), tasks[t]["real"]["images"], tasks[t]["synthetic"]["images"],
+             sum(1 for k in tasks[t] if k.startswith("synthetic")), tasks[t]["test"]["images"],
+             clusters(tasks[t]["test"]), tasks[t]["test"]["side"]] for t in order]
     return [("h2", "Benchmark sets (Table 2)"),
-            ("table", ["task", "train real", "train synthetic", "test (real)", "side px"], rows)]
+            ("table", ["task", "train real", "train synthetic (per draw)", "synthetic draws", "test (real)",
+                       "test patients/slides per class (0 / 1)", "side px"], rows)]
 
 
 def _gan_table(metrics_dir: Path, gan_names: list[str]) -> list:
-    rows = []
+    gan_rows, evidence_rows = [], []
     for name in gan_names:
         g, s = _read_json(metrics_dir / "gan" / f"{name}.json"), _read_json(metrics_dir / "synthesize" / f"{name}.json")
         epochs = sorted(set(s["checkpoint_epochs"].values()))
-        rows.append([name, f"{g['swd_best']:.4f}", f"{g['kid_best']:.4f}",
-                     str(epochs[0]) if len(epochs) == 1 else f"{epochs[0]}-{epochs[-1]}",
-                     f"{s['rejection_rate']:.1%}" if s["hash_screen"] else "off",
-                     f"{s['real_rejection_rate']:.1%}", f"{s['copy_check']['share_closer']:.1%}",
-                     f"{s['copy_check']['threshold']:.3f}"])
+        gan_rows.append([name, f"{g['swd_best']:.4f} ({g['swd_floor']:.4f})", f"{g['kid_best']:.4f} ({g['kid_floor']:.4f})",
+                         f"{g['models_learnt']}/{g['models']}" + ("" if g["learnt"] else " NOT LEARNT"),
+                         "yes" if g["still_improving"] else "no",
+                         str(epochs[0]) if len(epochs) == 1 else f"{epochs[0]}-{epochs[-1]}",
+                         f"{s['rejection_rate']:.1%} ({s['hash_threshold']} bits, {s['hash_threshold_source']})"
+                         if s["hash_screen"] else "off", f"{s['real_rejection_rate']:.1%}"])
+        e = s["evidence"]
+        px, ft = e["pixels"], e["features"]
+        evidence_rows.append([name, f"{ft['prdc']['precision']:.2f} ({ft['prdc_heldout']['precision']:.2f})",
+                              f"{ft['prdc']['coverage']:.2f} ({ft['prdc_heldout']['coverage']:.2f})",
+                              f"{px['c_t']:+.1f} / {ft['c_t']:+.1f}",
+                              f"{ft['authentic']:.2f} ({ft['authentic_heldout']:.2f})",
+                              f"{e['near_duplicates']} of {e['images']['synthetic']}",
+                              "COPYING" if e["copying"] else "no"])
     return [("h2", "GAN stages"),
-            ("p", "SWD/KID: the best epoch's scores (mean over the stage's models). Hash screen: share of drawn "
-                  "synthetic images rejected for lacking a body shape, and the share of real test images the same "
-                  "screen would reject. Copy check: share of synthetic images closer to a real training image than "
-                  "the 1% quantile of real test images' nearest-neighbour distances (the threshold)."),
-            ("table", ["stage", "SWD best", "KID best", "checkpoint epoch", "hash rejected", "real rejected",
-                       "closer than real", "copy threshold"], rows)]
+            ("p", "SWD/KID: the best epoch's scores against held-out validation images (mean over the stage's "
+                  "models), the real floor (training images scored the same way) in brackets. Learnt: models whose "
+                  "best SWD is clearly below that of noise or blurred images. Still improving: a model's best epoch "
+                  "is among its last and the score still falls (more epochs would help). Hash screen: share of drawn "
+                  "synthetic images rejected for lacking a body shape (threshold and where it came from), and the "
+                  "share of real test images the same screen would reject."),
+            ("table", ["stage", "SWD best (floor)", "KID best (floor)", "learnt", "still improving",
+                       "checkpoint epoch", "hash rejected", "real rejected"], gan_rows),
+            ("h2", "Evidence about each synthetic set"),
+            ("p", "In the modality's feature net space: precision (fidelity) and coverage (diversity; a collapsed "
+                  "generator scores near 0), held-out real images' values in brackets; the data-copying statistic "
+                  "C_T in pixel-PCA / feature space (well below 0, e.g. < -3: samples sit closer to training "
+                  "images than held-out real ones do); the authentic share (held-out real images' in brackets); "
+                  "near-duplicates of a training image in either space. Rule: " + RULE + "."),
+            ("table", ["stage", "precision (real)", "coverage (real)", "C_T pixels / features",
+                       "authentic (real)", "near-duplicates", "copying"], evidence_rows)]
 
 
 def _stage(name: str, metrics_dir: Path, models_dir: Path, groups_dir: Path, synthetic_dir: Path,
@@ -265,9 +268,10 @@ def _stage(name: str, metrics_dir: Path, models_dir: Path, groups_dir: Path, syn
                "SWD and KID of each epoch's checkpoint; dotted: the epoch(s) the synthetic set was drawn from.")]
     if growth := _growth(models_dir / name):
         blocks.append(("img", f"{name}-growth.png", *growth))
-    closest = _existing(metrics_dir / "synthesize" / f"{name}-closest.png").read_bytes()
+    closest = _existing(metrics_dir / "synthesize" / name / "closest.png").read_bytes()
     return blocks + [("img", f"{name}-closest.png", closest,
-                      "The synthetic images closest to a real training image (top) and that image (bottom).")]
+                      "The synthetic images closest to a real training image, in pixel-PCA and in feature space, "
+                      "above that training image.")]
 
 
 # ---- rendering ----
@@ -306,9 +310,18 @@ def _html(blocks: list) -> str:
             f"<style>{CSS}</style></head><body>\n" + "\n".join(out) + "\n</body></html>\n")
 
 
+def _provenance(summary: dict) -> list:
+    p = summary.get("provenance") or {}
+    sources = p.get("sources") or {}
+    read = "; ".join(f"{m}: {s.get('format')} from {s.get('root')}" for m, s in sources.items()) or "unknown"
+    blocks = [("p", f"Data: data.dvc {p.get('data') or 'unknown'} ({read}); classifiers run at commit(s) "
+                    f"{', '.join(c[:10] for c in p.get('commits', [])) or 'unknown'}.")]
+    return blocks + [("p", f"WARNING: {w}") for w in summary.get("warnings", [])]
+
+
 def table3_markdown(summary: dict) -> str:
-    """Table 3 beside the study's and the verdict on its claim, as Markdown (the report's first section)."""
-    return _markdown([*_table3(summary), *_claim(summary["claims"])])
+    """The verdict on the study's claim and Table 3 beside the study's, as Markdown (the report's first section)."""
+    return _markdown([*_claim(summary["claims"]), *_provenance(summary), *_table3(summary)])
 
 
 def write_report(metrics_dir: Path, models_dir: Path, groups_dir: Path, synthetic_dir: Path, gan_names: list[str],
@@ -319,9 +332,13 @@ def write_report(metrics_dir: Path, models_dir: Path, groups_dir: Path, syntheti
         Path, (metrics_dir, models_dir, groups_dir, synthetic_dir, out_dir))
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
-    summary = summarise(metrics_dir)
-    blocks = [("h1", TITLE), *_table3(summary), *_claim(summary["claims"]),
+    summary = _read_json(metrics_dir / "summary.json")
+    skipped = {n: g["reason"] for n in gan_names if not (g := _read_json(metrics_dir / "gan" / f"{n}.json")).get("trained", True)}
+    gan_names = [n for n in gan_names if n not in skipped]
+    blocks = [("h1", TITLE), *_claim(summary["claims"]), *_provenance(summary), *_table3(summary),
               *_task_sets(metrics_dir / "tasks.json"), *_gan_table(metrics_dir, gan_names)]
+    if skipped:
+        blocks.append(("p", f"Not trained in this profile ({next(iter(skipped.values()))}): {', '.join(skipped)}."))
     for name in gan_names:
         blocks += _stage(name, metrics_dir, models_dir, groups_dir, synthetic_dir, samples, seed)
     for kind, *a in blocks:

@@ -1,8 +1,10 @@
 """Study groups (SPEC section 2): X-Norm, X-Norm-L, H-Norm, H-Tumor, split by patient or slide.
 
 One split of patients (X-ray) and one of slides (histology) serves every group of the modality, so a
-patient or slide is on one side for all groups and all later tasks. Each side is then balanced and
-sampled to the configured size; what the data could not supply is reported, never padded.
+patient or slide is on one side for all groups and all later tasks. The sides: `test` (held out for the
+benchmark), `val` (a part of the training side held out from the GANs, which score their epochs against
+it) and `train`. Each side is then balanced and sampled to its size; what the data could not supply is
+reported, never padded.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from tqdm import tqdm
 from biomedsynth.params import HistologyGroups, StudyGroups, XrayGroup, XrayGroups
 from biomedsynth.store import ImageSet, ImageSetWriter, write_json
 
-SIDES = ("train", "test")
+SIDES = ("train", "val", "test")
 
 
 class GroupError(ValueError):
@@ -48,6 +50,20 @@ def split_units(strata: pd.Series, test_fraction: float, rng: np.random.Generato
         k = min(len(units) - 1, max(1, round(test_fraction * len(units))))
         test.update(rng.choice(units, size=k, replace=False).tolist())
     return test
+
+
+def split_sides(strata: pd.Series, cfg, rng: np.random.Generator) -> pd.Series:
+    """unit id -> "test", "val" or "train": `cfg.test_fraction` of each stratum's units held out for testing,
+    then `cfg.val_fraction` of the rest for validation (the same stratified draw, from the training side)."""
+    test = split_units(strata, cfg.test_fraction, rng)
+    val = split_units(strata[~strata.index.isin(test)], cfg.val_fraction, rng)
+    return pd.Series(["test" if u in test else "val" if u in val else "train" for u in strata.index],
+                     index=strata.index)
+
+
+def val_size(train: int, val_fraction: float) -> int:
+    """Validation images requested beside `train`: the validation units' share of the training side."""
+    return max(1, round(train * val_fraction / (1 - val_fraction)))
 
 
 def _take(pool: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -100,53 +116,67 @@ def _side_summary(rows: pd.DataFrame, requested: int) -> dict:
 
 
 def _check_disjoint(sides: dict[str, pd.DataFrame], name: str) -> None:
-    shared = set(sides["train"]["patient_id"]) & set(sides["test"]["patient_id"])
-    if shared:  # the split is by unit, so this would be a bug, not bad data
-        raise AssertionError(f"{name}: {len(shared)} patient/slide ids on both sides, e.g. {sorted(shared)[:3]}")
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        shared = set(sides[a]["patient_id"]) & set(sides[b]["patient_id"])
+        if shared:  # the split is by unit, so this would be a bug, not bad data
+            raise AssertionError(f"{name}: {len(shared)} patient/slide ids on both {a} and {b}, "
+                                 f"e.g. {sorted(shared)[:3]}")
+
+
+def _check_val_labels(sides: dict[str, pd.DataFrame], name: str, knob: str) -> None:
+    """Every label a GAN trains on needs validation images to be scored against."""
+    missing = sorted(set(sides["train"]["label"]) - set(sides["val"]["label"]))
+    if missing:
+        raise GroupError(f"{name} val: no images of label(s) {', '.join(missing)} on the validation patients/slides; "
+                         f"raise {knob}")
+
+
+def _requested(group, side: str, val_fraction: float) -> int:
+    return val_size(group.train, val_fraction) if side == "val" else getattr(group, side)
 
 
 def build_xray_groups(src: ImageSet, cfg: XrayGroups, out: Path, rng: np.random.Generator) -> dict:
     meta = src.meta[src.meta["normal"].astype(str) == "True"] if "normal" in src.meta else src.meta
     patients = meta.groupby("patient_id").agg(sex=("sex", "first"), age=("age", "min"))
-    test_ids = split_units(patients["sex"] + (patients["age"] // 10).astype(str), cfg.test_fraction, rng)
-    is_test = meta["patient_id"].isin(test_ids)
+    side_of = meta["patient_id"].map(split_sides(patients["sex"] + (patients["age"] // 10).astype(str), cfg, rng))
     summary = {}
     for name in ("x_norm", "x_norm_l"):
         group: XrayGroup = getattr(cfg, name)
-        sides = {side: balance_xray(meta[is_test == (side == "test")], group, getattr(group, side), rng,
-                                    f"{name} {side}") for side in SIDES}
+        requested = {side: _requested(group, side, cfg.val_fraction) for side in SIDES}
+        sides = {side: balance_xray(meta[side_of == side], group, requested[side], rng, f"{name} {side}")
+                 for side in SIDES}
         _check_disjoint(sides, name)
+        _check_val_labels(sides, name, "studygroups.xray.val_fraction")
         for side, rows in sides.items():
             _write_side(src, rows, out / name / side, f"{name}/{side}")
-        summary[name] = {side: _side_summary(rows, getattr(group, side)) for side, rows in sides.items()}
+        summary[name] = {side: _side_summary(rows, requested[side]) for side, rows in sides.items()}
     return summary
 
 
 def build_histology_groups(src: ImageSet, cfg: HistologyGroups, out: Path, rng: np.random.Generator) -> dict:
     meta = src.meta
-    slides = meta.groupby("patient_id")["slide_label"].first()
-    test_ids = split_units(slides, cfg.test_fraction, rng)
-    is_test = meta["patient_id"].isin(test_ids)
+    side_of = meta["patient_id"].map(split_sides(meta.groupby("patient_id")["slide_label"].first(), cfg, rng))
     summary = {}
     for name, label in (("h_norm", "normal"), ("h_tumor", "tumor")):
         group = getattr(cfg, name)
+        requested = {side: _requested(group, side, cfg.val_fraction) for side in SIDES}
         sides = {}
         for side in SIDES:
-            pool = meta.index[(meta["label"] == label) & (is_test == (side == "test"))].to_numpy()
+            pool = meta.index[(meta["label"] == label) & (side_of == side)].to_numpy()
             if len(pool) == 0:
                 raise GroupError(f"{name} {side}: no '{label}' tiles on this side of the slide split; "
                                  "add slides or tiles_per_slide")
-            sides[side] = meta.loc[np.sort(_take(pool, getattr(group, side), rng))]
+            sides[side] = meta.loc[np.sort(_take(pool, requested[side], rng))]
         _check_disjoint(sides, name)
         for side, rows in sides.items():
             _write_side(src, rows, out / name / side, f"{name}/{side}")
-        summary[name] = {side: _side_summary(rows, getattr(group, side)) for side, rows in sides.items()}
+        summary[name] = {side: _side_summary(rows, requested[side]) for side, rows in sides.items()}
     return summary
 
 
 def build_studygroups(xray: Path, histology: Path, cfg: StudyGroups, out: Path, seed: int,
                       summary_path: Path) -> dict:
-    """Write <out>/<group>/{train,test} image sets and the per-group summary JSON; return the summary."""
+    """Write <out>/<group>/{train,val,test} image sets and the per-group summary JSON; return the summary."""
     rng = np.random.default_rng(seed)
     summary = {**build_xray_groups(ImageSet(xray), cfg.xray, out, rng),
                **build_histology_groups(ImageSet(histology), cfg.histology, out, rng)}

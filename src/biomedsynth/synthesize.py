@@ -1,9 +1,12 @@
 """The synthesize stage: draw a synthetic study group from a trained generator with exactly the real
 training group's size and label distribution, screen out images without a body shape by an average
-hash (SPEC 4), and measure how close the synthetic images come to real training images (SPEC 7).
+hash (SPEC 4), and gather evidence on fidelity and copying of the synthetic set (SPEC 7-8, evidence.py).
 
-Both checks compare against the real training set, read once in batches; only small derived arrays
-(hashes, copy-check thumbnails) are held in memory, so sets larger than RAM are fine.
+The hash screen's threshold is, unless params fix it, a quantile of the held-out real images' nearest
+Hamming distances to the training hashes. The evidence compares the synthetic images with the training
+images and, as the baseline, held-out real images, in two offline feature spaces: PCA of downsampled
+pixels and the KID feature net. The real sets are read once in batches for hashes and features; only
+those small per-image arrays are held in memory, so sets larger than RAM are fine.
 """
 from __future__ import annotations
 
@@ -20,10 +23,12 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
-from biomedsynth.store import ImageSet, ImageSetWriter
+from biomedsynth.evidence import RULE, Space, assess, pixel_pca
+from biomedsynth.store import ImageSet, ImageSetWriter, write_json
 
 NOT_COPIED = ("image_id", "patient_id", "source", "label")  # meta columns a synthetic image never inherits
 FIGURE_PAIRS = 8
+GROUP_COLUMN = "patient_id"  # the patient (X-ray) or slide (histology) of each real image
 Sampler = Callable[[str, int, np.random.Generator], np.ndarray]
 
 
@@ -38,11 +43,6 @@ def _as_float(batch: np.ndarray, side: int | None = None) -> torch.Tensor:
 def _hash(x: torch.Tensor, hash_size: int) -> torch.Tensor:
     small = F.interpolate(x.mean(1, keepdim=True), size=(hash_size, hash_size), mode="area").flatten(1)
     return small > small.mean(1, keepdim=True)
-
-
-def _thumb(x: torch.Tensor, side: int) -> torch.Tensor:
-    # float16 halves the memory of the thumbnails kept for a whole training set; distances use float32
-    return F.interpolate(x, size=(side, side), mode="area").flatten(1).half()
 
 
 def average_hash(images: np.ndarray, hash_size: int = 16, batch_size: int = 1024) -> np.ndarray:
@@ -77,33 +77,29 @@ def nearest_hamming(query: np.ndarray, reference: np.ndarray, chunk: int = 1024)
     return best
 
 
-def nearest_euclidean(query: torch.Tensor, reference: torch.Tensor, chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
-    """For each row of `query` (Q, D), the Euclidean distance to its nearest row of `reference` (R, D)
-    and that row's index: float64 (Q,), int64 (Q,). Blocks of chunk x chunk keep memory bounded."""
-    dist, idx = np.empty(len(query)), np.empty(len(query), np.int64)
-    for i in range(0, len(query), chunk):
-        q = query[i:i + chunk].float()
-        best_d, best_i = torch.full((len(q),), math.inf), torch.zeros(len(q), dtype=torch.long)
-        for j in range(0, len(reference), chunk):
-            d, k = torch.cdist(q, reference[j:j + chunk].float()).min(1)
-            closer = d < best_d
-            best_d, best_i = torch.where(closer, d, best_d), torch.where(closer, k + j, best_i)
-        dist[i:i + chunk], idx[i:i + chunk] = best_d.numpy(), best_i.numpy()
-    return dist, idx
-
-
-def _real_features(ds: ImageSet, resolution: int, hash_size: int, side: int, batch_size: int):
-    """Hashes and copy-check thumbnails of a real set seen at the generator's resolution, in one pass."""
-    # filled in place: small results kept between large per-batch temporaries fragment the heap (GBs at 40k images)
-    hashes = torch.empty(len(ds), hash_size * hash_size, dtype=torch.bool)
-    thumbs = torch.empty(len(ds), ds.shape[2] * side * side, dtype=torch.float16)
-    start = 0
-    for batch in tqdm(ds.batches(batch_size=batch_size), total=math.ceil(len(ds) / batch_size),
+def _read(ds: ImageSet, resolution: int, batch_size: int, indices: np.ndarray | None = None):
+    """Float (B, C, resolution, resolution) batches of a set (all images, or those at `indices`, in order)."""
+    total = len(ds) if indices is None else len(indices)
+    for batch in tqdm(ds.batches(indices, batch_size=batch_size), total=math.ceil(total / batch_size),
                       desc=f"read {ds.path.parent.name}/{ds.path.name}", unit="batch", leave=False):
-        x = _as_float(batch, resolution)
-        hashes[start:start + len(x)], thumbs[start:start + len(x)] = _hash(x, hash_size), _thumb(x, side)
-        start += len(x)
-    return hashes.numpy(), thumbs
+        yield _as_float(batch, resolution)
+
+
+def _features(ds: ImageSet, spaces: dict[str, Space], resolution: int, batch_size: int,
+              indices: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Per space, the features of a set's images (all, or those at `indices`) seen at the generator's
+    resolution, in one pass."""
+    features = {name: [] for name in spaces}
+    for x in _read(ds, resolution, batch_size, indices):
+        for name, space in spaces.items():
+            features[name].append(space(x))
+    return {name: np.concatenate(f) for name, f in features.items()}
+
+
+def calibrate_hash_threshold(heldout_hashes: np.ndarray, train_hashes: np.ndarray, quantile: float) -> int:
+    """The `quantile` of held-out real images' nearest Hamming distances to the training hashes, taken at an
+    observed distance (numpy's 'higher'): the screen would reject at most 1 - quantile of them."""
+    return int(np.quantile(nearest_hamming(heldout_hashes, train_hashes), quantile, method="higher"))
 
 
 def _label_constants(meta: pd.DataFrame) -> pd.DataFrame:
@@ -113,16 +109,19 @@ def _label_constants(meta: pd.DataFrame) -> pd.DataFrame:
     return by_label[cols].first()
 
 
-def _save_pairs_figure(path: Path, synthetic: ImageSet, real: ImageSet, pairs: list[tuple[int, int, float]]) -> None:
-    """The closest synthetic/real pairs: synthetic image above its nearest real training image."""
-    fig = Figure(figsize=(1.6 * max(len(pairs), 1), 3.6), layout="constrained")
-    for col, (s, r, d) in enumerate(pairs):
-        for row, img in enumerate((synthetic[s], real[r])):
-            ax = fig.add_subplot(2, len(pairs), row * len(pairs) + col + 1)
-            ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=255)
-            ax.set_xticks([]), ax.set_yticks([])
-            ax.set_title(f"syn {s}\nd={d:.2f}" if row == 0 else f"real {r}", fontsize=7)
-    fig.suptitle("closest synthetic (top) / nearest real training image (bottom)", fontsize=8)
+def _save_pairs_figure(path: Path, synthetic: ImageSet, real: ImageSet,
+                       pairs: dict[str, list[tuple[int, int, float]]]) -> None:
+    """Per feature space, the closest synthetic/real pairs: synthetic image above its nearest real training image."""
+    cols = max([len(p) for p in pairs.values()] + [1])
+    fig = Figure(figsize=(1.6 * cols, 3.6 * len(pairs)), layout="constrained")
+    for block, (space, space_pairs) in enumerate(pairs.items()):
+        for col, (s, r, d) in enumerate(space_pairs):
+            for row, img in enumerate((synthetic[s], real[r])):
+                ax = fig.add_subplot(2 * len(pairs), cols, (2 * block + row) * cols + col + 1)
+                ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=255)
+                ax.set_xticks([]), ax.set_yticks([])
+                ax.set_title(f"{space}: syn {s}\nd={d:.3g}" if row == 0 else f"real {r}", fontsize=7)
+    fig.suptitle("closest synthetic (top) / nearest real training image (bottom), per feature space", fontsize=8)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
@@ -131,37 +130,38 @@ def _save_pairs_figure(path: Path, synthetic: ImageSet, real: ImageSet, pairs: l
     os.replace(tmp, path)
 
 
-def synthesize(sample: Sampler, real_train: Path, real_test: Path, out: Path, *, resolution: int, hash_screen: bool,
-               hash_threshold: int, hash_size: int, max_tries_factor: float, batch_size: int,
-               copy_check_images: int, copy_check_side: int, seed: int, figure_path: Path) -> dict:
-    """Write a synthetic image set at `out` with real_train's size and exact label counts, drawn from
-    `sample(label, n, rng) -> uint8 (n, resolution, resolution, C)`; return the stage's metrics."""
-    train, test = ImageSet(real_train), ImageSet(real_test)
-    channels = train.shape[2]
+def _check_inputs(train: ImageSet, test: ImageSet, hash_threshold: int | None, hash_quantile: float,
+                  hash_size: int, max_tries_factor: float) -> None:
     if not len(train) or not len(test):
-        raise ValueError(f"{real_train if not len(train) else real_test} has no images")
-    if test.shape[2] != channels:
-        raise ValueError(f"{real_test} has {test.shape[2]} channels, {real_train} has {channels}")
-    if "label" not in train.meta.columns:
-        raise ValueError(f"{real_train}/meta.csv has no 'label' column")
-    if not 0 <= hash_threshold <= hash_size ** 2:
+        raise ValueError(f"{train.path if not len(train) else test.path} has no images")
+    if test.shape[2] != train.shape[2]:
+        raise ValueError(f"{test.path} has {test.shape[2]} channels, {train.path} has {train.shape[2]}")
+    for ds, columns in ((train, ("label", GROUP_COLUMN)), (test, ("label",))):
+        if missing := [c for c in columns if c not in ds.meta.columns]:
+            raise ValueError(f"{ds.path}/meta.csv has no {', '.join(map(repr, missing))} column")
+    if hash_threshold is not None and not 0 <= hash_threshold <= hash_size ** 2:
         raise ValueError(f"hash_threshold must be in [0, {hash_size ** 2}] bits for hash_size {hash_size}, "
                          f"got {hash_threshold}")
+    if not 0 < hash_quantile <= 1:
+        raise ValueError(f"hash_quantile must be in (0, 1], got {hash_quantile}")
     if max_tries_factor < 1:
         raise ValueError(f"max_tries_factor must be >= 1, got {max_tries_factor}")
 
-    train_hash, train_thumbs = _real_features(train, resolution, hash_size, copy_check_side, batch_size)
-    test_hash, test_thumbs = _real_features(test, resolution, hash_size, copy_check_side, batch_size)
+
+def _draw(sample: Sampler, train: ImageSet, out: Path, train_hash: np.ndarray, *, resolution: int,
+          hash_screen: bool, hash_threshold: int, hash_size: int, max_tries_factor: float, batch_size: int,
+          draws: int, rng: np.random.Generator) -> dict:
+    """Write `draws` independent synthetic copies of the training set (column `draw`: fresh latents each),
+    label by label, redrawing what the hash screen rejects; per-label counts summed over the draws."""
     counts = train.meta["label"].value_counts().sort_index()
     constants = _label_constants(train.meta)
-    rng = np.random.default_rng(seed)
-    per_label, written = {}, 0
-    syn_thumbs = torch.empty(len(train), channels * copy_check_side ** 2, dtype=torch.float16)
-    shape = (resolution, resolution, channels)
-    with ImageSetWriter(out, shape) as writer, tqdm(total=len(train), desc="synthesize", unit="img") as bar:
-        for label, target in counts.items():
+    per_label, written = {label: {"images": 0, "drawn": 0, "rejected": 0} for label in counts.index}, 0
+    shape = (resolution, resolution, train.shape[2])
+    jobs = [(draw, label, target) for draw in range(draws) for label, target in counts.items()]
+    with ImageSetWriter(out, shape) as writer, tqdm(total=draws * len(train), desc="synthesize", unit="img") as bar:
+        for draw, label, target in jobs:
             cap, drawn, kept, rejected = math.ceil(max_tries_factor * target), 0, 0, 0
-            row = {"label": label, "source": "synthetic", **constants.loc[label].to_dict()}
+            row = {"label": label, "source": "synthetic", **constants.loc[label].to_dict(), "draw": draw}
             while kept < target:
                 if hash_screen and drawn >= cap:
                     raise ValueError(
@@ -176,48 +176,102 @@ def synthesize(sample: Sampler, real_train: Path, real_test: Path, out: Path, *,
                     raise ValueError(f"sampler gave {batch.dtype} {batch.shape} for label {label!r}, "
                                      f"expected uint8 {(n, *shape)}")
                 drawn += n
-                x = _as_float(batch)
                 ok = np.ones(n, bool)
                 if hash_screen:
-                    ok = nearest_hamming(_hash(x, hash_size).numpy(), train_hash) <= hash_threshold
+                    ok = nearest_hamming(_hash(_as_float(batch), hash_size).numpy(), train_hash) <= hash_threshold
                     rejected += int(n - ok.sum())
                 take = np.flatnonzero(ok)[:target - kept]
-                syn_thumbs[written:written + len(take)] = _thumb(x[torch.from_numpy(take)], copy_check_side)
                 for i in take:
                     writer.add(batch[i], image_id=f"syn-{written:06d}", **row)
                     written += 1
                 kept += len(take)
                 bar.update(len(take))
-            per_label[label] = {"images": int(target), "drawn": drawn, "rejected": rejected}
+            for key, value in (("images", int(target)), ("drawn", drawn), ("rejected", rejected)):
+                per_label[label][key] += value
+    return per_label
 
-    check_rng = np.random.default_rng([seed, 1])
-    syn_idx, test_idx = (np.sort(check_rng.choice(n, min(n, copy_check_images), replace=False))
-                         for n in (len(train), len(test)))
-    syn_d, syn_nn = nearest_euclidean(syn_thumbs[torch.from_numpy(syn_idx)], train_thumbs)
-    test_d, _ = nearest_euclidean(test_thumbs[torch.from_numpy(test_idx)], train_thumbs)
-    copy_threshold = float(np.quantile(test_d, 0.01))
-    closest = np.argsort(syn_d, kind="stable")[:FIGURE_PAIRS]
-    _save_pairs_figure(figure_path, ImageSet(out), train,
-                       [(int(syn_idx[k]), int(syn_nn[k]), float(syn_d[k])) for k in closest])
 
+def _evidence(train: ImageSet, test: ImageSet, synthetic: ImageSet, train_features: dict[str, np.ndarray],
+              test_features: dict[str, np.ndarray], spaces: dict[str, Space], *, images: int, k: int, cells: int,
+              resolution: int, batch_size: int, seed: int, figure_path: Path) -> dict:
+    """evidence.assess in every space on seeded samples of `images` synthetic and held-out real images against
+    all training images; draws the closest pairs per space; returns the metrics' `evidence` block."""
+    rng = np.random.default_rng([seed, 1])
+    n = min(images, len(synthetic), len(test))
+    syn_idx, test_idx = (np.sort(rng.choice(len(ds), n, replace=False)) for ds in (synthetic, test))
+    syn_features = _features(synthetic, spaces, resolution, batch_size, syn_idx)
+    labels = (train.meta["label"].to_numpy(), test.meta["label"].to_numpy()[test_idx],
+              synthetic.meta["label"].to_numpy()[syn_idx])
+    groups = train.meta[GROUP_COLUMN].to_numpy()
+    out, pairs, near_copy = {}, {}, np.zeros(n, bool)
+    for name, space in spaces.items():
+        found = assess(train_features[name], groups, test_features[name][test_idx], syn_features[name], labels=labels,
+                       k=k, cells=cells, seed=seed)
+        out[name] = found.metrics
+        nb = found.synthetic
+        pairs[name] = [(int(syn_idx[i]), int(nb.index[i]), float(nb.distance[i]))
+                       for i in np.argsort(nb.distance, kind="stable")[:FIGURE_PAIRS]]
+        near_copy |= nb.near_copy
+    _save_pairs_figure(figure_path, synthetic, train, pairs)
+    return {**out, "copying": any(m["copying"] for m in out.values()), "rule": RULE,
+            "images": {"synthetic": int(n), "heldout": int(n), "train": int(len(train))},
+            "near_duplicates": int(near_copy.sum())}
+
+
+def write_not_drawn(reason: str, out: Path, metrics_path: Path, figures: Path) -> None:
+    """The outputs of a synthesize stage whose GAN the profile does not train: metrics saying why, an empty
+    figures folder, and the synthetic set folder as it is (a set drawn under another setting is kept)."""
+    out.mkdir(parents=True, exist_ok=True)
+    figures.mkdir(parents=True, exist_ok=True)
+    write_json(metrics_path, {"synthesized": False, "reason": reason})
+
+
+def synthesize(sample: Sampler, real_train: Path, real_test: Path, out: Path, *, resolution: int, hash_screen: bool,
+               hash_threshold: int | None, hash_quantile: float, hash_size: int, max_tries_factor: float,
+               batch_size: int, feature_space: Space, evidence_images: int, evidence_side: int, pca_dims: int,
+               prdc_k: int, cells: int, seed: int, figure_path: Path, draws: int = 1) -> dict:
+    """Write a synthetic image set at `out` holding `draws` independent draws, each with real_train's size and
+    exact label counts, from `sample(label, n, rng) -> uint8 (n, resolution, resolution, C)`; return the
+    stage's metrics.
+
+    hash_threshold None calibrates it: the hash_quantile of real_test's nearest Hamming distances to the
+    training hashes. The evidence spaces: pixels (PCA of `evidence_side` px pixels, `pca_dims` axes fitted on
+    up to `evidence_images` training images) and features (`feature_space`, e.g. evidence.feature_net_space)."""
+    train, test = ImageSet(real_train), ImageSet(real_test)
+    _check_inputs(train, test, hash_threshold, hash_quantile, hash_size, max_tries_factor)
+    fit_idx = np.sort(np.random.default_rng([seed, 2]).choice(len(train), min(evidence_images, len(train)),
+                                                                replace=False))
+    side = min(evidence_side, resolution)
+    thumbs = [F.interpolate(x, size=side, mode="area") for x in _read(train, resolution, batch_size, fit_idx)]
+    spaces = {"pixels": pixel_pca(torch.cat(thumbs), side, pca_dims, seed), "features": feature_space}
+    # the hash is one more per-image feature of the real sets
+    hashed = {**spaces, "hash": lambda x: _hash(x, hash_size).numpy()}
+    train_features, test_features = (_features(ds, hashed, resolution, batch_size) for ds in (train, test))
+    train_hash, test_hash = train_features.pop("hash"), test_features.pop("hash")
+    source = "params" if hash_threshold is not None else "calibrated"
+    if hash_threshold is None:
+        hash_threshold = calibrate_hash_threshold(test_hash, train_hash, hash_quantile)
+
+    per_label = _draw(sample, train, out, train_hash, resolution=resolution, hash_screen=hash_screen,
+                      hash_threshold=hash_threshold, hash_size=hash_size, max_tries_factor=max_tries_factor,
+                      batch_size=batch_size, draws=draws, rng=np.random.default_rng(seed))
+    evidence = _evidence(train, test, ImageSet(out), train_features, test_features, spaces, images=evidence_images,
+                         k=prdc_k, cells=cells, resolution=resolution, batch_size=batch_size, seed=seed,
+                         figure_path=figure_path)
     drawn = sum(v["drawn"] for v in per_label.values())
     rejected = sum(v["rejected"] for v in per_label.values())
     return {
-        "images": int(len(train)),
+        "images": int(draws * len(train)),
+        "draws": int(draws),
         "per_label": per_label,
         "hash_screen": bool(hash_screen),
         "hash_threshold": int(hash_threshold),
+        "hash_threshold_source": source,
+        "hash_quantile": float(hash_quantile) if source == "calibrated" else None,
         "hash_size": int(hash_size),
         "drawn": int(drawn),
         "rejected": int(rejected),
         "rejection_rate": rejected / drawn,
         "real_rejection_rate": float(np.mean(nearest_hamming(test_hash, train_hash) > hash_threshold)),
-        "copy_check": {
-            "threshold": copy_threshold,
-            "share_closer": float(np.mean(syn_d < copy_threshold)),
-            "median_nn_synthetic": float(np.median(syn_d)),
-            "median_nn_real": float(np.median(test_d)),
-            "images_checked": int(len(syn_idx)),
-            "side": int(copy_check_side),
-        },
+        "evidence": evidence,
     }

@@ -7,6 +7,11 @@ training and test sets come from the two sides of the study groups' patient / sl
 set never shares a patient or slide with a training set; the synthetic set has no patients at all.
 All three sets are stored at the synthetic images' side (real images are area-downsampled to it), so a
 classifier sees one resolution and the comparison measures the GAN, not a change of scale.
+
+Training arms: `real`; `synthetic`, and `synthetic_d<k>` for every further independent draw the synthetic
+group holds (its `draw` column, from synthesize.draws: fresh latents from the same checkpoint), so the spread
+between draws can be told from the test set's; `real_synthetic`, the real set plus the first synthetic draw
+(synthetic data as augmentation, medigan's trained_on_real_and_fake).
 """
 from __future__ import annotations
 
@@ -24,7 +29,17 @@ from biomedsynth.params import Tasks
 from biomedsynth.store import ImageSet, ImageSetWriter, write_json
 
 TASKS = ("histology", "xray_sex", "xray_age")
-SETS = ("real", "synthetic", "test")
+TEST = "test"
+
+
+def synthetic_set(draw: int) -> str:
+    """The task set trained on synthetic draw `draw`."""
+    return "synthetic" if draw == 0 else f"synthetic_d{draw}"
+
+
+def set_names(draws: int) -> list[str]:
+    """The sets of a task whose synthetic group holds `draws` draws: training arms first, the test set last."""
+    return ["real", *(synthetic_set(d) for d in range(draws)), "real_synthetic", TEST]
 
 
 @dataclass
@@ -41,8 +56,11 @@ def _pool(paths: list[Path], classify) -> Pool:
         s = ImageSet(path)
         meta = s.meta.copy()
         y, stratum = classify(meta)
-        meta = meta.assign(set=k, row=np.arange(len(meta)), y=y, stratum=stratum,
-                           group=meta["patient_id"] if "patient_id" in meta else "synthetic")
+        # a synthetic image is its own group: grouped CV and validation splits then treat it as one sample
+        group = (meta["patient_id"].astype(str) if "patient_id" in meta
+                 else pd.Series([f"synthetic:{k}:{i}" for i in range(len(meta))], index=meta.index))
+        meta = meta.assign(set=k, row=np.arange(len(meta)), y=y, stratum=stratum, group=group,
+                           draw=meta["draw"] if "draw" in meta else 0)
         sets.append(s)
         frames.append(meta[meta["y"].notna()])
     return Pool(sets, pd.concat(frames, ignore_index=True).astype({"y": int}))
@@ -70,26 +88,43 @@ def draw_balanced(meta: pd.DataFrame, n: int, rng: np.random.Generator) -> pd.Da
     return meta.loc[np.sort(np.concatenate(picks))]
 
 
-def _write(pool: Pool, rows: pd.DataFrame, out: Path, side: int, desc: str) -> None:
-    channels = pool.sets[0].shape[2]
-    keep = [c for c in ("image_id", "y", "label", "stratum", "group", "sex", "age", "age_bin") if c in rows]
+def _write(parts: list[tuple[Pool, pd.DataFrame]], out: Path, side: int, desc: str) -> None:
+    """Write the chosen rows of one or more pools (the real + synthetic arm has two) as one image set."""
+    channels = parts[0][0].sets[0].shape[2]
+    columns = ("image_id", "y", "label", "stratum", "group", "sex", "age", "age_bin")
     with ImageSetWriter(out, (side, side, channels)) as w:
-        for _, r in tqdm(rows.iterrows(), total=len(rows), desc=desc, leave=False):
-            img = pool.sets[int(r["set"])][int(r["row"])]
-            if img.shape[0] != side:  # area-downsample real images to the synthetic side
-                x = torch.tensor(img).permute(2, 0, 1)[None].float()
-                img = F.interpolate(x, size=side, mode="area")[0].permute(1, 2, 0).round().clamp(0, 255)
-                img = img.to(torch.uint8).numpy()
-            w.add(img, **{c: r[c] for c in keep})
+        for pool, rows in parts:
+            keep = [c for c in columns if c in rows]
+            for _, r in tqdm(rows.iterrows(), total=len(rows), desc=desc, leave=False):
+                img = pool.sets[int(r["set"])][int(r["row"])]
+                if img.shape[0] != side:  # area-downsample real images to the synthetic side
+                    x = torch.tensor(img).permute(2, 0, 1)[None].float()
+                    img = F.interpolate(x, size=side, mode="area")[0].permute(1, 2, 0).round().clamp(0, 255)
+                    img = img.to(torch.uint8).numpy()
+                w.add(img, **{c: r[c] for c in keep})
 
 
 def _age_classes(young, mature):
+    """Young (0) / mature (1) by the scan's own age where the set has one (real scans), so the classes are
+    exactly the configured ranges even where an age bin straddles a boundary (the paper's X-Norm-L bins
+    37-39, 45-49 and 67-77 do); synthetic images have only their bin, so only bins wholly inside count."""
     def classify(meta):
-        bins = meta["age_bin"].str.split("-", expand=True).astype(int)
-        inside = lambda lo, hi: (bins[0] >= lo) & (bins[1] <= hi)  # noqa: E731 (a whole bin inside the range)
-        y = np.where(inside(*young), 0.0, np.where(inside(*mature), 1.0, np.nan))
+        if "age" in meta:
+            lo = hi = meta["age"].astype(int)
+        else:
+            bins = meta["age_bin"].str.split("-", expand=True).astype(int)
+            lo, hi = bins[0], bins[1]
+        inside = lambda r: (lo >= r[0]) & (hi <= r[1])  # noqa: E731
+        y = np.where(inside(young), 0.0, np.where(inside(mature), 1.0, np.nan))
         return y, meta["label"]
     return classify
+
+
+def used_gan_stages(cfg: Tasks) -> set[str]:
+    """The GAN stages (<arch>-<group>-<setup>) whose synthetic sets the benchmark trains on."""
+    x = cfg.xray
+    return {f"{cfg.histology.arch}-h_norm-uncond", f"{cfg.histology.arch}-h_tumor-uncond",
+            f"{x.arch}-{x.group}-{x.setup}"}
 
 
 def task_pools(task: str, cfg: Tasks, groups: Path, synthetic: Path) -> dict[str, Pool]:
@@ -99,7 +134,7 @@ def task_pools(task: str, cfg: Tasks, groups: Path, synthetic: Path) -> dict[str
         synth = [synthetic / f"{cfg.histology.arch}-{g}-uncond" for g in ("h_norm", "h_tumor")]
         classify = lambda m: ((m["label"] == "tumor").astype(float), m["label"])  # noqa: E731
         return {"real": _pool([p / "train" for p in real], classify), "synthetic": _pool(synth, classify),
-                "test": _pool([p / "test" for p in real], classify)}
+                TEST: _pool([p / "test" for p in real], classify)}
     x = cfg.xray
     real, synth = groups / x.group, synthetic / f"{x.arch}-{x.group}-{x.setup}"
     if task == "xray_sex":
@@ -109,29 +144,44 @@ def task_pools(task: str, cfg: Tasks, groups: Path, synthetic: Path) -> dict[str
     else:
         raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
     return {"real": _pool([real / "train"], classify), "synthetic": _pool([synth], classify),
-            "test": _pool([real / "test"], classify)}
+            TEST: _pool([real / "test"], classify)}
+
+
+def _set_summary(rows: pd.DataFrame, requested: int, side: int) -> dict:
+    return {"images": len(rows), "requested": requested, "shortfall": requested - len(rows),
+            "per_class": {str(c): int(v) for c, v in rows["y"].value_counts().sort_index().items()},
+            "clusters_per_class": {str(c): int(v) for c, v in rows.groupby("y")["group"].nunique().items()},
+            "strata": int(rows["stratum"].nunique()), "side": side}
 
 
 def build_tasks(cfg: Tasks, groups: Path, synthetic: Path, out: Path, seed: int, summary_path: Path) -> dict:
-    """Write <out>/<task>/{real,synthetic,test} image sets and a summary of what each holds."""
+    """Write <out>/<task>/<set> image sets (see set_names) and a summary of what each holds."""
     rng = np.random.default_rng(seed)
     sizes = {"histology": cfg.histology, "xray_sex": cfg.xray.sex, "xray_age": cfg.xray.age}
     summary = {}
     for task in TASKS:
         pools = task_pools(task, cfg, groups, synthetic)
         side = pools["synthetic"].sets[0].shape[0]
-        summary[task] = {}
-        for name in SETS:
-            requested = sizes[task].test if name == "test" else sizes[task].train
+        draws = int(pools["synthetic"].meta["draw"].max()) + 1
+        candidates = {"real": pools["real"].meta, TEST: pools[TEST].meta}
+        synth = pools["synthetic"].meta
+        candidates |= {synthetic_set(d): synth[synth["draw"] == d] for d in range(draws)}
+        chosen, summary[task] = {}, {}
+        for name, meta in candidates.items():
+            requested = sizes[task].test if name == TEST else sizes[task].train
             try:
-                rows = draw_balanced(pools[name].meta, requested, rng)
+                chosen[name] = draw_balanced(meta, requested, rng)
             except ValueError as e:
                 raise ValueError(f"{task} {name}: {e}") from None
-            _write(pools[name], rows, out / task / name, side, f"{task}/{name}")
-            summary[task][name] = {"images": len(rows), "requested": requested, "shortfall": requested - len(rows),
-                                   "per_class": {str(c): int(v) for c, v in rows["y"].value_counts().sort_index().items()},
-                                   "strata": int(rows["stratum"].nunique()), "side": side}
-        shared = set(pools["test"].meta["group"]) & set(pools["real"].meta["group"])
+            pool = pools["synthetic" if name.startswith("synthetic") else name]
+            _write([(pool, chosen[name])], out / task / name, side, f"{task}/{name}")
+            summary[task][name] = _set_summary(chosen[name], requested, side)
+        _write([(pools["real"], chosen["real"]), (pools["synthetic"], chosen["synthetic"])],
+               out / task / "real_synthetic", side, f"{task}/real_synthetic")
+        both = pd.concat([chosen["real"], chosen["synthetic"]])
+        summary[task]["real_synthetic"] = _set_summary(both, 2 * sizes[task].train, side)
+        summary[task] = {name: summary[task][name] for name in set_names(draws)}
+        shared = set(pools[TEST].meta["group"]) & set(pools["real"].meta["group"])
         if shared:  # the study-group split is by patient / slide, so this is a bug, not bad data
             raise AssertionError(f"{task}: test shares {len(shared)} patients/slides with real training")
     write_json(summary_path, summary)

@@ -19,12 +19,13 @@ mlflow takes seconds to import, so it is imported only when a run opens.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Mapping
+
+from biomedsynth.provenance import git_commit
 
 _down: set[str] = set()  # URIs that failed in this process: warned about once, not tried again
 
@@ -55,16 +56,6 @@ def _flatten(params: Mapping, prefix: str = "") -> dict[str, str]:
         else:
             out[f"{prefix}{k}"] = str(v)
     return out
-
-
-def _git_commit() -> str:
-    # asked in cwd, not in project_root(): a queued experiment's copy has HEAD at the commit it was
-    # queued from, while the user's repo may have moved on since
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return out.stdout.strip() if out.returncode == 0 else "unknown"
 
 
 def _is_outage(e: Exception) -> bool:
@@ -168,7 +159,7 @@ def _open(uri: str, experiment: str, stage: str, params: Mapping) -> Run:
                 raise MlflowException(f"experiment {experiment!r} is deleted there (`mlflow experiments restore`)")
             else:
                 exp_id = exp.experiment_id
-        tags = {"mlflow.source.git.commit": _git_commit(), "stage": stage}
+        tags = {"mlflow.source.git.commit": git_commit(), "stage": stage}
         if os.environ.get("DVC_EXP_NAME"):
             tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
         run_id = client.create_run(exp_id, tags=tags, run_name=stage).info.run_id

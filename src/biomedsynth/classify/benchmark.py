@@ -1,10 +1,13 @@
-"""The classify stage: one model of one task trained on the real and on the synthetic training set,
-both tested on the same real test set (SPEC sections 5-6).
+"""The classify stage: one model of one task trained on each training arm, all tested on the same real test
+set (SPEC sections 5-6 and 8).
 
-Per seed the model is trained twice (real, synthetic). The headline numbers are the first seed's, each
-with a 95% bootstrap interval over the test set, and the relative drop (real - synthetic) / real with a
-paired interval (both models scored on the same resampled test images); `seeds` holds the spread over
-all seeds (training randomness), so both kinds of uncertainty are shown.
+Arms: `real`; `synthetic`, over every independent synthetic draw the task holds (synthetic, synthetic_d1,
+...); `real_synthetic` (real + the first draw). The headline numbers are the first seed's (the synthetic arm
+averaged over its draws), each with a 95% interval from a bootstrap over the test set's patients / slides;
+the drops real -> synthetic and real -> real + synthetic are paired over the same resampled clusters. An arm
+whose models predict one class, or whose interval contains chance, is flagged `degenerate`. `spread` holds
+the other sources of variance: training seeds (classify.seeds) and synthetic draws. Every test prediction
+goes to predictions.csv, from which the table3 stage pairs all cells over the same resamples.
 """
 from __future__ import annotations
 
@@ -13,27 +16,44 @@ from pathlib import Path
 
 import joblib
 import numpy as np
+import pandas as pd
 import torch.distributed as dist
 from sklearn.metrics import roc_curve
 
 from biomedsynth.classify import classic, metrics
-from biomedsynth.distributed import dist_info
 from biomedsynth.classify.lbp import read_features
+from biomedsynth.distributed import dist_info
 from biomedsynth.params import Classify
 from biomedsynth.store import ImageSet, atomic_write_text, write_json
+from biomedsynth.tasks import TEST
 
 CLASSIC = ("knn", "svm", "rf")
 MODELS = (*CLASSIC, "vgg16")
-TRAIN_SETS = ("real", "synthetic")
+ARMS = ("real", "synthetic", "real_synthetic")
+
+
+def arm_of(set_name: str) -> str:
+    """The arm a training set belongs to: every synthetic draw is the synthetic arm."""
+    return "synthetic" if set_name.startswith("synthetic") else set_name
+
+
+def training_sets(task_dir: Path) -> list[str]:
+    """The task's training sets, arm by arm: real, synthetic draws in order, real_synthetic."""
+    found = {p.name for p in Path(task_dir).iterdir() if p.is_dir() and p.name != TEST}
+    draws = sorted((n for n in found if arm_of(n) == "synthetic"), key=lambda n: (n != "synthetic", len(n), n))
+    sets = [n for n in ("real", *draws, "real_synthetic") if n in found]
+    if missing := {"real", "synthetic"} - set(sets):
+        raise FileNotFoundError(f"{task_dir} has no {' or '.join(sorted(missing))} set; run the tasks stage")
+    return sets
 
 
 def _fit_predict(model: str, task_dir: Path, features_dir: Path, train: str, cfg: Classify, seed: int,
                  out: Path, log) -> tuple[np.ndarray, np.ndarray, dict] | None:
     """(test predictions, test scores of class 1, details) of `model` trained on the task's `train` set;
     None on a torchrun rank other than 0."""
-    train_meta, test_meta = ImageSet(task_dir / train).meta, ImageSet(task_dir / "test").meta
+    train_meta, test_meta = ImageSet(task_dir / train).meta, ImageSet(task_dir / TEST).meta
     y = train_meta["y"].astype(int).to_numpy()
-    groups = None if train == "synthetic" else train_meta["group"].to_numpy()  # CV / validation by patient
+    groups = train_meta["group"].astype(str).to_numpy()  # CV / validation by patient; a synthetic image is its own
     if model == "vgg16":
         from biomedsynth.classify.vgg import predict_scores, train_vgg
 
@@ -43,12 +63,12 @@ def _fit_predict(model: str, task_dir: Path, features_dir: Path, train: str, cfg
                                  weights=v.weights, checkpoint=out / f"{train}-seed{seed}.pt", log=log)
         if not history:  # a torchrun rank > 0: it helped train; rank 0 scores
             return None
-        scores = predict_scores(net, task_dir / "test", v.input_side)
+        scores = predict_scores(net, task_dir / TEST, v.input_side)
         best = min(history, key=lambda r: r["val_loss"])
         return (scores >= 0.5).astype(int), scores, {"best_epoch": best["epoch"], "val_loss": best["val_loss"],
                                                      "epochs": len(history)}
     _, train_feats = read_features(features_dir / train)
-    _, test_feats = read_features(features_dir / "test")
+    _, test_feats = read_features(features_dir / TEST)
     folds = cfg.cv_folds
     if groups is not None:  # grouped CV needs `folds` patients/slides per class; few slides -> fewer folds
         fewest = min(len(np.unique(groups[y == c])) for c in (0, 1))
@@ -69,20 +89,86 @@ def _fit_predict(model: str, task_dir: Path, features_dir: Path, train: str, cfg
     return np.asarray(best["pred"]).astype(int), np.asarray(best["score"], float), details
 
 
-def _write_plots(plots: Path, train: str, y_test: np.ndarray, pred: np.ndarray, score: np.ndarray) -> None:
+def _write_plots(plots: Path, arm: str, y_test: np.ndarray, pred: np.ndarray, score: np.ndarray) -> None:
     """Per test image actual/predicted (DVC's confusion template) and the ROC curve (fpr, tpr)."""
-    atomic_write_text(plots / f"confusion-{train}.csv",
+    atomic_write_text(plots / f"confusion-{arm}.csv",
                       "actual,predicted\n" + "".join(f"{a},{p}\n" for a, p in zip(y_test, pred)))
     fpr, tpr, _ = roc_curve(y_test, score)
-    atomic_write_text(plots / f"roc-{train}.csv",
+    atomic_write_text(plots / f"roc-{arm}.csv",
                       "fpr,tpr\n" + "".join(f"{f:.6f},{t:.6f}\n" for f, t in zip(fpr, tpr)))
 
 
+def _predictions_table(runs: dict[tuple[str, int], tuple], test_meta: pd.DataFrame) -> pd.DataFrame:
+    """One row per (training set, seed, test image): what the table3 stage needs to pair every cell."""
+    frames = [pd.DataFrame({"set": name, "arm": arm_of(name), "seed": seed, "image": np.arange(len(test_meta)),
+                            "group": test_meta["group"].astype(str).to_numpy(), "y": test_meta["y"].astype(int),
+                            "pred": pred, "score": np.round(score, 6)})
+              for (name, seed), (pred, score, _) in runs.items()]
+    return pd.concat(frames, ignore_index=True)
+
+
+def score_arms(predictions: pd.DataFrame, n_boot: int, seed: int = 0) -> dict:
+    """From a predictions table (first seed used; the synthetic arm's draws averaged): per arm the metrics
+    with cluster-bootstrap intervals and the degenerate flag; the paired drops from the real arm; and the
+    weight rows' samples {arm: {metric: (R,)}} for pairing with other cells."""
+    first = predictions[predictions["seed"] == predictions["seed"].min()]
+    test = first[first["set"] == "real"].sort_values("image")
+    y, groups = test["y"].to_numpy(), test["group"].to_numpy()
+    weights = metrics.cluster_weights(y, groups, n_boot, seed)
+    result, samples = {}, {}
+    for arm in (a for a in ARMS if a in set(first["arm"])):
+        runs = [(g.sort_values("image")["pred"].to_numpy(), g.sort_values("image")["score"].to_numpy())
+                for _, g in first[first["arm"] == arm].groupby("set", sort=True)]
+        samples[arm] = metrics.arm_samples(y, runs, weights)
+        scores = {k: metrics.interval(v) for k, v in samples[arm].items()}
+        reasons = metrics.degenerate(runs, scores["accuracy"])
+        result[arm] = {**scores, "one_class_share": max(metrics.one_class_share(p) for p, _ in runs),
+                       "degenerate": bool(reasons), "degenerate_reasons": reasons, "draws": len(runs)}
+    for arm, key in (("synthetic", "drop"), ("real_synthetic", "real_synthetic_drop")):
+        if arm in samples:
+            result[key] = {kind: {k: metrics.interval(v) for k, v in d.items()}
+                           for kind, d in metrics.drops(samples["real"], samples[arm]).items()}
+    result["degenerate"] = result["real"]["degenerate"] or result["synthetic"]["degenerate"]
+    result["test_clusters"] = {str(c): int(len(set(groups[y == c]))) for c in (0, 1)}
+    return result, samples
+
+
+def _spread(runs: dict[tuple[str, int], tuple], y_test: np.ndarray, first_seed: int) -> dict:
+    """Accuracy mean and std over training seeds per arm (first draw), and over synthetic draws (first seed)."""
+    def acc(pred):
+        return float(np.mean(pred == y_test))
+    by_seed = {arm: metrics.summarise_seeds([{"accuracy": acc(p)} for (n, _), (p, _, _) in runs.items()
+                                            if n == first_set])
+               for arm, first_set in (("real", "real"), ("synthetic", "synthetic"),
+                                      ("real_synthetic", "real_synthetic"))
+               if any(n == first_set for n, _ in runs)}
+    draws = [{"accuracy": acc(p)} for (n, s), (p, _, _) in runs.items() if arm_of(n) == "synthetic" and s == first_seed]
+    return {"seeds": by_seed, "draws": metrics.summarise_seeds(draws)}
+
+
+def evaluate(runs: dict[tuple[str, int], tuple], test_meta: pd.DataFrame, task: str,
+             n_boot: int) -> tuple[dict, pd.DataFrame]:
+    """(the cell's metrics, its predictions table) from {(training set, seed): (predictions, scores,
+    details)} on the test set described by test_meta (columns y, group)."""
+    y_test = test_meta["y"].astype(int).to_numpy()
+    first_seed = min(seed for _, seed in runs)
+    predictions = _predictions_table(runs, test_meta)
+    result, _ = score_arms(predictions, n_boot)
+    for arm in (a for a in ARMS if (a, first_seed) in runs):
+        pred, score, details = runs[(arm, first_seed)]
+        result[arm] |= {"confusion": metrics.binary_metrics(y_test, pred, score)["confusion"], **details}
+    result["spread"] = _spread(runs, y_test, first_seed)
+    result["test_images"] = int(len(y_test))
+    result["bootstrap"] = {"unit": "slide" if task == "histology" else "patient", "replicates": n_boot}
+    return result, predictions
+
+
 def classify(task: str, model: str, cfg: Classify, task_dir: Path, features_dir: Path, models_out: Path,
-             metrics_path: Path, plots_dir: Path, tracker=None, log=print) -> dict:
-    """Train `model` on the real and the synthetic set of `task` for every seed; test on the real test set.
-    models_out/<train>-seed<N>.{pt,joblib} keeps each trained model: VGG16's best-validation-loss state,
-    an LBP model's fitted estimator of the variant chosen by CV."""
+             metrics_path: Path, plots_dir: Path, tracker=None, log=print, provenance: dict | None = None) -> dict:
+    """Train `model` on every training set of `task` (later synthetic draws with the first seed only) for
+    every seed; test on the real test set. models_out/<set>-seed<N>.{pt,joblib} keeps each trained model:
+    VGG16's best-validation-loss state, an LBP model's fitted estimator of the variant chosen by CV.
+    `provenance` (the data and commit it came from) is written into the metrics as it is."""
     if model not in MODELS:
         raise ValueError(f"model must be one of {', '.join(MODELS)}, got {model!r}")
     rank, world = dist_info()
@@ -93,36 +179,35 @@ def classify(task: str, model: str, cfg: Classify, task_dir: Path, features_dir:
         models_out.mkdir(parents=True)
     if world > 1:  # the others wait until rank 0 has emptied models_out
         dist.barrier()
-    y_test = ImageSet(task_dir / "test").meta["y"].astype(int).to_numpy()
-    runs = {train: [] for train in TRAIN_SETS}
+    test_meta = ImageSet(task_dir / TEST).meta
+    y_test = test_meta["y"].astype(int).to_numpy()
+    sets, first_seed = training_sets(task_dir), cfg.seeds[0]
+    runs = {}
     for seed in cfg.seeds:
-        for train in TRAIN_SETS:
-            fitted = _fit_predict(model, task_dir, features_dir, train, cfg, seed, models_out, log)
+        for name in sets:
+            if seed != first_seed and name not in ARMS:  # further draws measure the draw, at one seed
+                continue
+            fitted = _fit_predict(model, task_dir, features_dir, name, cfg, seed, models_out, log)
             if fitted is None:
                 continue
-            pred, score, details = fitted
-            runs[train].append((pred, score, details))
-            acc = float(np.mean(pred == y_test))
-            log(f"{task} {model} seed {seed} trained on {train}: test accuracy {acc:.3f}")
+            runs[(name, seed)] = fitted
+            acc = float(np.mean(fitted[0] == y_test))
+            log(f"{task} {model} seed {seed} trained on {name}: test accuracy {acc:.3f}")
             if tracker is not None:
-                tracker.log_metrics({f"{train}.accuracy": acc}, step=seed)
+                tracker.log_metrics({f"{name}.accuracy": acc}, step=seed)
     if rank > 0:
         return {}
-    first = {train: runs[train][0] for train in TRAIN_SETS}
-    result = {}
-    for train, (pred, score, details) in first.items():
-        result[train] = {**metrics.bootstrap(y_test, pred, score, cfg.bootstrap, seed=0),
-                         "confusion": metrics.binary_metrics(y_test, pred, score)["confusion"], **details}
-        _write_plots(plots_dir, train, y_test, pred, score)
-    result["drop"] = metrics.relative_drop(y_test, first["real"][0], first["real"][1], first["synthetic"][0],
-                                           first["synthetic"][1], cfg.bootstrap, seed=0)
-    result["seeds"] = {train: metrics.summarise_seeds([metrics.binary_metrics(y_test, p, s) for p, s, _ in rs])
-                       for train, rs in runs.items()}
-    result["test_images"] = int(len(y_test))
+    result, predictions = evaluate(runs, test_meta, task, cfg.bootstrap)
+    if provenance is not None:
+        result["provenance"] = provenance
+    for arm in (a for a in ARMS if (a, first_seed) in runs):
+        _write_plots(plots_dir, arm, y_test, *runs[(arm, first_seed)][:2])
+    atomic_write_text(plots_dir / "predictions.csv", predictions.to_csv(index=False))
     write_json(metrics_path, result)
     if tracker is not None:
-        tracker.log_metrics({f"{k}.{m}": result[k][m]["value"] for k in (*TRAIN_SETS, "drop")
-                             for m in ("accuracy", "balanced_accuracy", "auc")})
+        tracker.log_metrics({f"{arm}.{m}": result[arm][m]["value"] for arm in ARMS if arm in result
+                             for m in metrics.SCALARS})
+        tracker.log_metrics({f"drop.{m}": result["drop"]["relative"][m]["value"] for m in metrics.SCALARS})
         tracker.log_artifacts(plots_dir, "plots")
         tracker.log_artifacts(models_out, "model")
     return result

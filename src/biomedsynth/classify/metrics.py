@@ -1,18 +1,24 @@
-"""The numbers of Table 3 with their uncertainty (SPEC 6 and 7): accuracy, balanced accuracy and ROC AUC
-of a binary classifier on the real test set, percentile bootstrap intervals, the relative drop from a
-real-trained to a synthetic-trained model with a paired interval, and mean / std over seeds.
+"""The numbers of Table 3 with honest uncertainty (SPEC 6-8): accuracy, balanced accuracy and ROC AUC of a
+binary classifier on the real test set, intervals from a bootstrap over the test set's clusters, drops from
+a real-trained to a synthetic-trained model with paired intervals, a flag for models that say nothing.
 
-The bootstrap resamples the test set with replacement within each class (stratified), so every resample
-keeps the test set's class counts: balanced accuracy and AUC stay defined, and the interval reflects the
-sampling of images, not of the class mix the benchmark fixed by design. A test set with one class is
-refused: AUC and balanced accuracy are undefined there, and the benchmark's test sets are balanced.
+Why clusters: a test set holds several scans per patient and many tiles per slide, and images of one
+patient or slide succeed or fail together. Resampling images as if independent makes intervals too narrow
+(k copies of every image would look k times as informative). So each bootstrap replicate draws the
+clusters (patients, slides) with replacement, stratified by the classes a cluster holds ({0}, {1} or both),
+so every replicate keeps the test set's class mix by cluster. A replicate is a row of weights: how many
+times each test image's cluster was drawn; every metric below is weighted by such rows. Row 0 is all ones
+(the test set itself); rows 1.. are replicates. Models scored with the same weights are paired: what they
+share (hard patients, an odd slide) cancels out of their differences.
 """
 from __future__ import annotations
 
 import numpy as np
-from scipy.stats import rankdata
+from scipy import sparse
 
 SCALARS = ("accuracy", "balanced_accuracy", "auc")
+CHANCE = 0.5          # accuracy, balanced accuracy and AUC of a guess on the benchmark's balanced test sets
+ONE_CLASS_SHARE = 0.95  # a model predicting one class for at least this share of the test set says nothing
 
 
 def _check(y_true, y_pred, y_score) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -32,76 +38,130 @@ def _check(y_true, y_pred, y_score) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     return y_true.astype(np.int64), y_pred.astype(np.int64), y_score.astype(float)
 
 
-def resampled_metrics(y_true, y_pred, y_score, idx: np.ndarray) -> dict[str, np.ndarray]:
-    """Accuracy, balanced accuracy and AUC of each row of the index matrix idx (R, n) -> arrays of shape (R,).
+def weighted_metrics(y_true, y_pred, y_score, weights: np.ndarray) -> dict[str, np.ndarray]:
+    """Accuracy, balanced accuracy and AUC under each row of `weights` (R, n) -> arrays of shape (R,).
 
-    Every row must hold both classes. AUC is the Mann-Whitney statistic from average ranks (ties count 1/2).
+    A weight is how many times an image counts. AUC is the weighted Mann-Whitney statistic: the weighted
+    share of (positive, negative) pairs ranked right, ties counting 1/2. Every row must weigh both classes.
     """
-    t, p, s = y_true[idx], y_pred[idx], y_score[idx]
-    pos = t == 1
-    n_pos, n_neg = pos.sum(1), (~pos).sum(1)
-    correct = t == p
-    recall_pos = (correct & pos).sum(1) / n_pos
-    recall_neg = (correct & ~pos).sum(1) / n_neg
-    rank_sum = np.where(pos, rankdata(s, axis=1), 0).sum(1)
-    auc = (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
-    return {"accuracy": correct.mean(1), "balanced_accuracy": (recall_pos + recall_neg) / 2, "auc": auc}
+    y_true, y_pred, y_score = _check(y_true, y_pred, y_score)
+    w = np.asarray(weights, float)
+    if w.ndim != 2 or w.shape[1] != len(y_true):
+        raise ValueError(f"weights must have shape (R, {len(y_true)}), got {w.shape}")
+    pos = y_true == 1
+    correct = (y_true == y_pred).astype(float)
+    w_pos, w_neg = w[:, pos].sum(1), w[:, ~pos].sum(1)
+    recall_pos = w[:, pos] @ correct[pos] / w_pos
+    recall_neg = w[:, ~pos] @ correct[~pos] / w_neg
+    # weight of each class at each distinct score, lowest score first: (R, U)
+    _, level = np.unique(y_score, return_inverse=True)
+    onehot = sparse.csr_matrix((np.ones(len(level)), (np.arange(len(level)), level)))
+    at_pos, at_neg = ((onehot.T @ (w * mask).T).T for mask in (pos, ~pos))
+    below = np.cumsum(at_neg, 1) - at_neg
+    auc = (at_pos * (below + 0.5 * at_neg)).sum(1) / (w_pos * w_neg)
+    return {"accuracy": w @ correct / w.sum(1), "balanced_accuracy": (recall_pos + recall_neg) / 2, "auc": auc}
+
+
+def joint_cluster_weights(tests: dict[str, tuple[np.ndarray, np.ndarray]], n_boot: int = 1000,
+                          seed: int = 0) -> dict[str, np.ndarray]:
+    """{name: (1 + n_boot, n_name) weights} for test sets {name: (y_true, groups)} resampled together.
+
+    Row 0 is all ones; each further row is one bootstrap replicate over clusters (the distinct group ids
+    across all the sets: test sets that share patients share their draws). Clusters are stratified by the
+    classes they hold in every set ({0}, {1}, both, absent); within a stratum as many clusters as it has are
+    drawn with replacement, and an image weighs as many times as its cluster was drawn. Images of one
+    cluster always share a weight, so k identical copies of a cluster's images change no metric."""
+    clusters: dict[str, list] = {}  # cluster id -> per set, the sorted classes it holds there
+    for k, (name, (y, groups)) in enumerate(tests.items()):
+        y, groups = np.asarray(y), np.asarray(groups).astype(str)
+        if groups.shape != y.shape:
+            raise ValueError(f"{name}: groups must have one id per test image ({len(y)}), got shape {groups.shape}")
+        for g in np.unique(groups):
+            clusters.setdefault(g, [()] * len(tests))[k] = tuple(np.unique(y[groups == g]).tolist())
+    ids = sorted(clusters)
+    rng = np.random.default_rng(seed)
+    drawn = np.zeros((n_boot, len(ids)))
+    strata: dict[tuple, list[int]] = {}
+    for i, g in enumerate(ids):
+        strata.setdefault(tuple(clusters[g]), []).append(i)
+    for stratum in sorted(strata):
+        members = np.asarray(strata[stratum])
+        picks = members[rng.integers(0, len(members), (n_boot, len(members)))]
+        np.add.at(drawn, (np.arange(n_boot)[:, None], picks), 1)
+    position = {g: i for i, g in enumerate(ids)}
+    out = {}
+    for name, (y, groups) in tests.items():
+        cols = np.array([position[g] for g in np.asarray(groups).astype(str)], dtype=np.int64)
+        out[name] = np.concatenate([np.ones((1, len(cols))), drawn[:, cols]])
+    return out
+
+
+def cluster_weights(y_true, groups, n_boot: int = 1000, seed: int = 0) -> np.ndarray:
+    """(1 + n_boot, n) weights of one test set's cluster bootstrap (see joint_cluster_weights)."""
+    return joint_cluster_weights({"test": (np.asarray(y_true), np.asarray(groups))}, n_boot, seed)["test"]
+
+
+def interval(samples: np.ndarray, alpha: float = 0.05) -> dict:
+    """{value, low, high}: samples[0] (the test set itself) and the percentile interval of samples[1:];
+    replicates where the statistic is undefined (NaN) are left out, and an undefined bound is None."""
+    finite = samples[1:][np.isfinite(samples[1:])]
+    low, high = np.percentile(finite, [100 * alpha / 2, 100 * (1 - alpha / 2)]) if len(finite) else (np.nan,) * 2
+    return {k: float(v) if np.isfinite(v) else None for k, v in (("value", samples[0]), ("low", low), ("high", high))}
+
+
+def arm_samples(y_true, runs: list[tuple[np.ndarray, np.ndarray]], weights: np.ndarray) -> dict[str, np.ndarray]:
+    """Each metric under every weight row, averaged over `runs` ((predictions, scores) of models trained
+    alike, e.g. on independent synthetic draws): {metric: (R,)}."""
+    if not runs:
+        raise ValueError("an arm needs at least one trained model")
+    per_run = [weighted_metrics(y_true, pred, score, weights) for pred, score in runs]
+    return {k: np.mean([r[k] for r in per_run], 0) for k in SCALARS}
+
+
+def drops(real: dict[str, np.ndarray], other: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+    """Paired drops from the real arm to another, per metric and weight row: relative (real - other) / real,
+    capped by the real value, and chance-normalised (real - other) / (real - 0.5), the share of the real
+    model's margin over chance that is lost (undefined, NaN, where the real model is at or below chance)."""
+    out = {"relative": {}, "chance_normalised": {}}
+    for k in SCALARS:
+        lost = real[k] - other[k]
+        margin = real[k] - CHANCE
+        out["relative"][k] = lost / real[k]
+        out["chance_normalised"][k] = np.divide(lost, margin, out=np.full_like(lost, np.nan), where=margin > 0)
+    return out
+
+
+def one_class_share(y_pred) -> float:
+    """The largest share of test images given the same predicted class."""
+    y_pred = np.asarray(y_pred)
+    return float(max(np.mean(y_pred == 0), np.mean(y_pred == 1)))
+
+
+def degenerate(runs: list[tuple[np.ndarray, np.ndarray]], accuracy: dict) -> list[str]:
+    """Why an arm's result says nothing about its training data ([] when it does): some trained model
+    predicts one class for >= 95% of the test images, or the accuracy interval contains chance."""
+    reasons = []
+    share = max(one_class_share(pred) for pred, _ in runs)
+    if share >= ONE_CLASS_SHARE:
+        reasons.append(f"predicts one class for {share:.0%} of test images")
+    if accuracy["low"] <= CHANCE <= accuracy["high"]:
+        reasons.append("accuracy interval contains chance (0.5)")
+    return reasons
 
 
 def binary_metrics(y_true, y_pred, y_score) -> dict:
     """{accuracy, balanced_accuracy, auc, confusion [[tn, fp], [fn, tp]]} of 0/1 labels, 0/1 predictions
     and scores of class 1 (higher = more likely 1)."""
     y_true, y_pred, y_score = _check(y_true, y_pred, y_score)
-    scalars = resampled_metrics(y_true, y_pred, y_score, np.arange(len(y_true))[None])
+    scalars = weighted_metrics(y_true, y_pred, y_score, np.ones((1, len(y_true))))
     confusion = np.bincount(2 * y_true + y_pred, minlength=4).reshape(2, 2)
     return {**{k: float(v[0]) for k, v in scalars.items()}, "confusion": confusion.tolist()}
 
 
-def bootstrap_indices(y_true, n_boot: int = 1000, seed: int = 0) -> np.ndarray:
-    """(n_boot, n) int indices into the test set: each row resamples every class with replacement to its
-    own count. Reuse one matrix for several models to compare them on the same resampled images."""
-    y_true = np.asarray(y_true)
-    rng = np.random.default_rng(seed)
-    idx = np.empty((n_boot, len(y_true)), np.int64)
-    for c in np.unique(y_true):
-        members = np.flatnonzero(y_true == c)
-        idx[:, members] = members[rng.integers(0, len(members), (n_boot, len(members)))]
-    return idx
-
-
-def _interval(point: float, samples: np.ndarray, alpha: float) -> dict:
-    low, high = np.percentile(samples, [100 * alpha / 2, 100 * (1 - alpha / 2)])
-    return {"value": float(point), "low": float(low), "high": float(high)}
-
-
-def bootstrap(y_true, y_pred, y_score, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> dict:
-    """{metric: {value, low, high}} for accuracy, balanced_accuracy and auc: the test set's value and the
-    percentile (1 - alpha) interval over n_boot class-stratified resamples of the test set."""
-    y_true, y_pred, y_score = _check(y_true, y_pred, y_score)
-    point = binary_metrics(y_true, y_pred, y_score)
-    boot = resampled_metrics(y_true, y_pred, y_score, bootstrap_indices(y_true, n_boot, seed))
-    return {k: _interval(point[k], boot[k], alpha) for k in SCALARS}
-
-
-def relative_drop(y_true, pred_real, score_real, pred_synth, score_synth, n_boot: int = 1000, seed: int = 0,
-                  alpha: float = 0.05) -> dict:
-    """{metric: {value, low, high}}: drop = (real - synthetic) / real of the model trained on real vs the one
-    trained on synthetic images, both tested on the same set, with a paired bootstrap interval (each resample
-    scores both models on the same images, so what the two share cancels out of the drop's spread)."""
-    y_true, pred_real, score_real = _check(y_true, pred_real, score_real)
-    _, pred_synth, score_synth = _check(y_true, pred_synth, score_synth)
-    every = np.arange(len(y_true))[None]
-    idx = np.concatenate([every, bootstrap_indices(y_true, n_boot, seed)])  # row 0: the test set itself
-    real = resampled_metrics(y_true, pred_real, score_real, idx)
-    synth = resampled_metrics(y_true, pred_synth, score_synth, idx)
-    drop = {k: (real[k] - synth[k]) / real[k] for k in SCALARS}
-    return {k: _interval(d[0], d[1:], alpha) for k, d in drop.items()}
-
-
 def summarise_seeds(runs: list[dict]) -> dict:
-    """Mean and sample std (ddof=1; 0 for a single run) over runs of the same shape, e.g. binary_metrics or
-    bootstrap dicts of one model trained with several seeds. Nested dicts are summarised key by key,
-    numbers and number lists (confusion matrices) element-wise: {"n_seeds": n, key: {mean, std}, ...}."""
+    """Mean and sample std (ddof=1; 0 for a single run) over runs of the same shape, e.g. binary_metrics of
+    one model trained with several seeds. Nested dicts are summarised key by key, numbers and number lists
+    (confusion matrices) element-wise: {"n": n, key: {mean, std}, ...}."""
     if not runs:
         raise ValueError("summarise_seeds needs at least one run")
 
@@ -118,4 +178,4 @@ def summarise_seeds(runs: list[dict]) -> dict:
         std = a.std(0, ddof=1) if len(a) > 1 else np.zeros_like(a[0])
         return {"mean": a.mean(0).tolist(), "std": std.tolist()}
 
-    return {"n_seeds": len(runs), **summarise(runs, "")}
+    return {"n": len(runs), **summarise(runs, "")}

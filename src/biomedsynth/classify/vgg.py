@@ -27,14 +27,33 @@ from biomedsynth.store import ImageSet
 
 MIN_INPUT = 32  # VGG16's five 2x poolings need at least 32 px to leave a 1x1 map
 HEAD = "classifier.6"  # the last linear layer: re-initialised for two classes when weights are loaded
+POOLED = 7  # torchvision pools the last feature map to 7 x 7 (its 224 px side) before the classifier
 
 
-def build_vgg(channels: int, weights: Path | None = None) -> nn.Module:
-    """torchvision VGG16 with 2 outputs and a `channels`-input first conv, on the CPU.
+def pooled_side(input_size: int) -> int:
+    """The side the last feature map is pooled to before the classifier: its own side (input / 32) up to 7.
+
+    Below 224 px torchvision's adaptive pool only repeats a smaller map up to 7 x 7 (at 32 px one value 49
+    times), so its first classifier layer is a linear map of the small map with 49x the weights. Sizing that
+    layer to the map gives the same family of functions at 1/4 of the weights at 32 px (34 M instead of 134 M),
+    and ~5x the training speed on a CPU."""
+    return min(POOLED, input_size // 32)
+
+
+def _pool_matrix(side: int) -> torch.Tensor:
+    """(49, side * side): torchvision's adaptive average pool from side x side to 7 x 7 as a matrix."""
+    basis = torch.eye(side * side).reshape(side * side, 1, side, side)
+    return nn.functional.adaptive_avg_pool2d(basis, POOLED).reshape(side * side, POOLED * POOLED).T
+
+
+def build_vgg(channels: int, weights: Path | None = None, input_size: int = 224) -> nn.Module:
+    """torchvision VGG16 with 2 outputs, a `channels`-input first conv and its first classifier layer sized
+    for `input_size` (see pooled_side), on the CPU.
 
     `weights`: a torch.save'd state dict of a torchvision VGG16 (any head size). All layers but the head's
     last are loaded; RGB first-conv weights become one channel by summing over RGB (a gray image seen as
-    equal R, G, B gives the same response).
+    equal R, G, B gives the same response); the first classifier layer is folded through the 7 x 7 pool, so
+    the loaded network computes exactly what torchvision's would on the same input.
     """
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
@@ -42,12 +61,23 @@ def build_vgg(channels: int, weights: Path | None = None) -> nn.Module:
     if channels != 3:
         old = model.features[0]
         model.features[0] = nn.Conv2d(channels, old.out_channels, old.kernel_size, old.stride, old.padding)
+    side = pooled_side(input_size)
+    if side < POOLED:
+        first = model.classifier[0]
+        model.avgpool = nn.AdaptiveAvgPool2d(side)
+        model.classifier[0] = nn.Linear(512 * side * side, first.out_features)
+        nn.init.normal_(model.classifier[0].weight, 0, 0.01)  # torchvision's initialisation of its linear layers
+        nn.init.zeros_(model.classifier[0].bias)
     if weights is None:
         return model
     state = torch.load(weights, map_location="cpu", weights_only=True)
     if not isinstance(state, dict):
         raise ValueError(f"{weights}: expected a state dict of a torchvision VGG16, got {type(state).__name__}")
     state = {k: v for k, v in state.items() if not k.startswith(HEAD + ".")}
+    fc = state.get("classifier.0.weight")
+    if side < POOLED and fc is not None and fc.shape[1] == 512 * POOLED * POOLED:
+        folded = fc.reshape(len(fc), 512, POOLED * POOLED) @ _pool_matrix(side).to(fc.dtype)
+        state["classifier.0.weight"] = folded.reshape(len(fc), 512 * side * side)
     first = state.get("features.0.weight")
     if first is not None and first.shape[1] != channels:
         if channels != 1:
@@ -170,7 +200,7 @@ def train_vgg(train_set: Path | ImageSet, labels: np.ndarray, *, groups: np.ndar
     torch.manual_seed(seed)  # every rank builds the same initial weights
     device = pick_device(rank)
     amp, fmt = _precision(device)
-    model = build_vgg(images.shape[2], weights).to(device, memory_format=fmt)
+    model = build_vgg(images.shape[2], weights, input_size).to(device, memory_format=fmt)
     net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else model
     opt = make_optimizer(model, lr)

@@ -7,7 +7,10 @@ are fine), or model images, float (N, C, H, W) in [-1, 1] as the generators give
 """
 from __future__ import annotations
 
+import io
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -138,6 +141,25 @@ def sliced_wasserstein(real, fake, nhoods_per_image: int = 128, nhood_size: int 
     return per_level, float(np.mean(per_level))
 
 
+# ---- trivial imitations: what a generator that learnt nothing scores ----
+
+def noise_images(like: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """Pixel-wise Gaussian noise with each channel's mean and std of `like` (float model images), clamped to
+    [-1, 1]: an imitation that got the colours right and nothing else (a GAN drawing checkerboard noise)."""
+    g = torch.Generator().manual_seed(seed)
+    mean, std = like.mean((0, 2, 3), keepdim=True), like.std((0, 2, 3), keepdim=True)
+    noise = torch.randn(like.shape, generator=g).to(like.device)
+    return (mean + std * noise).clamp(-1, 1)
+
+
+def blurred(images: torch.Tensor, factor: int = 8) -> torch.Tensor:
+    """Float model images area-downsampled `factor` times and bilinearly upsampled back: the layout and
+    colours of real images without any of their detail (a GAN that drew only smudges)."""
+    side = images.shape[-1]
+    small = F.interpolate(images, size=max(1, side // factor), mode="area")
+    return F.interpolate(small, size=side, mode="bilinear", align_corners=False)
+
+
 # ---- kernel inception distance ----
 
 def kid(real_feats, fake_feats, n_subsets: int = 100, subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:
@@ -189,24 +211,28 @@ class FeatureNet(nn.Module):
         return self.head(self.features(x))
 
 
-def train_feature_net(images, labels=None, epochs: int = 5, batch_size: int = 64, lr: float = 2e-3,
-                      width: int = 16, input_size: int = 64, seed: int = 0, device: str = "cpu") -> FeatureNet:
-    """Train a FeatureNet as a classifier of the real training images' labels (e.g. sex-age group or slide
-    label, any hashable values). With no labels or a single label it learns a self-supervised proxy instead:
-    which of 0/90/180/270 degrees each image was rotated by. Returns the net in eval mode."""
+def train_feature_net(images, labels, epochs: int = 5, batch_size: int = 64, lr: float = 2e-3, width: int = 16,
+                      input_size: int = 64, seed: int = 0, device: str = "cpu", augment=None) -> FeatureNet:
+    """Train a FeatureNet as a classifier of the real images' labels: (N,) values of one attribute, or (N, A)
+    values of A attributes (e.g. sex and age bin), each with its own block of output logits (its head; class
+    ids follow np.unique's order) and its own cross-entropy, summed. Any hashable values, at least two per
+    attribute. `images` are stored or model images indexable by an index array (a tensor, an array, a
+    memory-map); `augment(x, rng)`, when given, transforms each float (N, C, H, W) batch, so the features
+    learn what a label looks like, not where it sits. Returns the net in eval mode."""
     n = len(images)
-    if n < 2:
-        raise ValueError(f"train_feature_net needs at least 2 images, got {n}")
-    targets = None
-    if labels is not None:
-        if len(labels) != n:
-            raise ValueError(f"train_feature_net: {len(labels)} labels for {n} images")
-        classes, targets = np.unique(np.asarray(labels), return_inverse=True)
-        targets = None if len(classes) < 2 else torch.from_numpy(targets)
+    if len(labels) != n:
+        raise ValueError(f"train_feature_net: {len(labels)} labels for {n} images")
+    columns = np.asarray(labels).reshape(n, -1).T  # one row per attribute
+    classes, targets = zip(*(np.unique(c, return_inverse=True) for c in columns))
+    if min(len(c) for c in classes) < 2:
+        raise ValueError(f"train_feature_net needs at least 2 values per label to tell apart, got "
+                         f"{[c.tolist() for c in classes]}")
+    targets = [torch.from_numpy(t) for t in targets]
+    heads = [len(c) for c in classes]
     channels = as_model_images(images[:1]).shape[1]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net = FeatureNet(channels, 4 if targets is None else len(classes), width, input_size).to(device)
+        net = FeatureNet(channels, sum(heads), width, input_size).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     rng = np.random.default_rng(seed)
     net.train()
@@ -215,16 +241,38 @@ def train_feature_net(images, labels=None, epochs: int = 5, batch_size: int = 64
         for start in range(0, n, batch_size):
             idx = np.sort(order[start:start + batch_size])  # sorted reads are kinder to memory-maps
             x = as_model_images(_take(images, idx)).to(device)
-            if targets is None:  # rotation proxy: the target is the number of quarter turns
-                t = torch.from_numpy(rng.integers(0, 4, len(x))).to(device)
-                x = torch.stack([torch.rot90(img, int(k), (1, 2)) for img, k in zip(x, t)])
-            else:
-                t = targets[idx].to(device)
-            loss = F.cross_entropy(net(x), t)
+            if augment is not None:
+                x = augment(x, rng)
+            logits = net(x).split(heads, 1)
+            loss = sum(F.cross_entropy(z, t[idx].to(device)) for z, t in zip(logits, targets))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
     return net.eval()
+
+
+def save_feature_net(net: FeatureNet, path, **info) -> None:
+    """Save the net's config and weights, plus `info` (e.g. its heads and the image side it was trained at),
+    via a temporary name, so a killed run never leaves a half-written net that a GAN stage would load. The
+    same weights give the same bytes whatever the file's name (torch.save names its archive after the file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    torch.save({"config": net.config, "state_dict": {k: v.cpu() for k, v in net.state_dict().items()}, "info": info},
+               buf)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(buf.getvalue())
+    os.replace(tmp, path)
+
+
+def load_feature_net(path, device="cpu") -> FeatureNet:
+    """The FeatureNet saved at `path` (e.g. models/feature_net/<modality>.pt), in eval mode on `device`;
+    what it was saved with beyond its weights is in `net.info`."""
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    net = FeatureNet(**ck["config"])
+    net.load_state_dict(ck["state_dict"])
+    net.info = ck["info"]
+    return net.to(device).eval()
 
 
 @torch.no_grad()

@@ -5,13 +5,19 @@ Setups (SPEC section 3): `uncond` trains one unconditional model per label of th
 model conditional on the label. Every model lives in its own folder under the stage's output:
 
     options.json              the stage's resolved settings; a resume continues only when they match
-    feature_net.pt            the KID feature net, trained once on the group's real training images
     <model>/checkpoint.pt     last complete epoch: G, D, EMA, optimisers, RNG state, images seen
     <model>/epochs/NNN.pt     the sampling generator of every epoch (what `checkpoint: epoch_N` picks)
     <model>/grids/NNN.png     samples of a fixed latent per epoch
-    <model>/log.jsonl         per epoch: losses, PGGAN depth/alpha, SWD, KID (deterministic for a seed on CPU)
+    <model>/log.jsonl         per epoch: losses, PGGAN depth/alpha, SWD, KID and their real floor
+                              (deterministic for a seed on CPU)
     <model>/speed.jsonl       per epoch: seconds and images/s; kept out of DVC's hash (.dvcignore), so
                               retraining on another machine or load changes no hash when the weights agree
+
+The GANs learn from the group's `train` side only. Each epoch is scored against its `val` side (real images
+of patients or slides the GAN never saw), in KID's case in the feature space of the modality's net (the
+feature_net stage), so a generator is not rewarded for copying its training images. Beside the curve, each
+model gets the same scores of real training images against the validation images (the floor: what a
+perfect generator gets) and of noise and heavily blurred images (what one that learnt nothing gets).
 
 A run killed at any moment continues from the last complete checkpoint when the stage runs again
 (the folder is a persistent DVC output). Under torchrun every rank trains on its share of each batch
@@ -25,7 +31,7 @@ import os
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,10 +43,15 @@ from tqdm import tqdm
 
 from biomedsynth.distributed import average_gradients, dist_info, pick_device
 from biomedsynth.gan import dcgan, pggan, score
+from biomedsynth.gan.feature_net import fingerprint
 from biomedsynth.store import ImageSet, atomic_write_text, write_json
 
 COND_MODEL = "conditional"  # folder of the one model of the `cond` setup
 GRID_COLUMNS = 8
+# `learnt`: the best SWD lies less than this share of the way from the real floor (0) to the better of the
+# noise and blur baselines (1). Half way, not "below the baseline": a collapsed GAN drawing checkerboard
+# noise scores within a few percent of noise, on either side depending on the scoring seed (measured).
+LEARNT_BELOW = 0.5
 
 
 @dataclass(frozen=True)
@@ -62,7 +73,7 @@ class Options:
     images_per_phase: int | None = None       # pggan only; None: epochs spread evenly over the phases
     score_images: int = 128
     swd_directions: int = 512
-    feature_epochs: int = 3
+    feature_net: str = ""   # fingerprint of the KID feature net, set by train_gan (a new net starts over)
 
     def __post_init__(self):
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))  # Adam refuses int betas
@@ -96,8 +107,7 @@ class Options:
         return cls(arch=arch, setup=setup, labels=labels, resolution=data.resolution, channels=channels,
                    latent_dim=data.latent_dim, batch_size=data.batch_size, epochs=epochs, seed=p.seed, lr=net.lr,
                    betas=tuple(net.betas), score_images=p.gan.score.images,
-                   swd_directions=p.gan.score.swd_directions,
-                   feature_epochs=p.gan.score.feature_epochs, **arch_opts)
+                   swd_directions=p.gan.score.swd_directions, **arch_opts)
 
     def to_json(self) -> dict:
         return json.loads(json.dumps(asdict(self)))
@@ -208,10 +218,13 @@ def read_log(model_dir: Path) -> list[dict]:
 
 @dataclass
 class ModelData:
-    """The real images one model learns from: indices into the group's training set and class ids."""
+    """The real images of one model: indices into the group's training set (what it learns from) and
+    validation set (what its epochs are scored against), with class ids (conditional models only)."""
     name: str
     indices: np.ndarray
-    class_ids: np.ndarray | None   # conditional models only
+    class_ids: np.ndarray | None
+    val_indices: np.ndarray
+    val_class_ids: np.ndarray | None
 
 
 def train_model(opt: Options, data: ModelData, images: ImageSet, model_dir: Path, scorer: Scorer,
@@ -312,7 +325,8 @@ def train_model(opt: Options, data: ModelData, images: ImageSet, model_dir: Path
                           "opt_d": opt_d.state_dict(), "ema": ema.model.state_dict() if ema else None,
                           "epoch": epoch, "images_seen": images_seen, "rng": _rng_state()}, ckpt_path)
             log(f"{data.name} epoch {epoch}/{opt.epochs}: loss D {row['loss_d']:.3f} G {row['loss_g']:.3f}, "
-                f"SWD {row['swd']:.4f}, KID {row['kid']:.4f}, {speed['images_per_s']} img/s"
+                f"SWD {row['swd']:.4f} (real {row['swd_floor']:.4f}), KID {row['kid']:.4f} "
+                f"(real {row['kid_floor']:.4f}), {speed['images_per_s']} img/s"
                 + (f", {row['side']} px alpha {row['alpha']:.2f}" if depth is not None else ""))
             if tracker is not None:
                 tracker.log_metrics({f"{data.name}.{k}": v for k, v in {**row, **speed}.items()
@@ -331,43 +345,95 @@ def _grid_labels(opt: Options, data: ModelData) -> np.ndarray | None:
 
 # ---- scoring ----
 
+def _cycled(x: torch.Tensor, n: int) -> torch.Tensor:
+    """x repeated end to end along its first axis, cut to n."""
+    return x.repeat(-(-n // len(x)), *[1] * (x.ndim - 1))[:n]
+
+
+@dataclass
+class Reference:
+    """What one model's epochs are compared with, and the scores that say what good and bad are (`scores`:
+    the floor, real training images; noise with their colours; the same images blurred)."""
+    real: torch.Tensor                # score_images validation images: the distinct ones, repeated up to that count
+    feats: np.ndarray                 # features of the distinct ones (KID's unbiased estimate needs no repeats)
+    class_ids: torch.Tensor | None    # conditional models: the class of each of `real`
+    scores: dict
+
+
 class Scorer:
-    """Per-epoch SWD and KID of a generator against a fixed subset of its real training images."""
+    """Per-epoch SWD and KID of a generator against its model's validation images.
 
-    def __init__(self, images: ImageSet, feature_net: score.FeatureNet, device: torch.device, seed: int):
-        self.images, self.net, self.device, self.seed = images, feature_net, device, seed
-        self._real: dict[str, tuple] = {}
+    Each epoch draws opt.score_images images from the generator. SWD compares them with as many validation
+    images: the model's (at most that many), repeated when it has fewer, each repeat with new random
+    neighbourhoods, so the generated side is never cut to the few validation images a label may have (with
+    25 generated images per epoch the chosen epoch moved with the scoring seed, with 64 or more it did not:
+    measured). KID compares features of distinct images only. `seed` fixes everything random in a score
+    (the subsets, SWD's neighbourhoods and directions, KID's subsets, the generator's latents), so epochs
+    differ by their generator only."""
 
-    def _real_subset(self, opt: Options, data: ModelData):
-        if data.name not in self._real:
-            rng = np.random.default_rng((self.seed, len(data.indices)))
-            pick = np.sort(rng.choice(len(data.indices), min(opt.score_images, len(data.indices)), replace=False))
-            real = read_batch(self.images, data.indices[pick], opt.resolution).to(self.device)
-            feats = score.extract_features(self.net, real)
-            y = None if data.class_ids is None else torch.from_numpy(data.class_ids[pick])
-            self._real[data.name] = (real, feats, y)
-        return self._real[data.name]
+    def __init__(self, train: ImageSet, val: ImageSet, feature_net: score.FeatureNet, device: torch.device,
+                 seed: int):
+        self.train, self.val, self.net, self.device, self.seed = train, val, feature_net, device, seed
+        self._refs: dict[str, Reference] = {}
+
+    def _compare(self, opt: Options, ref: Reference, images: torch.Tensor) -> dict:
+        """SWD and KID of distinct images (at most score_images, repeated up to it for SWD) against the reference."""
+        # on the GPU when training there: SWD sorts millions of projections at the paper's image count
+        _, swd = score.sliced_wasserstein(ref.real, _cycled(images, len(ref.real)),
+                                          dir_repeats=max(1, opt.swd_directions // 128), seed=self.seed)
+        kid_mean, _ = score.kid(ref.feats, score.extract_features(self.net, images), n_subsets=50, seed=self.seed)
+        return {"swd": round(swd, 6), "kid": round(kid_mean, 6)}
+
+    def _distinct(self, images: ImageSet, indices: np.ndarray, opt: Options, rng: np.random.Generator):
+        """At most score_images of `indices`, drawn at random and sorted, and their images."""
+        pick = np.sort(rng.permutation(len(indices))[:opt.score_images])
+        return pick, read_batch(images, indices[pick], opt.resolution).to(self.device)
+
+    def reference(self, opt: Options, data: ModelData) -> Reference:
+        """The model's validation images and its floor, noise and blur scores (computed once per model)."""
+        if data.name not in self._refs:
+            rng = np.random.default_rng((self.seed, len(data.val_indices)))
+            pick, val = self._distinct(self.val, data.val_indices, opt, rng)
+            y = None if data.val_class_ids is None else _cycled(torch.from_numpy(data.val_class_ids[pick]),
+                                                                 opt.score_images)
+            ref = Reference(_cycled(val, opt.score_images), score.extract_features(self.net, val), y,
+                            {"images": opt.score_images, "val_images": len(pick)})
+            _, train = self._distinct(self.train, data.indices, opt, rng)
+            noise = score.noise_images(_cycled(train, opt.score_images), self.seed)
+            for name, imitation in (("floor", train), ("noise", noise), ("blur", score.blurred(train))):
+                ref.scores.update({f"{k}_{name}": v for k, v in self._compare(opt, ref, imitation).items()})
+            self._refs[data.name] = ref
+        return self._refs[data.name]
 
     def score(self, G, opt: Options, data: ModelData, depth, alpha, epoch: int) -> dict:
-        real, real_feats, y = self._real_subset(opt, data)
-        g = torch.Generator().manual_seed(opt.seed + 1)  # the same latents every epoch: epochs differ by G only
-        z = torch.randn(len(real), opt.latent_dim, generator=g).to(self.device)
-        fake = generate(G, opt, z, None if y is None else y.to(self.device), depth, alpha).to(self.device)
-        # on the GPU when training there: SWD sorts millions of projections at the paper's image count
-        _, swd = score.sliced_wasserstein(real, fake, dir_repeats=max(1, opt.swd_directions // 128), seed=self.seed)
-        kid_mean, _ = score.kid(real_feats, score.extract_features(self.net, fake), n_subsets=50, seed=self.seed)
-        return {"swd": round(swd, 6), "kid": round(kid_mean, 6)}
+        """The epoch's SWD and KID, with the model's floor beside them."""
+        ref = self.reference(opt, data)
+        g = torch.Generator().manual_seed(self.seed + 1)  # the same latents every epoch: epochs differ by G only
+        z = torch.randn(opt.score_images, opt.latent_dim, generator=g).to(self.device)
+        y = None if ref.class_ids is None else ref.class_ids.to(self.device)
+        fake = generate(G, opt, z, y, depth, alpha).to(self.device)
+        return {**self._compare(opt, ref, fake), "swd_floor": ref.scores["swd_floor"],
+                "kid_floor": ref.scores["kid_floor"]}
 
 
 # ---- the stage ----
 
-def model_data(meta, opt: Options) -> list[ModelData]:
-    """The models of a setup: one per label (uncond) or one over all labels (cond)."""
-    labels = meta["label"].to_numpy()
+def model_data(meta, val_meta, opt: Options) -> list[ModelData]:
+    """The models of a setup: one per label (uncond) or one over all labels (cond), each with the training
+    and validation images of its label(s)."""
+    labels, val_labels = meta["label"].to_numpy(), val_meta["label"].to_numpy()
     if opt.setup == "cond":
-        class_ids = np.searchsorted(np.asarray(opt.labels), labels)
-        return [ModelData(COND_MODEL, np.arange(len(meta)), class_ids)]
-    return [ModelData(lb, np.flatnonzero(labels == lb), None) for lb in opt.labels]
+        val = np.flatnonzero(np.isin(val_labels, opt.labels))
+        ids = lambda lbs: np.searchsorted(np.asarray(opt.labels), lbs)  # noqa: E731
+        models = [ModelData(COND_MODEL, np.arange(len(meta)), ids(labels), val, ids(val_labels[val]))]
+    else:
+        models = [ModelData(lb, np.flatnonzero(labels == lb), None, np.flatnonzero(val_labels == lb), None)
+                  for lb in opt.labels]
+    for m in models:
+        if len(m.val_indices) == 0:
+            raise ValueError(f"model {m.name}: no validation images to score it against; raise the group's "
+                             "studygroups val_fraction or widen its age bins")
+    return models
 
 
 def _prepare_out(out: Path, opt: Options, log) -> None:
@@ -389,42 +455,39 @@ def _prepare_out(out: Path, opt: Options, log) -> None:
     write_json(opts_path, opt.to_json())
 
 
-def train_gan(opt: Options, train_set: Path, out: Path, metrics_path: Path, scores_path: Path, losses_path: Path,
-              stage: str = "train_gan", tracking_params: dict | None = None, log=print) -> dict:
-    """Train every model of one stage; write the per-stage metrics and the mean score and loss curves."""
+def train_gan(opt: Options, train_set: Path, val_set: Path, feature_net: Path, out: Path, metrics_path: Path,
+              scores_path: Path, losses_path: Path, trend_tail: float = 0.2, stage: str = "train_gan",
+              tracking_params: dict | None = None, log=print) -> dict:
+    """Train every model of one stage on `train_set`, scoring its epochs against `val_set` with the
+    modality's KID feature net; write the per-stage metrics and the mean score and loss curves."""
     from biomedsynth import tracking
 
     rank, world = dist_info()
     device = pick_device(rank)
-    images = ImageSet(train_set)
+    images, val = ImageSet(train_set), ImageSet(val_set)
     if images.shape[2] != opt.channels:
         raise ValueError(f"{train_set}: images have {images.shape[2]} channel(s), the GAN expects {opt.channels}")
+    net = score.load_feature_net(feature_net, device)
+    if net.info.get("resolution") != opt.resolution:
+        raise ValueError(f"{feature_net} was trained on {net.info.get('resolution')} px images, the GAN draws "
+                         f"{opt.resolution} px; run its feature_net stage again")
+    opt = replace(opt, feature_net=fingerprint(feature_net))
+    models = model_data(images.meta, val.meta, opt)
     if rank == 0:
         _prepare_out(out, opt, log)
     if world > 1:
         dist.barrier()
-    net_path = out / "feature_net.pt"
-    if net_path.is_file():
-        ck = torch.load(net_path, map_location="cpu", weights_only=False)
-        net = score.FeatureNet(**ck["config"])
-        net.load_state_dict(ck["state_dict"])
-    else:  # trained on every rank alike (same seed), saved by rank 0
-        sub = np.sort(np.random.default_rng(opt.seed).permutation(len(images))[:4096])
-        real = read_batch(images, sub, opt.resolution)
-        net = score.train_feature_net(real, images.meta["label"].to_numpy()[sub], epochs=opt.feature_epochs,
-                                      seed=opt.seed)
-        if rank == 0:
-            _atomic_save({"config": net.config, "state_dict": net.state_dict()}, net_path)
-    scorer = Scorer(images, net.to(device).eval(), device, opt.seed)
+    scorer = Scorer(images, val, net, device, opt.seed)
     results = {}
     with tracking.run(stage, tracking_params or opt.to_json(), enabled=rank == 0) as tracker:
-        for data in model_data(images.meta, opt):
+        for data in models:
             results[data.name] = train_model(opt, data, images, out / data.name, scorer, device, rank, world,
                                              log, tracker)
         if rank == 0:
-            summary = summarise(results, opt)
+            summary = summarise(results, {d.name: scorer.reference(opt, d).scores for d in models}, opt, trend_tail)
             write_json(metrics_path, summary)
             write_curves(results, scores_path, losses_path)
+            _warn(summary, log)
             tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
             tracker.log_artifact(scores_path)
             for name, rows in results.items():
@@ -433,7 +496,7 @@ def train_gan(opt: Options, train_set: Path, out: Path, metrics_path: Path, scor
                 tracker.log_artifact(out / name / "epochs" / f"{best_epoch(rows):03d}.pt", f"model/{name}")
     if world > 1:
         dist.barrier()
-    return summarise(results, opt) if rank == 0 else {}
+    return summary if rank == 0 else {}
 
 
 def best_epoch(rows: list[dict]) -> int:
@@ -444,24 +507,75 @@ def best_epoch(rows: list[dict]) -> int:
     return min(grown or rows, key=lambda r: (r["swd"], r["epoch"]))["epoch"]
 
 
-def summarise(results: dict[str, list[dict]], opt: Options) -> dict:
-    """Stage metrics: the SWD/KID of each model's best and last epoch, averaged over the models."""
-    best = [next(r for r in rows if r["epoch"] == best_epoch(rows)) for rows in results.values()]
-    last = [rows[-1] for rows in results.values()]
-    mean = lambda rows, k: round(float(np.mean([r[k] for r in rows])), 6)  # noqa: E731
-    return {"models": len(results), "epochs": opt.epochs, "swd_best": mean(best, "swd"), "kid_best": mean(best, "kid"),
-            "swd_last": mean(last, "swd"), "kid_last": mean(last, "kid"),
-            "best_epoch_mean": round(float(np.mean([r["epoch"] for r in best])), 2)}
+def trend(rows: list[dict], tail: float) -> dict:
+    """Whether a model was still improving when training stopped: its best epoch lies in the last `tail`
+    share of the epochs (at least the last 2) and its SWD still falls there (least-squares slope per epoch)."""
+    last = rows[-max(2, math.ceil(tail * len(rows))):]
+    slope = float(np.polyfit([r["epoch"] for r in last], [r["swd"] for r in last], 1)[0]) if len(last) > 1 else 0.0
+    return {"swd_tail_slope": round(slope, 6),
+            "still_improving": bool(best_epoch(rows) >= last[0]["epoch"] and slope < 0)}
+
+
+def model_summary(rows: list[dict], ref: dict, tail: float) -> dict:
+    """One model's best and last scores, its real floor, the baseline (the better of two trivial imitations:
+    noise with the real colours, blurred real images), its trend, `swd_relative` (the best SWD on a scale
+    where real images score 0 and the baseline 1) and `learnt` (swd_relative below LEARNT_BELOW)."""
+    best = next(r for r in rows if r["epoch"] == best_epoch(rows))
+    baseline = min(ref["swd_noise"], ref["swd_blur"])
+    relative = (best["swd"] - ref["swd_floor"]) / max(baseline - ref["swd_floor"], 1e-12)
+    return {"best_epoch": best["epoch"], "swd_best": best["swd"], "kid_best": best["kid"], "swd_last": rows[-1]["swd"],
+            "kid_last": rows[-1]["kid"], **ref, "swd_baseline": baseline,
+            "swd_best_over_floor": round(best["swd"] / max(ref["swd_floor"], 1e-12), 3),
+            "swd_relative": round(relative, 3), **trend(rows, tail), "learnt": bool(relative < LEARNT_BELOW)}
+
+
+def summarise(results: dict[str, list[dict]], refs: dict[str, dict], opt: Options, tail: float) -> dict:
+    """Stage metrics: per model (`per_model`) its model_summary; over the models, the mean of the scores,
+    floors and baselines, `learnt` (every model learnt) and `still_improving` (any model still was)."""
+    per_model = {name: model_summary(rows, refs[name], tail) for name, rows in results.items()}
+    mean = lambda k: round(float(np.mean([m[k] for m in per_model.values()])), 6)  # noqa: E731
+    count = lambda k: sum(m[k] for m in per_model.values())  # noqa: E731
+    return {"models": len(results), "epochs": opt.epochs, "score_images": opt.score_images,
+            "val_images": min(m["val_images"] for m in per_model.values()),
+            **{k: mean(k) for k in ("swd_best", "kid_best", "swd_last", "kid_last", "swd_floor", "kid_floor",
+                                    "swd_baseline", "swd_relative")},
+            "best_epoch_mean": round(float(np.mean([m["best_epoch"] for m in per_model.values()])), 2),
+            "models_learnt": count("learnt"), "learnt": count("learnt") == len(per_model),
+            "models_still_improving": count("still_improving"), "still_improving": count("still_improving") > 0,
+            "per_model": per_model}
+
+
+def _warn(summary: dict, log) -> None:
+    """One line per model that learnt nothing or was still improving at its last epoch."""
+    for name, m in summary["per_model"].items():
+        if not m["learnt"]:
+            log(f"WARNING {name} learnt nothing: its best SWD {m['swd_best']:.4f} (epoch {m['best_epoch']}) is not "
+                f"nearer real images' {m['swd_floor']:.4f} than noise or blurred images' {m['swd_baseline']:.4f}")
+        if m["still_improving"]:
+            log(f"WARNING {name} was still improving at its last epoch (best epoch {m['best_epoch']} of "
+                f"{summary['epochs']}, SWD falling {-m['swd_tail_slope']:.4f} per epoch); train it longer")
+
+
+CURVES = (("swd", "kid", "swd_floor", "kid_floor"), ("loss_d", "loss_g"))  # the scores and losses CSVs' columns
 
 
 def write_curves(results: dict[str, list[dict]], scores_path: Path, losses_path: Path) -> None:
-    """Per epoch, the mean over the stage's models of SWD and KID, and of the losses (the DVC plots)."""
-    for path, keys in ((scores_path, ("swd", "kid")), (losses_path, ("loss_d", "loss_g"))):
+    """Per epoch, the mean over the stage's models of SWD and KID with their real floors, and of the
+    losses (the DVC plots)."""
+    for path, keys in zip((scores_path, losses_path), CURVES):
         lines = ["epoch," + ",".join(keys)]
-        for epoch in range(1, min(len(rows) for rows in results.values()) + 1):
+        for epoch in range(1, min((len(rows) for rows in results.values()), default=0) + 1):
             rows = [r for rs in results.values() for r in rs if r["epoch"] == epoch]
             lines.append(f"{epoch}," + ",".join(f"{np.mean([r[k] for r in rows]):.6f}" for k in keys))
         atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def write_not_trained(reason: str, out: Path, metrics_path: Path, scores_path: Path, losses_path: Path) -> None:
+    """The outputs of a stage the profile does not train: metrics saying why, curves without epochs, and the
+    model folder as it is (a model trained under another setting is kept, not deleted)."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(metrics_path, {"trained": False, "reason": reason})
+    write_curves({}, scores_path, losses_path)
 
 
 # ---- sampling for the next stage ----

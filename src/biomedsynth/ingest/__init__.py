@@ -1,10 +1,48 @@
 """Ingest stages: list the raw data with its source adapter, decode, preprocess, write an image set."""
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
+
+import numpy as np
 
 from biomedsynth.params import Params
 from biomedsynth.store import write_json
+
+
+def pixel_digest(image: np.ndarray) -> bytes | None:
+    """A hash of an image's pixels (values, shape and type, not the file's bytes: one scan saved as PNG and
+    as DICOM is one image); None for a uniform image, whose one value says nothing about where it came from."""
+    image = np.ascontiguousarray(image)
+    if image.size == 0 or (image == image.flat[0]).all():
+        return None
+    h = hashlib.blake2b(f"{image.dtype.str}{image.shape}".encode(), digest_size=16)
+    h.update(image.data)
+    return h.digest()
+
+
+class PixelOwners:
+    """Whose each image content seen in one ingest run is (a patient, a slide): identical pixels under two
+    owners would put one image on both sides of the train/test split, or tell that an id is wrong."""
+
+    def __init__(self, owner: str):
+        self.owner = owner  # "patient" or "slide", for the message
+        self.first: dict[bytes, tuple[str | None, str]] = {}  # digest -> (owner, source) of its first image
+
+    def is_repeat(self, digest: bytes | None, owner: str | None, source: str) -> bool:
+        """True when these pixels came before under the same owner (or where one is unknown): skip this copy.
+        ValueError, naming both owners and sources, when they came before under another owner."""
+        if digest is None:
+            return False
+        if digest not in self.first:
+            self.first[digest] = (owner, source)
+            return False
+        first_owner, first_source = self.first[digest]
+        if None not in (owner, first_owner) and owner != first_owner:
+            raise ValueError(f"identical pixels under two {self.owner}s: {first_owner!r} ({first_source}) and "
+                             f"{owner!r} ({source}); one image cannot belong to both: drop the wrong copy or fix "
+                             f"its {self.owner} id")
+        return True
 
 
 def ingest(modality: str, p: Params, out: Path, summary_path: Path) -> dict:
@@ -19,24 +57,27 @@ def ingest(modality: str, p: Params, out: Path, summary_path: Path) -> dict:
                                     else manifest_records(src.csv, src.root))
         summary = ingest_xray(records, out, size=cfg.image_size, normal_only=cfg.normal_only,
                               on_no_lungs=cfg.on_no_lungs, lo_pct=cfg.percentiles[0],
-                              hi_pct=cfg.percentiles[1], workers=p.ingest.workers)
+                              hi_pct=cfg.percentiles[1], fit=cfg.fit, workers=p.ingest.workers)
     elif modality == "histology":
         from biomedsynth.ingest.histology import ingest_histology
 
         src, cfg = p.sources.histology, p.ingest.histology
         slides = tiles = None
+        unsupported: list[str] = []  # "path: why" of .dcm files that are no part of a DICOM whole-slide image
         if src.format == "slides":
             from biomedsynth.sources.wsi import list_slides
-            slides, listing_skipped = list_slides(src.root, src.labels_csv), {}
+            slides = list_slides(src.root, src.labels_csv, unsupported)
+            listing_skipped = {"unsupported": len(unsupported)} if unsupported else {}
         elif src.format == "tiles":
             from biomedsynth.sources.folder import folder_tiles
-            tiles, listing_skipped = folder_tiles(src.root)
+            tiles, listing_skipped = folder_tiles(src.root, src.slide_id, src.allow_tile_level_split)
         else:
             from biomedsynth.sources.pcam import pcam_tiles
-            tiles, listing_skipped = pcam_tiles(src.root)
+            tiles, listing_skipped = pcam_tiles(src.root, src.allow_tile_level_split)
         summary = ingest_histology(slides, tiles, out, tile_size=cfg.tile_size, level=cfg.level,
                                    min_tissue=cfg.min_tissue, tiles_per_slide=cfg.tiles_per_slide,
                                    tumor_label=cfg.tumor_label, seed=p.seed)
+        summary["unsupported_files"] = unsupported
     else:
         raise ValueError(f"unknown modality '{modality}' (allowed: xray, histology)")
     # timings differ run to run: printed, not written, so the metrics file (and dvc.lock) change only

@@ -26,6 +26,7 @@ from skimage.filters import threshold_otsu
 from skimage.morphology import remove_small_holes, remove_small_objects
 from tqdm import tqdm
 
+from biomedsynth.ingest import PixelOwners, pixel_digest
 from biomedsynth.sources import SlideRecord, Tile
 from biomedsynth.sources.wsi import points_in_tumour, read_annotation_polygons
 from biomedsynth.store import ImageSetWriter
@@ -35,6 +36,11 @@ INK_HUES = (70, 200)              # degrees: green to cyan marker ink, no H&E co
 MIN_SPECK = 0.0005                # objects smaller than this share of the thumbnail are dust
 MASK_PIXELS = 1 << 24             # largest level read whole for the tissue mask
 LABELS = ("normal", "tumor")
+TILE_LEVEL_WARNING = "split by tile: slides may leak between train and test"
+# the summary's counts of the other kind of input (slides or ready-cut tiles), so every summary has the same keys
+NOTHING_READ = {"slides_listed": 0, "slides_read": 0, "slides_skipped": {}, "skipped_slides": {},
+                "slides_without_tissue_tiles": [], "grid_tiles": 0, "background_tiles": 0, "tiles_in": 0,
+                "tiles_skipped": {}}
 
 
 class _Skip(Exception):
@@ -150,6 +156,72 @@ def _square(image: np.ndarray, size: int) -> np.ndarray:
     return image
 
 
+def _add_slides(slides: list[SlideRecord], writer: ImageSetWriter, tile_size: int, level: int, min_tissue: float,
+                tiles_per_slide: int, tumor_label: str, seed: int) -> dict:
+    """Cut each slide and write its sampled tiles; returns this part of the summary."""
+    per_label, reasons, skipped, empty, per_slide = Counter(), Counter(), {}, [], {}
+    for rec in tqdm(slides, desc="ingest histology", unit="slide"):
+        try:
+            images, metas, n_grid, n_bg = _cut_slide(rec, tile_size, level, min_tissue, tiles_per_slide,
+                                                     tumor_label, seed)
+        except _Skip as e:
+            reasons[e.reason] += 1
+            skipped[rec.slide_id] = str(e)
+            continue
+        per_slide[rec.slide_id] = {"grid": n_grid, "background": n_bg, "kept": len(images)}
+        if not images:
+            empty.append(rec.slide_id)
+        writer.add_many(images, metas)
+        per_label.update(m["label"] for m in metas)
+    return {"slides_listed": len(slides), "slides_read": len(per_slide), "slides_skipped": dict(reasons),
+            "skipped_slides": skipped, "slides_without_tissue_tiles": empty,
+            "grid_tiles": sum(c["grid"] for c in per_slide.values()),
+            "background_tiles": sum(c["background"] for c in per_slide.values()),
+            "per_label": per_label, "per_slide": per_slide, "split_unit": "slide"}
+
+
+def _add_tiles(tiles: Iterable[Tile], writer: ImageSetWriter, tile_size: int) -> dict:
+    """Write ready-cut tiles; returns this part of the summary. A tile without a slide id is a group of its
+    own (patient_id tile_<i>), so the split is by tile. A second copy of a tile's pixels under the same slide
+    is skipped and counted (duplicate_pixels); under another slide it stops the ingest (PixelOwners)."""
+    owners = PixelOwners("slide")
+    tiles_in, skipped, per_label, per_slide, split_unit = 0, Counter(), Counter(), Counter(), "slide"
+    for i, t in enumerate(tqdm(tiles, desc="ingest tiles", unit="tile")):
+        tiles_in += 1
+        if t.label not in LABELS:
+            skipped["bad_label"] += 1
+            continue
+        try:
+            image = _square(t.image, tile_size)
+        except ValueError:
+            skipped["bad_image"] += 1
+            continue
+        if owners.is_repeat(pixel_digest(t.image), t.slide_id, t.source):
+            skipped["duplicate_pixels"] += 1
+            continue
+        if t.slide_id is None:
+            group, split_unit = f"tile_{i}", "tile"
+        else:
+            group = t.slide_id
+            per_slide[group] += 1
+        writer.add(image, image_id=f"{group}_t{i}", patient_id=group, label=t.label, slide_label=t.label,
+                   x=-1, y=-1, level=-1, tissue_fraction=-1.0, source=t.source)
+        per_label[t.label] += 1
+    return {"tiles_in": tiles_in, "tiles_skipped": dict(skipped), "per_label": per_label,
+            "per_slide": {slide: {"kept": n} for slide, n in per_slide.items()}, "split_unit": split_unit}
+
+
+def _why_none(summary: dict, min_tissue: float) -> str:
+    """Why a summary counts no tile written, in a few words."""
+    if summary["skipped_slides"]:
+        return "; ".join(f"{k}: {v}" for k, v in list(summary["skipped_slides"].items())[:3])
+    if summary["slides_read"]:
+        return f"no tiles with tissue_fraction >= {min_tissue}"
+    if summary["tiles_in"]:
+        return f"{summary['tiles_in']} tiles read, skipped: {summary['tiles_skipped']}"
+    return "no slides or tiles given"
+
+
 def ingest_histology(slides: list[SlideRecord] | None, tiles: Iterable[Tile] | None, out: Path, tile_size: int,
                      level: int, min_tissue: float, tiles_per_slide: int, tumor_label: str, seed: int) -> dict:
     """Write an image set of (tile_size, tile_size, 3) tiles to `out` with meta columns image_id,
@@ -158,50 +230,24 @@ def ingest_histology(slides: list[SlideRecord] | None, tiles: Iterable[Tile] | N
     "slide" = every tile takes its slide's label (the study); "annotation" = a tumour slide's tile is
     tumor when its centre lies in a tumour polygon and in no exclusion polygon. Slides that cannot be used
     are skipped and counted by reason and name; it is an error when nothing at all is written.
-    Returns the summary."""
+
+    Returns the summary: besides the counts (tiles_skipped.duplicate_pixels: repeated ready-cut tiles),
+    per_slide (slide -> grid, background and kept tiles of a whole-slide image; kept tiles of ready-cut
+    ones with a slide id), split_unit ("slide", or "tile" when some ready-cut tiles had no slide id) and
+    warnings (what a reader of the results must know)."""
     if tumor_label not in ("slide", "annotation"):
         raise ValueError(f"tumor_label = {tumor_label!r}: allowed slide, annotation")
-    if slides is None and tiles is None:
-        raise ValueError("ingest_histology needs slides or tiles, got neither")
+    if (slides is None) == (tiles is None):
+        raise ValueError("ingest_histology needs slides or tiles, one of them")
     t0 = time.perf_counter()
-    per_label, reasons, skipped, empty = Counter(), Counter(), {}, []
-    grid = background = read = tiles_in = 0
-    tile_skips = Counter()
     with ImageSetWriter(out, (tile_size, tile_size, 3)) as writer:
-        for rec in tqdm(slides, desc="ingest histology", unit="slide") if slides is not None else ():
-            try:
-                images, metas, n_grid, n_bg = _cut_slide(rec, tile_size, level, min_tissue, tiles_per_slide,
-                                                         tumor_label, seed)
-            except _Skip as e:
-                reasons[e.reason] += 1
-                skipped[rec.slide_id] = str(e)
-                continue
-            read, grid, background = read + 1, grid + n_grid, background + n_bg
-            if not images:
-                empty.append(rec.slide_id)
-            writer.add_many(images, metas)
-            per_label.update(m["label"] for m in metas)
-        for i, t in enumerate(tqdm(tiles, desc="ingest tiles", unit="tile") if tiles is not None else ()):
-            tiles_in += 1
-            if t.label not in LABELS:
-                tile_skips["bad_label"] += 1
-                continue
-            try:
-                image = _square(t.image, tile_size)
-            except ValueError:
-                tile_skips["bad_image"] += 1
-                continue
-            writer.add(image, image_id=f"{t.slide_id}_t{i}", patient_id=t.slide_id, label=t.label,
-                       slide_label=t.label, x=-1, y=-1, level=-1, tissue_fraction=-1.0, source=t.source)
-            per_label[t.label] += 1
-        written = sum(per_label.values())
+        summary = {**NOTHING_READ, **(
+            _add_slides(slides, writer, tile_size, level, min_tissue, tiles_per_slide, tumor_label, seed)
+            if slides is not None else _add_tiles(tiles, writer, tile_size))}
+        written = sum(summary["per_label"].values())
         if not written:
-            why = ("; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:3])
-                   or (f"no tiles with tissue_fraction >= {min_tissue}" if read else "no slides or tiles given"))
-            raise ValueError(f"ingest histology wrote no tiles ({why})")
+            raise ValueError(f"ingest histology wrote no tiles ({_why_none(summary, min_tissue)})")
     seconds = time.perf_counter() - t0
-    return {"slides_listed": len(slides or []), "slides_read": read, "slides_skipped": dict(reasons),
-            "skipped_slides": skipped, "slides_without_tissue_tiles": empty, "grid_tiles": grid,
-            "background_tiles": background, "tiles_in": tiles_in, "tiles_skipped": dict(tile_skips),
-            "written": written, "per_label": dict(per_label), "seconds": round(seconds, 2),
-            "tiles_per_s": round(written / max(seconds, 1e-9), 1)}
+    return {**summary, "written": written, "per_label": dict(summary["per_label"]),
+            "warnings": [TILE_LEVEL_WARNING] if summary["split_unit"] == "tile" else [],
+            "seconds": round(seconds, 2), "tiles_per_s": round(written / max(seconds, 1e-9), 1)}

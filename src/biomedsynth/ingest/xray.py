@@ -1,5 +1,6 @@
 """ingest@xray: decode each scan, find the lung fields, normalise brightness by percentiles inside
-the lungs' convex hull, resize to a square, and stream the result into an image set.
+the lungs' convex hull, make it square (`fit`), resize, and stream the result into an image set.
+Identical pixels under two patients stop the ingest; under one patient, the second copy is skipped.
 
 The lung finder is classical image processing (no learned weights), on a 256 px copy:
 1. erase the ribs (a vertical grey opening), close thin dark gaps, smooth lightly;
@@ -31,6 +32,7 @@ from skimage.morphology import convex_hull_image, disk
 from skimage.segmentation import watershed
 from tqdm import tqdm
 
+from biomedsynth.ingest import PixelOwners, pixel_digest
 from biomedsynth.sources import ScanRecord, UnreadableInput
 from biomedsynth.sources.scans import read_scan
 from biomedsynth.store import ImageSetWriter
@@ -50,6 +52,7 @@ MIN_CONTRAST = 0.2        # lung vs rest of its basin, as a share of the image's
 MIN_SOLIDITY = 0.6        # a grown lung less convex than this leaked: keep its core instead
 TRIES = 3                 # candidate core sets grown at most
 ON_NO_LUNGS = ("skip", "central")
+FITS = ("stretch", "crop", "pad")
 SCAN_CHUNK = 16           # scans per task sent to a worker
 
 
@@ -204,21 +207,45 @@ def normalise(img: np.ndarray, region_mask: np.ndarray, lo_pct: float = 5.0, hi_
     return np.rint(np.clip((img - lo) * (255.0 / (hi - lo)), 0, 255)).astype(np.uint8)
 
 
-def _check(size: int, on_no_lungs: str, lo_pct: float, hi_pct: float) -> None:
+def fit_square(img: np.ndarray, fit: str) -> np.ndarray:
+    """A 2-D image made square before the resize. stretch: as is, the resize squashes it (proportions
+    lost: heart and chest widths change with the scan's aspect ratio); crop: the central square (cuts the
+    ends of the long side: lung apices and costophrenic angles of a tall scan, the chest wall of a wide
+    one); pad: the short side extended equally at both ends with the median of the two edges it extends
+    (the background there, air or collimation), so nothing is cut or distorted."""
+    h, w = img.shape
+    if fit == "stretch" or h == w:
+        return img
+    side = min(h, w)
+    if fit == "crop":
+        y, x = (h - side) // 2, (w - side) // 2
+        return img[y:y + side, x:x + side]
+    extra = abs(h - w)
+    ends = (extra // 2, extra - extra // 2)
+    if h < w:
+        background, pad = np.median(np.concatenate([img[0], img[-1]])), (ends, (0, 0))
+    else:
+        background, pad = np.median(np.concatenate([img[:, 0], img[:, -1]])), ((0, 0), ends)
+    return np.pad(img, pad, constant_values=np.asarray(np.rint(background), img.dtype))
+
+
+def _check(size: int, on_no_lungs: str, lo_pct: float, hi_pct: float, fit: str) -> None:
     if on_no_lungs not in ON_NO_LUNGS:
         raise ValueError(f"on_no_lungs = {on_no_lungs!r}: allowed {', '.join(ON_NO_LUNGS)}")
+    if fit not in FITS:
+        raise ValueError(f"fit = {fit!r}: allowed {', '.join(FITS)}")
     if size < 1:
         raise ValueError(f"size = {size}: must be a positive number of pixels")
     _check_percentiles(lo_pct, hi_pct)
 
 
 def preprocess_scan(img: np.ndarray, size: int, on_no_lungs: str, lo_pct: float = 5.0,
-                    hi_pct: float = 95.0) -> tuple[np.ndarray | None, str]:
-    """Lungs -> hull -> percentile normalise -> anti-aliased resize to (size, size) uint8.
+                    hi_pct: float = 95.0, *, fit: str) -> tuple[np.ndarray | None, str]:
+    """Lungs -> hull -> percentile normalise -> square (fit_square) -> anti-aliased resize to (size, size) uint8.
 
     Status "ok"; "central" when no lungs were found and the central 50% box set the contrast;
     "skipped" (image None) when no lungs were found and on_no_lungs == "skip"."""
-    _check(size, on_no_lungs, lo_pct, hi_pct)
+    _check(size, on_no_lungs, lo_pct, hi_pct, fit)
     if img.ndim != 2 or min(img.shape) < 1:
         raise ValueError(f"scan must be a 2-D image, got shape {img.shape}")
     lungs = _lungs_small(img)
@@ -231,19 +258,21 @@ def preprocess_scan(img: np.ndarray, size: int, on_no_lungs: str, lo_pct: float 
         region = np.zeros(img.shape, bool)
         region[h // 4: h - h // 4, w // 4: w - w // 4] = True
         status = "central"
-    out = Image.fromarray(normalise(img, region, lo_pct, hi_pct)).resize((size, size), Image.Resampling.LANCZOS)
-    return np.asarray(out), status
+    square = fit_square(normalise(img, region, lo_pct, hi_pct), fit)
+    return np.asarray(Image.fromarray(square).resize((size, size), Image.Resampling.LANCZOS)), status
 
 
-def _process_chunk(records: list[ScanRecord], size: int, on_no_lungs: str, lo_pct: float,
-                   hi_pct: float) -> list[tuple[np.ndarray | None, str, str]]:
-    """Decode and preprocess a chunk of scans in a worker: (image, status, why unreadable) per scan."""
+def _process_chunk(records: list[ScanRecord], size: int, on_no_lungs: str, lo_pct: float, hi_pct: float,
+                   fit: str) -> list[tuple[np.ndarray | None, str, str, bytes | None]]:
+    """Decode and preprocess a chunk of scans in a worker: (image, status, why unreadable, pixel digest of
+    the decoded scan) per scan."""
     out = []
     for r in records:
         try:
-            out.append((*preprocess_scan(read_scan(r.path), size, on_no_lungs, lo_pct, hi_pct), ""))
+            scan = read_scan(r.path)
+            out.append((*preprocess_scan(scan, size, on_no_lungs, lo_pct, hi_pct, fit=fit), "", pixel_digest(scan)))
         except UnreadableInput as e:
-            out.append((None, "unreadable", str(e)))
+            out.append((None, "unreadable", str(e), None))
     return out
 
 
@@ -263,22 +292,26 @@ def _ordered_map(fn, chunks, workers: int):
 
 
 def ingest_xray(records: list[ScanRecord], out: Path, size: int, normal_only: bool, on_no_lungs: str,
-                lo_pct: float, hi_pct: float, workers: int) -> dict:
+                lo_pct: float, hi_pct: float, fit: str, workers: int) -> dict:
     """Decode + preprocess `records` into the image set `out` ((size, size, 1) uint8; meta: image_id,
     patient_id, sex, age, normal, lungs, source) over `workers` processes (<= 1: in this one), results
-    in record order. Returns the summary; scans_per_s counts the scans decoded (abnormal ones dropped
-    by normal_only are never read)."""
-    _check(size, on_no_lungs, lo_pct, hi_pct)
+    in record order. A scan whose decoded pixels came before under the same patient is skipped and
+    counted (skipped.duplicate_pixels); under another patient, it stops the ingest (PixelOwners).
+    Returns the summary; scans_per_s counts the scans decoded (abnormal ones dropped by normal_only are
+    never read)."""
+    _check(size, on_no_lungs, lo_pct, hi_pct, fit)
     t0 = time.perf_counter()
     todo = [r for r in records if r.normal or not normal_only]
     chunks = (todo[i:i + SCAN_CHUNK] for i in range(0, len(todo), SCAN_CHUNK))
-    fn = partial(_process_chunk, size=size, on_no_lungs=on_no_lungs, lo_pct=lo_pct, hi_pct=hi_pct)
-    counts = {"ok": 0, "central": 0, "skipped": 0, "unreadable": 0}
-    unreadable_examples = []
+    fn = partial(_process_chunk, size=size, on_no_lungs=on_no_lungs, lo_pct=lo_pct, hi_pct=hi_pct, fit=fit)
+    counts = {"ok": 0, "central": 0, "skipped": 0, "unreadable": 0, "duplicate_pixels": 0}
+    unreadable_examples, owners = [], PixelOwners("patient")
     with ImageSetWriter(out, (size, size, 1)) as writer, tqdm(total=len(todo), desc="ingest xray", unit="scan") as bar:
         done = 0
         for results in _ordered_map(fn, chunks, workers):
-            for r, (image, status, why) in zip(todo[done:done + len(results)], results):
+            for r, (image, status, why, digest) in zip(todo[done:done + len(results)], results):
+                if status in ("ok", "central") and owners.is_repeat(digest, r.patient_id, str(r.path)):
+                    status = "duplicate_pixels"
                 counts[status] += 1
                 if status == "unreadable" and len(unreadable_examples) < 5:
                     unreadable_examples.append(why)
@@ -292,4 +325,5 @@ def ingest_xray(records: list[ScanRecord], out: Path, size: int, normal_only: bo
             "dropped_abnormal": len(records) - len(todo), "unreadable": counts["unreadable"],
             "unreadable_examples": unreadable_examples,
             "lungs_not_found": {"central": counts["central"], "skip": counts["skipped"]},
+            "skipped": {"duplicate_pixels": counts["duplicate_pixels"]},
             "seconds": round(seconds, 3), "scans_per_s": round(len(todo) / seconds, 2) if seconds > 0 else 0.0}

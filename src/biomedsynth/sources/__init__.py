@@ -2,6 +2,7 @@
 the ingest stages turn records into image sets (see store.py)."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import NamedTuple
 
@@ -32,7 +33,27 @@ class SlideRecord(NamedTuple):
 
 class Tile(NamedTuple):
     """One ready-cut histology tile (tile folder, PatchCamelyon)."""
-    image: np.ndarray  # (H, W, 3) uint8 RGB
-    slide_id: str      # the slide (or best available group) it came from
-    label: str         # "normal" or "tumor"
-    source: str        # where it was read from, for the metadata table
+    image: np.ndarray     # (H, W, 3) uint8 RGB
+    slide_id: str | None  # the slide it came from; None when unknown (then the tile is split on its own)
+    label: str            # "normal" or "tumor"
+    source: str           # where it was read from, for the metadata table
+
+
+# Slide ids from tile file names (sources.histology.slide_id): Camelyon16 slide names (tumor_001_x100_y200.png
+# -> tumor_001) and PatchCamelyon's `wsi` names (camelyon16_train_normal_017_4.png -> camelyon16_train_normal_017)
+SLIDE_ID_PRESETS = {
+    "camelyon16": r"^(?P<slide>(?:normal|tumor|test)_\d+)(?=[_.])",
+    "pcam": r"^(?P<slide>camelyon16_(?:train_(?:normal|tumor)|test)_\d+)(?=[_.])",
+}
+
+
+def slide_id_pattern(rule: str) -> re.Pattern:
+    """The regex of a sources.histology.slide_id value: a preset name, or a regex with a group named
+    `slide`; ValueError for anything else."""
+    try:
+        pattern = re.compile(SLIDE_ID_PRESETS.get(rule, rule))
+    except re.error as e:
+        raise ValueError(f"slide_id {rule!r}: not a preset ({', '.join(SLIDE_ID_PRESETS)}) nor a regex ({e})") from None
+    if "slide" not in pattern.groupindex:
+        raise ValueError(f"slide_id {rule!r}: the regex needs a group named 'slide', e.g. ^(?P<slide>[^_]+_\\d+)_")
+    return pattern

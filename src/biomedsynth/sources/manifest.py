@@ -7,14 +7,14 @@ decoding, and skipping what cannot be decoded, happens at ingest.
 
 Bad rows (unknown sex, unparseable age, missing image, ...) are skipped and counted, not fatal: a few bad
 rows in a 100k-row export should not stop a run. The first row skipped for each reason is logged
-(rows are counted from 1 after the header). No usable row at all, a missing column, or two rows with
-one image id is fatal.
+(rows are counted from 1 after the header). No usable row at all, a missing column, or an image id on
+two rows (all such ids are listed) is fatal.
 """
 from __future__ import annotations
 
 import logging
 import re
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import pandas as pd
@@ -70,7 +70,7 @@ def scan_records(table: pd.DataFrame, csv: Path, id_hint: str = "") -> tuple[lis
     """Check rows already mapped to ScanRecord's fields as raw values: `path` (Path, or None when no file
     was found), `image_id`, `patient_id`, `sex`, `age` (strings), `normal` (bool, or None when unparseable).
     Returns the good rows as records and the skipped ones counted by reason."""
-    records, skipped, row_of = [], Counter(), {}
+    records, skipped, rows_of = [], Counter(), defaultdict(list)
     for i, r in enumerate(table[list(ScanRecord._fields)].itertuples(index=False), 1):
         where = f"{csv} row {i}"
         sex, age, image_id, patient_id = parse_sex(r.sex), parse_age(r.age), r.image_id.strip(), r.patient_id.strip()
@@ -87,14 +87,23 @@ def scan_records(table: pd.DataFrame, csv: Path, id_hint: str = "") -> tuple[lis
         elif r.normal is None:
             skip(skipped, "bad_normal", f"{where}: cannot tell whether the scan is normal")
         else:
-            if image_id in row_of:
-                raise ValueError(f"{csv}: image id {image_id!r} on rows {row_of[image_id]} and {i}; ids must be unique"
-                                 + id_hint)
-            row_of[image_id] = i
+            rows_of[image_id].append(i)
             records.append(ScanRecord(r.path, image_id, patient_id, sex, age, bool(r.normal)))
     if not records:
         raise ValueError(f"{csv}: no usable rows (skipped: {dict(skipped) or 'none, the table is empty'})")
+    _check_unique(rows_of, csv, id_hint)
     return records, dict(skipped)
+
+
+def _check_unique(rows_of: dict[str, list[int]], csv: Path, id_hint: str) -> None:
+    """Every image listed once: a repeated row would put one image in the data twice, under one patient or
+    (worse, leaking it across the split) two. All repeats are counted, the first ten shown."""
+    repeated = [(image_id, rows) for image_id, rows in rows_of.items() if len(rows) > 1]
+    if repeated:
+        shown = "; ".join(f"{image_id!r} on rows {', '.join(map(str, rows))}" for image_id, rows in repeated[:10])
+        more = "; ... (the first 10 shown)" if len(repeated) > 10 else ""
+        raise ValueError(f"{csv}: {len(repeated)} image id(s) listed more than once: {shown}{more}; "
+                         f"de-duplicate the table so each image is listed once{id_hint}")
 
 
 def _normal(table: pd.DataFrame, csv: Path) -> list[bool | None]:
@@ -120,4 +129,4 @@ def manifest_records(csv: Path, root: Path | None = None) -> tuple[list[ScanReco
         "image_id": table["image_id"] if has_ids else [p.stem if p is not None else "" for p in paths],
         "patient_id": table["patient_id"], "sex": table["sex"], "age": table["age"],
         "normal": pd.Series(_normal(table, csv), dtype=object),
-    }), csv, id_hint="" if has_ids else " (ids are file names without extension; add an image_id column)")
+    }), csv, id_hint="" if has_ids else " (ids are the file names without extension)")

@@ -2,9 +2,10 @@
 
 Per split under root: camelyonpatch_level_2_split_<split>_x.h5 (dataset `x`, (N, 96, 96, 3) uint8),
 ..._<split>_y.h5 (dataset `y`, (N, 1, 1, 1) uint8, 1 = tumour) and, optionally,
-..._<split>_meta.csv, whose `wsi` column names each tile's source slide. slide_id is that slide;
-without the meta CSV it is "<split>-<index>", one group per tile, so the train/test split is by tile
-and tiles of one slide can land on both sides. The files come gzipped (.h5.gz) and must be gunzipped.
+..._<split>_meta.csv, whose `wsi` column names each tile's source slide: slide_id is that slide.
+A split without its meta CSV has no slide ids: refused, unless `allow_tile_level_split`, when its tiles
+are split on their own (slide_id None) and tiles of one slide can land on both sides of the split.
+The files come gzipped (.h5.gz) and must be gunzipped.
 """
 from __future__ import annotations
 
@@ -59,16 +60,25 @@ def find_split(root: Path, name: str) -> Split:
         wsi = list(read_table(meta, ["wsi"])["wsi"].str.strip())
         if len(wsi) != n:
             raise ValueError(f"{meta}: {len(wsi)} rows for {n} tiles in {x.name}")
+        if "" in wsi:
+            raise ValueError(f"{meta}: empty wsi (slide) on row {wsi.index('') + 1}")
     return Split(name, x, y, wsi)
 
 
-def pcam_tiles(root: Path, splits: tuple[str, ...] = ("train", "valid", "test"),
+def pcam_tiles(root: Path, allow_tile_level_split: bool, splits: tuple[str, ...] = ("train", "valid", "test"),
                chunk: int = 1024) -> tuple[Iterator[Tile], dict[str, int]]:
-    """(tiles, skipped): files are checked now; tiles stream out `chunk` at a time as the iterator is
-    consumed, and `skipped` (reason -> count: bad_label, a y value other than 0/1) fills up meanwhile."""
+    """(tiles, skipped): files and slide ids are checked now; tiles stream out `chunk` at a time as the
+    iterator is consumed, and `skipped` (reason -> count: bad_label, a y value other than 0/1) fills up
+    meanwhile."""
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     found = [find_split(Path(root), s) for s in splits]
+    no_ids = [s.name for s in found if s.wsi is None]
+    if no_ids and not allow_tile_level_split:
+        raise ValueError(f"{root}: no {PREFIX}<split>_meta.csv for split(s) {', '.join(no_ids)}, so their tiles have "
+                         "no slide ids and the split cannot keep a slide's tiles together; put PatchCamelyon's "
+                         "_meta.csv files beside the .h5 files, or accept a split by tile: "
+                         "sources.histology.allow_tile_level_split=true")
     skipped: Counter = Counter()
     return _tiles(found, chunk, skipped), skipped
 
@@ -83,4 +93,4 @@ def _tiles(splits: list[Split], chunk: int, skipped: Counter) -> Iterator[Tile]:
                     if label not in LABELS:
                         skip(skipped, "bad_label", f"{s.y.name} tile {i}: label {label}")
                         continue
-                    yield Tile(image, s.wsi[i] if s.wsi else f"{s.name}-{i}", LABELS[label], f"{s.x.name}:{i}")
+                    yield Tile(image, s.wsi[i] if s.wsi is not None else None, LABELS[label], f"{s.x.name}:{i}")

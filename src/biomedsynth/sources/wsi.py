@@ -1,6 +1,10 @@
 """Whole-slide images as Camelyon16 ships them: a folder of normal_*/tumor_* slides (any format
 OpenSlide reads), ASAP XML tumour annotations, and a writer of pyramidal TIFFs that OpenSlide opens.
 
+DICOM whole-slide images (OpenSlide 4 reads them) come as a folder of .dcm files per slide, one series:
+the pyramid levels plus label and overview images. The folder is the slide: its name is the slide id,
+and OpenSlide opens the series from any of its pyramid files.
+
 Annotations: ASAP XML, `<Annotation PartOfGroup=...><Coordinates><Coordinate Order X Y/>`, level-0 px.
 Camelyon16 puts tumour outlines in groups `_0`/`_1` (or `Tumor`) and outlines of non-tumour tissue
 inside a tumour in group `_2` (or `Exclusion`); a point is tumour when it lies in a tumour polygon and
@@ -8,13 +12,16 @@ in no exclusion polygon.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import tempfile
 import xml.etree.ElementTree as ET
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import tifffile
 from matplotlib.path import Path as PolyPath
 
@@ -22,6 +29,7 @@ from biomedsynth.sources import SlideRecord
 from biomedsynth.sources.manifest import read_table
 
 SLIDE_SUFFIXES = {".tif", ".tiff", ".svs", ".ndpi", ".mrxs"}
+DICOM_WSI = "1.2.840.10008.5.1.4.1.1.77.1.6"  # SOP class: VL Whole Slide Microscopy Image Storage
 ANNOTATION_DIRS = ("annotations", "lesion_annotations")  # the second is Camelyon16's own folder name
 LABELS = {"normal": "normal", "tumor": "tumor", "tumour": "tumor"}
 NAME_LABEL = re.compile(r"(normal|tumou?r)_", re.IGNORECASE)
@@ -70,10 +78,10 @@ def write_pyramidal_tiff(path: Path, rgb: np.ndarray, tile: int = 256, levels: i
         raise
 
 
-def _annotation(slide: Path, root: Path) -> Path | None:
-    for d in (slide.parent, *(root / a for a in ANNOTATION_DIRS)):
-        if (d / f"{slide.stem}.xml").is_file():
-            return d / f"{slide.stem}.xml"
+def _annotation(slide_id: str, beside: list[Path], root: Path) -> Path | None:
+    for d in (*beside, *(root / a for a in ANNOTATION_DIRS)):
+        if (d / f"{slide_id}.xml").is_file():
+            return d / f"{slide_id}.xml"
     return None
 
 
@@ -87,32 +95,92 @@ def _csv_labels(csv: Path) -> dict[str, str]:
     return labels
 
 
-def list_slides(root: Path, labels_csv: Path | None = None) -> list[SlideRecord]:
-    """Slides (*.tif, *.tiff, *.svs, *.ndpi, *.mrxs) under `root`, subfolders included, sorted by path.
+def _visible_files(root: Path, suffixes: set[str]) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in suffixes and p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(root).parts))
+
+
+def _dicom_slides(files: list[Path], unsupported: list[str]) -> list[Path]:
+    """One pyramid file per DICOM whole-slide image among `files` (a slide = one series in one folder);
+    every .dcm file that is no part of such a slide is added to `unsupported` as "path: why"."""
+    series: dict[tuple[Path, str], list[Path]] = defaultdict(list)  # (folder, series) -> its pyramid files
+    for f in files:
+        try:
+            ds = pydicom.dcmread(f, stop_before_pixels=True,
+                                 specific_tags=["SOPClassUID", "SeriesInstanceUID", "ImageType"])
+        except Exception as e:  # any parse failure is a property of the file
+            unsupported.append(f"{f}: not a readable DICOM file ({type(e).__name__})")
+            continue
+        if ds.get("SOPClassUID") != DICOM_WSI:
+            unsupported.append(f"{f}: DICOM of SOP class {ds.get('SOPClassUID', 'none')}, not a whole-slide image")
+            continue
+        pyramid = series[(f.parent, str(ds.get("SeriesInstanceUID", "")))]
+        if len(ds.get("ImageType", [])) > 2 and ds.ImageType[2] == "VOLUME":  # not a label or overview image
+            pyramid.append(f)
+    for (folder, uid), pyramid in series.items():
+        if not pyramid:
+            unsupported.append(f"{folder}: DICOM series {uid} has label or overview images only, no pyramid")
+    return [pyramid[0] for pyramid in series.values() if pyramid]
+
+
+def _file_digest(path: Path) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    return h.digest()
+
+
+def _check_distinct_files(records: list[SlideRecord]) -> None:
+    """No file under two slide ids: a copy would put the same tissue on both sides of the split. Only files
+    of equal size are read and hashed, so slides of distinct sizes cost nothing; empty files are left out."""
+    by_size: dict[int, list[SlideRecord]] = defaultdict(list)
+    for r in records:
+        by_size[r.path.stat().st_size].append(r)
+    for size, same_size in by_size.items():
+        if size == 0 or len(same_size) < 2:
+            continue
+        first_of: dict[bytes, SlideRecord] = {}
+        for r in same_size:
+            first = first_of.setdefault(_file_digest(r.path), r)
+            if first is not r:
+                raise ValueError(f"slides {first.slide_id!r} and {r.slide_id!r} are the same file ({first.path} and "
+                                 f"{r.path}); remove the copy")
+
+
+def list_slides(root: Path, labels_csv: Path | None = None, unsupported: list[str] | None = None
+                ) -> list[SlideRecord]:
+    """Slides (*.tif, *.tiff, *.svs, *.ndpi, *.mrxs, DICOM folders) under `root`, subfolders included,
+    sorted by path. .dcm files that are no part of a DICOM whole-slide image are left out and named in
+    `unsupported` ("path: why"), when a list is given.
 
     Label from `labels_csv` (columns slide,label; slide = file name or stem) when it lists the slide,
     else from the Camelyon16 name (normal_001.tif, tumor_001.tif). A slide with neither is an error, not
-    a skip: dropping it silently would change the study's class balance behind the user's back.
-    Annotation: <stem>.xml beside the slide, or in root/annotations/ or root/lesion_annotations/."""
+    a skip: dropping it silently would change the study's class balance behind the user's back; so are two
+    slides of one name and one file under two names.
+    Annotation: <stem>.xml beside the slide (a DICOM slide: in or beside its folder), or in
+    root/annotations/ or root/lesion_annotations/."""
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"{root}: slide folder not found")
     csv = _csv_labels(Path(labels_csv)) if labels_csv is not None else {}
-    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in SLIDE_SUFFIXES and p.is_file()
-                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
-    if not paths:
-        raise ValueError(f"{root}: no slides ({', '.join(sorted(SLIDE_SUFFIXES))}) found")
+    dicom = _dicom_slides(_visible_files(root, {".dcm"}), unsupported if unsupported is not None else [])
+    found = sorted([(p, p.stem, [p.parent]) for p in _visible_files(root, SLIDE_SUFFIXES)]
+                   + [(p, p.parent.name, [p.parent, p.parent.parent]) for p in dicom])
+    if not found:
+        raise ValueError(f"{root}: no slides ({', '.join(sorted(SLIDE_SUFFIXES))} or DICOM) found")
     records, seen = [], {}
-    for p in paths:
-        if p.stem in seen:
-            raise ValueError(f"{root}: two slides named {p.stem!r} ({seen[p.stem]} and {p}); slide ids must be unique")
-        seen[p.stem] = p
-        m = NAME_LABEL.match(p.name)
-        label = csv.get(p.stem) or (LABELS[m[1].lower()] if m else None)
+    for p, slide_id, beside in found:
+        if slide_id in seen:
+            raise ValueError(f"{root}: two slides named {slide_id!r} ({seen[slide_id]} and {p}); slide ids must be unique")
+        seen[slide_id] = p
+        m = NAME_LABEL.match(slide_id)
+        label = csv.get(slide_id) or (LABELS[m[1].lower()] if m else None)
         if label is None:
             raise ValueError(f"{p}: cannot tell the slide's label: name it normal_*/tumor_* or list it in a "
                              "labels CSV (columns slide,label)")
-        records.append(SlideRecord(p, p.stem, label, _annotation(p, root)))
+        records.append(SlideRecord(p, slide_id, label, _annotation(slide_id, beside, root)))
+    _check_distinct_files(records)
     return records
 
 

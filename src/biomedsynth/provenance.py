@@ -1,0 +1,45 @@
+"""Which data and code a result came from, written into every result file, so a stale result (made from
+the phantom sample, another dataset or an older commit) can never pass for the user's.
+
+The data is named by the hash DVC records for data/raw in data.dvc (what `dvc repro` and `dvc pull` agree
+on) and by the `sources` params that say how it is read; the code by the git commit the stage ran at.
+"""
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import yaml
+
+
+def git_commit() -> str:
+    """HEAD of the repository in the working directory, or "unknown"."""
+    # asked in cwd, not in the project root: a queued experiment's copy has HEAD at the commit it was
+    # queued from, while the user's repo may have moved on since
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+def data_hash(dvc_file: Path = Path("data.dvc")) -> str | None:
+    """The md5 DVC recorded for the raw data (data.dvc's first output), or None where there is no data.dvc."""
+    try:
+        outs = yaml.safe_load(Path(dvc_file).read_text())["outs"]
+        return str(outs[0]["md5"])
+    except (OSError, KeyError, IndexError, TypeError, yaml.YAMLError):
+        return None
+
+
+def fingerprint(sources: dict, dvc_file: Path = Path("data.dvc")) -> dict:
+    """{"data": data.dvc's hash, "sources": how the data is read, "commit": the code's git commit}."""
+    return {"data": data_hash(dvc_file), "sources": sources, "commit": git_commit()}
+
+
+def same_data(prints: dict[str, dict]) -> list[str]:
+    """The names whose data (hash and sources) differ from the first one's: results that must not be compared."""
+    if not prints:
+        return []
+    first = next(iter(prints.values()))
+    return [name for name, p in prints.items() if (p["data"], p["sources"]) != (first["data"], first["sources"])]

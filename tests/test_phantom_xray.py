@@ -30,7 +30,7 @@ def lung_area(img: np.ndarray) -> float:
 
 def test_same_arguments_same_bytes_other_seed_other_bytes(sample, tmp_path):
     root, n = sample
-    again = write_xray_sample(tmp_path / "a", **SAMPLE)
+    again = write_xray_sample(tmp_path / "a", **SAMPLE, workers=2)  # patients written by two processes
     assert again == n and _files(tmp_path / "a") == _files(root)
     write_xray_sample(tmp_path / "b", **{**SAMPLE, "seed": 4})
     assert _files(tmp_path / "b")["Data_Entry.csv"] != _files(root)["Data_Entry.csv"]

@@ -10,7 +10,7 @@ from PIL import Image
 from biomedsynth.report import _growth_epochs, _sample_pairs, write_report
 from biomedsynth.store import ImageSet, ImageSetWriter
 from biomedsynth.table3 import write_table3
-from test_table3 import HOLDS, TASKS, plant
+from test_table3 import HOLDS, STAGES, TASKS, plant
 
 REAL_VALUE = {"A": 40, "B": 200}  # real images are flat grey by label; synthetic ones 10 brighter
 GANS = ("pggan-xg-uncond", "dcgan-xg-cond")
@@ -46,7 +46,7 @@ def tree(tmp_path):
     (m / "ingest").mkdir()
     (m / "ingest" / "histology.json").write_text(json.dumps(
         {"split_unit": "tile", "warnings": ["split by tile: slides may leak between train and test"]}))
-    write_table3(m, m / "summary.json", m / "table3.json", 200)
+    write_table3(m, STAGES, m / "summary.json", m / "table3.json", 200)
     (m / "tasks.json").write_text(json.dumps({t: {k: {"images": 10, "side": 8} for k in ("real", "synthetic", "test")}
                                               for t in TASKS}))
     write_images(groups / "xg" / "train", ["A", "B"] * 4, 16)

@@ -13,6 +13,8 @@ from biomedsynth.table3 import STUDY_TABLE3, flat, summarise, write_table3
 
 TASKS = ("histology", "xray_sex", "xray_age")
 MODELS = ("knn", "svm", "rf", "vgg16")
+STAGES = {"histology": ["dcgan-h_norm-uncond", "dcgan-h_tumor-uncond"], "xray_sex": ["pggan-x_norm-cond"],
+          "xray_age": ["pggan-x_norm-cond"]}
 
 
 def _model(rng, y, accuracy, patients):
@@ -23,10 +25,13 @@ def _model(rng, y, accuracy, patients):
 
 
 def plant(root: Path, accuracies: dict, patients: int = 200, scans: int = 2, seed: int = 0,
-          constant: tuple = ()) -> None:
+          constant: tuple = (), not_learnt: tuple = ()) -> None:
     """metrics/<task>/<model>.json + predictions.csv as the classify stage writes them, for planted accuracies
-    {model: (real, synthetic)}; `constant` names (task, model) cells whose synthetic model predicts class 1."""
+    {model: (real, synthetic)}; `constant` names (task, model) cells whose synthetic model predicts class 1;
+    metrics/gan/<stage>.json with learnt false for the stages in `not_learnt`."""
     rng = np.random.default_rng(seed)
+    for stage in {s for stages in STAGES.values() for s in stages}:
+        write_json(root / "gan" / f"{stage}.json", {"learnt": stage not in not_learnt, "still_improving": False})
     for t, task in enumerate(TASKS):
         ids = np.repeat(np.arange(patients), scans)
         y = (ids % 2).astype(int)
@@ -49,9 +54,9 @@ FAILS = {"vgg16": (0.90, 0.62), "knn": (0.85, 0.84), "svm": (0.85, 0.83), "rf": 
 
 def test_a_planted_claim_holds(tmp_path):
     plant(tmp_path, HOLDS)
-    s = summarise(tmp_path, n_boot=300)
+    s = summarise(tmp_path, STAGES, n_boot=300)
     c = s["claims"]
-    assert c["verdict"] == "holds" and c["chance_normalised"]["cells_used"] == 12 and c["cells_left_out"] == []
+    assert c["verdict"] == "holds" and c["chance_normalised"]["cells_used"] == 12 and c["cells_left_out"] == {}
     assert c["chance_normalised"]["difference"]["low"] > 0
     assert "holds here" in c["sentence"] and "12 cells" in c["sentence"]
     cell = s["xray_sex"]["knn"]
@@ -64,7 +69,7 @@ def test_a_planted_claim_holds(tmp_path):
 
 def test_a_planted_claim_fails(tmp_path):
     plant(tmp_path, FAILS)
-    c = summarise(tmp_path, n_boot=300)["claims"]
+    c = summarise(tmp_path, STAGES, n_boot=300)["claims"]
     assert c["verdict"] == "fails" and c["chance_normalised"]["difference"]["high"] < 0
     assert c["relative"]["verdict"] == "fails"
 
@@ -72,7 +77,7 @@ def test_a_planted_claim_fails(tmp_path):
 def test_equal_drops_on_small_test_sets_are_inconclusive(tmp_path):
     same = {m: (0.80, 0.74) for m in MODELS}
     plant(tmp_path, same, patients=30)
-    c = summarise(tmp_path, n_boot=300)["claims"]
+    c = summarise(tmp_path, STAGES, n_boot=300)["claims"]
     assert c["verdict"] == "inconclusive"
     d = c["chance_normalised"]["difference"]
     assert d["low"] < 0 < d["high"]
@@ -84,27 +89,29 @@ def test_degenerate_cells_are_shown_and_left_out_of_the_verdict(tmp_path):
     weak = {"vgg16": (0.90, 0.80), "knn": (0.85, 0.77), "svm": (0.85, 0.77), "rf": (0.85, 0.77)}
     constant = tuple((t, m) for t in TASKS for m in ("knn", "svm"))
     plant(tmp_path, weak, constant=constant)
-    s = summarise(tmp_path, n_boot=300)
+    s = summarise(tmp_path, STAGES, n_boot=300)
     assert s["xray_age"]["svm"]["degenerate"] and s["xray_age"]["svm"]["synthetic"]["value"] == 0.5
     assert s["xray_age"]["svm"]["degenerate_reasons"]["synthetic"][0] == "predicts one class for 100% of test images"
     assert not s["xray_age"]["rf"]["degenerate"]
     c = s["claims"]
     assert sorted(c["cells_left_out"]) == sorted(f"{t}/{m}" for t, m in constant)
+    assert c["cells_left_out"]["xray_sex/knn"] == ("synthetic: predicts one class for 100% of test images, "
+                                                   "accuracy interval contains chance (0.5)")
     assert c["chance_normalised"]["cells_used"] == 6 and c["chance_normalised"]["lbp_cells"] == 3
     assert c["verdict"] != "holds"  # with the constant cells counted, the LBP mean drop would be ~3x larger
-    assert "6 degenerate cell(s) left out" in c["sentence"]
+    assert "6 cell(s) left out" in c["sentence"]
 
 
 def test_no_usable_deep_cell_is_inconclusive(tmp_path):
     plant(tmp_path, {**HOLDS, "vgg16": (0.52, 0.50)}, patients=40)
-    s = summarise(tmp_path, n_boot=300)
+    s = summarise(tmp_path, STAGES, n_boot=300)
     assert all(s[t]["vgg16"]["degenerate"] for t in TASKS)
     assert s["claims"]["verdict"] == "inconclusive" and s["claims"]["chance_normalised"]["reason"] == "no usable deep cell"
 
 
 def test_flat_file_has_one_number_per_column(tmp_path):
     plant(tmp_path, HOLDS, patients=60)
-    write_table3(tmp_path, tmp_path / "summary.json", tmp_path / "table3.json", 200)
+    write_table3(tmp_path, STAGES, tmp_path / "summary.json", tmp_path / "table3.json", 200)
     f = json.loads((tmp_path / "table3.json").read_text())
     assert all(isinstance(v, (int, float)) for v in f.values())
     assert {"histology.vgg16.real", "histology.vgg16.synthetic", "histology.vgg16.real_synthetic",
@@ -117,15 +124,28 @@ def test_missing_predictions_are_named(tmp_path):
     plant(tmp_path, HOLDS, patients=20)
     (tmp_path / "xray_age" / "rf" / "predictions.csv").unlink()
     with pytest.raises(FileNotFoundError, match="xray_age/rf/predictions.csv is missing"):
-        summarise(tmp_path, n_boot=100)
+        summarise(tmp_path, STAGES, n_boot=100)
 
 
 def test_results_name_their_data_and_cells_of_other_data_are_refused(tmp_path):
     plant(tmp_path, HOLDS, patients=20)
-    s = summarise(tmp_path, n_boot=100)
+    s = summarise(tmp_path, STAGES, n_boot=100)
     assert s["provenance"] == {"data": "abc.dir", "sources": {"xray": {"format": "nih"}}, "commits": ["c0ffee"]}
     stale = json.loads((tmp_path / "xray_age" / "rf.json").read_text())
     stale["provenance"]["data"] = "phantom.dir"  # a cell left over from another dataset
     write_json(tmp_path / "xray_age" / "rf.json", stale)
     with pytest.raises(ValueError, match="xray_age/rf came from other data than histology/knn"):
-        summarise(tmp_path, n_boot=100)
+        summarise(tmp_path, STAGES, n_boot=100)
+
+
+def test_cells_whose_gan_learnt_nothing_are_shown_and_left_out(tmp_path):
+    """A GAN that draws noise makes its synthetic arm's drop a measure of noise: visible, never in the verdict."""
+    plant(tmp_path, FAILS, not_learnt=("dcgan-h_tumor-uncond",))
+    s = summarise(tmp_path, STAGES, n_boot=300)
+    assert s["histology"]["vgg16"]["gan"]["not_learnt"] == ["dcgan-h_tumor-uncond"]
+    assert s["xray_sex"]["vgg16"]["gan"] == {"stages": ["pggan-x_norm-cond"], "learnt": True,
+                                             "still_improving": False, "not_learnt": []}
+    left = s["claims"]["cells_left_out"]
+    assert sorted(left) == [f"histology/{m}" for m in sorted(MODELS)]
+    assert left["histology/rf"] == "GAN learnt nothing: dcgan-h_tumor-uncond"
+    assert s["claims"]["chance_normalised"]["cells_used"] == 8

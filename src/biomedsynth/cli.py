@@ -62,7 +62,7 @@ def sample(params: Path = ParamsOpt, out: Path = typer.Option(Path("data/raw"), 
     x, h = p.sample.xray, p.sample.histology
     n_scans = write_xray_sample(tmp / "xray", n_patients=x.patients, seed=p.seed, difficulty=x.difficulty,
                                 abnormal_fraction=x.abnormal_fraction, scans_per_patient=x.scans_per_patient,
-                                min_side=x.min_side, max_side=x.max_side)
+                                min_side=x.min_side, max_side=x.max_side, workers=p.ingest.workers)
     n_slides = write_histology_sample(tmp / "histology", n_normal=h.normal_slides, n_tumor=h.tumor_slides,
                                       seed=p.seed, width=h.width, height=h.height)
     shutil.rmtree(out, ignore_errors=True)
@@ -307,10 +307,11 @@ def classify_cmd(task: str = TaskArg, model: str = typer.Argument(..., help="knn
 def table3(params: Path = ParamsOpt):
     """table3: metrics/summary.json (Table 3 with intervals, flags, verdict) and the flat metrics/table3.json."""
     from biomedsynth.table3 import write_table3
+    from biomedsynth.tasks import task_gan_stages
 
     p = _params(params)
-    summary = _run(write_table3, Path("metrics"), Path("metrics/summary.json"), Path("metrics/table3.json"),
-                   p.classify.bootstrap)
+    summary = _run(write_table3, Path("metrics"), task_gan_stages(p.tasks), Path("metrics/summary.json"),
+                   Path("metrics/table3.json"), p.classify.bootstrap)
     typer.echo(f"table3: {summary['claims']['sentence']}")
 
 

@@ -160,12 +160,16 @@ def _table3(summary: dict) -> list:
             continue
         for model, v in row.items():
             flags = "; ".join(f"{arm}: {', '.join(r)}" for arm, r in v["degenerate_reasons"].items())
+            gan = v["gan"]
+            gan_flag = ("GAN LEARNT NOTHING (" + ", ".join(gan["not_learnt"]) + ")" if gan["not_learnt"]
+                        else "GAN still improving" if gan["still_improving"] else "")
             study = v["study"]
             rows.append([TASK_NAMES[task], MODEL_NAMES[model], _ci(v["real"]),
                          _ci(v["synthetic"]) + (f" ({v['synthetic_draws']} draws)" if v["synthetic_draws"] > 1 else ""),
                          _ci(v["real_synthetic"]) if "real_synthetic" in v else "n/a",
                          _ci(v["drop"], True), _ci(v["drop_chance_normalised"], True),
-                         f"DEGENERATE ({flags})" if v["degenerate"] else "ok",
+                         "; ".join(f for f in (f"DEGENERATE ({flags})" if v["degenerate"] else "", gan_flag) if f)
+                         or "ok",
                          "{:.2f} → {:.2f} ({:.2f}%)".format(study["real"], study["synthetic"], 100 * study["drop"])])
     return [("h2", "Table 3: accuracy trained on real → trained on synthetic, tested on real"),
             ("p", "Accuracy on the real test set with 95% intervals from a bootstrap over its patients (X-ray) or "
@@ -173,8 +177,9 @@ def _table3(summary: dict) -> list:
                   "draws from the generator. Drops are paired over the same resampled patients/slides: relative "
                   "(real - synthetic) / real, and chance-normalised (real - synthetic) / (real - 0.5). A cell is "
                   "DEGENERATE when a model predicts one class for >= 95% of the test images or its accuracy "
-                  "interval contains chance; such cells are shown but left out of the verdict. The last column is "
-                  "the study's result."),
+                  "interval contains chance, and GAN LEARNT NOTHING when a generator behind its synthetic set scored "
+                  "no better than noise or blur (see GAN stages); such cells are shown but left out of the verdict. "
+                  "The last column is the study's result."),
             ("table", ["task", "model", "real", "synthetic", "real + synthetic", "relative drop",
                        "chance-normalised drop", "flag", "study"], rows),
             ("table", ["task", "model", "seed std real", "seed std synthetic", "draw std synthetic"],
@@ -196,7 +201,8 @@ def _claim(claims: dict) -> list:
                   "2.2-3.5% of its accuracy and the LBP models (k-NN, SVM, RF) 5.5-13.25% (mean relative drop "
                   f"{pct(claims['study_deep_drop_mean'])} vs {pct(claims['study_lbp_drop_mean'])}). The verdict "
                   f"uses the {DROPS[HEADLINE]}; the relative drop's is shown beside."
-                  + (f" Left out as degenerate: {', '.join(claims['cells_left_out'])}." if claims["cells_left_out"]
+                  + (" Left out: " + "; ".join(f"{c} ({r})" for c, r in claims["cells_left_out"].items()) + "."
+                     if claims["cells_left_out"]
                      else "")),
             ("table", ["drop measure", "verdict", "mean deep drop", "mean LBP drop", "LBP - deep [95%]", "cells used"],
              rows)]
@@ -215,6 +221,11 @@ def _task_sets(tasks_json: Path) -> list:
                        "test patients/slides per class (0 / 1)", "side px"], rows)]
 
 
+def _num(x, spec: str) -> str:
+    """A number formatted by `spec`, or n/a where it is undefined (e.g. C_T with no cell holding enough samples)."""
+    return "n/a" if x is None else format(x, spec)
+
+
 def _gan_table(metrics_dir: Path, gan_names: list[str]) -> list:
     gan_rows, evidence_rows = [], []
     for name in gan_names:
@@ -230,7 +241,7 @@ def _gan_table(metrics_dir: Path, gan_names: list[str]) -> list:
         px, ft = e["pixels"], e["features"]
         evidence_rows.append([name, f"{ft['prdc']['precision']:.2f} ({ft['prdc_heldout']['precision']:.2f})",
                               f"{ft['prdc']['coverage']:.2f} ({ft['prdc_heldout']['coverage']:.2f})",
-                              f"{px['c_t']:+.1f} / {ft['c_t']:+.1f}",
+                              f"{_num(px['c_t'], '+.1f')} / {_num(ft['c_t'], '+.1f')}",
                               f"{ft['authentic']:.2f} ({ft['authentic_heldout']:.2f})",
                               f"{e['near_duplicates']} of {e['images']['synthetic']}",
                               "COPYING" if e["copying"] else "no"])

@@ -9,7 +9,9 @@ when below, `inconclusive` otherwise or when a side has no usable cell. The drop
 (real - synthetic) / (real - 0.5): the relative drop (real - synthetic) / real, the study's, is capped by
 the real accuracy, so weak baselines could not show large drops; it is reported beside, with its own
 verdict. All cells are resampled together: every replicate draws the test patients / slides once and
-scores every model of every task on that draw (X-ray tasks share patients, so they share draws).
+scores every model of every task on that draw (X-ray tasks share patients, so they share draws). A cell is
+also left out when a GAN behind its synthetic set learnt nothing (metrics/gan/<stage>.json `learnt`): its
+drop measures noise, not what synthetic data costs.
 """
 from __future__ import annotations
 
@@ -81,6 +83,14 @@ def _cell(m: dict, task: str, model: str) -> dict:
     return row
 
 
+def gan_evidence(metrics_dir: Path, stages: list[str]) -> dict:
+    """What the GAN stages behind a task's synthetic set say of themselves: learnt, still improving."""
+    found = [_read_json(Path(metrics_dir) / "gan" / f"{stage}.json") for stage in stages]
+    return {"stages": stages, "learnt": all(g.get("learnt", False) for g in found),
+            "still_improving": any(g.get("still_improving", False) for g in found),
+            "not_learnt": [s for s, g in zip(stages, found) if not g.get("learnt", False)]}
+
+
 def verdict(samples: dict[tuple[str, str], np.ndarray], used: list[tuple[str, str]], alpha: float = 0.05) -> dict:
     """The claim "deep loses less than LBP" decided from drop samples {(task, model): (R,)} (row 0: the test
     set) of the `used` cells: the interval of mean LBP drop - mean deep drop, each mean over its used cells."""
@@ -108,7 +118,8 @@ def verdict(samples: dict[tuple[str, str], np.ndarray], used: list[tuple[str, st
 def sentence(claims: dict) -> str:
     """The verdict in one sentence, with its interval."""
     v = claims[HEADLINE]
-    left_out = f"; {len(claims['cells_left_out'])} degenerate cell(s) left out" if claims["cells_left_out"] else ""
+    left_out = (f"; {len(claims['cells_left_out'])} cell(s) left out as degenerate or from a GAN that learnt "
+                "nothing" if claims["cells_left_out"] else "")
     if v["difference"] is None:
         return (f"The study's claim (synthetic data costs the deep model less than the LBP models) is inconclusive "
                 f"here: {v['reason']}{left_out}.")
@@ -119,9 +130,10 @@ def sentence(claims: dict) -> str:
             f"[{100 * d['low']:+.1f}, {100 * d['high']:+.1f}] (95%, {v['cells_used']} cells{left_out}).")
 
 
-def summarise(metrics_dir: Path, tasks: tuple[str, ...] = TASKS, models: tuple[str, ...] = MODELS,
-              n_boot: int = 1000, seed: int = 0) -> dict:
-    """Table 3 from metrics/<task>/<model>.json and the verdict from metrics/<task>/<model>/predictions.csv."""
+def summarise(metrics_dir: Path, gan_stages: dict[str, list[str]], tasks: tuple[str, ...] = TASKS,
+              models: tuple[str, ...] = MODELS, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Table 3 from metrics/<task>/<model>.json, the GAN stages behind each task's synthetic set
+    (gan_stages, read from metrics/gan/<stage>.json) and the verdict from metrics/<task>/<model>/predictions.csv."""
     for name, given, known in (("task", tasks, TASKS), ("model", models, MODELS)):
         if unknown := sorted(set(given) - set(known)):
             raise ValueError(f"unknown {name}(s) {', '.join(unknown)}; known: {', '.join(known)}")
@@ -147,8 +159,16 @@ def summarise(metrics_dir: Path, tasks: tuple[str, ...] = TASKS, models: tuple[s
         arms = {arm: metrics.arm_samples(y, _runs(p, arm), weights[task]) for arm in ("real", "synthetic")}
         for kind, d in metrics.drops(arms["real"], arms["synthetic"]).items():
             samples[kind][(task, model)] = d["accuracy"]
-    used = [c for c in predictions if not table[c[0]][c[1]]["degenerate"]]
-    left_out = [f"{t}/{m}" for t, m in predictions if table[t][m]["degenerate"]]
+    gans = {task: gan_evidence(metrics_dir, gan_stages[task]) for task in tasks}
+    left_out = {}
+    for task, model in predictions:
+        cell = table[task][model]
+        cell["gan"] = gans[task]
+        reasons = [f"{arm}: {', '.join(r)}" for arm, r in cell["degenerate_reasons"].items()]
+        reasons += [f"GAN learnt nothing: {s}" for s in gans[task]["not_learnt"]]
+        if reasons:
+            left_out[f"{task}/{model}"] = "; ".join(reasons)
+    used = [c for c in predictions if f"{c[0]}/{c[1]}" not in left_out]
     claims = {kind: verdict(samples[kind], used) for kind in DROPS}
     study = {"deep": float(np.mean([STUDY_TABLE3[t][m][2] for t in tasks for m in models if m in DEEP] or [np.nan])),
              "lbp": float(np.mean([STUDY_TABLE3[t][m][2] for t in tasks for m in models if m in LBP] or [np.nan]))}
@@ -197,10 +217,11 @@ def data_warnings(metrics_dir: Path) -> list[str]:
     return found
 
 
-def write_table3(metrics_dir: Path, summary_path: Path, flat_path: Path, n_boot: int) -> dict:
+def write_table3(metrics_dir: Path, gan_stages: dict[str, list[str]], summary_path: Path, flat_path: Path,
+                 n_boot: int) -> dict:
     """Write metrics/summary.json (Table 3 with intervals, flags, spreads, claims, the data it came from and
     ingest's warnings about that data) and the flat metrics/table3.json."""
-    summary = summarise(metrics_dir, n_boot=n_boot)
+    summary = summarise(metrics_dir, gan_stages, n_boot=n_boot)
     summary["warnings"] = data_warnings(metrics_dir)
     write_json(summary_path, summary)
     write_json(flat_path, flat(summary))

@@ -120,11 +120,17 @@ def _age_classes(young, mature):
     return classify
 
 
-def used_gan_stages(cfg: Tasks) -> set[str]:
-    """The GAN stages (<arch>-<group>-<setup>) whose synthetic sets the benchmark trains on."""
+def task_gan_stages(cfg: Tasks) -> dict[str, list[str]]:
+    """Per task, the GAN stages (<arch>-<group>-<setup>) whose synthetic sets it trains on."""
     x = cfg.xray
-    return {f"{cfg.histology.arch}-h_norm-uncond", f"{cfg.histology.arch}-h_tumor-uncond",
-            f"{x.arch}-{x.group}-{x.setup}"}
+    xray = [f"{x.arch}-{x.group}-{x.setup}"]
+    return {"histology": [f"{cfg.histology.arch}-{g}-uncond" for g in ("h_norm", "h_tumor")],
+            "xray_sex": xray, "xray_age": xray}
+
+
+def used_gan_stages(cfg: Tasks) -> set[str]:
+    """The GAN stages whose synthetic sets the benchmark trains on."""
+    return {stage for stages in task_gan_stages(cfg).values() for stage in stages}
 
 
 def task_pools(task: str, cfg: Tasks, groups: Path, synthetic: Path) -> dict[str, Pool]:

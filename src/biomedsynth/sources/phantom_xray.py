@@ -16,6 +16,8 @@ import csv
 import io
 import os
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -270,37 +272,53 @@ def _png_bytes(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _write_patient(images: Path, pid: int, seed: int, difficulty: float, abnormal_fraction: float,
+                   scans_per_patient: tuple[int, int], min_side: int, max_side: int) -> list[list]:
+    """Write one patient's scans into `images`; their Data_Entry.csv rows. Every patient and scan draws from
+    its own seeded generator, so patients can be written in any order, by any process."""
+    lo, hi = scans_per_patient
+    prng = np.random.default_rng([seed, 0, pid])
+    sex = "F" if prng.random() < 0.5 else "M"
+    age = int(prng.integers(AGE_RANGE[0], AGE_RANGE[1] - 1))
+    rows = []
+    for fu in range(int(prng.integers(lo, hi + 1))):
+        srng = np.random.default_rng([seed, 1, pid, fu])
+        if fu:
+            age = min(age + int(srng.choice(3, p=[0.2, 0.55, 0.25])), AGE_RANGE[1])
+        labels = "No Finding"
+        if srng.random() < abnormal_fraction:
+            labels = "|".join(sorted(srng.choice(FINDINGS, size=1 + (srng.random() < 0.2), replace=False)))
+        w = int(srng.integers(min_side, max_side + 1))
+        h = int(np.clip(round(w * srng.uniform(0.85, 1.2)), min_side, max_side))
+        scan = render_scan(srng, sex, age, difficulty, labels, h, w, anatomy_seed=[seed, 2, pid])
+        name = f"{pid:08d}_{fu:03d}.png"
+        tmp = images / f".{name}.part"
+        tmp.write_bytes(_png_bytes(scan))
+        os.replace(tmp, images / name)                          # never a half-written PNG under its name
+        rows.append([name, labels, fu, pid, age, sex, "PA"])
+    return rows
+
+
 def write_xray_sample(root: Path, n_patients: int, seed: int, difficulty: float, abnormal_fraction: float,
-                      scans_per_patient: tuple[int, int], min_side: int, max_side: int) -> int:
+                      scans_per_patient: tuple[int, int], min_side: int, max_side: int, workers: int = 1) -> int:
     """Write `root/images/*.png` (16-bit) and `root/Data_Entry.csv` as NIH ChestX-ray14 lays them out;
-    return the number of scans. Same arguments -> same bytes: every patient and scan draws from its own
-    seeded generator. Scans of an earlier, larger sample that this one does not list are removed."""
+    return the number of scans. Same arguments -> same bytes, whatever `workers` (processes). Scans of an
+    earlier, larger sample that this one does not list are removed."""
     lo, hi = scans_per_patient
     if n_patients < 1 or not 1 <= lo <= hi or not 32 <= min_side <= max_side or not 0 <= abnormal_fraction <= 1:
         raise ValueError(f"bad X-ray sample settings: n_patients={n_patients}, scans_per_patient={scans_per_patient}, "
                          f"min_side={min_side}, max_side={max_side}, abnormal_fraction={abnormal_fraction}")
     images = Path(root) / "images"
     images.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for pid in range(1, n_patients + 1):
-        prng = np.random.default_rng([seed, 0, pid])
-        sex = "F" if prng.random() < 0.5 else "M"
-        age = int(prng.integers(AGE_RANGE[0], AGE_RANGE[1] - 1))
-        for fu in range(int(prng.integers(lo, hi + 1))):
-            srng = np.random.default_rng([seed, 1, pid, fu])
-            if fu:
-                age = min(age + int(srng.choice(3, p=[0.2, 0.55, 0.25])), AGE_RANGE[1])
-            labels = "No Finding"
-            if srng.random() < abnormal_fraction:
-                labels = "|".join(sorted(srng.choice(FINDINGS, size=1 + (srng.random() < 0.2), replace=False)))
-            w = int(srng.integers(min_side, max_side + 1))
-            h = int(np.clip(round(w * srng.uniform(0.85, 1.2)), min_side, max_side))
-            scan = render_scan(srng, sex, age, difficulty, labels, h, w, anatomy_seed=[seed, 2, pid])
-            name = f"{pid:08d}_{fu:03d}.png"
-            tmp = images / f".{name}.part"
-            tmp.write_bytes(_png_bytes(scan))
-            os.replace(tmp, images / name)                          # never a half-written PNG under its name
-            rows.append([name, labels, fu, pid, age, sex, "PA"])
+    write = partial(_write_patient, images, seed=seed, difficulty=difficulty, abnormal_fraction=abnormal_fraction,
+                    scans_per_patient=scans_per_patient, min_side=min_side, max_side=max_side)
+    pids = range(1, n_patients + 1)
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            per_patient = list(pool.map(write, pids, chunksize=16))
+    else:
+        per_patient = [write(pid) for pid in pids]
+    rows = [row for patient in per_patient for row in patient]
     listed = {r[0] for r in rows}
     for stale in [*images.glob("????????_???.png"), *images.glob(".*.part")]:
         if stale.name not in listed:

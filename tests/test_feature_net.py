@@ -13,13 +13,7 @@ from biomedsynth.store import ImageSet, ImageSetWriter
 SIDE = 32
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small ops on a busy 2-core CPU run faster on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def chest(sex: str, age: int, rng) -> np.ndarray:

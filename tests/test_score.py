@@ -6,13 +6,7 @@ import torch.nn.functional as F
 from biomedsynth.gan import score
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These small ops stall when two threads share a busy 2-core CPU; one thread is 5-10x faster here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def textures(n, side, channels=1, seed=0):

@@ -219,7 +219,11 @@ def synthesize(arch: str = ArchArg, group: str = GroupArg, setup: str = SetupArg
         return
     screen = s.hash_screen == "all" or (s.hash_screen == "dcgan_xray" and arch == "dcgan"
                                         and GROUP_MODALITY[group] == "xray")
-    gen = _run(Synthesizer, Path("models/gan") / name, s.checkpoint)
+    from biomedsynth.gan.utility import choose_checkpoint
+
+    choice, rule = _run(choose_checkpoint, s.checkpoint, Path("models/gan") / name,
+                        FEATURE_NETS / f"{GROUP_MODALITY[group]}.pt", Path("data/studygroups") / group / "val")
+    gen = _run(Synthesizer, Path("models/gan") / name, choice)
     features = _run(feature_net_space, FEATURE_NETS / f"{GROUP_MODALITY[group]}.pt", gen.device)
     summary = _run(run_synthesize, gen.sample, Path("data/studygroups") / group / "train",
                    Path("data/studygroups") / group / "test", Path("data/synthetic") / name,
@@ -230,6 +234,7 @@ def synthesize(arch: str = ArchArg, group: str = GroupArg, setup: str = SetupArg
                    cells=s.evidence.cells, seed=p.seed, figure_path=Path("metrics/synthesize") / name / "closest.png",
                    draws=s.draws)
     summary["checkpoint_epochs"] = gen.epochs
+    summary["checkpoint_rule"] = rule
     write_json(Path("metrics/synthesize") / f"{name}.json", summary)
     _print_summary(f"synthesize@{name}", summary)
 

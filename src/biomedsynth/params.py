@@ -230,7 +230,7 @@ class Evidence(Strict):
 
 
 class Synthesize(Strict):
-    checkpoint: Annotated[str, Field(pattern=r"^(best|last|epoch_[1-9][0-9]*)$")]
+    checkpoint: Annotated[str, Field(pattern=r"^(best|utility|last|epoch_[1-9][0-9]*)$")]
     hash_screen: Literal["dcgan_xray", "all", "none"]
     hash_size: Annotated[int, Field(ge=2, le=64)]
     hash_threshold: NonNegInt | None  # bits; None: calibrated from held-out real images at hash_quantile

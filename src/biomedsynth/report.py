@@ -231,10 +231,13 @@ def _gan_table(metrics_dir: Path, gan_names: list[str]) -> list:
     for name in gan_names:
         g, s = _read_json(metrics_dir / "gan" / f"{name}.json"), _read_json(metrics_dir / "synthesize" / f"{name}.json")
         epochs = sorted(set(s["checkpoint_epochs"].values()))
+        rule = s.get("checkpoint_rule", {"rule": "best"})
+        swd_epochs = sorted(set(rule.get("swd_best_epochs", {}).values()))
         gan_rows.append([name, f"{g['swd_best']:.4f} ({g['swd_floor']:.4f})", f"{g['kid_best']:.4f} ({g['kid_floor']:.4f})",
                          f"{g['models_learnt']}/{g['models']}" + ("" if g["learnt"] else " NOT LEARNT"),
                          "yes" if g["still_improving"] else "no",
-                         str(epochs[0]) if len(epochs) == 1 else f"{epochs[0]}-{epochs[-1]}",
+                         (str(epochs[0]) if len(epochs) == 1 else f"{epochs[0]}-{epochs[-1]}") + f" ({rule['rule']}"
+                         + (f"; SWD's: {', '.join(map(str, swd_epochs))}" if swd_epochs else "") + ")",
                          f"{s['rejection_rate']:.1%} ({s['hash_threshold']} bits, {s['hash_threshold_source']})"
                          if s["hash_screen"] else "off", f"{s['real_rejection_rate']:.1%}"])
         e = s["evidence"]

@@ -602,13 +602,15 @@ class Synthesizer:
     """The trained generators of one stage as one sampler: sample(label, n, rng) -> uint8 (n, H, W, C)."""
 
     def __init__(self, model_root: Path, checkpoint: str, device: torch.device | None = None):
+        """`checkpoint`: best, last, epoch_N (per model, see resolve_checkpoint) or an int, one epoch for all."""
         self.opt = Options.from_json(json.loads((model_root / "options.json").read_text()))
         self.device = device or pick_device()
         self.epochs: dict[str, int] = {}
         self._models: dict[str, tuple] = {}
         names = [COND_MODEL] if self.opt.setup == "cond" else list(self.opt.labels)
         for name in names:
-            epoch = resolve_checkpoint(model_root / name, checkpoint)
+            epoch = resolve_checkpoint(model_root / name, f"epoch_{checkpoint}" if isinstance(checkpoint, int)
+                                       else checkpoint)
             snap = torch.load(epoch_file(model_root / name, epoch), map_location="cpu", weights_only=False)
             G = build(self.opt)[0]
             G.load_state_dict(snap["state_dict"])

@@ -153,24 +153,26 @@ def _ci(d: dict, percent: bool = False) -> str:
     return f"{f(d['value'])} [{f(d['low'])}, {f(d['high'])}]"
 
 
+def _cells(summary: dict):
+    """(task, model, cell) in the study's order: histology, X-ray sex, X-ray age; VGG16, k-NN, SVM, RF."""
+    return [(t, m, summary[t][m]) for t in TASKS if t in summary for m in MODEL_NAMES if m in summary[t]]
+
+
 def _table3(summary: dict) -> list:
     rows = []
-    for task, row in summary.items():
-        if task not in TASKS:
-            continue
-        for model, v in row.items():
-            flags = "; ".join(f"{arm}: {', '.join(r)}" for arm, r in v["degenerate_reasons"].items())
-            gan = v["gan"]
-            gan_flag = ("GAN LEARNT NOTHING (" + ", ".join(gan["not_learnt"]) + ")" if gan["not_learnt"]
-                        else "GAN still improving" if gan["still_improving"] else "")
-            study = v["study"]
-            rows.append([TASK_NAMES[task], MODEL_NAMES[model], _ci(v["real"]),
-                         _ci(v["synthetic"]) + (f" ({v['synthetic_draws']} draws)" if v["synthetic_draws"] > 1 else ""),
-                         _ci(v["real_synthetic"]) if "real_synthetic" in v else "n/a",
-                         _ci(v["drop"], True), _ci(v["drop_chance_normalised"], True),
-                         "; ".join(f for f in (f"DEGENERATE ({flags})" if v["degenerate"] else "", gan_flag) if f)
-                         or "ok",
-                         "{:.2f} → {:.2f} ({:.2f}%)".format(study["real"], study["synthetic"], 100 * study["drop"])])
+    for task, model, v in _cells(summary):
+        flags = "; ".join(f"{arm}: {', '.join(r)}" for arm, r in v["degenerate_reasons"].items())
+        gan = v["gan"]
+        gan_flag = ("GAN LEARNT NOTHING (" + ", ".join(gan["not_learnt"]) + ")" if gan["not_learnt"]
+                    else "GAN still improving" if gan["still_improving"] else "")
+        study = v["study"]
+        rows.append([TASK_NAMES[task], MODEL_NAMES[model], _ci(v["real"]),
+                     _ci(v["synthetic"]) + (f" ({v['synthetic_draws']} draws)" if v["synthetic_draws"] > 1 else ""),
+                     _ci(v["real_synthetic"]) if "real_synthetic" in v else "n/a",
+                     _ci(v["drop"], True), _ci(v["drop_chance_normalised"], True),
+                     "; ".join(f for f in (f"DEGENERATE ({flags})" if v["degenerate"] else "", gan_flag) if f)
+                     or "ok",
+                     "{:.2f} → {:.2f} ({:.2f}%)".format(study["real"], study["synthetic"], 100 * study["drop"])])
     return [("h2", "Table 3: accuracy trained on real → trained on synthetic, tested on real"),
             ("p", "Accuracy on the real test set with 95% intervals from a bootstrap over its patients (X-ray) or "
                   "slides (histology), first training seed; the synthetic arm is the mean over its independent "
@@ -186,7 +188,7 @@ def _table3(summary: dict) -> list:
              [[TASK_NAMES[t], MODEL_NAMES[m], *(f"{v['spread']['seeds'].get(a, 0):.3f} (n={v['spread']['n_seeds']})"
                                                 for a in ("real", "synthetic")),
                f"{v['spread']['draws']:.3f} (n={v['spread']['n_draws']})"]
-              for t, row in summary.items() if t in TASKS for m, v in row.items()])]
+              for t, m, v in _cells(summary)])]
 
 
 def _claim(claims: dict) -> list:

@@ -21,6 +21,7 @@ def test_sample_ingest_studygroups(tmp_path, monkeypatch):
     p["sample"]["xray"].update(patients=80, min_side=256, max_side=320)
     p["sample"]["histology"].update(normal_slides=3, tumor_slides=3, width=1024, height=768)
     p["studygroups"]["xray"].update(test_fraction=0.3, val_fraction=0.4)
+    p["studygroups"]["min_fill"] = 0.25  # 80 patients fill ~45% of the smoke profile's validation sides
     p["studygroups"]["xray"]["x_norm"].update(train=40, test=12)
     p["studygroups"]["xray"]["x_norm_l"].update(train=40, test=12)
     p["studygroups"]["histology"].update(test_fraction=0.34)

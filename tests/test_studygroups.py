@@ -34,6 +34,7 @@ def _histology_set(path, slides=(("normal", 6), ("tumor", 4))):
 def _cfg(train=60, test=20, htrain=50, htest=20):
     xg = dict(age_bins=BINS, train=train, test=test)
     return StudyGroups(
+        min_fill=0.0,  # these tests read what a side reached; tests/test_plan.py checks the stop
         xray=XrayGroups(test_fraction=0.25, val_fraction=0.3, x_norm=XrayGroup(balance="sex_age", **xg),
                         x_norm_l=XrayGroup(balance="sex", **xg)),
         histology=HistologyGroups(test_fraction=0.3, val_fraction=0.25, h_norm=HistologyGroup(train=htrain, test=htest),

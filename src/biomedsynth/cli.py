@@ -120,6 +120,23 @@ def studygroups(params: Path = ParamsOpt):
             for side, s in sides.items()))
 
 
+@app.command()
+def plan(params: Path = ParamsOpt, out: Path = typer.Option(None, help="also write the plan as JSON here")):
+    """What the ingested data gives every stage under params.yaml: group, GAN and task sizes, test clusters, advice."""
+    import yaml
+
+    from biomedsynth.plan import make_plan, plan_lines
+    from biomedsynth.store import ImageSet, write_json
+
+    p = _params(params)
+    stages = list(yaml.safe_load(Path("dvc.yaml").read_text())["vars"][0]["gan_models"])
+    result = _run(lambda: make_plan(ImageSet(Path("data/interim/xray")).meta,
+                                    ImageSet(Path("data/interim/histology")).meta, p, stages))
+    typer.echo("\n".join(plan_lines(result)))
+    if out:
+        write_json(out, result)
+
+
 GROUP_MODALITY = {"x_norm": "xray", "x_norm_l": "xray", "h_norm": "histology", "h_tumor": "histology"}
 FEATURE_NETS = Path("models/feature_net")
 

@@ -166,6 +166,7 @@ class HistologyGroups(Strict):
 
 
 class StudyGroups(Strict):
+    min_fill: Fraction  # a side reaching less than this share of its requested images stops the stage
     xray: XrayGroups
     histology: HistologyGroups
 

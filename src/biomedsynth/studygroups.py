@@ -135,50 +135,77 @@ def _requested(group, side: str, val_fraction: float) -> int:
     return val_size(group.train, val_fraction) if side == "val" else getattr(group, side)
 
 
-def build_xray_groups(src: ImageSet, cfg: XrayGroups, out: Path, rng: np.random.Generator) -> dict:
-    meta = src.meta[src.meta["normal"].astype(str) == "True"] if "normal" in src.meta else src.meta
+Groups = dict[str, dict[str, pd.DataFrame]]  # group -> side -> the chosen rows of the ingested metadata
+
+
+def choose_xray_groups(meta: pd.DataFrame, cfg: XrayGroups, rng: np.random.Generator) -> tuple[Groups, dict]:
+    """(rows per group and side, images requested per group and side) of X-Norm and X-Norm-L."""
+    meta = meta[meta["normal"].astype(str) == "True"] if "normal" in meta else meta
     patients = meta.groupby("patient_id").agg(sex=("sex", "first"), age=("age", "min"))
     side_of = meta["patient_id"].map(split_sides(patients["sex"] + (patients["age"] // 10).astype(str), cfg, rng))
-    summary = {}
+    chosen, requested = {}, {}
     for name in ("x_norm", "x_norm_l"):
         group: XrayGroup = getattr(cfg, name)
-        requested = {side: _requested(group, side, cfg.val_fraction) for side in SIDES}
-        sides = {side: balance_xray(meta[side_of == side], group, requested[side], rng, f"{name} {side}")
-                 for side in SIDES}
-        _check_disjoint(sides, name)
-        _check_val_labels(sides, name, "studygroups.xray.val_fraction")
-        for side, rows in sides.items():
-            _write_side(src, rows, out / name / side, f"{name}/{side}")
-        summary[name] = {side: _side_summary(rows, requested[side]) for side, rows in sides.items()}
-    return summary
+        requested[name] = {side: _requested(group, side, cfg.val_fraction) for side in SIDES}
+        chosen[name] = {side: balance_xray(meta[side_of == side], group, requested[name][side], rng, f"{name} {side}")
+                        for side in SIDES}
+        _check_disjoint(chosen[name], name)
+        _check_val_labels(chosen[name], name, "studygroups.xray.val_fraction")
+    return chosen, requested
 
 
-def build_histology_groups(src: ImageSet, cfg: HistologyGroups, out: Path, rng: np.random.Generator) -> dict:
-    meta = src.meta
+def choose_histology_groups(meta: pd.DataFrame, cfg: HistologyGroups, rng: np.random.Generator) -> tuple[Groups, dict]:
+    """(rows per group and side, images requested per group and side) of H-Norm and H-Tumor."""
     side_of = meta["patient_id"].map(split_sides(meta.groupby("patient_id")["slide_label"].first(), cfg, rng))
-    summary = {}
+    chosen, requested = {}, {}
     for name, label in (("h_norm", "normal"), ("h_tumor", "tumor")):
         group = getattr(cfg, name)
-        requested = {side: _requested(group, side, cfg.val_fraction) for side in SIDES}
-        sides = {}
+        requested[name] = {side: _requested(group, side, cfg.val_fraction) for side in SIDES}
+        chosen[name] = {}
         for side in SIDES:
             pool = meta.index[(meta["label"] == label) & (side_of == side)].to_numpy()
             if len(pool) == 0:
                 raise GroupError(f"{name} {side}: no '{label}' tiles on this side of the slide split; "
                                  "add slides or tiles_per_slide")
-            sides[side] = meta.loc[np.sort(_take(pool, requested[side], rng))]
-        _check_disjoint(sides, name)
-        for side, rows in sides.items():
-            _write_side(src, rows, out / name / side, f"{name}/{side}")
-        summary[name] = {side: _side_summary(rows, requested[side]) for side, rows in sides.items()}
-    return summary
+            chosen[name][side] = meta.loc[np.sort(_take(pool, requested[name][side], rng))]
+        _check_disjoint(chosen[name], name)
+    return chosen, requested
+
+
+def choose_groups(xray_meta: pd.DataFrame, histology_meta: pd.DataFrame, cfg: StudyGroups,
+                  seed: int) -> tuple[Groups, dict]:
+    """Every group's rows and requested sizes, exactly as the studygroups stage draws them for `seed`."""
+    rng = np.random.default_rng(seed)
+    xray, xray_asked = choose_xray_groups(xray_meta, cfg.xray, rng)
+    histology, histology_asked = choose_histology_groups(histology_meta, cfg.histology, rng)
+    return {**xray, **histology}, {**xray_asked, **histology_asked}
+
+
+def summarise_groups(chosen: Groups, requested: dict) -> dict:
+    return {name: {side: _side_summary(rows, requested[name][side]) for side, rows in sides.items()}
+            for name, sides in chosen.items()}
+
+
+def check_fill(summary: dict, min_fill: float) -> None:
+    """GroupError naming the first side that reaches less than `min_fill` of the images it asks for."""
+    for name, sides in summary.items():
+        for side, s in sides.items():
+            if s["images"] < min_fill * s["requested"]:
+                fewest = min(s["per_label"].items(), key=lambda kv: kv[1], default=("none", 0))
+                raise GroupError(f"{name} {side}: {s['images']}/{s['requested']} images (below studygroups.min_fill "
+                                 f"{min_fill:.0%}; smallest label {fewest[0]}: {fewest[1]}); see `biomedsynth plan`")
 
 
 def build_studygroups(xray: Path, histology: Path, cfg: StudyGroups, out: Path, seed: int,
                       summary_path: Path) -> dict:
-    """Write <out>/<group>/{train,val,test} image sets and the per-group summary JSON; return the summary."""
-    rng = np.random.default_rng(seed)
-    summary = {**build_xray_groups(ImageSet(xray), cfg.xray, out, rng),
-               **build_histology_groups(ImageSet(histology), cfg.histology, out, rng)}
+    """Write <out>/<group>/{train,val,test} image sets and the per-group summary JSON; return the summary.
+    Nothing is written when a side falls short of studygroups.min_fill of its requested size."""
+    sources = {"x": ImageSet(xray), "h": ImageSet(histology)}
+    chosen, requested = choose_groups(sources["x"].meta, sources["h"].meta, cfg, seed)
+    summary = summarise_groups(chosen, requested)
+    check_fill(summary, cfg.min_fill)
+    for name, sides in chosen.items():
+        for side, rows in sides.items():
+            _write_side(sources["x" if name.startswith("x") else "h"], rows, out / name / side, f"{name}/{side}")
     write_json(summary_path, summary)
     return summary

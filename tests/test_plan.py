@@ -1,0 +1,62 @@
+"""`biomedsynth plan` and studygroups' fill check on data shaped like a real user's: 499 normal scans whose
+ages are mostly over 40, which once gave `x_norm train 8/500` with exit 0 and a failure two stages later."""
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from pathlib import Path
+
+from biomedsynth.params import Params
+from biomedsynth.plan import make_plan
+from biomedsynth.studygroups import GroupError, check_fill, choose_groups, summarise_groups
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ["pggan-x_norm-cond", "dcgan-x_norm-uncond", "dcgan-h_norm-uncond", "dcgan-h_tumor-uncond"]
+
+
+def params(stages: str = "table3", **gan_xray) -> Params:
+    d = yaml.safe_load((ROOT / "params.yaml").read_text())
+    d["studygroups"]["xray"]["x_norm"].update(train=500, test=100)
+    d["gan"]["stages"] = stages
+    d["gan"]["xray"].update(gan_xray)
+    return Params.model_validate(d)
+
+
+def scans(rng, n_old=480, n_young=19) -> pd.DataFrame:
+    ages = np.r_[rng.integers(41, 78, n_old), rng.integers(18, 38, n_young)]
+    return pd.DataFrame({"patient_id": [f"p{i}" for i in range(len(ages))], "age": ages,
+                         "sex": rng.choice(["F", "M"], len(ages)), "normal": True})
+
+
+def slides() -> pd.DataFrame:
+    rows = [{"patient_id": f"{lab}_{s}", "slide_label": lab, "label": lab} for lab in ("normal", "tumor")
+            for s in range(8) for _ in range(120)]
+    return pd.DataFrame(rows)
+
+
+def test_a_group_the_data_cannot_fill_stops_studygroups_with_the_plans_line():
+    p = params()
+    chosen, requested = choose_groups(scans(np.random.default_rng(0)), slides(), p.studygroups, p.seed)
+    summary = summarise_groups(chosen, requested)
+    assert summary["x_norm"]["train"]["images"] < 0.5 * 500
+    with pytest.raises(GroupError, match=r"x_norm train: \d+/500 images \(below studygroups.min_fill 50%; "
+                                         r"smallest label [FM]_18-38"):
+        check_fill(summary, p.studygroups.min_fill)
+    plan = make_plan(scans(np.random.default_rng(0)), slides(), p, STAGES)
+    assert any(line.startswith("studygroups x_norm train:") and "studygroups.xray.x_norm.train" in line
+               for line in plan["advice"])
+
+
+def test_plan_counts_gan_steps_and_names_a_model_smaller_than_a_batch():
+    data = scans(np.random.default_rng(1), n_old=900, n_young=300), slides()
+    plan = make_plan(*data, params(batch_size=64), STAGES)
+    assert list(plan["gans"]) == ["pggan-x_norm-cond", "dcgan-h_norm-uncond", "dcgan-h_tumor-uncond"]  # table3
+    cond = plan["gans"]["pggan-x_norm-cond"]["conditional"]
+    assert cond["steps_per_epoch"] == cond["images"] // 64 and cond["steps"] == cond["steps_per_epoch"] * cond["epochs"]
+    plan = make_plan(*data, params("all", batch_size=200, epochs_uncond=10), STAGES)  # ~80 scans a label
+    models = plan["gans"]["dcgan-x_norm-uncond"]
+    assert len(models) == 4 and all(0 < v["images"] < 200 and v["steps_per_epoch"] == 0 for v in models.values())
+    assert all(any(f"model {m}: {v['images']} images, fewer than one batch of 200: lower gan.xray.batch_size" in line
+                   for line in plan["advice"]) for m, v in models.items())
+    age = plan["tasks"]["xray_age"]["test"]
+    assert set(age["clusters_per_class"]) == {"0", "1"} and age["images"] <= age["requested"]

@@ -114,3 +114,15 @@ def test_device_knob_pins_the_device_unless_the_environment_says_otherwise(tmp_p
     monkeypatch.setenv("BIOMEDSYNTH_DEVICE", "cuda:3")
     cli._params(path)
     assert os.environ["BIOMEDSYNTH_DEVICE"] == "cuda:3"
+
+
+def test_x_norm_age_bins_follow_the_age_task_unless_set(tmp_path):
+    """The age task's ranges are stated once: an X-ray group with age_bins: null takes them."""
+    path = tmp_path / "params.yaml"
+    path.write_text((ROOT / "params.yaml").read_text())
+    set_params(["tasks.xray.age.young=[20, 35]", "tasks.xray.age.mature=[50, 70]"], path)
+    p = load_params(path)
+    assert p.studygroups.xray.x_norm.age_bins == [(20, 35), (50, 70)]
+    assert p.studygroups.xray.x_norm_l.age_bins == [(18, 30), (31, 47), (48, 77)]  # set explicitly: kept
+    with pytest.raises(ParamsError, match="young must end before mature starts"):
+        set_params(["tasks.xray.age.mature=[30, 70]"], path)

@@ -129,14 +129,14 @@ AgeBin = tuple[NonNegInt, NonNegInt]
 
 
 class XrayGroup(Strict):
-    age_bins: Annotated[list[AgeBin], Field(min_length=1)]
+    age_bins: Annotated[list[AgeBin], Field(min_length=1)] | None  # null: the age task's young and mature ranges
     balance: Literal["sex_age", "sex"]  # X-Norm: every sex x age label equal; X-Norm-L: sexes equal per bin
     train: PosInt
     test: PosInt
 
     @model_validator(mode="after")
     def _bins_ordered(self):
-        for (lo, hi), nxt in zip(self.age_bins, self.age_bins[1:] + [None]):
+        for (lo, hi), nxt in zip(self.age_bins or [], (self.age_bins or [])[1:] + [None]):
             if lo > hi or (nxt is not None and nxt[0] <= hi):
                 raise ValueError(f"age_bins must be increasing, non-overlapping [low, high] pairs; bad at [{lo}, {hi}]")
         return self
@@ -318,6 +318,20 @@ class Params(Strict):
     synthesize: Synthesize
     tasks: Tasks
     classify: Classify
+
+    @model_validator(mode="after")
+    def _age_bins_follow_the_age_task(self):
+        """An X-ray group's `age_bins: null` takes the age task's two ranges, so they are stated once."""
+        x, age = self.studygroups.xray, self.tasks.xray.age
+        bins = [tuple(age.young), tuple(age.mature)]
+        if bins[0][1] >= bins[1][0]:
+            raise ValueError("tasks.xray.age: young must end before mature starts")
+        groups = {name: getattr(x, name).model_copy(update={"age_bins": bins})
+                  for name in ("x_norm", "x_norm_l") if getattr(x, name).age_bins is None}
+        if not groups:
+            return self
+        studygroups = self.studygroups.model_copy(update={"xray": x.model_copy(update=groups)})
+        return self.model_copy(update={"studygroups": studygroups})
 
 
 class ParamsError(Exception):

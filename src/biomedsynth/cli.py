@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from biomedsynth.params import ParamsError, apply_profile, load_params, set_params
+from biomedsynth.params import GROUP_MODALITY, ParamsError, apply_profile, load_params, set_params
 from biomedsynth.sources import UnreadableInput
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -120,24 +120,27 @@ def studygroups(params: Path = ParamsOpt):
             for side, s in sides.items()))
 
 
+def _gan_stage_names() -> list[str]:
+    """dvc.yaml's GAN stages (its `gan_models` table), in its order."""
+    import yaml
+
+    return list(yaml.safe_load(Path("dvc.yaml").read_text())["vars"][0]["gan_models"])
+
+
 @app.command()
 def plan(params: Path = ParamsOpt, out: Path = typer.Option(None, help="also write the plan as JSON here")):
     """What the ingested data gives every stage under params.yaml: group, GAN and task sizes, test clusters, advice."""
-    import yaml
-
     from biomedsynth.plan import make_plan, plan_lines
     from biomedsynth.store import ImageSet, write_json
 
     p = _params(params)
-    stages = list(yaml.safe_load(Path("dvc.yaml").read_text())["vars"][0]["gan_models"])
     result = _run(lambda: make_plan(ImageSet(Path("data/interim/xray")).meta,
-                                    ImageSet(Path("data/interim/histology")).meta, p, stages))
+                                    ImageSet(Path("data/interim/histology")).meta, p, _gan_stage_names()))
     typer.echo("\n".join(plan_lines(result)))
     if out:
         write_json(out, result)
 
 
-GROUP_MODALITY = {"x_norm": "xray", "x_norm_l": "xray", "h_norm": "histology", "h_tumor": "histology"}
 FEATURE_NETS = Path("models/feature_net")
 
 
@@ -221,6 +224,7 @@ def synthesize(arch: str = ArchArg, group: str = GroupArg, setup: str = SetupArg
     fidelity and copying."""
     from biomedsynth.evidence import feature_net_space
     from biomedsynth.gan.train import Synthesizer
+    from biomedsynth.gan.utility import choose_checkpoint
     from biomedsynth.store import write_json
     from biomedsynth.synthesize import synthesize as run_synthesize
 
@@ -236,8 +240,6 @@ def synthesize(arch: str = ArchArg, group: str = GroupArg, setup: str = SetupArg
         return
     screen = s.hash_screen == "all" or (s.hash_screen == "dcgan_xray" and arch == "dcgan"
                                         and GROUP_MODALITY[group] == "xray")
-    from biomedsynth.gan.utility import choose_checkpoint
-
     choice, rule = _run(choose_checkpoint, s.checkpoint, Path("models/gan") / name,
                         FEATURE_NETS / f"{GROUP_MODALITY[group]}.pt", Path("data/studygroups") / group / "val")
     gen = _run(Synthesizer, Path("models/gan") / name, choice)
@@ -340,14 +342,11 @@ def table3(params: Path = ParamsOpt):
 @app.command()
 def report(params: Path = ParamsOpt):
     """report: reports/report.{md,html}: Table 3 and the verdict, sample figures, GAN scores and checks."""
-    import yaml
-
     from biomedsynth.report import write_report
 
     _params(params)
-    gan_names = list(yaml.safe_load(Path("dvc.yaml").read_text())["vars"][0]["gan_models"])
     _run(write_report, Path("metrics"), Path("models/gan"), Path("data/studygroups"), Path("data/synthetic"),
-         gan_names, Path("reports"))
+         _gan_stage_names(), Path("reports"))
     typer.echo("report: reports/report.html and reports/report.md")
 
 

@@ -165,6 +165,9 @@ class HistologyGroups(Strict):
     h_tumor: HistologyGroup
 
 
+GROUP_MODALITY = {"x_norm": "xray", "x_norm_l": "xray", "h_norm": "histology", "h_tumor": "histology"}
+
+
 class StudyGroups(Strict):
     min_fill: Fraction  # a side reaching less than this share of its requested images stops the stage
     xray: XrayGroups

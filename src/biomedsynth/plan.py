@@ -12,11 +12,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from biomedsynth.params import Params
+from biomedsynth.params import GROUP_MODALITY, Params
 from biomedsynth.studygroups import Groups, choose_groups, summarise_groups
-from biomedsynth.tasks import TASKS, _age_classes, draw_balanced, used_gan_stages
+from biomedsynth.tasks import TASKS, draw_balanced, task_classes, used_gan_stages
 
-GROUP_MODALITY = {"x_norm": "xray", "x_norm_l": "xray", "h_norm": "histology", "h_tumor": "histology"}
 FEW_CLUSTERS = 6  # fewer test patients / slides per class than this: intervals too wide to decide
 
 
@@ -33,12 +32,7 @@ def gan_models(name: str, rows: pd.DataFrame, p: Params) -> dict:
 
 def _classed(task: str, rows: pd.DataFrame, p: Params) -> pd.DataFrame:
     """The rows a task can use, with its class `y` and balancing `stratum` (as tasks.py assigns them)."""
-    if task == "histology":
-        y, stratum = (rows["label"] == "tumor").astype(float), rows["label"]
-    elif task == "xray_sex":
-        y, stratum = (rows["sex"] == "M").astype(float), rows["label"]
-    else:
-        y, stratum = _age_classes(p.tasks.xray.age.young, p.tasks.xray.age.mature)(rows)
+    y, stratum = task_classes(task, p.tasks)(rows)
     out = rows.assign(y=y, stratum=stratum)
     return out[out["y"].notna()].astype({"y": int})
 

@@ -133,24 +133,28 @@ def used_gan_stages(cfg: Tasks) -> set[str]:
     return {stage for stages in task_gan_stages(cfg).values() for stage in stages}
 
 
+def task_classes(task: str, cfg: Tasks):
+    """The task's `classify(meta) -> (y: float 0/1/NaN, stratum)`: its class per image and balancing stratum."""
+    if task == "histology":
+        return lambda m: ((m["label"] == "tumor").astype(float), m["label"])
+    if task == "xray_sex":
+        return lambda m: ((m["sex"] == "M").astype(float), m["label"])
+    if task == "xray_age":
+        return _age_classes(cfg.xray.age.young, cfg.xray.age.mature)
+    raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+
+
 def task_pools(task: str, cfg: Tasks, groups: Path, synthetic: Path) -> dict[str, Pool]:
     """The real-train, synthetic-train and real-test candidate pools of one task."""
+    classify = task_classes(task, cfg)
     if task == "histology":
         real = [groups / g for g in ("h_norm", "h_tumor")]
         synth = [synthetic / f"{cfg.histology.arch}-{g}-uncond" for g in ("h_norm", "h_tumor")]
-        classify = lambda m: ((m["label"] == "tumor").astype(float), m["label"])  # noqa: E731
-        return {"real": _pool([p / "train" for p in real], classify), "synthetic": _pool(synth, classify),
-                TEST: _pool([p / "test" for p in real], classify)}
-    x = cfg.xray
-    real, synth = groups / x.group, synthetic / f"{x.arch}-{x.group}-{x.setup}"
-    if task == "xray_sex":
-        classify = lambda m: ((m["sex"] == "M").astype(float), m["label"])  # noqa: E731
-    elif task == "xray_age":
-        classify = _age_classes(x.age.young, x.age.mature)
     else:
-        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
-    return {"real": _pool([real / "train"], classify), "synthetic": _pool([synth], classify),
-            TEST: _pool([real / "test"], classify)}
+        x = cfg.xray
+        real, synth = [groups / x.group], [synthetic / f"{x.arch}-{x.group}-{x.setup}"]
+    return {"real": _pool([p / "train" for p in real], classify), "synthetic": _pool(synth, classify),
+            TEST: _pool([p / "test" for p in real], classify)}
 
 
 def _set_summary(rows: pd.DataFrame, requested: int, side: int) -> dict:

@@ -85,19 +85,20 @@ def test_vgg16_checkpoints_are_the_models_output(tmp_path, cfg, monkeypatch):
     assert ck["channels"] == 1 and ck["input_size"] == 32 and r["real"]["best_epoch"] == 1
 
 
-def test_torchrun_two_cpu_processes_train_vgg16_with_rank_0_writing(tmp_path):
-    """`launcher: torchrun ... --no-python biomedsynth`: 2 gloo ranks share VGG16's batches; rank 0 alone
-    validates, writes the checkpoints and the metrics, and logs."""
+def test_launch_two_cpu_processes_train_vgg16_with_rank_0_writing(tmp_path):
+    """`launch.nproc_per_node: 2`: the classify command starts 2 gloo ranks through torchrun; they share VGG16's
+    batches; rank 0 alone validates, writes the checkpoints and the metrics, and logs."""
     _task(tmp_path / "data/tasks/xray_sex", tmp_path / "data/features/xray_sex", np.random.default_rng(2))
     cli = [sys.executable, "-c", "from biomedsynth.cli import app; app()"]
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
     subprocess.run(cli + ["profile", "smoke"], cwd=tmp_path, check=True, capture_output=True)
+    subprocess.run(cli + ["set", "launch.nproc_per_node=2"], cwd=tmp_path, check=True, capture_output=True)
     env = {**os.environ, "BIOMEDSYNTH_MLFLOW": "0", "OMP_NUM_THREADS": "1", "PYTHONPATH": PYTHONPATH,
            "BIOMEDSYNTH_DEVICE": "cpu"}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--no-python",
-                          *cli, "classify", "xray_sex", "vgg16"], cwd=tmp_path, env=env,
+    run = subprocess.run([*cli, "classify", "xray_sex", "vgg16"], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.count("2 processes: torchrun --standalone --nproc-per-node 2 --module biomedsynth") == 1
     assert run.stdout.count("vgg16 epoch 1/1") == 2  # real and synthetic, logged by rank 0 only
     assert run.stdout.count("classify@xray_sex-vgg16:") == 1
     out = tmp_path / "models/classify/xray_sex/vgg16"

@@ -1,24 +1,30 @@
-"""The GAN training loop: resume gives the same weights as an uninterrupted run, checkpoint choice, sampling."""
+"""The GAN training loop: a resumed run gives an uninterrupted run's weights and output bytes, a refused knob
+touches no trained model, resume states per options hash, checkpoint choice, sampling."""
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from typer.testing import CliRunner
 
+import biomedsynth
+from biomedsynth.cli import app
 from biomedsynth.gan import score
 from biomedsynth.gan import train as T
 from biomedsynth.gan.feature_net import fingerprint
+from biomedsynth.params import ParamsError, load_params
 from biomedsynth.store import ImageSet, ImageSetWriter
 
-ROOT = Path(__file__).resolve().parents[1]
+# the project of the biomedsynth imported (PYTHONPATH may name another checkout): its code, params.yaml, dvc.yaml
+ROOT = Path(biomedsynth.__file__).resolve().parents[2]
 PYTHONPATH = os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])  # child processes
 CLI = [sys.executable, "-c", "from biomedsynth.cli import app; app()"]
 
@@ -180,7 +186,7 @@ def test_train_gan_stage_then_synthesizer_samples_each_label(study, tmp_path, mo
     out = tmp_path / "models"
     lines = []
     summary = T.train_gan(opt, group.path, val.path, net, out, tmp_path / "m.json", tmp_path / "s.csv",
-                          tmp_path / "l.csv", log=lines.append)
+                          tmp_path / "l.csv", tmp_path / "states", log=lines.append)
     assert summary["models"] == 1 and summary["epochs"] == 2
     assert summary["score_images"] == summary["val_images"] == 16  # all of val
     assert json.loads((tmp_path / "m.json").read_text()) == summary
@@ -201,14 +207,18 @@ def test_train_gan_stage_then_synthesizer_samples_each_label(study, tmp_path, mo
     np.testing.assert_array_equal(images, gen.sample("M_a", 5, np.random.default_rng(0)))
     with pytest.raises(ValueError, match="label 'X' was not trained"):
         gen.sample("X", 1, np.random.default_rng(0))
-    # changed options: the old models are not resumed from but replaced
+    assert {p.name for p in out.rglob("*") if p.is_file()} == {  # what later stages read, no checkpoint
+        "options.json", "log.jsonl", "speed.jsonl", "001.pt", "002.pt", "001.png", "002.png"}
+    first_state = tmp_path / "states" / T.run_key(dataclasses.replace(opt, feature_net=fingerprint(net)))
+    # changed options: trained from scratch in a state of their own; the output is the new run, the old state stays
     T.train_gan(dataclasses.replace(opt, seed=4, epochs=1), group.path, val.path, net, out, tmp_path / "m.json",
-                tmp_path / "s.csv", tmp_path / "l.csv", log=lambda m: None)
-    assert len(T.read_log(out / T.COND_MODEL)) == 1
+                tmp_path / "s.csv", tmp_path / "l.csv", tmp_path / "states", log=lambda m: None)
+    assert len(T.read_log(out / T.COND_MODEL)) == 1 and json.loads((out / "options.json").read_text())["seed"] == 4
+    assert len(T.read_log(first_state / T.COND_MODEL)) == 2 and len(list((tmp_path / "states").iterdir())) == 2
     score.save_feature_net(feature_net(group), tmp_path / "net64.pt", resolution=64)
     with pytest.raises(ValueError, match="trained on 64 px images, the GAN draws 32 px"):
         T.train_gan(opt, group.path, val.path, tmp_path / "net64.pt", out, tmp_path / "m.json", tmp_path / "s.csv",
-                    tmp_path / "l.csv", log=lambda m: None)
+                    tmp_path / "l.csv", tmp_path / "states", log=lambda m: None)
 
 
 class Replay(torch.nn.Module):
@@ -251,69 +261,125 @@ def test_still_improving_needs_a_late_best_and_a_falling_tail(swd, improving):
     assert trend["still_improving"] is improving and (trend["swd_tail_slope"] < 0) == (swd[-1] < swd[-2])
 
 
-def test_kill_9_of_the_cli_stage_resumes(tmp_path):
-    """The real thing: SIGKILL the train-gan command mid-run, run it again, get the straight run's weights."""
-    def project(name: str) -> Path:
-        root = tmp_path / name
-        tiny_study(root, n=64)
-        params = (ROOT / "params.yaml").read_text()
-        (root / "params.yaml").write_text(params)
-        subprocess.run(CLI + ["profile", "smoke"], cwd=root, check=True, capture_output=True)
-        return root
+def smoke_project(root: Path, n: int = 64) -> Path:
+    """A tiny X-Norm study group and feature net at `root`, with the smoke profile's params."""
+    tiny_study(root, n=n)
+    (root / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    subprocess.run(CLI + ["profile", "smoke"], cwd=root, check=True, capture_output=True)
+    return root
 
-    env = {**os.environ, "BIOMEDSYNTH_MLFLOW": "0", "PYTHONPATH": PYTHONPATH}
-    cmd = CLI + ["train-gan", "dcgan", "x_norm", "cond"]
-    straight, killed = project("straight"), project("killed")
+
+def stage_files(root: Path, name: str) -> dict:
+    """What DVC hashes of models/gan/<name> (all but speed.jsonl, .dvcignored), path -> bytes."""
+    out = root / "models/gan" / name
+    return {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file() and p.name != "speed.jsonl"}
+
+
+def test_kill_9_of_the_cli_stage_resumes_to_the_bytes_of_a_straight_run(tmp_path):
+    """The real thing: SIGKILL train-gan after its first epoch, run it again: the stage output is the same bytes
+    as an uninterrupted run's (so dvc.lock does not depend on whether a run was interrupted)."""
+    env = {**os.environ, "BIOMEDSYNTH_MLFLOW": "0", "PYTHONPATH": PYTHONPATH, "PYTHONUNBUFFERED": "1"}
+    cmd = CLI + ["train-gan", "pggan", "x_norm", "cond"]  # PGGAN: layers join the optimiser after the resume
+    straight, killed = (smoke_project(tmp_path / name) for name in ("straight", "killed"))
+    for root in (straight, killed):
+        subprocess.run(CLI + ["set", "gan.xray.epochs_cond=4"], cwd=root, check=True, capture_output=True)
     subprocess.run(cmd, cwd=straight, env=env, check=True, capture_output=True)
-    proc = subprocess.Popen(cmd, cwd=killed, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = killed / "models/gan/dcgan-x_norm-cond" / T.COND_MODEL / "checkpoint.pt"
-    deadline = time.time() + 60
-    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
+    proc = subprocess.Popen(cmd, cwd=killed, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in proc.stdout:
+        if "epoch 1/4" in line:  # printed once epoch 1 is saved
+            os.kill(proc.pid, signal.SIGKILL)
+            break
     proc.wait()
     if proc.returncode != -signal.SIGKILL:
         pytest.fail("the run finished before it could be killed; make the test's run longer")
-    epochs_done = len(T.read_log(ckpt.parent))
+    output_after_kill = (killed / "models/gan/pggan-x_norm-cond").exists()
     subprocess.run(cmd, cwd=killed, env=env, check=True, capture_output=True)
-    a, b = (torch.load(r / "models/gan/dcgan-x_norm-cond" / T.COND_MODEL / "checkpoint.pt", weights_only=False)
-            for r in (straight, killed))
-    assert epochs_done < a["epoch"] == b["epoch"]
-    assert all(torch.equal(w, b["G"][k]) for k, w in a["G"].items())
+    a, b = (stage_files(root, "pggan-x_norm-cond") for root in (straight, killed))
+    assert [path for path in a if a[path] != b.get(path)] == []
+    assert list(a) == list(b) and len(a) == 1 + 1 + 4 * 2  # options.json; the log, 4 generators and 4 grids
+    assert not output_after_kill  # written whole once training ends: never a half-trained output
 
 
-def test_torchrun_two_cpu_processes_train_with_rank_0_writing(tmp_path):
-    """torchrun with the gloo backend: 2 ranks share each epoch's batches; rank 0 alone writes."""
+def test_launch_two_cpu_processes_train_with_rank_0_writing(tmp_path):
+    """`launch.nproc_per_node: 2`: train-gan starts 2 gloo ranks through torchrun; they share each epoch's
+    batches; rank 0 alone writes."""
     tiny_study(tmp_path, n=64)
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
     subprocess.run(CLI + ["profile", "smoke"], cwd=tmp_path, check=True, capture_output=True)
+    subprocess.run(CLI + ["set", "launch.nproc_per_node=2"], cwd=tmp_path, check=True, capture_output=True)
     env = {**os.environ, "BIOMEDSYNTH_MLFLOW": "0", "OMP_NUM_THREADS": "1", "PYTHONPATH": PYTHONPATH,
            "BIOMEDSYNTH_DEVICE": "cpu"}  # gloo on CPU even where a GPU is present
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--no-python",
-                          *CLI, "train-gan", "pggan", "x_norm", "cond"], cwd=tmp_path, env=env,
+    run = subprocess.run([*CLI, "train-gan", "pggan", "x_norm", "cond"], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.count("2 processes: torchrun --standalone --nproc-per-node 2 --module biomedsynth") == 1
     model = tmp_path / "models/gan/pggan-x_norm-cond" / T.COND_MODEL
     rows = T.read_log(model)
     assert [r["epoch"] for r in rows] == [1, 2]  # one line per epoch: only rank 0 logged
     assert rows[-1]["images_seen"] == 2 * 64  # 64 images per epoch, 32 on each rank (batch 8 x 4 steps)
     assert run.stdout.count("epoch 2/2") == 1
-    ck = torch.load(model / "checkpoint.pt", weights_only=False)
+    ck = torch.load(next((tmp_path / ".cache/gan/pggan-x_norm-cond").glob(f"*/{T.COND_MODEL}/checkpoint.pt")),
+                    weights_only=False)
     assert ck["epoch"] == 2 and all(torch.isfinite(w).all() for w in ck["G"].values())
 
 
-@pytest.mark.parametrize("arch, per_phase, epochs, kept", [
-    ("dcgan", None, 3, True),    # more epochs: the run continues
-    ("pggan", 8, 3, True),       # a fixed growth schedule: continues too
-    ("pggan", None, 3, False),   # phases spread over the epochs would stretch: start over
-    ("dcgan", None, 1, False),   # fewer epochs: start over
-    ("dcgan", None, 2, True),    # the same options
+@pytest.mark.parametrize("arch, per_phase, epochs, same", [
+    ("dcgan", None, 3, True),    # more epochs continue the run
+    ("dcgan", None, 1, True),    # fewer take its first epochs
+    ("pggan", 8, 3, True),       # a fixed growth schedule: the same
+    ("pggan", None, 3, False),   # phases spread over the epochs stretch with them: another run
 ])
-def test_a_previous_run_is_kept_only_when_continuing_it_equals_a_fresh_run(tmp_path, arch, per_phase, epochs, kept):
+def test_runs_share_a_resume_state_only_where_more_epochs_extend_a_run(arch, per_phase, epochs, same):
     extra = {"images_per_phase": per_phase} if arch == "pggan" else {}
-    T._prepare_out(tmp_path / "out", options(arch, epochs=2, **extra), print)
-    (tmp_path / "out" / "F_a").mkdir()  # a model trained before
-    new = options(arch, epochs=epochs, **extra)
-    T._prepare_out(tmp_path / "out", new, print)
-    assert (tmp_path / "out" / "F_a").exists() == kept
-    assert json.loads((tmp_path / "out" / "options.json").read_text()) == new.to_json()
+    assert (T.run_key(options(arch, epochs=2, **extra)) == T.run_key(options(arch, epochs=epochs, **extra))) == same
+    assert T.run_key(options(arch, **extra)) != T.run_key(options(arch, seed=4, **extra))
+    assert T.run_key(options(arch, **extra)) != T.run_key(options(arch, **extra), world=2)  # 2 batches per step
+
+
+def test_more_epochs_continue_the_run_and_fewer_take_its_first_epochs(study, tmp_path, monkeypatch):
+    monkeypatch.setenv("BIOMEDSYNTH_MLFLOW", "0")
+    root, group, val = study
+
+    def run(epochs: int, out: str) -> list[int]:
+        """The epochs trained by a run of the stage to `epochs` into tmp_path/out."""
+        lines = []
+        T.train_gan(options("dcgan", epochs=epochs), group.path, val.path, root / "models/feature_net/xray.pt",
+                    tmp_path / out / "models/gan/x", *(tmp_path / f for f in ("m.json", "s.csv", "l.csv", "states")),
+                    log=lines.append)
+        return [int(m[1]) for line in lines if (m := re.search(r" epoch (\d+)/", line))]
+
+    assert run(2, "two") == [1, 2]
+    assert run(3, "three") == [3]
+    assert run(2, "again") == []
+    assert stage_files(tmp_path / "again", "x") == stage_files(tmp_path / "two", "x")
+    assert len(stage_files(tmp_path / "three", "x")) == 1 + 1 + 3 * 2
+
+
+@pytest.mark.parametrize("arch, knob, error", [
+    ("dcgan", "gan.xray.batch_size=100000", "64 training images, fewer than one batch of 100000"),
+    ("pggan", "gan.pggan.images_per_phase=100000", "end before the growth to 32 px"),
+])
+def test_a_knob_the_data_cannot_serve_leaves_the_trained_model_as_it_was(tmp_path, monkeypatch, arch, knob, error):
+    """A knob the data cannot serve stops train-gan in one line before it touches the trained model: its
+    output and its resume state keep every byte."""
+    root = smoke_project(tmp_path)
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("BIOMEDSYNTH_MLFLOW", "0")
+    assert CliRunner().invoke(app, ["train-gan", arch, "x_norm", "cond"]).exit_code == 0
+    trained = {p: p.read_bytes() for p in sorted(Path().rglob("*")) if p.is_file() and p.parts[0] in ("models", ".cache")}
+    assert CliRunner().invoke(app, ["set", knob]).exit_code == 0
+    result = CliRunner().invoke(app, ["train-gan", arch, "x_norm", "cond"])
+    assert {p: p.read_bytes() for p in sorted(Path().rglob("*")) if p.is_file() and p.parts[0] in ("models", ".cache")} \
+        == trained
+    assert result.exit_code == 1 and result.output.count("\n") == 1 and error in result.output, result.output
+
+
+@pytest.mark.parametrize("side", [48, 100])
+def test_a_gan_side_that_is_not_a_power_of_two_is_refused_at_params_load(tmp_path, monkeypatch, side):
+    monkeypatch.chdir(tmp_path)
+    text = (ROOT / "params.yaml").read_text().replace("resolution: 64", f"resolution: {side}", 1)  # gan.xray's
+    (tmp_path / "params.yaml").write_text(text)
+    with pytest.raises(ParamsError, match=f"gan.xray.resolution = {side}: .*must be a power of two"):
+        load_params(tmp_path / "params.yaml")
+    result = CliRunner().invoke(app, ["train-gan", "dcgan", "x_norm", "cond"])
+    assert result.exit_code == 2 and "gan.xray.resolution" in result.output

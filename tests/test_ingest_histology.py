@@ -14,7 +14,7 @@ from biomedsynth.params import load_params, set_params
 from biomedsynth.sources import SlideRecord, Tile
 from biomedsynth.sources.wsi import write_annotation_xml, write_pyramidal_tiff
 from biomedsynth.store import ImageSet
-from test_scans import write_dicom
+from test_scans import BUDGET, write_dicom
 from test_wsi import write_dicom_wsi
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +61,8 @@ def slides(tmp_path_factory):
 
 
 def _ingest(slides, out, tiles=None, **kw):
-    args = dict(tile_size=64, level=0, min_tissue=0.5, tiles_per_slide=1000, tumor_label="slide", seed=0)
+    args = dict(tile_size=64, level=0, min_tissue=0.5, tiles_per_slide=1000, tumor_label="slide", seed=0,
+                max_pixels=BUDGET)
     return ingest_histology(slides, tiles, out, **{**args, **kw})
 
 

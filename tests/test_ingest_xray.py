@@ -1,12 +1,23 @@
+import json
+import math
+import shutil
+import zlib
+from pathlib import Path
+
 import numpy as np
+import pandas as pd
 import pytest
 import tifffile
 from PIL import Image
 from scipy import ndimage
 
+import biomedsynth
+from biomedsynth.ingest import ingest
 from biomedsynth.ingest.xray import fit_square, find_lungs, ingest_xray, lung_hull, normalise, preprocess_scan
+from biomedsynth.params import load_params, set_params
 from biomedsynth.sources import ScanRecord
 from biomedsynth.store import ImageSet
+from test_scans import BUDGET
 
 
 def synthetic_chest(h=400, w=360, scale=1.0, seed=0):
@@ -168,7 +179,7 @@ def _write_study(tmp_path):
 
 def test_ingest_xray_end_to_end(tmp_path):
     records = _write_study(tmp_path)
-    kw = dict(size=32, normal_only=True, lo_pct=5.0, hi_pct=95.0, fit="pad")
+    kw = dict(size=32, normal_only=True, lo_pct=5.0, hi_pct=95.0, fit="pad", max_pixels=BUDGET)
     s2 = ingest_xray(records, tmp_path / "set2", on_no_lungs="central", workers=2, **kw)
     assert s2["scans_listed"] == 10 and s2["dropped_abnormal"] == 1 and s2["unreadable"] == 1
     assert s2["written"] == 8 and s2["lungs_not_found"] == {"central": 1, "skip": 0}
@@ -200,7 +211,8 @@ def test_same_pixels_twice_for_a_patient_skipped_and_under_two_patients_refused(
     Image.fromarray(blank).save(tmp_path / "blank1.png")
     Image.fromarray(blank).save(tmp_path / "blank2.png")
     rec = lambda name, patient: ScanRecord(tmp_path / name, name, patient, "F", 40, True)
-    kw = dict(size=32, normal_only=True, on_no_lungs="central", lo_pct=5.0, hi_pct=95.0, fit="pad", workers=1)
+    kw = dict(size=32, normal_only=True, on_no_lungs="central", lo_pct=5.0, hi_pct=95.0, fit="pad", workers=1,
+              max_pixels=BUDGET)
     s = ingest_xray([rec("a.png", "p1"), rec("a_again.tif", "p1"), rec("b.png", "p2"), rec("blank1.png", "p3"),
                      rec("blank2.png", "p4")], tmp_path / "set", **kw)
     assert s["written"] == 4 and s["skipped"] == {"duplicate_pixels": 1}
@@ -211,3 +223,52 @@ def test_same_pixels_twice_for_a_patient_skipped_and_under_two_patients_refused(
     assert "\n" not in message and message.startswith(
         f"identical pixels under two patients: 'p1' ({tmp_path / 'a.png'}) and 'p7' ({tmp_path / 'a_again.tif'})")
     assert not (tmp_path / "bad").exists()
+
+
+# the params.yaml beside the code under test (its defaults), so a test runs against other versions too
+CODE_ROOT = Path(biomedsynth.__file__).resolve().parents[2]
+RAW = Path("data/raw/xray")
+
+
+def xray_project(tmp_path: Path, monkeypatch, files: list[str], *assignments: str):
+    """A project in tmp_path (the working folder) ingesting data/raw/xray/<files> through a manifest, one
+    patient each, in one process; returns its params."""
+    monkeypatch.chdir(tmp_path)
+    RAW.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({"path": files, "patient_id": [f"p{i}" for i in range(len(files))], "sex": "F", "age": "40"}
+                 ).to_csv(RAW / "scans.csv", index=False)
+    shutil.copy(CODE_ROOT / "params.yaml", "params.yaml")
+    set_params(["sources.xray.format=manifest", f"sources.xray.csv={RAW / 'scans.csv'}", f"sources.xray.root={RAW}",
+                "ingest.workers=1", *assignments])
+    return load_params("params.yaml")
+
+
+def write_zlib_tiff_bomb(path: Path, side: int = 30000, tile: int = 1024) -> None:
+    """Issue 13's file: side x side uint8 zeros in zlib tiles, under 1 MB; written from one compressed tile,
+    so writing it takes no memory either."""
+    chunk = zlib.compress(bytes(tile * tile))
+    tifffile.imwrite(path, (chunk for _ in range(math.ceil(side / tile) ** 2)), shape=(side, side), dtype=np.uint8,
+                     tile=(tile, tile), compression="zlib")
+
+
+def test_tiff_bomb_is_skipped_undecoded_at_the_default_budget_and_the_other_scans_kept(tmp_path, monkeypatch):
+    p = xray_project(tmp_path, monkeypatch, ["chest1.tif", "bomb.tif", "chest2.png"])
+    write_zlib_tiff_bomb(RAW / "bomb.tif")
+    assert (RAW / "bomb.tif").stat().st_size < 1_000_000
+    tifffile.imwrite(RAW / "chest1.tif", synthetic_chest(seed=1)[0])
+    Image.fromarray(synthetic_chest(seed=2)[0]).save(RAW / "chest2.png")
+    decoded, asarray = [], tifffile.TiffPage.asarray
+
+    def spy(page, *args, **kwargs):
+        decoded.append(page.shape)
+        if page.imagewidth * page.imagelength > 10 ** 8:  # what a memory cap makes of it, without taking the memory
+            raise MemoryError(f"decoding {page.shape}")
+        return asarray(page, *args, **kwargs)
+
+    monkeypatch.setattr(tifffile.TiffPage, "asarray", spy)
+    ingest("xray", p, Path("data/interim/xray"), Path("xray.json"))
+    assert decoded == [(400, 360)], "the 30000 x 30000 page was decoded"  # the good TIFF only
+    summary = json.loads(Path("xray.json").read_text())
+    assert summary["skipped_by_reason"] == {"over_pixel_budget": 1} and summary["written"] == 2
+    assert f"{RAW / 'bomb.tif'}: 30000 x 30000 = 900,000,000 pixels, over the pixel budget" in \
+        summary["unreadable_examples"][0]

@@ -84,12 +84,12 @@ def test_set_writes_values_as_yaml_keeps_comments_and_checks(tmp_path):
     path = tmp_path / "params.yaml"
     shutil.copy(ROOT / "params.yaml", path)
     before = path.read_text()
-    assert set_params(["sources.xray.format=manifest", "sources.xray.csv=data/raw/pacs/manifest.csv",
+    assert set_params(["sources.xray.format=manifest", "sources.xray.csv=data/raw/xray/manifest.csv",
                        "classify.seeds=[0, 1]", "classify.vgg16.weights=null"], path) == [
         "sources.xray.format", "sources.xray.csv", "classify.seeds"]
     p = load_params(path)
     assert (p.sources.xray.format, str(p.sources.xray.csv), p.classify.seeds) == (
-        "manifest", "data/raw/pacs/manifest.csv", [0, 1])
+        "manifest", "data/raw/xray/manifest.csv", [0, 1])
     changed = [line for line in path.read_text().splitlines() if line not in before.splitlines()]
     assert len(changed) == 3 and "# repeat every classifier" in changed[-1]  # comments stay
     assert "weights: null" in path.read_text()

@@ -43,6 +43,11 @@ def test_sample_ingest_studygroups(tmp_path, monkeypatch):
     assert ImageSet("data/interim/xray").shape == (32, 32, 1)
     assert ImageSet("data/interim/histology").shape == (32, 32, 3)
     groups = json.loads(Path("metrics/studygroups.json").read_text())
+    # every metrics JSON names the data (data.dvc's hash: none here) and the sources params it was read by
+    for result_file in ("metrics/ingest/xray.json", "metrics/ingest/histology.json", "metrics/studygroups.json"):
+        made_from = json.loads(Path(result_file).read_text())["provenance"]
+        assert made_from["sources"]["xray"]["format"] == "nih" and set(made_from) == {"data", "sources", "commit"}
+    groups.pop("provenance")
     for name in ("x_norm", "x_norm_l", "h_norm", "h_tumor"):
         train, test = (ImageSet(Path("data/studygroups") / name / side).meta for side in ("train", "test"))
         assert len(train) == groups[name]["train"]["images"] > 0 and len(test) > 0
@@ -69,3 +74,17 @@ def test_a_gan_stage_table3_does_not_use_says_so_and_keeps_what_it_holds(tmp_pat
     assert result.exit_code == 0 and "not drawn" in result.output
     assert json.loads(Path("metrics/synthesize/dcgan-x_norm_l-uncond.json").read_text())["synthesized"] is False
     assert Path("data/synthetic/dcgan-x_norm_l-uncond").is_dir() and Path("metrics/synthesize/dcgan-x_norm_l-uncond").is_dir()
+
+
+def test_synthesize_warns_when_its_gan_learnt_nothing(tmp_path, monkeypatch, capsys):
+    """A set drawn from a GAN that learnt nothing is still written, but the stage says so for each such model."""
+    from biomedsynth.cli import _warn_not_learnt
+
+    monkeypatch.chdir(tmp_path)
+    model = {"swd_best": 0.9, "swd_floor": 0.1, "swd_baseline": 0.8}
+    Path("metrics/gan").mkdir(parents=True)
+    Path("metrics/gan/g.json").write_text(json.dumps({"learnt": False, "per_model": {
+        "F_18-38": {**model, "learnt": False}, "M_18-38": {**model, "swd_best": 0.2, "learnt": True}}}))
+    assert _warn_not_learnt("g") is False
+    err = capsys.readouterr().err
+    assert "WARNING synthesize@g: model F_18-38 learnt nothing" in err and "M_18-38" not in err

@@ -12,6 +12,7 @@ from pydicom.uid import (ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLosslessS
 from biomedsynth.sources import UnreadableInput
 from biomedsynth.sources.scans import read_scan
 
+BUDGET = 8192 ** 2  # params.yaml's ingest.max_pixels
 RAMP16 = (np.arange(48 * 40, dtype=np.uint32).reshape(48, 40) * 31 % 65536).astype(np.uint16)
 
 
@@ -44,7 +45,7 @@ def test_png_8bit_and_16bit_keep_their_values(tmp_path):
     im16 = Image.fromarray(RAMP16)
     assert im16.mode == "I;16"
     im16.save(tmp_path / "a16.png")
-    a8, a16 = read_scan(tmp_path / "a8.png"), read_scan(tmp_path / "a16.png")
+    a8, a16 = read_scan(tmp_path / "a8.png", BUDGET), read_scan(tmp_path / "a16.png", BUDGET)
     assert a8.dtype == a16.dtype == np.float32
     np.testing.assert_array_equal(a8, RAMP16 % 256)
     np.testing.assert_array_equal(a16, RAMP16)
@@ -59,7 +60,7 @@ def test_rgb_jpeg_and_palette_png_become_gray(tmp_path):
     Image.fromarray(rgb).quantize(4).save(tmp_path / "p.png")  # adaptive palette: exact colours
     Image.fromarray(np.dstack([rgb, np.full((64, 64), 255, np.uint8)])).save(tmp_path / "rgba.png")
     for name in ("c.jpg", "p.png", "rgba.png"):
-        a = read_scan(tmp_path / name)
+        a = read_scan(tmp_path / name, BUDGET)
         assert a.shape == (64, 64)
         assert abs(a[20, 8] - 124.2) < 2 and abs(a[20, 56] - 150.9) < 2, name
 
@@ -68,17 +69,17 @@ def test_tiff_16bit_gray_rgb_and_miniswhite(tmp_path):
     tifffile.imwrite(tmp_path / "g.tif", RAMP16)
     tifffile.imwrite(tmp_path / "w.tiff", RAMP16, photometric="miniswhite")
     tifffile.imwrite(tmp_path / "rgb.tif", np.dstack([RAMP16] * 3), photometric="rgb")
-    np.testing.assert_array_equal(read_scan(tmp_path / "g.tif"), RAMP16)
-    np.testing.assert_allclose(read_scan(tmp_path / "rgb.tif"), RAMP16, rtol=1e-5)
-    np.testing.assert_array_equal(read_scan(tmp_path / "w.tiff"), float(RAMP16.min()) + RAMP16.max() - RAMP16)
+    np.testing.assert_array_equal(read_scan(tmp_path / "g.tif", BUDGET), RAMP16)
+    np.testing.assert_allclose(read_scan(tmp_path / "rgb.tif", BUDGET), RAMP16, rtol=1e-5)
+    np.testing.assert_array_equal(read_scan(tmp_path / "w.tiff", BUDGET), float(RAMP16.min()) + RAMP16.max() - RAMP16)
 
 
 def test_dicom_rescale_and_monochrome1_inverted(tmp_path):
     stored = np.array([[0, 10], [1000, 4095]], np.uint16)
     write_dicom(tmp_path / "m2.dcm", stored, slope=2.0, intercept=-100.0)
-    np.testing.assert_array_equal(read_scan(tmp_path / "m2.dcm"), [[-100, -80], [1900, 8090]])
+    np.testing.assert_array_equal(read_scan(tmp_path / "m2.dcm", BUDGET), [[-100, -80], [1900, 8090]])
     write_dicom(tmp_path / "m1.dcm", stored, photometric="MONOCHROME1", slope=2.0, intercept=-100.0)
-    m1 = read_scan(tmp_path / "m1.dcm")
+    m1 = read_scan(tmp_path / "m1.dcm", BUDGET)
     np.testing.assert_array_equal(m1, [[8090, 8070], [6090, -100]])  # brightest stored = darkest shown
     assert pydicom.dcmread(tmp_path / "m1.dcm").PhotometricInterpretation == "MONOCHROME1"
 
@@ -89,13 +90,13 @@ def test_dicom_rescale_and_monochrome1_inverted(tmp_path):
 ])
 def test_compressed_dicom(tmp_path, syntax, encode):
     write_dicom(tmp_path / "c.dcm", np.stack([RAMP16, RAMP16 // 2]), syntax=syntax, encode=encode, slope=0.5)
-    np.testing.assert_array_equal(read_scan(tmp_path / "c.dcm"), RAMP16 * np.float32(0.5))
+    np.testing.assert_array_equal(read_scan(tmp_path / "c.dcm", BUDGET), RAMP16 * np.float32(0.5))
 
 
 def test_dicom_multiframe_first_frame_and_preamble_without_suffix(tmp_path):
     frames = np.stack([RAMP16, RAMP16 // 2, RAMP16 // 3])
     write_dicom(tmp_path / "IM0001", frames)  # no .dcm suffix: found by its DICM preamble
-    np.testing.assert_array_equal(read_scan(tmp_path / "IM0001"), RAMP16)
+    np.testing.assert_array_equal(read_scan(tmp_path / "IM0001", BUDGET), RAMP16)
 
 
 def test_bad_files_raise_unreadable_input_naming_the_file(tmp_path):
@@ -109,6 +110,6 @@ def test_bad_files_raise_unreadable_input_naming_the_file(tmp_path):
     (tmp_path / "header.tif").write_bytes(b"II*\0" + bytes(40))
     for name in ("truncated.png", "garbled.png", "empty.png", "notes.png", "bad.dcm", "missing.png", "header.tif"):
         with pytest.raises(UnreadableInput) as e:
-            read_scan(tmp_path / name)
+            read_scan(tmp_path / name, BUDGET)
         msg = str(e.value)
         assert name in msg and "\n" not in msg, msg

@@ -13,6 +13,7 @@ from biomedsynth.sources.folder import folder_tiles
 from biomedsynth.sources.manifest import manifest_records, parse_age
 from biomedsynth.sources.nih import nih_records
 from biomedsynth.sources.pcam import pcam_tiles
+from test_scans import BUDGET
 
 
 def touch(path: Path, image: np.ndarray | None = None) -> Path:
@@ -173,7 +174,8 @@ def test_folder_tiles_labels_slide_regex_conversion_and_corrupt(tmp_path):
     (tmp_path / "Tumour" / "s3_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     (tmp_path / "Tumour" / "notes.txt").write_text("hi")
     touch(tmp_path / "Tumour" / "lone.jpg", rgb)  # no slide in its name: skipped, not a slide of its own
-    tiles, skipped = folder_tiles(tmp_path, slide_id=r"^(?P<slide>s\d+)_", allow_tile_level_split=False)
+    tiles, skipped = folder_tiles(tmp_path, slide_id=r"^(?P<slide>s\d+)_", allow_tile_level_split=False,
+                                  max_pixels=BUDGET)
     assert skipped == {}  # nothing read yet
     tiles = list(tiles)
     assert skipped == {"no_slide_id": 1, "unreadable": 1, "unsupported_format": 1}
@@ -189,13 +191,13 @@ def test_folder_tiles_slides_csv_and_label_errors(tmp_path):
     touch(tmp_path / "1" / "a.png")
     touch(tmp_path / "1" / "b.png")
     pd.DataFrame({"file": ["1/a.png"], "slide": ["tumor_001"]}).to_csv(tmp_path / "slides.csv", index=False)
-    tiles, skipped = folder_tiles(tmp_path, slide_id=None, allow_tile_level_split=False)
+    tiles, skipped = folder_tiles(tmp_path, slide_id=None, allow_tile_level_split=False, max_pixels=BUDGET)
     assert [(t.slide_id, t.label) for t in tiles] == [("tumor_001", "tumor")] and skipped == {"not_in_slides_csv": 1}
     with pytest.raises(ValueError, match=r"slides\.csv and sources\.histology\.slide_id = 'camelyon16' both"):
-        folder_tiles(tmp_path, slide_id="camelyon16", allow_tile_level_split=False)
+        folder_tiles(tmp_path, slide_id="camelyon16", allow_tile_level_split=False, max_pixels=BUDGET)
     (tmp_path / "tumr").mkdir()
     with pytest.raises(ValueError, match="found tumr"):
-        folder_tiles(tmp_path, slide_id=None, allow_tile_level_split=False)
+        folder_tiles(tmp_path, slide_id=None, allow_tile_level_split=False, max_pixels=BUDGET)
 
 
 CAMELYON_TILES = ["normal/normal_017_x0_y0.png", "normal/normal_017_x256_y0.png", "tumor/tumor_001_x100_y200.png",
@@ -206,11 +208,11 @@ def test_folder_tiles_without_slide_ids_refused_then_split_by_tile(tmp_path):
     for name in CAMELYON_TILES:
         touch(tmp_path / name)
     with pytest.raises(ValueError) as err:  # before: every "tumor_..." tile was one slide 'tumor'
-        folder_tiles(tmp_path, slide_id=None, allow_tile_level_split=False)
+        folder_tiles(tmp_path, slide_id=None, allow_tile_level_split=False, max_pixels=BUDGET)
     message = str(err.value)
     assert "\n" not in message and "tiles have no slide ids" in message
     assert all(how in message for how in ("slides.csv", "sources.histology.slide_id", "allow_tile_level_split=true"))
-    tiles, _ = folder_tiles(tmp_path, slide_id=None, allow_tile_level_split=True)
+    tiles, _ = folder_tiles(tmp_path, slide_id=None, allow_tile_level_split=True, max_pixels=BUDGET)
     assert [t.slide_id for t in tiles] == [None] * len(CAMELYON_TILES)
 
 
@@ -226,14 +228,14 @@ def test_folder_tiles_without_slide_ids_refused_then_split_by_tile(tmp_path):
 def test_slide_id_presets_and_regex_read_the_file_name(tmp_path, rule, names, slides):
     for name in names:
         touch(tmp_path / name)
-    tiles, skipped = folder_tiles(tmp_path, slide_id=rule, allow_tile_level_split=False)
+    tiles, skipped = folder_tiles(tmp_path, slide_id=rule, allow_tile_level_split=False, max_pixels=BUDGET)
     assert sorted((t.source, t.slide_id) for t in tiles) == sorted(zip(names, slides)) and skipped == {}
 
 
 def test_slide_id_matching_no_file_and_bad_knob_values(tmp_path):
     touch(tmp_path / "normal" / "slideA_0.png")
     with pytest.raises(ValueError, match=r"slide_id = 'camelyon16' matches no file name \(e\.g\. 'slideA_0\.png'\)"):
-        folder_tiles(tmp_path, slide_id="camelyon16", allow_tile_level_split=False)
+        folder_tiles(tmp_path, slide_id="camelyon16", allow_tile_level_split=False, max_pixels=BUDGET)
     base = {"format": "tiles", "root": "r", "labels_csv": None, "allow_tile_level_split": False}
     assert HistologySource(**base, slide_id="pcam").slide_id == "pcam"
     for bad, why in (("camelyon17", "group named 'slide'"), ("(?P<slide>[", "nor a regex")):
@@ -270,7 +272,8 @@ def test_pcam_tiles_labels_slides_and_streaming(tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(h5py.Dataset, "__getitem__", spy)
-    tiles, skipped = pcam_tiles(tmp_path, allow_tile_level_split=True, splits=("train", "test"), chunk=3)
+    tiles, skipped = pcam_tiles(tmp_path, allow_tile_level_split=True, max_pixels=BUDGET, splits=("train", "test"),
+                                chunk=3)
     first = next(tiles)
     assert rows_read == [3, 3]  # one chunk of x and of y, not the whole file
     tiles = [first, *tiles]
@@ -285,31 +288,31 @@ def test_pcam_without_meta_csv_is_refused_unless_split_by_tile(tmp_path):
     pcam_tree(tmp_path, "train", 4, meta=True)
     pcam_tree(tmp_path, "test", 4, meta=False)
     with pytest.raises(ValueError) as err:  # before: each tile of `test` became a slide of its own, silently
-        pcam_tiles(tmp_path, allow_tile_level_split=False, splits=("train", "test"))
+        pcam_tiles(tmp_path, allow_tile_level_split=False, max_pixels=BUDGET, splits=("train", "test"))
     message = str(err.value)
     assert "\n" not in message and "_meta.csv for split(s) test, so their tiles have no slide ids" in message
     assert "allow_tile_level_split=true" in message
-    tiles, _ = pcam_tiles(tmp_path, allow_tile_level_split=False, splits=("train",))
+    tiles, _ = pcam_tiles(tmp_path, allow_tile_level_split=False, max_pixels=BUDGET, splits=("train",))
     assert [t.slide_id for t in tiles] == ["camelyon16_train_0"] * 4
 
 
 def test_pcam_errors(tmp_path):
     pcam_tree(tmp_path, "valid", 2, meta=False)
     with pytest.raises(ValueError, match="split_train_x.h5 not found"):
-        pcam_tiles(tmp_path, allow_tile_level_split=True)
+        pcam_tiles(tmp_path, allow_tile_level_split=True, max_pixels=BUDGET)
     (tmp_path / "camelyonpatch_level_2_split_valid_y.h5").rename(tmp_path / "camelyonpatch_level_2_split_valid_y.h5.gz")
     with pytest.raises(ValueError, match=r"split_valid_y\.h5\.gz is gzip-compressed; run `gunzip"):
-        pcam_tiles(tmp_path, allow_tile_level_split=True, splits=("valid",))
+        pcam_tiles(tmp_path, allow_tile_level_split=True, max_pixels=BUDGET, splits=("valid",))
     (tmp_path / "camelyonpatch_level_2_split_valid_y.h5.gz").unlink()
     with pytest.raises(ValueError, match=r"valid_y\.h5 not found \(the labels for camelyonpatch_level_2_split_valid_x"):
-        pcam_tiles(tmp_path, allow_tile_level_split=True, splits=("valid",))
+        pcam_tiles(tmp_path, allow_tile_level_split=True, max_pixels=BUDGET, splits=("valid",))
     with h5py.File(tmp_path / "camelyonpatch_level_2_split_valid_y.h5", "w") as f:
         f.create_dataset("y", data=np.array([1, 7], np.uint8))
-    tiles, skipped = pcam_tiles(tmp_path, allow_tile_level_split=True, splits=("valid",))
+    tiles, skipped = pcam_tiles(tmp_path, allow_tile_level_split=True, max_pixels=BUDGET, splits=("valid",))
     assert [t.label for t in tiles] == ["tumor"] and skipped == {"bad_label": 1}
     pd.DataFrame({"wsi": ["a"]}).to_csv(tmp_path / "camelyonpatch_level_2_split_valid_meta.csv")
     with pytest.raises(ValueError, match="1 rows for 2 tiles"):
-        pcam_tiles(tmp_path, allow_tile_level_split=False, splits=("valid",))
+        pcam_tiles(tmp_path, allow_tile_level_split=False, max_pixels=BUDGET, splits=("valid",))
     pd.DataFrame({"wsi": ["a", " "]}).to_csv(tmp_path / "camelyonpatch_level_2_split_valid_meta.csv")
     with pytest.raises(ValueError, match=r"empty wsi \(slide\) on row 2"):
-        pcam_tiles(tmp_path, allow_tile_level_split=False, splits=("valid",))
+        pcam_tiles(tmp_path, allow_tile_level_split=False, max_pixels=BUDGET, splits=("valid",))

@@ -8,12 +8,19 @@ from pathlib import Path
 
 import typer
 
+from biomedsynth import lifetime
 from biomedsynth.params import GROUP_MODALITY, ParamsError, apply_profile, load_params, set_params
 from biomedsynth.sources import UnreadableInput
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="biomedsynth: can GAN-made medical images stand in for real ones? (see README)")
 ParamsOpt = typer.Option(Path("params.yaml"), "--params", help="params file to read")
+
+
+@app.callback()
+def _every_command(ctx: typer.Context) -> None:
+    # SIGTERM stops any command as Ctrl-C does (cleanup runs, MLflow run KILLED, exit 143); see lifetime.py
+    ctx.with_resource(lifetime.command(ctx.invoked_subcommand))
 
 
 def _fail(code: int, msg: str):
@@ -39,10 +46,36 @@ def _run(fn, *args, **kwargs):
         if os.environ.get("BIOMEDSYNTH_DEBUG"):
             raise
         _fail(1, str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except OSError as e:  # a full disk, a read-only or unremovable output: the path and the cause
+        if os.environ.get("BIOMEDSYNTH_DEBUG"):
+            raise
+        _fail(1, lifetime.describe(e))
+
+
+def _writes(*outputs: Path) -> None:
+    """This command writes these stage outputs (the first names the stage): hold them until it ends, so a
+    second process running the same stage stops at once, and clear what a killed run left in them."""
+    _run(lifetime.hold, list(outputs))
+
+
+def _stamp(p, metrics_path: Path) -> None:
+    """Name the data (data.dvc's hash, the sources params) and the commit in a stage's metrics JSON."""
+    from biomedsynth.provenance import stamp
+
+    _run(stamp, metrics_path, p.sources.model_dump(mode="json"))
 
 
 def _print_summary(title: str, summary: dict) -> None:
     typer.echo(f"{title}:\n{json.dumps(summary, indent=2, sort_keys=True)}")
+
+
+def _in_workers(p, args: list[str]) -> None:
+    """When params `launch` asks for several processes, run this command (`biomedsynth *args`) in them
+    and exit with their status; otherwise return and do the work here."""
+    from biomedsynth.distributed import run_workers
+
+    if (status := run_workers(p.launch, args)) is not None:
+        raise typer.Exit(status)
 
 
 @app.command()
@@ -101,8 +134,10 @@ def ingest(modality: str = typer.Argument(..., help="xray | histology"), params:
     if modality not in ("xray", "histology"):
         _fail(2, f"modality = {modality!r}: allowed xray, histology")
     p = _params(params)
+    _writes(Path("data/interim") / modality, Path("metrics/ingest") / f"{modality}.json")
     summary = _run(run_ingest, modality, p, Path("data/interim") / modality,
                    Path("metrics/ingest") / f"{modality}.json")
+    _stamp(p, Path("metrics/ingest") / f"{modality}.json")
     _print_summary(f"ingest@{modality}", summary)
 
 
@@ -112,8 +147,10 @@ def studygroups(params: Path = ParamsOpt):
     from biomedsynth.studygroups import build_studygroups
 
     p = _params(params)
+    _writes(Path("data/studygroups"), Path("metrics/studygroups.json"))
     summary = _run(build_studygroups, Path("data/interim/xray"), Path("data/interim/histology"),
                    p.studygroups, Path("data/studygroups"), p.seed, Path("metrics/studygroups.json"))
+    _stamp(p, Path("metrics/studygroups.json"))
     for name, sides in summary.items():
         typer.echo(f"{name:9s} " + "  ".join(
             f"{side} {s['images']}/{s['requested']} images, {s['units']} patients/slides, {len(s['per_label'])} labels"
@@ -121,10 +158,10 @@ def studygroups(params: Path = ParamsOpt):
 
 
 def _gan_stage_names() -> list[str]:
-    """dvc.yaml's GAN stages (its `gan_models` table), in its order."""
+    """dvc.yaml's GAN stages (the table train_gan loops over), in its order."""
     import yaml
 
-    return list(yaml.safe_load(Path("dvc.yaml").read_text())["vars"][0]["gan_models"])
+    return list(yaml.safe_load(Path("dvc.yaml").read_text())["stages"]["train_gan"]["foreach"])
 
 
 @app.command()
@@ -142,6 +179,7 @@ def plan(params: Path = ParamsOpt, out: Path = typer.Option(None, help="also wri
 
 
 FEATURE_NETS = Path("models/feature_net")
+GAN_STATES = Path(".cache/gan")  # train_gan's resume states, outside DVC's outputs (gitignored, dvcignored)
 
 
 @app.command("feature-net")
@@ -155,23 +193,15 @@ def feature_net(modality: str = typer.Argument(..., help="xray | histology"), pa
     if modality not in ("xray", "histology"):
         _fail(2, f"modality = {modality!r}: allowed xray, histology")
     p = _params(params)
+    _writes(FEATURE_NETS / f"{modality}.pt", Path("metrics/feature_net") / f"{modality}.json")
     summary = _run(build_feature_net, modality, Path("data/studygroups"), getattr(p.gan, modality).resolution,
                    p.gan.score.feature_epochs, p.seed, FEATURE_NETS / f"{modality}.pt",
-                   Path("metrics/feature_net") / f"{modality}.json", pick_device())
+                   Path("metrics/feature_net") / f"{modality}.json", _run(pick_device))
+    _stamp(p, Path("metrics/feature_net") / f"{modality}.json")
     _print_summary(f"feature_net@{modality}", summary)
 ArchArg = typer.Argument(..., help="dcgan | pggan")
 GroupArg = typer.Argument(..., help="x_norm | x_norm_l | h_norm | h_tumor")
 SetupArg = typer.Argument(..., help="uncond (one model per label) | cond (one model fed the label)")
-
-
-def _not_trained(p, name: str) -> str | None:
-    """Why this profile does not train GAN stage `name` (gan.stages: table3 and Table 3 does not use it), or None."""
-    from biomedsynth.tasks import used_gan_stages
-
-    used = used_gan_stages(p.tasks)
-    if p.gan.stages == "all" or name in used:
-        return None
-    return f"not trained: gan.stages is table3 and the benchmark uses {', '.join(sorted(used))}"
 
 
 def _check_model(arch: str, group: str, setup: str) -> str:
@@ -186,21 +216,23 @@ def _check_model(arch: str, group: str, setup: str) -> str:
 @app.command("train-gan")
 def train_gan(arch: str = ArchArg, group: str = GroupArg, setup: str = SetupArg, params: Path = ParamsOpt):
     """train_gan@<arch>-<group>-<setup>: train, checkpoint and score the GANs of one study group."""
-    from biomedsynth.gan.train import Options, train_gan as run_train_gan
-    from biomedsynth.store import ImageSet
+    from biomedsynth.left_out import reason_left_out, write_not_trained
 
     name = _check_model(arch, group, setup)
     p = _params(params)
     modality = GROUP_MODALITY[group]
     train_set = Path("data/studygroups") / group / "train"
     metrics = Path("metrics/gan")
-    if reason := _not_trained(p, name):  # its outputs say so; a model trained earlier is kept, never deleted
-        from biomedsynth.gan.train import write_not_trained
-
+    _writes(Path("models/gan") / name, metrics / f"{name}.json", metrics / "scores" / f"{name}.csv",
+            metrics / "losses" / f"{name}.csv", GAN_STATES / name)
+    if reason := reason_left_out(p, name):  # its outputs say so (before the training code's imports: seconds)
         write_not_trained(reason, Path("models/gan") / name, metrics / f"{name}.json",
                           metrics / "scores" / f"{name}.csv", metrics / "losses" / f"{name}.csv")
+        _stamp(p, metrics / f"{name}.json")
         typer.echo(f"train_gan@{name}: {reason}")
         return
+    from biomedsynth.gan.train import Options, train_gan as run_train_gan
+    from biomedsynth.store import ImageSet
 
     def options():
         real = ImageSet(train_set)
@@ -208,36 +240,52 @@ def train_gan(arch: str = ArchArg, group: str = GroupArg, setup: str = SetupArg,
         return Options.from_params(p, arch, modality, setup, labels, real.shape[2])
 
     opt = _run(options)
+    _in_workers(p, ["train-gan", arch, group, setup, "--params", str(params)])
     tracked = {"seed": p.seed, "gan": {modality: getattr(p.gan, modality).model_dump(),
                                        arch: getattr(p.gan, arch).model_dump(), "score": p.gan.score.model_dump()}}
     summary = _run(run_train_gan, opt, train_set, train_set.with_name("val"), FEATURE_NETS / f"{modality}.pt",
                    Path("models/gan") / name, metrics / f"{name}.json", metrics / "scores" / f"{name}.csv",
-                   metrics / "losses" / f"{name}.csv", trend_tail=p.gan.score.trend_tail,
+                   metrics / "losses" / f"{name}.csv", GAN_STATES / name, trend_tail=p.gan.score.trend_tail,
                    stage=f"train_gan@{name}", tracking_params=tracked)
-    if summary:
+    if summary:  # rank 0
+        _stamp(p, metrics / f"{name}.json")
         _print_summary(f"train_gan@{name}", summary)
+
+
+def _warn_not_learnt(name: str) -> bool:
+    """Whether every model of GAN stage `name` learnt (metrics/gan/<name>.json); a WARNING line for each that did not."""
+    gan = json.loads((Path("metrics/gan") / f"{name}.json").read_text())
+    for model, m in gan["per_model"].items():
+        if not m["learnt"]:
+            typer.echo(f"WARNING synthesize@{name}: model {model} learnt nothing (SWD {m['swd_best']:.4f}, no nearer "
+                       f"real images' {m['swd_floor']:.4f} than noise or blur's {m['swd_baseline']:.4f}); its images "
+                       "are drawn anyway and Table 3 leaves out the cells trained on them", err=True)
+    return bool(gan["learnt"])
 
 
 @app.command()
 def synthesize(arch: str = ArchArg, group: str = GroupArg, setup: str = SetupArg, params: Path = ParamsOpt):
     """synthesize@<arch>-<group>-<setup>: a synthetic copy of the group's training set, screened, with evidence on
     fidelity and copying."""
+    from biomedsynth.left_out import reason_left_out, write_not_drawn
+
+    name = _check_model(arch, group, setup)
+    p = _params(params)
+    _writes(Path("data/synthetic") / name, Path("metrics/synthesize") / f"{name}.json",
+            Path("metrics/synthesize") / name)
+    s = p.synthesize
+    if reason := reason_left_out(p, name):
+        write_not_drawn(reason, Path("data/synthetic") / name, Path("metrics/synthesize") / f"{name}.json",
+                        Path("metrics/synthesize") / name)
+        _stamp(p, Path("metrics/synthesize") / f"{name}.json")
+        typer.echo(f"synthesize@{name}: not drawn ({reason})")
+        return
     from biomedsynth.evidence import feature_net_space
     from biomedsynth.gan.train import Synthesizer
     from biomedsynth.gan.utility import choose_checkpoint
     from biomedsynth.store import write_json
     from biomedsynth.synthesize import synthesize as run_synthesize
 
-    name = _check_model(arch, group, setup)
-    p = _params(params)
-    s = p.synthesize
-    if reason := _not_trained(p, name):
-        from biomedsynth.synthesize import write_not_drawn
-
-        write_not_drawn(reason, Path("data/synthetic") / name, Path("metrics/synthesize") / f"{name}.json",
-                        Path("metrics/synthesize") / name)
-        typer.echo(f"synthesize@{name}: not drawn ({reason})")
-        return
     screen = s.hash_screen == "all" or (s.hash_screen == "dcgan_xray" and arch == "dcgan"
                                         and GROUP_MODALITY[group] == "xray")
     choice, rule = _run(choose_checkpoint, s.checkpoint, Path("models/gan") / name,
@@ -254,7 +302,9 @@ def synthesize(arch: str = ArchArg, group: str = GroupArg, setup: str = SetupArg
                    draws=s.draws)
     summary["checkpoint_epochs"] = gen.epochs
     summary["checkpoint_rule"] = rule
+    summary["gan_learnt"] = _warn_not_learnt(name)
     write_json(Path("metrics/synthesize") / f"{name}.json", summary)
+    _stamp(p, Path("metrics/synthesize") / f"{name}.json")
     _print_summary(f"synthesize@{name}", summary)
 
 
@@ -264,8 +314,10 @@ def tasks(params: Path = ParamsOpt):
     from biomedsynth.tasks import build_tasks
 
     p = _params(params)
+    _writes(Path("data/tasks"), Path("metrics/tasks.json"))
     summary = _run(build_tasks, p.tasks, Path("data/studygroups"), Path("data/synthetic"), Path("data/tasks"),
                    p.seed, Path("metrics/tasks.json"))
+    _stamp(p, Path("metrics/tasks.json"))
     for task, sets in summary.items():
         typer.echo(f"{task:9s} " + "  ".join(f"{name} {s['images']}/{s['requested']}" for name, s in sets.items())
                    + f"  at {next(iter(sets.values()))['side']} px")
@@ -290,6 +342,7 @@ def features(task: str = TaskArg, params: Path = ParamsOpt):
 
     _check_task(task)
     lbp = _params(params).classify.lbp
+    _writes(Path("data/features") / task)
     for name in [*_run(training_sets, Path("data/tasks") / task), TEST]:
         summary = _run(write_features, Path("data/tasks") / task / name, Path("data/features") / task / name,
                        lbp.radii, lbp.workers)
@@ -302,19 +355,22 @@ def classify_cmd(task: str = TaskArg, model: str = typer.Argument(..., help="knn
     """classify@<task>-<model>: train on real and on synthetic, test on real; accuracy, AUC, drop with intervals."""
     from biomedsynth import tracking
     from biomedsynth.classify.benchmark import MODELS, classify
-    from biomedsynth.distributed import dist_info
     from biomedsynth.provenance import fingerprint
 
     _check_task(task)
     if model not in MODELS:
         _fail(2, f"model = {model!r}: allowed {', '.join(MODELS)}")
     p = _params(params)
+    _writes(Path("models/classify") / task / model, Path("metrics") / task / model,
+            Path("metrics") / task / f"{model}.json")
+    if model == "vgg16":  # the LBP models are fitted in one process
+        _in_workers(p, ["classify", task, model, "--params", str(params)])
     cfg = p.classify
     tracked = {"task": task, "model": model, "tasks": p.tasks.model_dump(mode="json"),
                "classify": {k: v for k, v in cfg.model_dump(mode="json").items()
                             if k in ("seeds", "bootstrap", "cv_folds", model)}}
     out = Path("metrics") / task
-    rank, _ = dist_info()
+    rank = int(os.environ.get("RANK", "0"))  # torchrun's; rank 0 alone tracks
     with tracking.run(f"classify@{task}-{model}", tracked, enabled=rank == 0) as tracker:
         r = _run(classify, task, model, cfg, Path("data/tasks") / task, Path("data/features") / task,
                  Path("models/classify") / task / model, out / f"{model}.json", out / model, tracker,
@@ -334,6 +390,7 @@ def table3(params: Path = ParamsOpt):
     from biomedsynth.tasks import task_gan_stages
 
     p = _params(params)
+    _writes(Path("metrics/summary.json"), Path("metrics/table3.json"))
     summary = _run(write_table3, Path("metrics"), task_gan_stages(p.tasks), Path("metrics/summary.json"),
                    Path("metrics/table3.json"), p.classify.bootstrap)
     typer.echo(f"table3: {summary['claims']['sentence']}")
@@ -345,6 +402,7 @@ def report(params: Path = ParamsOpt):
     from biomedsynth.report import write_report
 
     _params(params)
+    _writes(Path("reports"))
     _run(write_report, Path("metrics"), Path("models/gan"), Path("data/studygroups"), Path("data/synthetic"),
          _gan_stage_names(), Path("reports"))
     typer.echo("report: reports/report.html and reports/report.md")

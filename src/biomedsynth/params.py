@@ -5,12 +5,15 @@ command instead of silently falling back to a value nobody chose.
 """
 from __future__ import annotations
 
+import os
+import re
 from io import StringIO
 from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 from ruamel.yaml import YAML
 
 from biomedsynth.sources import slide_id_pattern
@@ -61,10 +64,23 @@ class Sample(Strict):
 
 
 # --- where the raw data is and in which format ---
+def _inside_root(path: Path | None, info: ValidationInfo) -> Path | None:
+    """A source's CSV must lie inside its root: the root is its ingest stage's DVC dependency (dvc.yaml), and
+    `dvc status` would not see a file outside it change."""
+    root = info.data.get("root")
+    if path is None or root is None or Path(os.path.abspath(path)).is_relative_to(os.path.abspath(root)):
+        return path
+    raise ValueError(f"outside the source's root {root}, the ingest stage's DVC dependency, so `dvc status` would "
+                     f"not see it change: move it into {root}, or set root to a folder that holds both")
+
+
+SourceCsv = Annotated[Path | None, AfterValidator(_inside_root)]
+
+
 class XraySource(Strict):
     format: Literal["nih", "manifest"]
-    root: Path
-    csv: Path | None  # nih: Data_Entry*.csv found in root when null; manifest: required
+    root: Path  # anywhere (the ingest stage depends on it); its CSV must lie inside it
+    csv: SourceCsv  # nih: Data_Entry*.csv found in root when null; manifest: required
 
     @model_validator(mode="after")
     def _manifest_needs_csv(self):
@@ -76,7 +92,7 @@ class XraySource(Strict):
 class HistologySource(Strict):
     format: Literal["slides", "tiles", "pcam"]
     root: Path
-    labels_csv: Path | None  # slides: `slide,label` CSV instead of Camelyon16 file names
+    labels_csv: SourceCsv    # slides: `slide,label` CSV instead of Camelyon16 file names
     slide_id: str | None     # tiles: slide from the file name, camelyon16 | pcam | a regex with a group 'slide'
     allow_tile_level_split: bool  # tiles/pcam without slide ids: split by tile (else refused)
 
@@ -122,6 +138,15 @@ class Ingest(Strict):
     workers: PosInt  # processes for decoding; does not change results
     xray: XrayIngest
     histology: HistologyIngest
+    max_pixels: PosInt  # the most pixels one read decodes at once; bigger files are skipped (sources/budget.py)
+
+    @field_validator("max_pixels")
+    @classmethod
+    def _fits_a_tile(cls, v, info):
+        histology = info.data.get("histology")
+        if histology is not None and v < histology.tile_size ** 2:
+            raise ValueError(f"below one histology tile (ingest.histology.tile_size^2 = {histology.tile_size ** 2})")
+        return v
 
 
 # --- study groups (SPEC section 2) ---
@@ -182,6 +207,16 @@ class GanData(Strict):
     resolution: Annotated[int, Field(ge=32, le=1024)]  # GAN side; real images are area-downsampled to it
     latent_dim: PosInt
     batch_size: PosInt
+
+    @field_validator("resolution")
+    @classmethod
+    def _power_of_two(cls, side: int) -> int:
+        # both GANs double a 4x4 start up to the side (gan/__init__.doublings; DCGAN stops at 512 and says so
+        # when its stage starts, before it writes anything)
+        if side & (side - 1):
+            raise ValueError("must be a power of two (32, 64, 128, 256, 512 or 1024): the GANs grow from 4x4 "
+                             "by doubling")
+        return side
 
 
 class XrayGan(GanData):
@@ -304,14 +339,42 @@ class Classify(Strict):
     vgg16: Vgg16
 
 
-# `biomedsynth`, or torchrun running it directly: `torchrun --nproc-per-node 4 --no-python biomedsynth`
-LAUNCHER = r"^(biomedsynth|(torchrun|python3? -m torch\.distributed\.run)( \S+)* --no-python biomedsynth)$"
+# host:port: a host name, an IPv4 address or a bracketed IPv6 address, and a port
+RDZV_ENDPOINT = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
+                           r"|\[[0-9A-Fa-f:.]+\]):([0-9]{1,5})")
+
+
+class Launch(Strict):
+    """How many processes the GAN and VGG16 stages run in: torchrun's options of the same names, which
+    biomedsynth passes to torchrun itself as an argument list (distributed.py), so no value meets a shell."""
+    nproc_per_node: PosInt
+    nnodes: PosInt
+    node_rank: NonNegInt
+    rdzv_endpoint: str | None  # host:port of node 0, the same on every node; null: one node, a free local port
+
+    @field_validator("rdzv_endpoint")
+    @classmethod
+    def _host_port(cls, endpoint: str | None) -> str | None:
+        if endpoint is None:
+            return None
+        match = RDZV_ENDPOINT.fullmatch(endpoint)
+        if not match or not 0 < int(match[1]) < 65536:
+            raise ValueError("expected host:port, e.g. node0:29500, 10.0.0.1:29500 or [fd00::1]:29500")
+        return endpoint
+
+    @model_validator(mode="after")
+    def _nodes(self):
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"node_rank {self.node_rank} must be below nnodes ({self.nnodes})")
+        if self.nnodes > 1 and self.rdzv_endpoint is None:
+            raise ValueError("several nodes need rdzv_endpoint: host:port of node 0, the same on every node")
+        return self
 
 
 class Params(Strict):
     profile: Literal["smoke", "default", "paper"]
     seed: NonNegInt
-    launcher: Annotated[str, Field(pattern=LAUNCHER)]
+    launch: Launch
     device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")]
     sample: Sample
     sources: Sources

@@ -6,6 +6,7 @@ on) and by the `sources` params that say how it is read; the code by the git com
 """
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -43,3 +44,11 @@ def same_data(prints: dict[str, dict]) -> list[str]:
         return []
     first = next(iter(prints.values()))
     return [name for name, p in prints.items() if (p["data"], p["sources"]) != (first["data"], first["sources"])]
+
+
+def stamp(metrics_path: Path, sources: dict) -> None:
+    """Add the fingerprint to a stage's metrics JSON under `provenance`, so each result file names its data."""
+    from biomedsynth.store import write_json
+
+    path = Path(metrics_path)
+    write_json(path, {**json.loads(path.read_text()), "provenance": fingerprint(sources)})

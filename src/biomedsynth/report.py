@@ -40,7 +40,7 @@ CSS = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;p
 
 def _atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")  # a leftover the next run removes
     with os.fdopen(fd, "wb") as f:
         f.write(data)
     os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a report is meant to be read by others
@@ -212,7 +212,7 @@ def _claim(claims: dict) -> list:
 
 def _task_sets(tasks_json: Path) -> list:
     tasks = _read_json(tasks_json)
-    order = [t for t in TASKS if t in tasks] + [t for t in tasks if t not in TASKS]
+    order = [t for t in TASKS if t in tasks]  # beside them: `provenance`
     def clusters(s):
         return " / ".join(str(s.get("clusters_per_class", {}).get(c, "?")) for c in ("0", "1"))
     rows = [[TASK_NAMES.get(t, t), tasks[t]["real"]["images"], tasks[t]["synthetic"]["images"],

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -30,19 +31,69 @@ def _shard_name(i: int) -> str:
     return f"shard-{i:05d}.npy"
 
 
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    """np.save's bytes, written by Python rather than numpy's fwrite: a full disk is then an OSError that
+    says so (numpy's says only "N requested and M written")."""
+    array = np.ascontiguousarray(array)
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, np.lib.format.header_data_from_array_1_0(array))
+        f.write(array.data)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a small text file via a temporary name and rename, so readers never see half of it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; outputs are meant to be shared
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")  # a leftover the next run removes
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; outputs are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def save_torch(obj, path: Path) -> None:
+    """torch.save via a temporary name and rename. Written through a Python file, so a failed write is an
+    OSError naming the file (torch's own file writer says only "unexpected pos N vs M"), and the bytes do
+    not depend on the file's name (torch names a file's archive after it; a stream's is "archive")."""
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(obj, f)
+        except (OSError, RuntimeError) as e:  # torch's error on a failed write follows the write's own
+            failed = e
+            while failed is not None and not isinstance(failed, OSError):
+                failed = failed.__context__
+            if failed is None:
+                raise
+            raise OSError(failed.errno, failed.strerror, str(path)) from e
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a folder and all it holds (none there is fine); an OSError naming it and what stayed when a
+    part cannot be removed, where shutil.rmtree(ignore_errors=True) would leave it silently."""
+    def fail(func, failed, exc):
+        exc = exc if isinstance(exc, BaseException) else exc[1]  # onexc gets the exception, onerror exc_info
+        if not isinstance(exc, FileNotFoundError):
+            raise OSError(exc.errno, f"cannot be removed ({exc.strerror}: {failed})", str(path)) from exc
+
+    shutil.rmtree(path, **{"onexc" if sys.version_info >= (3, 12) else "onerror": fail})
 
 
 class ImageSetWriter:
@@ -87,7 +138,7 @@ class ImageSetWriter:
 
     def _flush(self) -> None:
         if self._fill:
-            np.save(self._tmp / _shard_name(self._shards), self._buf[: self._fill])
+            _save_npy(self._tmp / _shard_name(self._shards), self._buf[: self._fill])
             self._shards += 1
             self._fill = 0
 
@@ -95,17 +146,24 @@ class ImageSetWriter:
         if exc_type is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
             return
+        try:
+            self._finish()
+        except BaseException:  # a full disk, an output that cannot be replaced: leave no half-written set
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            raise
+
+    def _finish(self) -> None:
         self._flush()
         pd.DataFrame(self._rows, columns=None if self._rows else ["image_id"]).to_csv(
             self._tmp / "meta.csv", index=False)
         info = {"shape": list(self.shape), "count": len(self._rows), "shard_size": self.shard_size}
         (self._tmp / "info.json").write_text(json.dumps(info, indent=2) + "\n")
         old = self.path.with_name(f".{self.path.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
+        remove_tree(old)
         if self.path.exists():
             os.replace(self.path, old)
         os.replace(self._tmp, self.path)
-        shutil.rmtree(old, ignore_errors=True)
+        remove_tree(old)
 
 
 class ImageSet:

@@ -124,7 +124,7 @@ def _save_pairs_figure(path: Path, synthetic: ImageSet, real: ImageSet,
     fig.suptitle("closest synthetic (top) / nearest real training image (bottom), per feature space", fontsize=8)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.tmp-", suffix=".png")
     os.close(fd)
     fig.savefig(tmp, dpi=120)
     os.replace(tmp, path)
@@ -216,14 +216,6 @@ def _evidence(train: ImageSet, test: ImageSet, synthetic: ImageSet, train_featur
     return {**out, "copying": any(m["copying"] for m in out.values()), "rule": RULE,
             "images": {"synthetic": int(n), "heldout": int(n), "train": int(len(train))},
             "near_duplicates": int(near_copy.sum())}
-
-
-def write_not_drawn(reason: str, out: Path, metrics_path: Path, figures: Path) -> None:
-    """The outputs of a synthesize stage whose GAN the profile does not train: metrics saying why, an empty
-    figures folder, and the synthetic set folder as it is (a set drawn under another setting is kept)."""
-    out.mkdir(parents=True, exist_ok=True)
-    figures.mkdir(parents=True, exist_ok=True)
-    write_json(metrics_path, {"synthesized": False, "reason": reason})
 
 
 def synthesize(sample: Sampler, real_train: Path, real_test: Path, out: Path, *, resolution: int, hash_screen: bool,

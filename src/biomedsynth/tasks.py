@@ -21,8 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from biomedsynth.params import Tasks
@@ -90,6 +88,9 @@ def draw_balanced(meta: pd.DataFrame, n: int, rng: np.random.Generator) -> pd.Da
 
 def _write(parts: list[tuple[Pool, pd.DataFrame]], out: Path, side: int, desc: str) -> None:
     """Write the chosen rows of one or more pools (the real + synthetic arm has two) as one image set."""
+    import torch  # here, not at the top: the stages that import this module only for its task names need no torch
+    import torch.nn.functional as F
+
     channels = parts[0][0].sets[0].shape[2]
     columns = ("image_id", "y", "label", "stratum", "group", "sex", "age", "age_bin")
     with ImageSetWriter(out, (side, side, channels)) as w:

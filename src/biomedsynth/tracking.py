@@ -86,6 +86,13 @@ class Run:
     def active(self) -> bool:
         return self._client is not None
 
+    def log_params(self, params: Mapping) -> None:
+        if not self.active:
+            return
+        from mlflow.entities import Param
+
+        self._call(self._client.log_batch, self.run_id, params=[Param(k, v) for k, v in _flatten(params).items()])
+
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         if not self.active:
             return
@@ -142,7 +149,7 @@ def _sqlite_setup_lock(uri: str) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-def _open(uri: str, experiment: str, stage: str, params: Mapping) -> Run:
+def _open(uri: str, experiment: str, stage: str) -> Run:
     try:
         from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
@@ -168,23 +175,21 @@ def _open(uri: str, experiment: str, stage: str, params: Mapping) -> Run:
             raise
         _warn(uri, e)
         return Run(uri)
-    from mlflow.entities import Param
-
-    opened = Run(uri, client, run_id)
-    opened._call(client.log_batch, run_id, params=[Param(k, v) for k, v in _flatten(params).items()])
-    return opened
+    return Run(uri, client, run_id)
 
 
 @contextmanager
 def run(stage: str, params: Mapping, *, enabled: bool = True, experiment: str = "biomedsynth") -> Iterator[Run]:
     """Open an MLflow run named `stage` (e.g. DVC_STAGE, "train_gan@dcgan-x_norm-cond") with `params`
-    logged; it ends FINISHED, FAILED (an exception) or KILLED (Ctrl-C), and exceptions pass through."""
+    logged; it ends FINISHED, FAILED (an exception) or KILLED (Ctrl-C, SIGTERM: lifetime.Terminated), and
+    exceptions pass through."""
     if not enabled or os.environ.get("BIOMEDSYNTH_MLFLOW") == "0":
         yield Run()
         return
     uri = tracking_uri()
-    tracker = Run(uri) if uri in _down else _open(uri, experiment, stage, params)
+    tracker = Run(uri) if uri in _down else _open(uri, experiment, stage)
     try:
+        tracker.log_params(params)  # in here: a SIGTERM meanwhile still ends the run KILLED
         yield tracker
     except BaseException as e:
         tracker._end("FAILED" if isinstance(e, Exception) else "KILLED")

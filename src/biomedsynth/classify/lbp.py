@@ -24,7 +24,8 @@ from skimage.color import rgb2gray
 from skimage.feature import local_binary_pattern
 from tqdm import tqdm
 
-from biomedsynth.store import ImageSet
+from biomedsynth.lifetime import die_with_parent
+from biomedsynth.store import ImageSet, remove_tree
 
 RADII = (2, 3, 4)
 CHUNK = 64  # images per pool task: a few seconds of work at 256 px, small enough to balance the cores
@@ -104,7 +105,8 @@ def lbp_features(images, radii=RADII, workers: int = 1) -> dict[str, np.ndarray]
                 return (images.path, a, b) if isinstance(images, ImageSet) else (np.asarray(images[a:b]), 0, b - a)
             # forkserver: workers never inherit a parent's thread pools (torch, BLAS) mid-flight as fork would
             ctx = multiprocessing.get_context("forkserver")
-            with ProcessPoolExecutor(min(workers, len(bounds)), mp_context=ctx) as pool:
+            with ProcessPoolExecutor(min(workers, len(bounds)), mp_context=ctx, initializer=die_with_parent,
+                                     initargs=(os.getpid(),)) as pool:
                 futures = [pool.submit(_chunk, *task(a, b), radii) for a, b in bounds]
                 for (a, b), f in zip(bounds, futures):
                     parts.append(f.result())
@@ -136,11 +138,11 @@ def write_features(set_path: Path, out: Path, radii=RADII, workers: int = 1) -> 
         # np.savez stamps zip entries with a fixed date, so equal features give equal bytes (stable DVC hashes)
         np.savez(tmp / "features.npz", image_id=images.meta["image_id"].to_numpy(str), **feats)
         old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
+        remove_tree(old)
         if out.exists():
             os.replace(out, old)
         os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
+        remove_tree(old)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"images": len(images), "radii": list(check_radii(radii)), "dims": {k: int(v.shape[1]) for k, v in feats.items()}}

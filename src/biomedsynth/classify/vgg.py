@@ -9,7 +9,6 @@ had none).
 """
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from biomedsynth.distributed import dist_info, pick_device
-from biomedsynth.store import ImageSet
+from biomedsynth.store import ImageSet, save_torch
 
 MIN_INPUT = 32  # VGG16's five 2x poolings need at least 32 px to leave a 1x1 map
 HEAD = "classifier.6"  # the last linear layer: re-initialised for two classes when weights are loaded
@@ -166,13 +165,6 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y:
     return loss.detach()
 
 
-def _atomic_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def train_vgg(train_set: Path | ImageSet, labels: np.ndarray, *, groups: np.ndarray | None = None,
               input_size: int = 224, epochs: int = 20, batch_size: int = 32, lr: float = 1e-4,
               val_fraction: float = 0.1, seed: int = 0, weights: Path | None = None,
@@ -238,6 +230,6 @@ def train_vgg(train_set: Path | ImageSet, labels: np.ndarray, *, groups: np.ndar
     if best is not None:  # a NaN validation loss never improves: keep the last state then
         model.load_state_dict(best)
     if checkpoint is not None and rank == 0:  # written once: VGG16 is 0.5 GB whatever the input size
-        _atomic_save({"state_dict": best or model.state_dict(), "epoch": best_epoch,
-                      "val_loss": best_loss, "channels": images.shape[2], "input_size": input_size}, Path(checkpoint))
+        save_torch({"state_dict": best or model.state_dict(), "epoch": best_epoch,
+                    "val_loss": best_loss, "channels": images.shape[2], "input_size": input_size}, Path(checkpoint))
     return model, history

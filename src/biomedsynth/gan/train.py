@@ -2,10 +2,9 @@
 
 Setups (SPEC section 3): `uncond` trains one unconditional model per label of the group (the study's
 64 sex-age models per architecture; a histology group has one label, so one model); `cond` trains one
-model conditional on the label. Every model lives in its own folder under the stage's output:
+model conditional on the label. The stage's output (models/gan/<name>) holds what later stages read:
 
-    options.json              the stage's resolved settings; a resume continues only when they match
-    <model>/checkpoint.pt     last complete epoch: G, D, EMA, optimisers, RNG state, images seen
+    options.json              the stage's resolved settings
     <model>/epochs/NNN.pt     the sampling generator of every epoch (what `checkpoint: epoch_N` picks)
     <model>/grids/NNN.png     samples of a fixed latent per epoch
     <model>/log.jsonl         per epoch: losses, PGGAN depth/alpha, SWD, KID and their real floor
@@ -19,12 +18,17 @@ feature_net stage), so a generator is not rewarded for copying its training imag
 model gets the same scores of real training images against the validation images (the floor: what a
 perfect generator gets) and of noise and heavily blurred images (what one that learnt nothing gets).
 
-A run killed at any moment continues from the last complete checkpoint when the stage runs again
-(the folder is a persistent DVC output). Under torchrun every rank trains on its share of each batch
-list and gradients are averaged across ranks; rank 0 alone writes.
+Training happens in a resume state outside the DVC output, .cache/gan/<name>/<hash of the options>/: the
+same files plus <model>/checkpoint.pt (G, D, EMA, optimisers, RNG state, images seen, after the last complete
+epoch). A run killed at any moment continues from there when the stage runs again, and the output is
+written from it, whole, once every model is trained; so the output is the same bytes whether the run was
+interrupted or not, DVC's run cache can restore it (it skips persistent outputs), and a change of options
+trains under a new hash beside the old run's state instead of deleting it. Under torchrun every rank trains
+on its share of each batch list and gradients are averaged across ranks; rank 0 alone writes.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -43,8 +47,9 @@ from tqdm import tqdm
 
 from biomedsynth.distributed import average_gradients, dist_info, pick_device
 from biomedsynth.gan import dcgan, pggan, score
+from biomedsynth.gan.curves import write_curves
 from biomedsynth.gan.feature_net import fingerprint
-from biomedsynth.store import ImageSet, atomic_write_text, write_json
+from biomedsynth.store import ImageSet, atomic_write_text, remove_tree, save_torch, write_json
 
 COND_MODEL = "conditional"  # folder of the one model of the `cond` setup
 GRID_COLUMNS = 8
@@ -176,7 +181,9 @@ def save_grid(images: np.ndarray, path: Path, columns: int = GRID_COLUMNS) -> No
         r, q = divmod(i, columns)
         grid[r * (h + 2):r * (h + 2) + h, q * (w + 2):q * (w + 2) + w] = img
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
+    tmp = path.with_name(f".{path.name}.tmp")  # replaced, never rewritten: the output may link to it
+    Image.fromarray(grid[..., 0] if c == 1 else grid).save(tmp, format="PNG")
+    os.replace(tmp, path)
 
 
 def read_batch(images: ImageSet, idx: np.ndarray, resolution: int) -> torch.Tensor:
@@ -187,11 +194,11 @@ def read_batch(images: ImageSet, idx: np.ndarray, resolution: int) -> torch.Tens
 
 # ---- checkpoints ----
 
-def _atomic_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def _weights(module: torch.nn.Module) -> dict:
+    """A module's state as contiguous CPU tensors, each with a storage of its own, in the module's order: the
+    saved bytes then depend on the values only, not on the device, memory format or storage sharing of the run
+    (torch.save writes all three; a resumed and an uninterrupted run must give the same file)."""
+    return {k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in module.state_dict().items()}
 
 
 def _rng_state() -> dict:
@@ -209,9 +216,13 @@ def epoch_file(model_dir: Path, epoch: int) -> Path:
     return model_dir / "epochs" / f"{epoch:03d}.pt"
 
 
-def read_log(model_dir: Path) -> list[dict]:
-    path = model_dir / "log.jsonl"
+def read_log(model_dir: Path, name: str = "log.jsonl") -> list[dict]:
+    path = model_dir / name
     return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
+
+
+def _jsonl(rows) -> str:
+    return "".join(json.dumps(r) + "\n" for r in rows)
 
 
 # ---- one model ----
@@ -227,17 +238,26 @@ class ModelData:
     val_class_ids: np.ndarray | None
 
 
-def train_model(opt: Options, data: ModelData, images: ImageSet, model_dir: Path, scorer: Scorer,
-                device: torch.device, rank: int = 0, world: int = 1, log=print, tracker=None) -> list[dict]:
-    """Train one model to opt.epochs, resuming from model_dir/checkpoint.pt; returns its log rows."""
-    G, D, opt_g, opt_d, ema = build(opt)
+def plan_epochs(opt: Options, data: ModelData, world: int = 1) -> tuple[int, pggan.PhaseSchedule | None]:
+    """(steps per epoch, PGGAN's growth schedule or None); ValueError when the model's images do not fill
+    one batch per rank or, for PGGAN, its epochs end before the full side."""
     n = len(data.indices)
     if n < opt.batch_size * world:
         raise ValueError(f"model {data.name}: {n} training images, fewer than one batch of {opt.batch_size}"
                          f"{f' x {world} ranks' if world > 1 else ''}; lower the batch size or enlarge the group")
     steps_per_epoch = n // (opt.batch_size * world)
     images_per_epoch = steps_per_epoch * opt.batch_size * world
-    schedule = phase_schedule(opt, images_per_epoch) if opt.arch == "pggan" else None
+    return steps_per_epoch, phase_schedule(opt, images_per_epoch) if opt.arch == "pggan" else None
+
+
+def train_model(opt: Options, data: ModelData, images: ImageSet, model_dir: Path, scorer: Scorer,
+                device: torch.device, rank: int = 0, world: int = 1, log=print, tracker=None) -> list[dict]:
+    """Train one model to opt.epochs in model_dir (its resume state), resuming from model_dir/checkpoint.pt;
+    returns its log rows up to opt.epochs (a state trained further serves fewer epochs: its first ones)."""
+    G, D, opt_g, opt_d, ema = build(opt)
+    n = len(data.indices)
+    steps_per_epoch, schedule = plan_epochs(opt, data, world)
+    images_per_epoch = steps_per_epoch * opt.batch_size * world
     start_epoch, images_seen = 0, 0
     ckpt_path = model_dir / "checkpoint.pt"
     if ckpt_path.is_file():
@@ -249,10 +269,10 @@ def train_model(opt: Options, data: ModelData, images: ImageSet, model_dir: Path
         start_epoch, images_seen = ck["epoch"], ck["images_seen"]
         _set_rng_state(ck["rng"])
         log(f"{data.name}: " + (f"resuming after epoch {start_epoch} of {opt.epochs}" if start_epoch < opt.epochs
-                                else f"already trained ({opt.epochs} epochs)"))
+                                else f"already trained ({start_epoch} epochs, {opt.epochs} asked for)"))
     rows = [r for r in read_log(model_dir) if r["epoch"] <= start_epoch]  # drop a half-written epoch's line
     if start_epoch >= opt.epochs:
-        return rows
+        return rows[:opt.epochs]
     use_amp = device.type == "cuda"  # bf16 autocast + channels_last on GPU; fp32 on CPU
     fmt = torch.channels_last if use_amp else torch.contiguous_format
     for m in (G, D) + ((ema.model,) if ema else ()):
@@ -307,21 +327,19 @@ def train_model(opt: Options, data: ModelData, images: ImageSet, model_dir: Path
         depth, alpha = schedule(images_seen) if schedule is not None else (None, 1.0)
         if rank == 0:
             speed = {"epoch": epoch, "seconds": round(seconds, 2), "images_per_s": round(images_per_epoch / seconds, 1)}
-            model_dir.mkdir(parents=True, exist_ok=True)
-            with open(model_dir / "speed.jsonl", "a") as f:
-                f.write(json.dumps(speed) + "\n")
+            # every file here is replaced, never written in place: the stage output may hard-link to it
+            atomic_write_text(model_dir / "speed.jsonl", _jsonl(read_log(model_dir, "speed.jsonl") + [speed]))
             row = {"epoch": epoch, "images_seen": images_seen, **{k: v / steps_per_epoch for k, v in sums.items()}}
             if depth is not None:
                 row.update(depth=depth, side=4 << depth, alpha=round(alpha, 4))
-            _atomic_save({"state_dict": sampler.state_dict(), "depth": depth, "alpha": alpha},
-                         epoch_file(model_dir, epoch))
+            save_torch({"state_dict": _weights(sampler), "depth": depth, "alpha": alpha}, epoch_file(model_dir, epoch))
             y_grid = None if grid_labels is None else torch.from_numpy(grid_labels).to(device)
             save_grid(to_uint8(generate(sampler, opt, z_grid.to(device), y_grid, depth, alpha)),
                       model_dir / "grids" / f"{epoch:03d}.png")
             row.update(scorer.score(sampler, opt, data, depth, alpha, epoch))
             rows.append(row)
-            atomic_write_text(model_dir / "log.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-            _atomic_save({"G": G.state_dict(), "D": D.state_dict(), "opt_g": opt_g.state_dict(),
+            atomic_write_text(model_dir / "log.jsonl", _jsonl(rows))
+            save_torch({"G": G.state_dict(), "D": D.state_dict(), "opt_g": opt_g.state_dict(),
                           "opt_d": opt_d.state_dict(), "ema": ema.model.state_dict() if ema else None,
                           "epoch": epoch, "images_seen": images_seen, "rng": _rng_state()}, ckpt_path)
             log(f"{data.name} epoch {epoch}/{opt.epochs}: loss D {row['loss_d']:.3f} G {row['loss_g']:.3f}, "
@@ -436,30 +454,64 @@ def model_data(meta, val_meta, opt: Options) -> list[ModelData]:
     return models
 
 
-def _prepare_out(out: Path, opt: Options, log) -> None:
-    """Keep a previous run's folder only when it was made with the same options. More epochs continue it
-    where the schedule does not depend on the total: always for DCGAN, for PGGAN only with a fixed
-    images_per_phase (else the growth phases stretch, and a continued run would differ from a fresh one)."""
-    opts_path = out / "options.json"
-    if opts_path.is_file():
-        old = json.loads(opts_path.read_text())
-        fixed_schedule = opt.arch == "dcgan" or opt.images_per_phase is not None
-        if old == opt.to_json():
-            return
-        if fixed_schedule and {**old, "epochs": opt.epochs} == opt.to_json() and old["epochs"] < opt.epochs:
-            write_json(opts_path, opt.to_json())
-            return
-        log(f"{out}: options changed since the last run; starting over")
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    write_json(opts_path, opt.to_json())
+def run_key(opt: Options, world: int = 1) -> str:
+    """The name of a run's resume state: a hash of what shapes the weights, the options and the number of
+    processes (each takes a batch per step). `epochs` is left out where a longer run only adds epochs to a
+    shorter one: always for DCGAN, for PGGAN with a fixed images_per_phase (else the growth phases stretch
+    with the epochs). Raising the epochs then continues the trained models, and lowering them takes the
+    first epochs of the longer run without training."""
+    key = {**opt.to_json(), "world": world}
+    if opt.arch == "dcgan" or opt.images_per_phase is not None:
+        del key["epochs"]
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link where the filesystem allows (the resume state's files are replaced, never rewritten, so
+    nothing writes through the link, neither into DVC's cache should DVC link the output there), else a copy."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def write_output(state: Path, out: Path, opt: Options, results: dict[str, list[dict]]) -> None:
+    """The stage output from a trained resume state: options.json and, per model, epochs 1..opt.epochs of the
+    log, generators, grids and speed. Built beside `out` and renamed into place, so `out` is always one whole run."""
+    tmp, old = out.with_name(f".{out.name}.tmp-new"), out.with_name(f".{out.name}.tmp-old")
+    for leftover in (tmp, old):  # of a run killed while writing
+        remove_tree(leftover)
+    write_json(tmp / "options.json", opt.to_json())
+    for name, rows in results.items():
+        atomic_write_text(tmp / name / "log.jsonl", _jsonl(rows))
+        speed = {r["epoch"]: r for r in read_log(state / name, "speed.jsonl")}  # a killed epoch's line: its rerun's
+        atomic_write_text(tmp / name / "speed.jsonl", _jsonl(speed[r["epoch"]] for r in rows if r["epoch"] in speed))
+        for r in rows:
+            for path in (epoch_file(Path(name), r["epoch"]), Path(name) / "grids" / f"{r['epoch']:03d}.png"):
+                _link_or_copy(state / path, tmp / path)
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    remove_tree(old)
+
+
+def _prune(stage_states: Path, kept: Path) -> None:
+    """Remove the stage's resume states but `kept` and the most recently used other one, so a setting tried
+    and reverted (or a run given up for another) can still continue, and the folder stays at two runs."""
+    others = sorted((d for d in stage_states.iterdir() if d.is_dir() and d != kept),
+                    key=lambda d: (d / "options.json").stat().st_mtime if (d / "options.json").is_file() else 0)
+    for d in others[:-1]:
+        shutil.rmtree(d)
 
 
 def train_gan(opt: Options, train_set: Path, val_set: Path, feature_net: Path, out: Path, metrics_path: Path,
-              scores_path: Path, losses_path: Path, trend_tail: float = 0.2, stage: str = "train_gan",
-              tracking_params: dict | None = None, log=print) -> dict:
+              scores_path: Path, losses_path: Path, stage_states: Path, trend_tail: float = 0.2,
+              stage: str = "train_gan", tracking_params: dict | None = None, log=print) -> dict:
     """Train every model of one stage on `train_set`, scoring its epochs against `val_set` with the
-    modality's KID feature net; write the per-stage metrics and the mean score and loss curves."""
+    modality's KID feature net, in its resume state under `stage_states` (one folder per run_key); then write
+    the stage output `out`, the per-stage metrics and the mean score and loss curves. Everything that can
+    refuse the run is checked before anything is written."""
     from biomedsynth import tracking
 
     rank, world = dist_info()
@@ -473,17 +525,22 @@ def train_gan(opt: Options, train_set: Path, val_set: Path, feature_net: Path, o
                          f"{opt.resolution} px; run its feature_net stage again")
     opt = replace(opt, feature_net=fingerprint(feature_net))
     models = model_data(images.meta, val.meta, opt)
+    for data in models:
+        plan_epochs(opt, data, world)
+    state = stage_states / run_key(opt, world)
     if rank == 0:
-        _prepare_out(out, opt, log)
+        write_json(state / "options.json", opt.to_json())  # its time says which state was used last (_prune)
     if world > 1:
         dist.barrier()
     scorer = Scorer(images, val, net, device, opt.seed)
     results = {}
     with tracking.run(stage, tracking_params or opt.to_json(), enabled=rank == 0) as tracker:
         for data in models:
-            results[data.name] = train_model(opt, data, images, out / data.name, scorer, device, rank, world,
+            results[data.name] = train_model(opt, data, images, state / data.name, scorer, device, rank, world,
                                              log, tracker)
         if rank == 0:
+            write_output(state, out, opt, results)
+            _prune(stage_states, state)
             summary = summarise(results, {d.name: scorer.reference(opt, d).scores for d in models}, opt, trend_tail)
             write_json(metrics_path, summary)
             write_curves(results, scores_path, losses_path)
@@ -554,28 +611,6 @@ def _warn(summary: dict, log) -> None:
         if m["still_improving"]:
             log(f"WARNING {name} was still improving at its last epoch (best epoch {m['best_epoch']} of "
                 f"{summary['epochs']}, SWD falling {-m['swd_tail_slope']:.4f} per epoch); train it longer")
-
-
-CURVES = (("swd", "kid", "swd_floor", "kid_floor"), ("loss_d", "loss_g"))  # the scores and losses CSVs' columns
-
-
-def write_curves(results: dict[str, list[dict]], scores_path: Path, losses_path: Path) -> None:
-    """Per epoch, the mean over the stage's models of SWD and KID with their real floors, and of the
-    losses (the DVC plots)."""
-    for path, keys in zip((scores_path, losses_path), CURVES):
-        lines = ["epoch," + ",".join(keys)]
-        for epoch in range(1, min((len(rows) for rows in results.values()), default=0) + 1):
-            rows = [r for rs in results.values() for r in rs if r["epoch"] == epoch]
-            lines.append(f"{epoch}," + ",".join(f"{np.mean([r[k] for r in rows]):.6f}" for k in keys))
-        atomic_write_text(path, "\n".join(lines) + "\n")
-
-
-def write_not_trained(reason: str, out: Path, metrics_path: Path, scores_path: Path, losses_path: Path) -> None:
-    """The outputs of a stage the profile does not train: metrics saying why, curves without epochs, and the
-    model folder as it is (a model trained under another setting is kept, not deleted)."""
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(metrics_path, {"trained": False, "reason": reason})
-    write_curves({}, scores_path, losses_path)
 
 
 # ---- sampling for the next stage ----

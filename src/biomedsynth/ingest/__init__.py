@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +58,8 @@ def ingest(modality: str, p: Params, out: Path, summary_path: Path) -> dict:
                                     else manifest_records(src.csv, src.root))
         summary = ingest_xray(records, out, size=cfg.image_size, normal_only=cfg.normal_only,
                               on_no_lungs=cfg.on_no_lungs, lo_pct=cfg.percentiles[0],
-                              hi_pct=cfg.percentiles[1], fit=cfg.fit, workers=p.ingest.workers)
+                              hi_pct=cfg.percentiles[1], fit=cfg.fit, workers=p.ingest.workers,
+                              max_pixels=p.ingest.max_pixels)
     elif modality == "histology":
         from biomedsynth.ingest.histology import ingest_histology
 
@@ -70,13 +72,14 @@ def ingest(modality: str, p: Params, out: Path, summary_path: Path) -> dict:
             listing_skipped = {"unsupported": len(unsupported)} if unsupported else {}
         elif src.format == "tiles":
             from biomedsynth.sources.folder import folder_tiles
-            tiles, listing_skipped = folder_tiles(src.root, src.slide_id, src.allow_tile_level_split)
+            tiles, listing_skipped = folder_tiles(src.root, src.slide_id, src.allow_tile_level_split,
+                                                  p.ingest.max_pixels)
         else:
             from biomedsynth.sources.pcam import pcam_tiles
-            tiles, listing_skipped = pcam_tiles(src.root, src.allow_tile_level_split)
+            tiles, listing_skipped = pcam_tiles(src.root, src.allow_tile_level_split, p.ingest.max_pixels)
         summary = ingest_histology(slides, tiles, out, tile_size=cfg.tile_size, level=cfg.level,
                                    min_tissue=cfg.min_tissue, tiles_per_slide=cfg.tiles_per_slide,
-                                   tumor_label=cfg.tumor_label, seed=p.seed)
+                                   tumor_label=cfg.tumor_label, seed=p.seed, max_pixels=p.ingest.max_pixels)
         summary["unsupported_files"] = unsupported
     else:
         raise ValueError(f"unknown modality '{modality}' (allowed: xray, histology)")
@@ -84,6 +87,9 @@ def ingest(modality: str, p: Params, out: Path, summary_path: Path) -> dict:
     # when the results do
     timing = {k: summary.pop(k) for k in ("seconds", "scans_per_s", "tiles_per_s") if k in summary}
     summary = {"listing_skipped": dict(listing_skipped), **summary}
+    # every input skipped, when listed or when read, counted by reason
+    skipped = Counter(listing_skipped) + Counter(summary["skipped_by_reason"])
+    summary["skipped_by_reason"] = dict(sorted(skipped.items()))
     write_json(summary_path, summary)
     summary["timing"] = timing
     if summary["written"] == 0:

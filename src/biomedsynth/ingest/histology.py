@@ -8,7 +8,9 @@ of green-cyan hue, a colour neither stain has, is excluded too.
 
 Memory: a slide's mask level is read whole (at most MASK_PIXELS pixels); level-0 pixels are read one
 tile at a time, and one slide's sampled tiles (at most tiles_per_slide per label) are held before they are
-written, so a slide that fails halfway adds nothing.
+written, so a slide that fails halfway adds nothing. A slide whose mask level (when none is small enough), or
+whose stored tiles (OpenSlide decodes one whole to read any part of it), are over the pixel budget
+(ingest.max_pixels) is skipped and counted before anything is decoded; the slide's own size is not limited.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from tqdm import tqdm
 
 from biomedsynth.ingest import PixelOwners, pixel_digest
 from biomedsynth.sources import SlideRecord, Tile
+from biomedsynth.sources.budget import OverPixelBudget, check_pixels
 from biomedsynth.sources.wsi import points_in_tumour, read_annotation_polygons
 from biomedsynth.store import ImageSetWriter
 
@@ -73,13 +76,28 @@ def _rgb(region: Image.Image) -> np.ndarray:
     return np.where(a[..., 3:] == 0, np.uint8(255), a[..., :3])
 
 
-def _mask_level(slide: openslide.OpenSlide, level: int, tile_size: int) -> int:
+def _mask_level(slide: openslide.OpenSlide, level: int, tile_size: int, max_pixels: int) -> int:
     """The coarsest level whose pixels are at most a quarter tile at `level` (a tile covers at least 4x4
-    mask pixels), among levels small enough to read whole."""
-    ds = slide.level_downsamples
-    small = [k for k, (w, h) in enumerate(slide.level_dimensions) if w * h <= MASK_PIXELS] or [slide.level_count - 1]
+    mask pixels), among levels small enough to read whole (else the smallest level)."""
+    ds, most = slide.level_downsamples, min(MASK_PIXELS, max_pixels)
+    small = [k for k, (w, h) in enumerate(slide.level_dimensions) if w * h <= most] or [slide.level_count - 1]
     fine = [k for k in small if ds[k] <= ds[level] * tile_size / 4]
     return max(fine) if fine else min(small)
+
+
+def _check_budget(slide: openslide.OpenSlide, path: Path, mask_level: int, levels: tuple[int, ...],
+                  max_pixels: int) -> None:
+    """_Skip when one read would decode more than the budget: the mask level, read whole, or a tile stored
+    at one of `levels` (formats that do not say their tile size are read in small regions anyway)."""
+    try:
+        check_pixels(f"{path} (level {mask_level}, read whole for the tissue mask)",
+                     *slide.level_dimensions[mask_level], max_pixels)
+        for k in levels:
+            tile = [slide.properties.get(f"openslide.level[{k}].tile-{side}") for side in ("width", "height")]
+            if None not in tile:
+                check_pixels(f"{path} (a tile stored at level {k})", int(tile[0]), int(tile[1]), max_pixels)
+    except OverPixelBudget as e:
+        raise _Skip(e.reason, str(e)) from None
 
 
 def _tissue_fractions(mask: np.ndarray, boxes: np.ndarray, scale: tuple[float, float]) -> np.ndarray:
@@ -94,7 +112,7 @@ def _tissue_fractions(mask: np.ndarray, boxes: np.ndarray, scale: tuple[float, f
 
 
 def _cut_slide(rec: SlideRecord, tile_size: int, level: int, min_tissue: float, tiles_per_slide: int,
-               tumor_label: str, seed: int) -> tuple[list[np.ndarray], list[dict], int, int]:
+               tumor_label: str, seed: int, max_pixels: int) -> tuple[list[np.ndarray], list[dict], int, int]:
     """(tiles, metas, grid tiles, background tiles) of one slide; _Skip when it cannot be used."""
     polygons = None
     if tumor_label == "annotation" and rec.label == "tumor":
@@ -113,7 +131,8 @@ def _cut_slide(rec: SlideRecord, tile_size: int, level: int, min_tissue: float, 
             raise _Skip("no_such_level", f"{rec.path}: level {level} requested, the slide has {slide.level_count} "
                         f"level(s) (0-{slide.level_count - 1})")
         try:
-            m = _mask_level(slide, level, tile_size)
+            m = _mask_level(slide, level, tile_size, max_pixels)
+            _check_budget(slide, rec.path, m, (m, level), max_pixels)
             mask = tissue_mask(_rgb(slide.read_region((0, 0), m, slide.level_dimensions[m])))
             (w0, h0), (lw, lh), ds = slide.dimensions, slide.level_dimensions[level], slide.level_downsamples[level]
             ty, tx = np.mgrid[:lh // tile_size, :lw // tile_size].reshape(2, -1)
@@ -157,13 +176,13 @@ def _square(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def _add_slides(slides: list[SlideRecord], writer: ImageSetWriter, tile_size: int, level: int, min_tissue: float,
-                tiles_per_slide: int, tumor_label: str, seed: int) -> dict:
+                tiles_per_slide: int, tumor_label: str, seed: int, max_pixels: int) -> dict:
     """Cut each slide and write its sampled tiles; returns this part of the summary."""
     per_label, reasons, skipped, empty, per_slide = Counter(), Counter(), {}, [], {}
     for rec in tqdm(slides, desc="ingest histology", unit="slide"):
         try:
             images, metas, n_grid, n_bg = _cut_slide(rec, tile_size, level, min_tissue, tiles_per_slide,
-                                                     tumor_label, seed)
+                                                     tumor_label, seed, max_pixels)
         except _Skip as e:
             reasons[e.reason] += 1
             skipped[rec.slide_id] = str(e)
@@ -223,7 +242,8 @@ def _why_none(summary: dict, min_tissue: float) -> str:
 
 
 def ingest_histology(slides: list[SlideRecord] | None, tiles: Iterable[Tile] | None, out: Path, tile_size: int,
-                     level: int, min_tissue: float, tiles_per_slide: int, tumor_label: str, seed: int) -> dict:
+                     level: int, min_tissue: float, tiles_per_slide: int, tumor_label: str, seed: int,
+                     max_pixels: int) -> dict:
     """Write an image set of (tile_size, tile_size, 3) tiles to `out` with meta columns image_id,
     patient_id (the slide), label, slide_label, x, y (level-0 px of the tile's top-left; -1 for ready-cut
     tiles), level (-1 for ready-cut), tissue_fraction (-1 for ready-cut), source. Labels: tumor_label
@@ -231,9 +251,9 @@ def ingest_histology(slides: list[SlideRecord] | None, tiles: Iterable[Tile] | N
     tumor when its centre lies in a tumour polygon and in no exclusion polygon. Slides that cannot be used
     are skipped and counted by reason and name; it is an error when nothing at all is written.
 
-    Returns the summary: besides the counts (tiles_skipped.duplicate_pixels: repeated ready-cut tiles),
-    per_slide (slide -> grid, background and kept tiles of a whole-slide image; kept tiles of ready-cut
-    ones with a slide id), split_unit ("slide", or "tile" when some ready-cut tiles had no slide id) and
+    Returns the summary: besides the counts (tiles_skipped.duplicate_pixels: repeated ready-cut tiles;
+    skipped_by_reason: the slides or tiles skipped here, by reason), per_slide (slide -> grid, background
+    and kept tiles of a whole-slide image; kept tiles of ready-cut ones with a slide id), split_unit ("slide", or "tile" when some ready-cut tiles had no slide id) and
     warnings (what a reader of the results must know)."""
     if tumor_label not in ("slide", "annotation"):
         raise ValueError(f"tumor_label = {tumor_label!r}: allowed slide, annotation")
@@ -242,12 +262,14 @@ def ingest_histology(slides: list[SlideRecord] | None, tiles: Iterable[Tile] | N
     t0 = time.perf_counter()
     with ImageSetWriter(out, (tile_size, tile_size, 3)) as writer:
         summary = {**NOTHING_READ, **(
-            _add_slides(slides, writer, tile_size, level, min_tissue, tiles_per_slide, tumor_label, seed)
+            _add_slides(slides, writer, tile_size, level, min_tissue, tiles_per_slide, tumor_label, seed,
+                        max_pixels)
             if slides is not None else _add_tiles(tiles, writer, tile_size))}
         written = sum(summary["per_label"].values())
         if not written:
             raise ValueError(f"ingest histology wrote no tiles ({_why_none(summary, min_tissue)})")
     seconds = time.perf_counter() - t0
     return {**summary, "written": written, "per_label": dict(summary["per_label"]),
+            "skipped_by_reason": dict(Counter(summary["slides_skipped"]) + Counter(summary["tiles_skipped"])),
             "warnings": [TILE_LEVEL_WARNING] if summary["split_unit"] == "tile" else [],
             "seconds": round(seconds, 2), "tiles_per_s": round(written / max(seconds, 1e-9), 1)}

@@ -15,6 +15,7 @@ The lung finder is classical image processing (no learned weights), on a 256 px 
 """
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
@@ -33,6 +34,7 @@ from skimage.segmentation import watershed
 from tqdm import tqdm
 
 from biomedsynth.ingest import PixelOwners, pixel_digest
+from biomedsynth.lifetime import die_with_parent
 from biomedsynth.sources import ScanRecord, UnreadableInput
 from biomedsynth.sources.scans import read_scan
 from biomedsynth.store import ImageSetWriter
@@ -263,16 +265,16 @@ def preprocess_scan(img: np.ndarray, size: int, on_no_lungs: str, lo_pct: float 
 
 
 def _process_chunk(records: list[ScanRecord], size: int, on_no_lungs: str, lo_pct: float, hi_pct: float,
-                   fit: str) -> list[tuple[np.ndarray | None, str, str, bytes | None]]:
-    """Decode and preprocess a chunk of scans in a worker: (image, status, why unreadable, pixel digest of
-    the decoded scan) per scan."""
+                   fit: str, max_pixels: int) -> list[tuple[np.ndarray | None, str, str, bytes | None]]:
+    """Decode and preprocess a chunk of scans in a worker: (image, status, why not decoded, pixel digest of
+    the decoded scan) per scan; status "unreadable" or "over_pixel_budget" for a scan not decoded."""
     out = []
     for r in records:
         try:
-            scan = read_scan(r.path)
+            scan = read_scan(r.path, max_pixels)
             out.append((*preprocess_scan(scan, size, on_no_lungs, lo_pct, hi_pct, fit=fit), "", pixel_digest(scan)))
         except UnreadableInput as e:
-            out.append((None, "unreadable", str(e), None))
+            out.append((None, e.reason, str(e), None))
     return out
 
 
@@ -281,7 +283,7 @@ def _ordered_map(fn, chunks, workers: int):
     if workers <= 1:
         yield from map(fn, chunks)
         return
-    with ProcessPoolExecutor(workers) as ex:
+    with ProcessPoolExecutor(workers, initializer=die_with_parent, initargs=(os.getpid(),)) as ex:
         pending = deque()
         for chunk in chunks:
             pending.append(ex.submit(fn, chunk))
@@ -292,19 +294,22 @@ def _ordered_map(fn, chunks, workers: int):
 
 
 def ingest_xray(records: list[ScanRecord], out: Path, size: int, normal_only: bool, on_no_lungs: str,
-                lo_pct: float, hi_pct: float, fit: str, workers: int) -> dict:
+                lo_pct: float, hi_pct: float, fit: str, workers: int, max_pixels: int) -> dict:
     """Decode + preprocess `records` into the image set `out` ((size, size, 1) uint8; meta: image_id,
     patient_id, sex, age, normal, lungs, source) over `workers` processes (<= 1: in this one), results
     in record order. A scan whose decoded pixels came before under the same patient is skipped and
-    counted (skipped.duplicate_pixels); under another patient, it stops the ingest (PixelOwners).
+    counted (skipped.duplicate_pixels); under another patient, it stops the ingest (PixelOwners). A scan
+    over the pixel budget `max_pixels` is skipped undecoded. skipped_by_reason counts every scan skipped:
+    unreadable, over_pixel_budget, duplicate_pixels, no_lungs (on_no_lungs "skip").
     Returns the summary; scans_per_s counts the scans decoded (abnormal ones dropped by normal_only are
     never read)."""
     _check(size, on_no_lungs, lo_pct, hi_pct, fit)
     t0 = time.perf_counter()
     todo = [r for r in records if r.normal or not normal_only]
     chunks = (todo[i:i + SCAN_CHUNK] for i in range(0, len(todo), SCAN_CHUNK))
-    fn = partial(_process_chunk, size=size, on_no_lungs=on_no_lungs, lo_pct=lo_pct, hi_pct=hi_pct, fit=fit)
-    counts = {"ok": 0, "central": 0, "skipped": 0, "unreadable": 0, "duplicate_pixels": 0}
+    fn = partial(_process_chunk, size=size, on_no_lungs=on_no_lungs, lo_pct=lo_pct, hi_pct=hi_pct, fit=fit,
+                 max_pixels=max_pixels)
+    counts = {"ok": 0, "central": 0, "skipped": 0, "unreadable": 0, "over_pixel_budget": 0, "duplicate_pixels": 0}
     unreadable_examples, owners = [], PixelOwners("patient")
     with ImageSetWriter(out, (size, size, 1)) as writer, tqdm(total=len(todo), desc="ingest xray", unit="scan") as bar:
         done = 0
@@ -313,7 +318,7 @@ def ingest_xray(records: list[ScanRecord], out: Path, size: int, normal_only: bo
                 if status in ("ok", "central") and owners.is_repeat(digest, r.patient_id, str(r.path)):
                     status = "duplicate_pixels"
                 counts[status] += 1
-                if status == "unreadable" and len(unreadable_examples) < 5:
+                if status in ("unreadable", "over_pixel_budget") and len(unreadable_examples) < 5:
                     unreadable_examples.append(why)
                 elif status in ("ok", "central"):
                     writer.add(image, image_id=r.image_id, patient_id=r.patient_id, sex=r.sex, age=r.age,
@@ -326,4 +331,7 @@ def ingest_xray(records: list[ScanRecord], out: Path, size: int, normal_only: bo
             "unreadable_examples": unreadable_examples,
             "lungs_not_found": {"central": counts["central"], "skip": counts["skipped"]},
             "skipped": {"duplicate_pixels": counts["duplicate_pixels"]},
+            "skipped_by_reason": {reason: n for reason, n in (
+                ("unreadable", counts["unreadable"]), ("over_pixel_budget", counts["over_pixel_budget"]),
+                ("duplicate_pixels", counts["duplicate_pixels"]), ("no_lungs", counts["skipped"])) if n},
             "seconds": round(seconds, 3), "scans_per_s": round(len(todo) / seconds, 2) if seconds > 0 else 0.0}

@@ -10,7 +10,8 @@ import numpy as np
 
 
 class UnreadableInput(Exception):
-    """An input file that cannot be decoded; ingest skips it and counts it."""
+    """An input file that cannot be decoded; ingest skips it and counts it under `reason`."""
+    reason = "unreadable"
 
 
 class ScanRecord(NamedTuple):

@@ -26,21 +26,23 @@ import numpy as np
 from PIL import Image
 
 from biomedsynth.sources import Tile, UnreadableInput, slide_id_pattern
+from biomedsynth.sources.budget import pil_budget
 from biomedsynth.sources.manifest import read_table, skip
 
 LABELS = {"normal": "normal", "0": "normal", "tumor": "tumor", "tumour": "tumor", "1": "tumor"}
 SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff"}
 
 
-def read_rgb(path: Path) -> np.ndarray:
-    """An 8-bit image file as (H, W, 3) uint8 RGB; UnreadableInput when it cannot be decoded."""
+def read_rgb(path: Path, max_pixels: int) -> np.ndarray:
+    """An 8-bit image file as (H, W, 3) uint8 RGB; UnreadableInput when it cannot be decoded, OverPixelBudget
+    (not decoded) when its header declares more than `max_pixels` pixels."""
     try:
-        with Image.open(path) as im:
+        with pil_budget(str(path), max_pixels), Image.open(path) as im:
             im.load()
             if im.mode.startswith(("I", "F")):  # 16/32-bit: converting would clip, not rescale
                 raise UnreadableInput(f"{path}: {im.mode} image, tiles must be 8-bit")
             return np.asarray(im.convert("RGB"))
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except (OSError, SyntaxError, ValueError) as e:
         raise UnreadableInput(f"{path}: {e}") from None
 
 
@@ -54,11 +56,11 @@ def slide_table(csv: Path) -> dict[str, str]:
     return dict(zip(files, slides))
 
 
-def folder_tiles(root: Path, slide_id: str | None, allow_tile_level_split: bool
+def folder_tiles(root: Path, slide_id: str | None, allow_tile_level_split: bool, max_pixels: int
                  ) -> tuple[Iterator[Tile], dict[str, int]]:
     """(tiles, skipped): the layout and the slide ids are checked now; tiles are decoded as the iterator is
-    consumed, and `skipped` (reason -> count: unsupported_format, unreadable, not_in_slides_csv,
-    no_slide_id) fills up meanwhile."""
+    consumed, and `skipped` (reason -> count: unsupported_format, unreadable, over_pixel_budget,
+    not_in_slides_csv, no_slide_id) fills up meanwhile."""
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"{root}: tile folder not found")
@@ -71,7 +73,7 @@ def folder_tiles(root: Path, slide_id: str | None, allow_tile_level_split: bool
              if f.is_file() and not f.name.startswith(".")]
     rule = _slide_rule(root, files, slide_id, allow_tile_level_split)
     skipped: Counter = Counter()
-    return _tiles(root, files, rule, skipped), skipped
+    return _tiles(root, files, rule, skipped, max_pixels), skipped
 
 
 class SlideRule(NamedTuple):
@@ -108,7 +110,8 @@ def _match(pattern: re.Pattern, name: str) -> str | None:
     return m["slide"] if m and m["slide"] else None
 
 
-def _tiles(root: Path, files: list[tuple[Path, str]], rule: SlideRule, skipped: Counter) -> Iterator[Tile]:
+def _tiles(root: Path, files: list[tuple[Path, str]], rule: SlideRule, skipped: Counter,
+           max_pixels: int) -> Iterator[Tile]:
     for f, label in files:
         rel = f.relative_to(root).as_posix()
         if f.suffix.lower() not in SUFFIXES:
@@ -119,8 +122,8 @@ def _tiles(root: Path, files: list[tuple[Path, str]], rule: SlideRule, skipped: 
             skip(skipped, rule.missing, rel)
             continue
         try:
-            image = read_rgb(f)
+            image = read_rgb(f, max_pixels)
         except UnreadableInput as e:
-            skip(skipped, "unreadable", str(e))
+            skip(skipped, e.reason, str(e))
             continue
         yield Tile(image, slide, label, rel)

@@ -5,7 +5,8 @@ Per split under root: camelyonpatch_level_2_split_<split>_x.h5 (dataset `x`, (N,
 ..._<split>_meta.csv, whose `wsi` column names each tile's source slide: slide_id is that slide.
 A split without its meta CSV has no slide ids: refused, unless `allow_tile_level_split`, when its tiles
 are split on their own (slide_id None) and tiles of one slide can land on both sides of the split.
-The files come gzipped (.h5.gz) and must be gunzipped.
+The files come gzipped (.h5.gz) and must be gunzipped. Tiles larger than the pixel budget (ingest.max_pixels)
+stop the ingest, like any other wrong shape; a read decodes at most the budget's pixels.
 """
 from __future__ import annotations
 
@@ -47,11 +48,14 @@ def _h5(path: Path, key: str, what: str) -> tuple[tuple[int, ...], np.dtype]:
         raise ValueError(f"{path}: not a readable HDF5 file ({e})") from None
 
 
-def find_split(root: Path, name: str) -> Split:
+def find_split(root: Path, name: str, max_pixels: int) -> Split:
     x, y, meta = (root / f"{PREFIX}{name}_{k}" for k in ("x.h5", "y.h5", "meta.csv"))
     (xs, xt), (ys, _) = _h5(x, "x", f"the tiles of split {name!r}"), _h5(y, "y", f"the labels for {x.name}")
-    if len(xs) != 4 or xs[-1] != 3 or xt != np.uint8:
+    if len(xs) != 4 or xs[-1] != 3 or xt != np.uint8 or min(xs[1:3]) < 1:
         raise ValueError(f"{x}: dataset 'x' is {xt} {xs}, expected uint8 (N, H, W, 3)")
+    if xs[1] * xs[2] > max_pixels:
+        raise ValueError(f"{x}: tiles of {xs[2]} x {xs[1]} px are over the pixel budget (ingest.max_pixels = "
+                         f"{max_pixels:,}); PatchCamelyon's are 96 x 96")
     n = xs[0]
     if not ys or ys[0] != n or np.prod(ys) != n:
         raise ValueError(f"{y}: dataset 'y' has shape {ys}, expected one label per tile of {x.name} ({n})")
@@ -65,14 +69,15 @@ def find_split(root: Path, name: str) -> Split:
     return Split(name, x, y, wsi)
 
 
-def pcam_tiles(root: Path, allow_tile_level_split: bool, splits: tuple[str, ...] = ("train", "valid", "test"),
-               chunk: int = 1024) -> tuple[Iterator[Tile], dict[str, int]]:
-    """(tiles, skipped): files and slide ids are checked now; tiles stream out `chunk` at a time as the
-    iterator is consumed, and `skipped` (reason -> count: bad_label, a y value other than 0/1) fills up
-    meanwhile."""
+def pcam_tiles(root: Path, allow_tile_level_split: bool, max_pixels: int,
+               splits: tuple[str, ...] = ("train", "valid", "test"), chunk: int = 1024
+               ) -> tuple[Iterator[Tile], dict[str, int]]:
+    """(tiles, skipped): files and slide ids are checked now; tiles stream out `chunk` at a time (fewer
+    when `chunk` tiles hold more than `max_pixels` pixels) as the iterator is consumed, and `skipped`
+    (reason -> count: bad_label, a y value other than 0/1) fills up meanwhile."""
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
-    found = [find_split(Path(root), s) for s in splits]
+    found = [find_split(Path(root), s, max_pixels) for s in splits]
     no_ids = [s.name for s in found if s.wsi is None]
     if no_ids and not allow_tile_level_split:
         raise ValueError(f"{root}: no {PREFIX}<split>_meta.csv for split(s) {', '.join(no_ids)}, so their tiles have "
@@ -80,15 +85,16 @@ def pcam_tiles(root: Path, allow_tile_level_split: bool, splits: tuple[str, ...]
                          "_meta.csv files beside the .h5 files, or accept a split by tile: "
                          "sources.histology.allow_tile_level_split=true")
     skipped: Counter = Counter()
-    return _tiles(found, chunk, skipped), skipped
+    return _tiles(found, chunk, max_pixels, skipped), skipped
 
 
-def _tiles(splits: list[Split], chunk: int, skipped: Counter) -> Iterator[Tile]:
+def _tiles(splits: list[Split], chunk: int, max_pixels: int, skipped: Counter) -> Iterator[Tile]:
     for s in splits:
         with h5py.File(s.x, "r") as fx, h5py.File(s.y, "r") as fy:
             x, y = fx["x"], fy["y"]
-            for start in range(0, len(x), chunk):
-                images, labels = x[start:start + chunk], y[start:start + chunk].reshape(-1)
+            step = min(chunk, max_pixels // (x.shape[1] * x.shape[2]))  # >= 1: find_split checked one tile
+            for start in range(0, len(x), step):
+                images, labels = x[start:start + step], y[start:start + step].reshape(-1)
                 for i, (image, label) in enumerate(zip(images, labels.tolist()), start):
                     if label not in LABELS:
                         skip(skipped, "bad_label", f"{s.y.name} tile {i}: label {label}")

@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage as ndi
 
+from biomedsynth.lifetime import die_with_parent
 from biomedsynth.store import atomic_write_text
 
 FINDINGS = ("Cardiomegaly", "Effusion", "Mass", "Nodule")
@@ -314,7 +315,7 @@ def write_xray_sample(root: Path, n_patients: int, seed: int, difficulty: float,
                     scans_per_patient=scans_per_patient, min_side=min_side, max_side=max_side)
     pids = range(1, n_patients + 1)
     if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
+        with ProcessPoolExecutor(workers, initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
             per_patient = list(pool.map(write, pids, chunksize=16))
     else:
         per_patient = [write(pid) for pid in pids]

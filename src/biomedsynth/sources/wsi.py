@@ -24,6 +24,8 @@ import numpy as np
 import pydicom
 import tifffile
 from matplotlib.path import Path as PolyPath
+from pydicom.filereader import read_file_meta_info
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from biomedsynth.sources import SlideRecord
 from biomedsynth.sources.manifest import read_table
@@ -106,6 +108,11 @@ def _dicom_slides(files: list[Path], unsupported: list[str]) -> list[Path]:
     series: dict[tuple[Path, str], list[Path]] = defaultdict(list)  # (folder, series) -> its pyramid files
     for f in files:
         try:
+            # dcmread inflates a deflated file whole, pixel data included (a decompression bomb), and no
+            # whole-slide image is deflated: those are left out unread
+            if read_file_meta_info(f).get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+                unsupported.append(f"{f}: deflated DICOM, not a whole-slide image (left unread)")
+                continue
             ds = pydicom.dcmread(f, stop_before_pixels=True,
                                  specific_tags=["SOPClassUID", "SeriesInstanceUID", "ImageType"])
         except Exception as e:  # any parse failure is a property of the file

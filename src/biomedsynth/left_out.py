@@ -1,0 +1,39 @@
+"""The outputs of the GAN stages (train_gan, synthesize) that `gan.stages: table3` leaves out: small files
+saying why. Written without importing torch: the default run leaves out 18 such stages, and the imports of
+the training and drawing code cost 2-4 s each.
+
+DVC empties a stage's outputs before it runs; what an earlier setting trained or drew stays in DVC's cache
+(the run cache brings it back when the setting returns) and a GAN's resume state under .cache/gan.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from biomedsynth.params import Params
+from biomedsynth.store import write_json
+
+
+def reason_left_out(p: Params, name: str) -> str | None:
+    """Why this profile does not train GAN stage `name` (gan.stages: table3 and Table 3 does not use it), or None."""
+    from biomedsynth.tasks import used_gan_stages
+
+    used = used_gan_stages(p.tasks)
+    if p.gan.stages == "all" or name in used:
+        return None
+    return f"not trained: gan.stages is table3 and the benchmark uses {', '.join(sorted(used))}"
+
+
+def write_not_trained(reason: str, out: Path, metrics_path: Path, scores_path: Path, losses_path: Path) -> None:
+    """train_gan's outputs: metrics saying why, curves without epochs, a model folder holding not_trained.json."""
+    from biomedsynth.gan.curves import write_curves
+
+    write_json(out / "not_trained.json", {"trained": False, "reason": reason})
+    write_json(metrics_path, {"trained": False, "reason": reason})
+    write_curves({}, scores_path, losses_path)
+
+
+def write_not_drawn(reason: str, out: Path, metrics_path: Path, figures: Path) -> None:
+    """synthesize's outputs: metrics saying why, an empty synthetic set folder and an empty figures folder."""
+    out.mkdir(parents=True, exist_ok=True)
+    figures.mkdir(parents=True, exist_ok=True)
+    write_json(metrics_path, {"synthesized": False, "reason": reason})

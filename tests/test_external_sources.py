@@ -1,0 +1,69 @@
+"""Sources outside the project are dependencies: each ingest stage depends on its source's root, wherever it
+is, so `dvc status` sees an external dataset change; a CSV outside that root is refused at params load."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from dvc.repo import Repo
+
+import biomedsynth
+from biomedsynth.params import ParamsError, load_params
+
+# the project of the biomedsynth imported (PYTHONPATH may name another checkout): its dvc.yaml and params.yaml
+PROJECT = Path(biomedsynth.__file__).resolve().parents[2]
+
+
+def _params(path: Path, modality: str, **source) -> Path:
+    params = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    params["sources"][modality].update(source)
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def _manifest(folder: Path, rows: int) -> None:
+    folder.mkdir(exist_ok=True)
+    lines = ["path,patient_id,sex,age"] + [f"s{i}.png,p{i},F,40" for i in range(rows)]
+    (folder / "manifest.csv").write_text("\n".join(lines) + "\n")
+
+
+def _ingested(project: Path, **xray_source) -> None:
+    """A DVC project of this dvc.yaml, with ingest@xray's code, params and outputs, locked as if it had run."""
+    shutil.copytree(PROJECT / "src/biomedsynth", project / "src/biomedsynth",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(PROJECT / "dvc.yaml", project)
+    _params(project / "params.yaml", "xray", **xray_source)
+    for name in ("data/raw/xray/.keep", "data/interim/xray/info.json", "metrics/ingest/xray.json"):
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
+        (project / name).write_text("{}")
+    Repo.init(project, no_scm=True).close()
+    with Repo(project) as repo:
+        repo.commit("ingest@xray", force=True)
+
+
+def test_an_external_manifest_that_loses_rows_changes_ingest(tmp_path, monkeypatch):
+    """The source's root (with its manifest) is outside the project; after half the manifest's rows go,
+    `dvc status` says ingest@xray's dependency changed (it said up to date when the stage depended on
+    data/raw/xray whatever the root)."""
+    external, project = tmp_path / "pacs-export", tmp_path / "project"
+    _manifest(external, rows=4)
+    project.mkdir()
+    monkeypatch.chdir(project)
+    _ingested(project, format="manifest", root=str(external), csv=str(external / "manifest.csv"))
+    with Repo(project) as repo:
+        assert repo.status(["ingest@xray"]) == {}
+    _manifest(external, rows=2)
+    with Repo(project) as repo:
+        assert str(external) in json.dumps(repo.status(["ingest@xray"]))
+
+
+@pytest.mark.parametrize("modality, key", [("xray", "csv"), ("histology", "labels_csv")])
+def test_a_csv_outside_its_root_is_refused_naming_the_key_and_the_fix(tmp_path, modality, key):
+    root = tmp_path / "raw" / modality
+    for outside in (tmp_path / "elsewhere.csv", root / ".." / "labels.csv"):
+        with pytest.raises(ParamsError, match=rf"sources\.{modality}\.{key} = .*outside the source's root {root}.*"
+                                              rf"move it into {root}, or set root to a folder that holds both"):
+            load_params(_params(tmp_path / "params.yaml", modality, root=str(root), **{key: str(outside)}))
+    inside = load_params(_params(tmp_path / "params.yaml", modality, root=str(root), **{key: str(root / "a.csv")}))
+    assert getattr(inside.sources, modality).root == root

@@ -41,6 +41,7 @@ def test_committed_default_run_can_decide():
             real = r["real"]
             assert max(real["value"] - real["low"], real["high"] - real["value"]) <= 0.06, (task, model, real)
     tasks = json.loads((ROOT / "metrics" / "tasks.json").read_text())
+    assert tasks.pop("provenance")["data"] == data_hash(ROOT / "data.dvc")  # the task sets are of the committed data
     assert min(tasks["histology"]["test"]["clusters_per_class"].values()) >= 6, tasks["histology"]["test"]
     assert all(sets["test"]["side"] >= 64 for sets in tasks.values())  # LBP's radius 4 fits inside the image
     claims = summary["claims"]

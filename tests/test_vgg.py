@@ -129,3 +129,21 @@ def test_head_sized_for_the_input_computes_what_torchvision_would(tmp_path, side
         torch.testing.assert_close(net(x), ref.eval()(x), rtol=1e-4, atol=1e-5)
     assert sum(p.numel() for p in vgg.build_vgg(1, input_size=32).parameters()) < 35e6
     assert vgg.build_vgg(1, input_size=224).classifier[0].in_features == 512 * 49  # torchvision's at 224 px
+
+
+@pytest.mark.parametrize("side", [32, 64])
+def test_small_head_is_512_wide_on_the_feature_map_and_loads_only_the_convolutions(tmp_path, side):
+    """`head: small`: 512 -> 512 -> 2 on the map at its own side (15 M weights at 32 px, against 34 M with
+    torchvision's widths); a torchvision weights file gives its convolutions, and the head stays fresh."""
+    torch.manual_seed(0)
+    ref = torchvision.models.vgg16(weights=None)
+    torch.save(ref.state_dict(), tmp_path / "vgg16.pt")
+    net = vgg.build_vgg(1, tmp_path / "vgg16.pt", input_size=side, head="small")
+    linear = [m for m in net.classifier if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linear] == [(512 * (side // 32) ** 2, 512), (512, 512), (512, 2)]
+    assert torch.equal(net.state_dict()["features.28.weight"], ref.state_dict()["features.28.weight"])
+    assert net(torch.randn(2, 1, side, side)).shape == (2, 2)
+    if side == 32:
+        assert 15e6 < sum(p.numel() for p in net.parameters()) < 16e6
+    with pytest.raises(ValueError, match="head must be one of"):
+        vgg.build_vgg(1, input_size=side, head="wide")

@@ -326,6 +326,7 @@ class Vgg16(Strict):
     lr: PosFloat
     val_fraction: Annotated[float, Field(gt=0.0, lt=1.0)]  # of the training set, for the best-val-loss checkpoint
     weights: Path | None                                    # a local torchvision VGG16 state dict; null: from scratch
+    head: Literal["torchvision", "small"]                   # classifier 4096-4096-2 (the study's) or 512-512-2
 
 
 class Classify(Strict):

@@ -166,7 +166,7 @@ def _table3(summary: dict) -> list:
         gan_flag = ("GAN LEARNT NOTHING (" + ", ".join(gan["not_learnt"]) + ")" if gan["not_learnt"]
                     else "GAN still improving" if gan["still_improving"] else "")
         study = v["study"]
-        rows.append([TASK_NAMES[task], MODEL_NAMES[model], _ci(v["real"]),
+        rows.append([TASK_NAMES[task], v.get("model_name", MODEL_NAMES[model]), _ci(v["real"]),
                      _ci(v["synthetic"]) + (f" ({v['synthetic_draws']} draws)" if v["synthetic_draws"] > 1 else ""),
                      _ci(v["real_synthetic"]) if "real_synthetic" in v else "n/a",
                      _ci(v["drop"], True), _ci(v["drop_chance_normalised"], True),

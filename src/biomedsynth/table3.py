@@ -80,6 +80,8 @@ def _cell(m: dict, task: str, model: str) -> dict:
                        "n_seeds": spread["seeds"]["real"]["n"], "draws": spread["draws"]["accuracy"]["std"],
                        "n_draws": spread["draws"]["n"]},
             "study": dict(zip(("real", "synthetic", "drop"), STUDY_TABLE3[task][model]))}
+    if "model_name" in m:  # VGG16's head
+        row["model_name"] = m["model_name"]
     return row
 
 

@@ -59,7 +59,7 @@ def _fit_predict(model: str, task_dir: Path, features_dir: Path, train: str, cfg
         v = cfg.vgg16
         net, history = train_vgg(task_dir / train, y, groups=groups, input_size=v.input_side, epochs=v.epochs,
                                  batch_size=v.batch_size, lr=v.lr, val_fraction=v.val_fraction, seed=seed,
-                                 weights=v.weights, checkpoint=out / f"{train}-seed{seed}.pt", log=log)
+                                 weights=v.weights, head=v.head, checkpoint=out / f"{train}-seed{seed}.pt", log=log)
         if not history:  # a torchrun rank > 0: it helped train; rank 0 scores
             return None
         scores = predict_scores(net, task_dir / TEST, v.input_side)
@@ -213,6 +213,10 @@ def classify(task: str, model: str, cfg: Classify, task_dir: Path, features_dir:
     result, predictions = evaluate(runs, test_meta, task, cfg.bootstrap)
     if provenance is not None:
         result["provenance"] = provenance
+    if model == "vgg16":  # which head: Table 3 names it
+        from biomedsynth.classify.vgg import MODEL_NAMES
+
+        result["model_name"] = MODEL_NAMES[cfg.vgg16.head]
     for arm in (a for a in ARMS if (a, first_seed) in runs):
         _write_plots(plots_dir, arm, y_test, *runs[(arm, first_seed)][:2])
     atomic_write_text(plots_dir / "predictions.csv", predictions.to_csv(index=False))

@@ -283,6 +283,7 @@ def synthesize(arch: str = ArchArg, group: str = GroupArg, setup: str = SetupArg
     from biomedsynth.evidence import feature_net_space
     from biomedsynth.gan.train import Synthesizer
     from biomedsynth.gan.utility import choose_checkpoint
+    from biomedsynth.provenance import fingerprint
     from biomedsynth.store import write_json
     from biomedsynth.synthesize import synthesize as run_synthesize
 
@@ -303,8 +304,8 @@ def synthesize(arch: str = ArchArg, group: str = GroupArg, setup: str = SetupArg
     summary["checkpoint_epochs"] = gen.epochs
     summary["checkpoint_rule"] = rule
     summary["gan_learnt"] = _warn_not_learnt(name)
-    write_json(Path("metrics/synthesize") / f"{name}.json", summary)
-    _stamp(p, Path("metrics/synthesize") / f"{name}.json")
+    summary["provenance"] = fingerprint(p.sources.model_dump(mode="json"))  # written once, not stamped after
+    _run(write_json, Path("metrics/synthesize") / f"{name}.json", summary)
     _print_summary(f"synthesize@{name}", summary)
 
 

@@ -21,7 +21,7 @@ import torch
 
 from biomedsynth.evidence import prdc
 from biomedsynth.gan import score
-from biomedsynth.gan.train import COND_MODEL, Options, build, epoch_file, read_batch, resolve_checkpoint
+from biomedsynth.gan.train import COND_MODEL, Options, epoch_file, generator, read_batch, resolve_checkpoint
 from biomedsynth.store import ImageSet
 
 MODALITY = {"x_norm": "xray", "x_norm_l": "xray", "h_norm": "histology", "h_tumor": "histology"}
@@ -34,7 +34,7 @@ def generators(stage: Path) -> tuple[Options, dict[str, torch.nn.Module]]:
     for name in ([*opt.labels] if opt.setup == "uncond" else [COND_MODEL]):
         snap = torch.load(epoch_file(stage / name, resolve_checkpoint(stage / name, "best")), map_location="cpu",
                           weights_only=False)
-        G = build(opt)[0]
+        G = generator(opt)
         G.load_state_dict(snap["state_dict"])
         out[name] = G
     return opt, out

@@ -56,11 +56,17 @@ def feature_net(images: ImageSet) -> score.FeatureNet:
                                    epochs=1)
 
 
+# sg2ada: R1, path length and a (3-step) ADA interval all fall inside a 2-epoch run of 4-step epochs, and p moves
+# (a low target: D's early r_t is 0.25-0.5)
+SG2ADA = dict(net=dict(channel_base=256, channel_max=16, mapping_layers=2), r1_gamma=0.05, r1_interval=4,
+              augment="xray", ada_target=0.1, ada_interval=3, ada_speed_images=48, ema_rampup=0.05)
+
+
 def options(arch: str, setup: str = "cond", epochs: int = 2, **kw) -> T.Options:
     net = dict(base_width=8) if arch == "dcgan" else dict(fmap_base=128, fmap_max=16)
-    extra = {} if arch == "dcgan" else dict(ema_decay=0.9, images_per_phase=8)
+    extra = {"dcgan": {}, "pggan": dict(images_per_phase=8), "sg2ada": SG2ADA}[arch]
     base = dict(arch=arch, setup=setup, labels=("F_a", "M_a"), resolution=32, channels=1, latent_dim=16,
-                batch_size=8, epochs=epochs, seed=3, lr=2e-4 if arch == "dcgan" else 1e-3,
+                batch_size=8, epochs=epochs, seed=3, lr={"dcgan": 2e-4, "pggan": 1e-3, "sg2ada": 2.5e-3}[arch],
                 betas=(0.5, 0.999) if arch == "dcgan" else (0.0, 0.99), net=net, score_images=16)
     return T.Options(**{**base, **extra, **kw})
 
@@ -97,7 +103,7 @@ def kill_after_epoch(epoch: int):
     return log
 
 
-@pytest.mark.parametrize("arch", ["dcgan", "pggan"])
+@pytest.mark.parametrize("arch", ["dcgan", "pggan", "sg2ada"])
 def test_resume_after_a_kill_gives_the_weights_of_a_straight_run(group, val, tmp_path, arch):
     opt = options(arch)
     data = T.model_data(group.meta, val.meta, opt)[0]
@@ -108,9 +114,13 @@ def test_resume_after_a_kill_gives_the_weights_of_a_straight_run(group, val, tmp
     assert len(T.read_log(tmp_path / "b")) == 1
     resumed = T.train_model(opt, data, group, tmp_path / "b", scorer, torch.device("cpu"), log=lambda m: None)
     a, b = (torch.load(p / "checkpoint.pt", weights_only=False) for p in (tmp_path / "a", tmp_path / "b"))
-    for key in ("G", "D") + (("ema",) if arch == "pggan" else ()):
+    for key in ("G", "D") + (("ema",) if arch != "dcgan" else ()):
         for name, w in a[key].items():
             assert torch.equal(w, b[key][name]), f"{key}.{name} differs after resume"
+    if arch == "sg2ada":  # ADA's p, r_t and half-counted interval (8 steps, interval 3), the path-length mean
+        torch.testing.assert_close(a["sg2ada"], b["sg2ada"], rtol=0, atol=0)
+        assert a["sg2ada"]["ada"]["steps"] == 2 and a["sg2ada"]["path_length"]["mean"] > 0
+        assert [r["ada_p"] for r in straight] == [r["ada_p"] for r in resumed] and straight[-1]["ada_p"] > 0
     assert a["images_seen"] == b["images_seen"] == 2 * 32
     assert [r["loss_d"] for r in straight] == [r["loss_d"] for r in resumed]
     assert all(np.isfinite(r[k]) for r in resumed for k in ("loss_d", "loss_g", "swd", "kid", "swd_floor", "kid_floor"))
@@ -123,6 +133,10 @@ def test_pggan_grows_to_full_resolution_and_logs_depth(group, val, tmp_path):
                          torch.device("cpu"), log=lambda m: None)
     assert [r["side"] for r in rows] == sorted(r["side"] for r in rows)
     assert rows[-1]["side"] == 32 and rows[-1]["alpha"] == 1.0 and rows[0]["side"] < 32
+    # a generator is kept only where `best` may choose it: at the full side, faded in
+    grown = [r["epoch"] for r in rows if r["side"] == 32 and r["alpha"] == 1.0]
+    assert [r["epoch"] for r in rows if r["snapshot"]] == grown == [4]
+    assert [T.epoch_file(tmp_path, r["epoch"]).is_file() for r in rows] == [r["snapshot"] for r in rows]
 
 
 def test_pggan_refuses_epochs_that_end_before_full_growth():
@@ -157,25 +171,45 @@ def test_options_refuse_bad_values(bad, match):
         dataclasses.replace(options("dcgan"), **bad)
 
 
+@pytest.mark.parametrize("bad, match", [
+    (dict(augment=""), "sg2ada's augment must be one of xray, histology"),
+    (dict(r1_gamma=None), "r1_gamma must be >= 0, got None .StyleGAN2-ADA's heuristic here: 0.0256"),
+    (dict(r1_gamma=-1.0), "r1_gamma must be >= 0"),
+    (dict(r1_interval=0), "r1_interval must be >= 1"),
+    (dict(pl_weight=-2.0), "pl_weight >= 0"),
+    (dict(ada_target=1.0), "ada target must be in"),
+    (dict(ada_speed_images=0), "speed_images must be >= 1"),
+    (dict(net=dict(channel_base=16, channel_max=16, mapping_layers=2)), "channel_base must be >= the resolution"),
+    (dict(net=dict(channel_base=256, channel_max=16, mapping_layers=0)), "mapping_layers must be >= 1"),
+    (dict(net=dict(fmap_base=256, fmap_max=16)), "net needs channel_base, channel_max and mapping_layers"),
+    (dict(batch_size=6), "sg2ada's minibatch stddev groups 4 images"),
+    (dict(resolution=16), "power of two in 32..512"),
+])
+def test_sg2ada_options_refuse_bad_values_in_one_line(bad, match):
+    with pytest.raises(ValueError, match=match) as err:
+        dataclasses.replace(options("sg2ada"), **bad)
+    assert "\n" not in str(err.value)
+
+
 def test_checkpoint_choice_best_last_and_epoch(tmp_path):
     (tmp_path / "epochs").mkdir()
-    rows = [{"epoch": e, "swd": s} for e, s in ((1, 0.5), (2, 0.2), (3, 0.2), (4, 0.3))]
+    rows = [{"epoch": e, "swd": s, "snapshot": e < 5} for e, s in ((1, 0.5), (2, 0.2), (3, 0.2), (4, 0.3), (5, 0.1))]
     (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     for e in range(1, 5):
         T.epoch_file(tmp_path, e).touch()
-    assert T.resolve_checkpoint(tmp_path, "best") == 2  # lowest SWD, the earlier of a tie
+    assert T.resolve_checkpoint(tmp_path, "best") == 2  # lowest SWD of the kept epochs, the earlier of a tie
     assert T.resolve_checkpoint(tmp_path, "last") == 4
     assert T.resolve_checkpoint(tmp_path, "epoch_3") == 3
-    with pytest.raises(ValueError, match="has epochs 1..4"):
-        T.resolve_checkpoint(tmp_path, "epoch_9")
+    with pytest.raises(ValueError, match="keeps the generators of epochs 1, 2, 3, 4"):
+        T.resolve_checkpoint(tmp_path, "epoch_5")
     with pytest.raises(ValueError, match="allowed best, last, epoch_N"):
         T.resolve_checkpoint(tmp_path, "newest")
 
 
-def test_best_skips_pggan_epochs_before_full_growth():
-    rows = [{"epoch": 1, "swd": 0.1, "side": 8, "alpha": 1.0}, {"epoch": 2, "swd": 0.2, "side": 16, "alpha": 0.5},
-            {"epoch": 3, "swd": 0.4, "side": 16, "alpha": 1.0}, {"epoch": 4, "swd": 0.3, "side": 16, "alpha": 1.0}]
-    assert T.best_epoch(rows) == 4  # the 8 px epoch scores lower but draws upsampled blocks
+@pytest.mark.parametrize("every, kept", [(1, [3, 4, 5, 6]), (2, [4, 6]), (4, [4, 6])])
+def test_snapshots_only_of_grown_epochs_every_kth_and_the_last(every, kept):
+    opt = options("pggan", epochs=6, snapshot_every=every)
+    assert [e for e in range(1, 7) if T._snapshot(opt, e, grown=e >= 3)] == kept
 
 
 def test_train_gan_stage_then_synthesizer_samples_each_label(study, tmp_path, monkeypatch):
@@ -221,6 +255,34 @@ def test_train_gan_stage_then_synthesizer_samples_each_label(study, tmp_path, mo
                     tmp_path / "l.csv", tmp_path / "states", log=lambda m: None)
 
 
+@pytest.mark.usefixtures("one_thread")
+def test_sg2ada_stage_from_params_writes_the_layout_logs_ada_and_samples_each_label(tmp_path, monkeypatch):
+    """tasks.xray.arch: sg2ada selects its stage under gan.stages: table3 (the others sg2ada has say so); train-gan
+    writes the stage layout, logs ADA's p and r_t and R1 per epoch, and its Synthesizer draws every label, the
+    same images for the same seed."""
+    monkeypatch.setenv("BIOMEDSYNTH_MLFLOW", "0")
+    monkeypatch.chdir(smoke_project(tmp_path))
+    assert CliRunner().invoke(app, ["set", "gan.stages=table3", "tasks.xray.arch=sg2ada"]).exit_code == 0
+    result = CliRunner().invoke(app, ["train-gan", "sg2ada", "x_norm", "cond"])
+    assert result.exit_code == 0, result.output
+    out = Path("models/gan/sg2ada-x_norm-cond")
+    opt = T.Options.from_json(json.loads((out / "options.json").read_text()))
+    assert opt.augment == "xray" and opt.r1_gamma == pytest.approx(0.0002 * 32 ** 2 / 8)  # the heuristic at 32 px
+    assert {p.name for p in out.rglob("*") if p.is_file()} == {
+        "options.json", "log.jsonl", "speed.jsonl", "001.pt", "002.pt", "001.png", "002.png"}
+    rows = T.read_log(out / T.COND_MODEL)
+    assert [r["epoch"] for r in rows] == [1, 2] and all(0 <= r["ada_p"] <= 1 and -1 <= r["ada_rt"] <= 1 for r in rows)
+    model = json.loads(Path("metrics/gan/sg2ada-x_norm-cond.json").read_text())["per_model"][T.COND_MODEL]
+    assert model["ema_half_life"] == 2 * 64 / 4  # a quarter of the run: 2 epochs of 64 images
+    gen = T.Synthesizer(out, "best", torch.device("cpu"))
+    for label in opt.labels:
+        images = gen.sample(label, 3, np.random.default_rng(0))
+        assert images.shape == (3, 32, 32, 1) and images.dtype == np.uint8
+        np.testing.assert_array_equal(images, gen.sample(label, 3, np.random.default_rng(0)))
+    left_out = CliRunner().invoke(app, ["train-gan", "sg2ada", "h_norm", "uncond"])
+    assert left_out.exit_code == 0 and "not trained: gan.stages is table3" in left_out.output
+
+
 class Replay(torch.nn.Module):
     """A 'generator' that draws given images in turn (real ones: a perfect generator) whatever its input."""
 
@@ -244,7 +306,7 @@ def test_floor_and_learnt_flag_against_noise_and_blur(group, val):
     assert ref["kid_floor"] < ref["kid_noise"]  # KID is unbiased: ~0 (either side) for one distribution
     verdicts = {}
     for name, G in (("real", Replay(real)), ("noise", Replay(noise))):
-        rows = [{"epoch": 1, **scorer.score(G, opt, data, None, 1.0, 1)}]
+        rows = [{"epoch": 1, "snapshot": True, **scorer.score(G, opt, data, None, 1.0, 1)}]
         verdicts[name] = T.model_summary(rows, ref, 0.2)
     assert verdicts["real"]["learnt"] and verdicts["real"]["swd_relative"] < 0.2
     assert not verdicts["noise"]["learnt"] and verdicts["noise"]["swd_relative"] > 0.8
@@ -256,7 +318,7 @@ def test_floor_and_learnt_flag_against_noise_and_blur(group, val):
     ([0.9, 0.5, 0.4, 0.35, 0.3, 0.32, 0.33, 0.35, 0.29, 0.30], False),  # best in the tail, but no longer falling
 ])
 def test_still_improving_needs_a_late_best_and_a_falling_tail(swd, improving):
-    rows = [{"epoch": e, "swd": s} for e, s in enumerate(swd, 1)]
+    rows = [{"epoch": e, "swd": s, "snapshot": True} for e, s in enumerate(swd, 1)]
     trend = T.trend(rows, 0.2)
     assert trend["still_improving"] is improving and (trend["swd_tail_slope"] < 0) == (swd[-1] < swd[-2])
 
@@ -296,7 +358,8 @@ def test_kill_9_of_the_cli_stage_resumes_to_the_bytes_of_a_straight_run(tmp_path
     subprocess.run(cmd, cwd=killed, env=env, check=True, capture_output=True)
     a, b = (stage_files(root, "pggan-x_norm-cond") for root in (straight, killed))
     assert [path for path in a if a[path] != b.get(path)] == []
-    assert list(a) == list(b) and len(a) == 1 + 1 + 4 * 2  # options.json; the log, 4 generators and 4 grids
+    kept = sum(r["snapshot"] for r in T.read_log(straight / "models/gan/pggan-x_norm-cond/conditional"))
+    assert list(a) == list(b) and len(a) == 1 + 1 + 4 + kept >= 7  # options.json; the log, 4 grids, generators
     assert not output_after_kill  # written whole once training ends: never a half-trained output
 
 
@@ -316,7 +379,7 @@ def test_launch_two_cpu_processes_train_with_rank_0_writing(tmp_path):
     model = tmp_path / "models/gan/pggan-x_norm-cond" / T.COND_MODEL
     rows = T.read_log(model)
     assert [r["epoch"] for r in rows] == [1, 2]  # one line per epoch: only rank 0 logged
-    assert rows[-1]["images_seen"] == 2 * 64  # 64 images per epoch, 32 on each rank (batch 8 x 4 steps)
+    assert rows[-1]["images_seen"] == 2 * 64  # 64 images per epoch: 8 steps of batch 8, 4 on each rank
     assert run.stdout.count("epoch 2/2") == 1
     ck = torch.load(next((tmp_path / ".cache/gan/pggan-x_norm-cond").glob(f"*/{T.COND_MODEL}/checkpoint.pt")),
                     weights_only=False)
@@ -328,12 +391,15 @@ def test_launch_two_cpu_processes_train_with_rank_0_writing(tmp_path):
     ("dcgan", None, 1, True),    # fewer take its first epochs
     ("pggan", 8, 3, True),       # a fixed growth schedule: the same
     ("pggan", None, 3, False),   # phases spread over the epochs stretch with them: another run
+    ("sg2ada", None, 3, True),   # its EMA's ramp-up (0.05) keeps the half-life below a quarter of any run
+    ("sg2ada", "no ramp-up", 3, False),  # then the half-life is a quarter of the run: it stretches with the epochs
 ])
 def test_runs_share_a_resume_state_only_where_more_epochs_extend_a_run(arch, per_phase, epochs, same):
-    extra = {"images_per_phase": per_phase} if arch == "pggan" else {}
+    extra = ({"images_per_phase": per_phase} if arch == "pggan" else
+             {"ema_rampup": None} if per_phase == "no ramp-up" else {})
     assert (T.run_key(options(arch, epochs=2, **extra)) == T.run_key(options(arch, epochs=epochs, **extra))) == same
     assert T.run_key(options(arch, **extra)) != T.run_key(options(arch, seed=4, **extra))
-    assert T.run_key(options(arch, **extra)) != T.run_key(options(arch, **extra), world=2)  # 2 batches per step
+    assert T.run_key(options(arch, **extra)) != T.run_key(options(arch, world=2, **extra))  # the batch split in 2
 
 
 def test_more_epochs_continue_the_run_and_fewer_take_its_first_epochs(study, tmp_path, monkeypatch):

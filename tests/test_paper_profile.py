@@ -79,10 +79,11 @@ def test_gan_training_section_3(paper):
     histo = re.search(r"Histology: latent (\d+), batch (\d+), (\d+)x\d+, (\d+) epochs", text).groups()
     h = paper.gan.histology
     assert [h.latent_dim, h.batch_size, h.resolution, h.epochs] == [int(v) for v in histo]
-    assert paper.gan.pggan.images_per_phase is None  # "same batch and epochs at every depth"
-    # the architectures' own papers: DCGAN 2e-4 / beta1 0.5; PGGAN widths 8192/512, Adam 1e-3 (0, 0.99), EMA 0.999
+    # "same batch size and epochs number were used for all layer depths"
+    assert (paper.gan.pggan.images_per_phase, paper.gan.pggan.epochs_per) == (None, "depth")
+    # the architectures' own papers: DCGAN 2e-4 / beta1 0.5; PGGAN widths 8192/512, Adam 1e-3 (0, 0.99)
     assert (paper.gan.dcgan.lr, paper.gan.dcgan.betas[0]) == (2e-4, 0.5)
-    assert (paper.gan.pggan.fmap_base, paper.gan.pggan.fmap_max, paper.gan.pggan.ema_decay) == (8192, 512, 0.999)
+    assert (paper.gan.pggan.fmap_base, paper.gan.pggan.fmap_max) == (8192, 512)
     assert (paper.gan.pggan.lr, list(paper.gan.pggan.betas)) == (1e-3, [0.0, 0.99])
 
 

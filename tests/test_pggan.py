@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from biomedsynth.gan import pggan
+from biomedsynth.gan.ema import EMA, beta as ema_beta, half_life_for, phase_shares
 
 
 def small(resolution, channels=1, n_classes=0):
@@ -131,10 +132,14 @@ def test_wgan_gp_loss_on_a_linear_critic():
     torch.manual_seed(0)
     D = Linear()
     real, fake = torch.randn(8, 1, 4, 4), torch.randn(8, 1, 4, 4)
-    loss = pggan.d_loss(D, real, fake, gp_lambda=10.0, drift=0.001)
+    loss, grad_norm = pggan.d_loss(D, real, fake, gp_weight=10.0, drift=0.001)
     s_real, s_fake, norm = D(real).detach(), D(fake).detach(), D.w.detach().norm()
     expected = s_fake.mean() - s_real.mean() + 10.0 * (norm - 1) ** 2 + 0.001 * s_real.square().mean()
     torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(grad_norm, norm)  # what the log shows of D's Lipschitz constant
+    lazy, none = pggan.d_loss(D, real, fake, gp_weight=0.0, drift=0.001)  # a lazy penalty's off step
+    assert none is None
+    torch.testing.assert_close(lazy, expected - 10.0 * (norm - 1) ** 2)
     loss.backward()  # the penalty's gradient only reaches w through the double backward
     w = D.w.detach()
     grad = (fake.mean(0, keepdim=True) - real.mean(0, keepdim=True) + 20.0 * (norm - 1) * w / norm
@@ -149,17 +154,17 @@ def test_training_steps_finite_and_change_weights(depth, alpha, n_classes):
     G, D = small(32, 3, n_classes)
     opt_g, opt_d = pggan.make_optimizers(G, D)
     assert opt_d.defaults["lr"] == 1e-3 and opt_d.defaults["betas"] == (0.0, 0.99)
-    ema = pggan.EMA(G)
+    ema = EMA(G, half_life=100, rampup=None)
     before_g = [p.detach().clone() for p in G.parameters()]
     before_d = [p.detach().clone() for p in D.parameters()]
     real = pggan.fade_reals(torch.rand(8, 3, 32, 32) * 2 - 1, depth, alpha)
     labels = torch.randint(0, 2, (8,)) if n_classes else None
     for _ in range(2):
-        ld = pggan.d_loss(D, real, G(torch.randn(8, 8), labels, depth, alpha), labels, depth, alpha)
+        ld, _ = pggan.d_loss(D, real, G(torch.randn(8, 8), labels, depth, alpha), labels, depth, alpha)
         opt_d.zero_grad(); ld.backward(); opt_d.step()
         lg = pggan.g_loss(D, G(torch.randn(8, 8), labels, depth, alpha), labels, depth, alpha)
         opt_g.zero_grad(); lg.backward(); opt_g.step()
-        ema.update(G)
+        ema.update(G, 0, 8)
         assert torch.isfinite(ld) and torch.isfinite(lg)
     used_g = [i for i, p in enumerate(G.parameters()) if p.grad is not None]
     assert len(used_g) > 4
@@ -170,32 +175,62 @@ def test_training_steps_finite_and_change_weights(depth, alpha, n_classes):
     assert unused.weight.grad is None and torch.equal(unused.weight, ema.model.to_rgb[3 if depth < 3 else 2].weight)
 
 
-def test_ema_update_and_buffers():
+def test_ema_update_is_a_half_life_in_images_with_a_ramp_up_and_copies_buffers():
     net = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
-    ema = pggan.EMA(net, decay=0.9)
+    ema = EMA(net, half_life=64, rampup=0.5)
     start = net[0].weight.detach().clone()
     with torch.no_grad():
         net[0].weight.add_(1.0)
     net(torch.randn(4, 3))  # moves BatchNorm's running stats
-    ema.update(net)
-    torch.testing.assert_close(ema.model[0].weight, start + 0.1)
+    ema.update(net, images_seen=1000, batch_images=16)  # 16 of a 64-image half-life: keeps 0.5 ** 0.25
+    torch.testing.assert_close(ema.model[0].weight, start + 1 - 0.5 ** 0.25)
     torch.testing.assert_close(ema.model[1].running_mean, net[1].running_mean)
     assert not any(p.requires_grad for p in ema.model.parameters())
+    # the ramp-up: after 32 images the half-life is at most 16 of them
+    assert ema_beta(16, 64, 0.5, 32) == pytest.approx(0.5) and ema_beta(16, 64, None, 32) == pytest.approx(0.5 ** 0.25)
 
 
-def test_phase_schedule():
-    s = pggan.PhaseSchedule(32, 100)  # depths 0..3
-    expected = {0: (0, 1.0), 99: (0, 1.0), 100: (1, 0.0), 150: (1, 0.5), 199: (1, 0.99), 200: (1, 1.0),
-                299: (1, 1.0), 300: (2, 0.0), 325: (2, 0.25), 425: (2, 1.0), 500: (3, 0.0), 550: (3, 0.5), 600: (3, 1.0),
-                699: (3, 1.0), 700: (3, 1.0), 10**9: (3, 1.0)}
-    for seen, (depth, alpha) in expected.items():
-        d, a = s(seen)
-        assert d == depth and a == pytest.approx(alpha), seen
-    assert s.growth_images == 600 and s.max_depth == 3
-    with pytest.raises(ValueError):
-        s(-1)
-    with pytest.raises(ValueError):
-        pggan.PhaseSchedule(48, 100)
+def test_a_fixed_decay_keeps_a_sixth_of_a_short_phase_and_a_half_life_over_90_percent():
+    """The issue's figure: decay 0.999 over a 170-step phase holds 16% of it; the default half-life of a
+    quarter of the shortest phase holds at least 1 - 0.5 ** 4 of every phase."""
+    decay_as_half_life = 32 * math.log(0.5) / math.log(0.999)  # images, at batch 32
+    phases = [("4 px", 0, 170 * 32), ("fade 8 px", 170 * 32, 340 * 32)]
+    assert phase_shares(phases, 32, decay_as_half_life, None)["fade 8 px"] == pytest.approx(1 - 0.999 ** 170)
+    assert 1 - 0.999 ** 170 == pytest.approx(0.156, abs=1e-3)
+    for per_depth, first in ((5440, None), (33_000, 66_000), (400, 800)):
+        s = pggan.PhaseSchedule(256, per_depth, first)
+        phases = s.phases(s.growth_images + 2 * per_depth)
+        shortest = min(end - start for _, start, end in phases)
+        shares = phase_shares(phases, 32, half_life_for(shortest, None), 0.05)
+        assert len(shares) == 13 and min(shares.values()) >= 1 - 0.5 ** 4 - 1e-9, shares
+
+
+def test_phase_schedule_with_a_longer_first_depth_and_its_phases():
+    s = pggan.PhaseSchedule(16, 50, first_phase_images=100)  # depths 0..2: each depth trains 100 images
+    assert [s(n) for n in (0, 99, 100, 125, 150, 199, 200, 225, 250, 10**6)] == [
+        (0, 1.0), (0, 1.0), (1, 0.0), (1, 0.5), (1, 1.0), (1, 1.0), (2, 0.0), (2, 0.5), (2, 1.0), (2, 1.0)]
+    assert s.growth_images == 250
+    assert s.phases(300) == [("4 px", 0, 100), ("fade 8 px", 100, 150), ("8 px", 150, 200),
+                             ("fade 16 px", 200, 250), ("16 px", 250, 300)]
+
+
+@pytest.mark.parametrize("channels_in, channels_out, side", [(3, 5, 4), (8, 4, 7)])
+def test_fused_upsample_conv_equals_upsampling_then_the_3x3_conv(channels_in, channels_out, side):
+    torch.manual_seed(0)
+    conv = pggan.EqConv2d(channels_in, channels_out, 3).double()
+    with torch.no_grad():
+        conv.bias.normal_()
+    x = torch.randn(2, channels_in, side, side, dtype=torch.float64)
+    unfused = conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+    torch.testing.assert_close(pggan.upsample_conv(x, conv), unfused, rtol=1e-12, atol=1e-12)
+
+
+def test_pixel_norm_keeps_the_autocast_dtype():
+    x = torch.randn(2, 8, 4, 4).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = pggan.pixel_norm(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float().square().mean(1), torch.ones(2, 4, 4), atol=0.02, rtol=0)
 
 
 def test_bf16_autocast_and_channels_last():
@@ -205,6 +240,6 @@ def test_bf16_autocast_and_channels_last():
     real = torch.randn(4, 1, 16, 16).to(memory_format=torch.channels_last)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         fake = G(torch.randn(4, 8), y, 2, 0.5)
-        ld = pggan.d_loss(D, real, fake, y, 2, 0.5)
+        ld, _ = pggan.d_loss(D, real, fake, y, 2, 0.5)
     assert fake.dtype == torch.bfloat16 and ld.dtype == torch.float32 and torch.isfinite(ld)
     ld.backward()

@@ -2,12 +2,13 @@
 import html
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from biomedsynth.report import _growth_epochs, _sample_pairs, write_report
+from biomedsynth.report import _growth_epochs, _sample_pairs, _synthetic_accuracies, write_report
 from biomedsynth.store import ImageSet, ImageSetWriter
 from biomedsynth.table3 import write_table3
 from test_table3 import HOLDS, STAGES, TASKS, plant
@@ -70,7 +71,7 @@ def tree(tmp_path):
         Image.new("L", (20, 10), 128).save(m / "synthesize" / name / "closest.png")
         for model in ("A", "B"):
             sides = (4, 4, 8) if name.startswith("pggan") else (None,) * 3
-            rows = [{"epoch": e, "swd": 0.1, **({"side": s} if s else {})} for e, s in enumerate(sides, 1)]
+            rows = [{"epoch": e, "swd": 0.1, "snapshot": True, **({"side": s} if s else {})} for e, s in enumerate(sides, 1)]
             (models / name / model / "grids").mkdir(parents=True)
             (models / name / model / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
             for e in range(1, 4):
@@ -104,6 +105,35 @@ def test_write_report(tree, tmp_path):
     growth = np.asarray(Image.open(out / "figures" / "pggan-xg-uncond-growth.png"))
     assert growth.shape == (20 + 6 + 20, 40) and growth[0, 0] == 120 and growth[-1, 0] == 180  # epochs 2 and 3
     assert sorted(p.name for p in out.iterdir()) == ["figures", "report.html", "report.md"]  # no temp files left
+
+
+def test_architectures_of_one_set_side_by_side(tree, tmp_path):
+    """A set trained by two architectures (dcgan-xg-cond and an sg2ada copy of it) gets one table row each and one
+    figure: real images above each architecture's images of the same labels; a set trained once gets none."""
+    m, models, groups, synthetic = tree
+    for path in (m / "gan", m / "synthesize", models, synthetic):
+        for src in path.glob("dcgan-xg-cond*"):
+            dst = src.with_name(src.name.replace("dcgan", "sg2ada"))
+            shutil.copytree(src, dst) if src.is_dir() else shutil.copy(src, dst)
+    (m / "gan" / "scores" / "sg2ada-xg-cond.csv").write_text((m / "gan" / "scores" / "dcgan-xg-cond.csv").read_text())
+    write_images(synthetic / "sg2ada-xg-cond", ["B", "A"] * 3, 8, offset=20)
+    out = tmp_path / "out"
+    write_report(*tree, [*GANS, "sg2ada-xg-cond"], out)
+    md = (out / "report.md").read_text()
+    section = md.split("## Architectures side by side")[1].split("\n### ")[0]  # before the per-stage sections
+    assert "| xg-cond | dcgan | 0.1000 (0.0500) | 0.0200 (0.0100) | 1/2 NOT LEARNT | no | not benchmarked |" in section
+    assert "| xg-cond | sg2ada |" in section and "xg-uncond" not in section
+    grid = np.asarray(Image.open(out / "figures" / "xg-cond-architectures.png"))
+    k = grid.shape[1] // (6 * 10 - 2)  # _tile enlarges a row of the sets' 6 images, 8 px and 2 px gaps, to >= 512 px
+    assert grid.shape[:2] == (3 * 10 * k - 2 * k, 6 * 10 * k - 2 * k)
+    rows = [grid[r * 10 * k, ::10 * k] for r in range(3)]  # the first pixel of each image, per row
+    labels = [{40: "A", 200: "B"}[int(v)] for v in rows[0]]
+    assert [int(v) for v in rows[1]] == [REAL_VALUE[lb] + 10 for lb in labels]  # dcgan's, then sg2ada's, same labels
+    assert [int(v) for v in rows[2]] == [REAL_VALUE[lb] + 20 for lb in labels]
+    summary = json.loads((m / "summary.json").read_text())
+    assert _synthetic_accuracies(summary, "pggan-x_norm-cond").startswith(
+        f"X-ray sex: VGG16 {summary['xray_sex']['vgg16']['synthetic']['value']:.3f}, k-NN ")
+    assert _synthetic_accuracies(summary, "sg2ada-h_norm-uncond") == "not benchmarked"
 
 
 def test_write_report_needs_every_closest_figure(tree, tmp_path):

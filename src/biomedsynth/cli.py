@@ -157,11 +157,15 @@ def studygroups(params: Path = ParamsOpt):
             for side, s in sides.items()))
 
 
-def _gan_stage_names() -> list[str]:
-    """dvc.yaml's GAN stages (the table train_gan loops over), in its order."""
+def _gan_stages() -> dict[str, dict]:
+    """dvc.yaml's GAN stages (the table train_gan loops over), in its order: name -> arch, group, setup, modality."""
     import yaml
 
-    return list(yaml.safe_load(Path("dvc.yaml").read_text())["stages"]["train_gan"]["foreach"])
+    return yaml.safe_load(Path("dvc.yaml").read_text())["stages"]["train_gan"]["foreach"]
+
+
+def _gan_stage_names() -> list[str]:
+    return list(_gan_stages())
 
 
 @app.command()
@@ -199,14 +203,14 @@ def feature_net(modality: str = typer.Argument(..., help="xray | histology"), pa
                    Path("metrics/feature_net") / f"{modality}.json", _run(pick_device))
     _stamp(p, Path("metrics/feature_net") / f"{modality}.json")
     _print_summary(f"feature_net@{modality}", summary)
-ArchArg = typer.Argument(..., help="dcgan | pggan")
+ArchArg = typer.Argument(..., help="dcgan | pggan | sg2ada")
 GroupArg = typer.Argument(..., help="x_norm | x_norm_l | h_norm | h_tumor")
 SetupArg = typer.Argument(..., help="uncond (one model per label) | cond (one model fed the label)")
 
 
 def _check_model(arch: str, group: str, setup: str) -> str:
     """The stage's name, arch-group-setup (its folder under models/gan and data/synthetic)."""
-    for key, value, allowed in (("arch", arch, ("dcgan", "pggan")), ("group", group, tuple(GROUP_MODALITY)),
+    for key, value, allowed in (("arch", arch, ("dcgan", "pggan", "sg2ada")), ("group", group, tuple(GROUP_MODALITY)),
                                 ("setup", setup, ("uncond", "cond"))):
         if value not in allowed:
             _fail(2, f"{key} = {value!r}: allowed {', '.join(allowed)}")
@@ -231,22 +235,25 @@ def train_gan(arch: str = ArchArg, group: str = GroupArg, setup: str = SetupArg,
         _stamp(p, metrics / f"{name}.json")
         typer.echo(f"train_gan@{name}: {reason}")
         return
-    from biomedsynth.gan.train import Options, train_gan as run_train_gan
+    from biomedsynth.gan.train import Options, stage_world, train_gan as run_train_gan
     from biomedsynth.store import ImageSet
 
     def options():
         real = ImageSet(train_set)
         labels = tuple(sorted(real.meta["label"].unique()))
-        return Options.from_params(p, arch, modality, setup, labels, real.shape[2])
+        world = stage_world(1 if setup == "cond" else len(labels), p.launch.nproc_per_node * p.launch.nnodes)
+        return Options.from_params(p, arch, modality, setup, labels, real.shape[2], world)
 
     opt = _run(options)
     _in_workers(p, ["train-gan", arch, group, setup, "--params", str(params)])
     tracked = {"seed": p.seed, "gan": {modality: getattr(p.gan, modality).model_dump(),
-                                       arch: getattr(p.gan, arch).model_dump(), "score": p.gan.score.model_dump()}}
+                                       arch: getattr(p.gan, arch).model_dump(), "score": p.gan.score.model_dump(),
+                                       "snapshots": p.gan.snapshots.model_dump()}}
     summary = _run(run_train_gan, opt, train_set, train_set.with_name("val"), FEATURE_NETS / f"{modality}.pt",
                    Path("models/gan") / name, metrics / f"{name}.json", metrics / "scores" / f"{name}.csv",
                    metrics / "losses" / f"{name}.csv", GAN_STATES / name, trend_tail=p.gan.score.trend_tail,
-                   stage=f"train_gan@{name}", tracking_params=tracked)
+                   stage=f"train_gan@{name}", tracking_params=tracked,
+                   models_per_device=p.launch.models_per_device)
     if summary:  # rank 0
         _stamp(p, metrics / f"{name}.json")
         _print_summary(f"train_gan@{name}", summary)
@@ -407,6 +414,94 @@ def report(params: Path = ParamsOpt):
     _run(write_report, Path("metrics"), Path("models/gan"), Path("data/studygroups"), Path("data/synthetic"),
          _gan_stage_names(), Path("reports"))
     typer.echo("report: reports/report.html and reports/report.md")
+
+
+def _export_sets(p, stages: list[str]) -> list[str]:
+    """The sets params export.sets asks for: table3's, all, or its list (each one of dvc.yaml's sets)."""
+    from biomedsynth.tasks import used_gan_stages
+
+    sets = p.export.sets
+    if sets == "table3":
+        return sorted(used_gan_stages(p.tasks))
+    if sets == "all":
+        return stages
+    if unknown := [s for s in sets if s not in stages]:
+        _fail(2, f"export.sets names {', '.join(unknown)}, not a set of dvc.yaml's ({', '.join(stages)})")
+    return sets
+
+
+@app.command("export")
+def export_cmd(name: str = typer.Argument(..., help="a synthetic set, <arch>-<group>-<setup>"),
+               out: Path = typer.Option(None, help="folder to write (default exports/NAME)"),
+               allow_flagged: bool = typer.Option(False, "--allow-flagged", help="export a set the memorisation "
+                                                  "test flags as copying (the datasheet records it)"),
+               with_generator: bool = typer.Option(False, "--with-generator", help="also ship the chosen sampling "
+                                                   "generator (bf16) and a model card, for `generate --generator`"),
+               if_listed: bool = typer.Option(False, "--if-listed", help="as dvc.yaml's export stage: export only "
+                                              "a set params export.sets lists, else write a note saying why"),
+               params: Path = ParamsOpt):
+    """export@<name>: the synthetic set as PNGs that Hugging Face imagefolder and torchvision ImageFolder load,
+    metadata.csv, datasheet.md/.json, croissant.json and SHA256SUMS (flags add to params `export`)."""
+    stages = _gan_stages()
+    if name not in stages:
+        _fail(2, f"set = {name!r}: allowed {', '.join(stages)}")
+    p = _params(params)
+    e, out = p.export, out or Path("exports") / name
+    _writes(out)
+    synth_metrics = Path("metrics/synthesize") / f"{name}.json"
+    if if_listed:
+        from biomedsynth.export import write_not_exported
+
+        listed = _export_sets(p, list(stages))
+        asked = f"is {e.sets} ({', '.join(listed)})" if isinstance(e.sets, str) else f"lists {', '.join(listed)}"
+        reason = None if name in listed else f"not exported: export.sets {asked}"
+        if reason is None and e.sets == "all" and _run(lambda: json.loads(synth_metrics.read_text())).get(
+                "synthesized") is False:
+            reason = "not exported: synthesize drew no set (gan.stages leaves it out)"
+        if reason:
+            _run(write_not_exported, out, reason)
+            typer.echo(f"export@{name}: {reason}")
+            return
+    from biomedsynth.export import RunFiles, export_set
+
+    stage = stages[name]
+    summary = _run(export_set, name, RunFiles.of(name), out, modality=stage["modality"], group=stage["group"],
+                   license=e.license, version=e.version, intended_use=e.intended_use,
+                   allow_flagged=allow_flagged or name in e.allow_flagged,
+                   with_generator=with_generator or e.with_generator)
+    _print_summary(f"export@{name}", summary)
+
+
+@app.command()
+def generate(name: str = typer.Argument(None, help="a trained set <arch>-<group>-<setup> (or --generator)"),
+             n: int = typer.Option(..., "-n", min=1, help="images to draw"),
+             out: Path = typer.Option(..., help="folder to write (new, empty, or an earlier output)"),
+             label: str = typer.Option(None, help="draw only this label (default: n spread evenly over the labels)"),
+             seed: int = typer.Option(0, min=0, help="a seed and a label always give the same images"),
+             generator: Path = typer.Option(None, help="a shared generator folder (export --with-generator's "
+                                            "generator/) instead of NAME; needs no pipeline outputs nor params"),
+             batch_size: int = typer.Option(256, min=1, help="images per forward pass"),
+             params: Path = ParamsOpt):
+    """Draw more images from the chosen generator of a trained set (synthesize's epochs and hash screen), or from a
+    shared generator, into the export layout (images/<label>/*.png, metadata.csv, SHA256SUMS)."""
+    from biomedsynth import generate as gen
+
+    if (name is None) == (generator is None):
+        _fail(2, "give a set NAME or --generator DIR (one of the two)")
+    if generator is not None:
+        source = _run(gen.from_shared, generator)
+    else:
+        stages = _gan_stages()
+        if name not in stages:
+            _fail(2, f"set = {name!r}: allowed {', '.join(stages)}")
+        p = _params(params)
+        source = _run(gen.from_pipeline, name, stages[name]["modality"], Path("models/gan") / name,
+                      Path("metrics/synthesize") / f"{name}.json",
+                      Path("data/studygroups") / stages[name]["group"] / "train", p.synthesize.max_tries_factor)
+    summary = _run(gen.generate, source, out, n, label, seed, batch_size)
+    typer.echo(f"generate: {summary['images']} images of {source.name} in {summary['seconds']} s "
+               f"({summary['images_per_s']} images/s on {summary['device']}) -> {out}; hash screen "
+               f"{summary['hash_screen']}")
 
 
 @app.command()

@@ -239,8 +239,36 @@ class Pggan(Strict):
     fmap_max: PosInt
     lr: PosFloat
     betas: Betas
-    ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)]
-    images_per_phase: PosInt | None  # null: the epochs spread evenly over the growth phases
+    ema_half_life: PosFloat | None   # images; null: 10,000 or a quarter of the shortest growth phase
+    ema_rampup: Annotated[float, Field(gt=0.0, le=1.0)] | None  # half-life at most this share of images seen
+    epochs_per: Literal["depth", "total"]  # depth: every depth trains `epochs` (the study); total: spread over all
+    images_per_phase: PosInt | None  # fixed phases (then the epochs are the run's total); null: from epochs_per
+    gp_interval: PosInt              # the WGAN-GP penalty every k-th D step with weight k (1: the study)
+
+
+class Ada(Strict):
+    target: Annotated[float, Field(gt=0.0, lt=1.0)]  # the share of reals D calls real that p is steered to (0.6)
+    interval: PosInt                                 # D steps between adjustments of p
+    speed_images: PosInt                             # images over which p can move from 0 to 1
+
+
+class Sg2ada(Strict):
+    channel_base: PosInt     # feature maps at side s: min(channel_base / s, channel_max) (the paper: 16384, 512)
+    channel_max: PosInt
+    mapping_layers: PosInt   # dense layers z -> w
+    lr: PosFloat
+    betas: Betas
+    ema_half_life: PosFloat | None   # images; null: 10,000, at most a quarter of the run
+    ema_rampup: Annotated[float, Field(gt=0.0, le=1.0)] | None  # half-life at most this share of images seen
+    r1_gamma: Annotated[float, Field(ge=0.0)] | None  # null: StyleGAN2-ADA's 0.0002 * resolution^2 / batch_size
+    r1_interval: PosInt      # R1 every k-th D step, weighted k
+    pl_weight: Annotated[float, Field(ge=0.0)]  # path-length regularisation (0: off)
+    ada: Ada
+
+
+class Snapshots(Strict):
+    every: PosInt                            # keep every k-th selectable epoch's sampling generator (and the last)
+    dtype: Literal["float32", "bfloat16"]
 
 
 class GanScore(Strict):
@@ -256,6 +284,8 @@ class Gan(Strict):
     histology: HistologyGan
     dcgan: Dcgan
     pggan: Pggan
+    sg2ada: Sg2ada
+    snapshots: Snapshots
     score: GanScore
 
 
@@ -288,7 +318,7 @@ class Synthesize(Strict):
 
 # --- the benchmark's task sets (SPEC section 5) ---
 class HistologyTask(TrainTest):
-    arch: Literal["dcgan", "pggan"]  # whose H-Norm + H-Tumor synthetic sets train the synthetic model
+    arch: Literal["dcgan", "pggan", "sg2ada"]  # whose H-Norm + H-Tumor synthetic sets train the synthetic model
 
 
 class AgeTask(TrainTest):
@@ -298,7 +328,7 @@ class AgeTask(TrainTest):
 
 class XrayTasks(Strict):
     group: Literal["x_norm", "x_norm_l"]   # the real study group both X-ray tasks draw from
-    arch: Literal["dcgan", "pggan"]        # with setup: the synthetic copy of that group
+    arch: Literal["dcgan", "pggan", "sg2ada"]  # with setup: the synthetic copy of that group
     setup: Literal["uncond", "cond"]
     sex: TrainTest
     age: AgeTask
@@ -340,6 +370,19 @@ class Classify(Strict):
     vgg16: Vgg16
 
 
+# --- sharing the synthetic sets (exports/<name>) ---
+SetName = Annotated[str, Field(pattern=r"^[a-z0-9]+-(x_norm|x_norm_l|h_norm|h_tumor)-(uncond|cond)$")]
+
+
+class Export(Strict):
+    sets: Literal["table3", "all"] | Annotated[list[SetName], Field(min_length=1)]  # table3: the sets Table 3 trains on
+    allow_flagged: list[SetName]  # exported although the memorisation test flags them as copying (the datasheet says so)
+    with_generator: bool          # also ship the chosen sampling generator (bf16) and its model card
+    license: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9.+-]*$")]  # an SPDX id (or LicenseRef-...)
+    version: Annotated[str, Field(pattern=r"^(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)$")]  # MAJOR.MINOR.PATCH
+    intended_use: Annotated[str, Field(min_length=20)]
+
+
 # host:port: a host name, an IPv4 address or a bracketed IPv6 address, and a port
 RDZV_ENDPOINT = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
                            r"|\[[0-9A-Fa-f:.]+\]):([0-9]{1,5})")
@@ -352,6 +395,7 @@ class Launch(Strict):
     nnodes: PosInt
     node_rank: NonNegInt
     rdzv_endpoint: str | None  # host:port of node 0, the same on every node; null: one node, a free local port
+    models_per_device: PosInt  # a stage's per-label GAN models trained at once on each device (processes)
 
     @field_validator("rdzv_endpoint")
     @classmethod
@@ -385,6 +429,7 @@ class Params(Strict):
     synthesize: Synthesize
     tasks: Tasks
     classify: Classify
+    export: Export
 
     @model_validator(mode="after")
     def _age_bins_follow_the_age_task(self):

@@ -25,6 +25,8 @@ def gan_models(name: str, rows: pd.DataFrame, p: Params) -> dict:
     data = getattr(p.gan, GROUP_MODALITY[group])
     epochs = data.epochs if GROUP_MODALITY[group] == "histology" else (
         data.epochs_cond if setup == "cond" else data.epochs_uncond)
+    if arch == "pggan" and p.gan.pggan.epochs_per == "depth" and p.gan.pggan.images_per_phase is None:
+        epochs *= data.resolution.bit_length() - 2  # each depth, 4 px to the side, trains the epochs (as train.py)
     sizes = {"conditional": len(rows)} if setup == "cond" else rows["label"].value_counts().sort_index().to_dict()
     return {model: {"images": int(n), "batch_size": data.batch_size, "steps_per_epoch": n // data.batch_size,
                     "epochs": epochs, "steps": n // data.batch_size * epochs} for model, n in sizes.items()}  # as train.py

@@ -1,6 +1,6 @@
 """The report stage: Table 3 with its intervals, flags and verdict (from metrics/summary.json, the table3
-stage's) beside the study's numbers, and per GAN stage the figures that show what the synthetic images look
-like and how they were picked and checked.
+stage's) beside the study's numbers, per GAN stage the figures that show what the synthetic images look
+like and how they were picked and checked, and the architectures that trained the same set side by side.
 
 `write_report` writes report.md (figures beside it under figures/, so it renders on GitHub) and report.html,
 self-contained: the same PNGs embedded as data URIs, so it opens offline and can be mailed as one file.
@@ -101,6 +101,19 @@ def _sample_pairs(real: ImageSet, synthetic: ImageSet, n: int, seed: int):
         reals += [_resize(real[int(i)], side) for i in rng.choice(pool, k, replace=len(pool) < k)]
         names += [str(label)] * k
     return np.stack(reals), np.stack(syns), names
+
+
+def _same_labels(synthetic: ImageSet, labels: list[str], seed: int) -> np.ndarray:
+    """Images of `synthetic` with these labels, in this order; a label's images without repeats where it has enough."""
+    rng = np.random.default_rng(seed)
+    pool = synthetic.meta["label"].to_numpy()
+    images = []
+    for label in dict.fromkeys(labels):  # _sample_pairs lists each label's images together
+        idx, k = np.flatnonzero(pool == label), labels.count(label)
+        if not len(idx):
+            raise ValueError(f"{synthetic.path} has no image of label {label!r}")
+        images += [synthetic[int(i)] for i in rng.choice(idx, k, replace=len(idx) < k)]
+    return np.stack(images)
 
 
 def _growth_epochs(rows: list[dict]) -> list[int]:
@@ -269,6 +282,51 @@ def _gan_table(metrics_dir: Path, gan_names: list[str]) -> list:
                        "authentic (real)", "near-duplicates", "copying"], evidence_rows)]
 
 
+def _synthetic_accuracies(summary: dict, stage: str) -> str:
+    """Table 3's synthetic-arm accuracies of the cells trained on GAN stage `stage`'s set, per task."""
+    by_task: dict[str, list[str]] = {}
+    for task, model, v in _cells(summary):
+        if stage in v["gan"]["stages"]:
+            value = v["synthetic"]["value"]
+            by_task.setdefault(task, []).append(f"{MODEL_NAMES[model]} {'n/a' if value is None else f'{value:.3f}'}")
+    return "; ".join(f"{TASK_NAMES[t]}: {', '.join(cells)}" for t, cells in by_task.items()) or "not benchmarked"
+
+
+def _side_by_side(summary: dict, metrics_dir: Path, groups_dir: Path, synthetic_dir: Path, gan_names: list[str],
+                  samples: int, seed: int) -> list:
+    """Per set (group and setup) that several architectures trained: their scores, verdicts and Table 3 accuracies
+    in one table, and one figure of real images above each architecture's images of the same labels."""
+    by_set: dict[str, list[str]] = {}
+    for name in gan_names:
+        by_set.setdefault(name.split("-", 1)[1], []).append(name)
+    rows, figures = [], []
+    for set_name, names in by_set.items():
+        if len(names) < 2:
+            continue
+        for name in names:
+            g = _read_json(metrics_dir / "gan" / f"{name}.json")
+            copying = _read_json(metrics_dir / "synthesize" / f"{name}.json")["evidence"]["copying"]
+            rows.append([set_name, name.split("-")[0], f"{g['swd_best']:.4f} ({g['swd_floor']:.4f})",
+                         f"{g['kid_best']:.4f} ({g['kid_floor']:.4f})",
+                         f"{g['models_learnt']}/{g['models']}" + ("" if g["learnt"] else " NOT LEARNT"),
+                         "COPYING" if copying else "no", _synthetic_accuracies(summary, name)])
+        real, first, labels = _sample_pairs(ImageSet(groups_dir / set_name.split("-")[0] / "train"),
+                                            ImageSet(synthetic_dir / names[0]), samples, seed)
+        others = [_same_labels(ImageSet(synthetic_dir / name), labels, seed) for name in names[1:]]
+        figures.append(("img", f"{set_name}-architectures.png", _png(_tile(np.concatenate([real, first, *others]),
+                                                                          len(real))),
+                        f"{set_name}, top to bottom: real training images, then "
+                        f"{', '.join(n.split('-')[0] for n in names)} images of the same labels ({', '.join(labels)})."))
+    if not rows:
+        return []
+    return [("h2", "Architectures side by side"),
+            ("p", "Each set trained by more than one architecture: SWD/KID of the best epoch (real floor in brackets), "
+                  "models that learnt, the memorisation verdict (see Evidence), and the synthetic arm's accuracy in "
+                  "Table 3 where the benchmark trained on that architecture's set (tasks.*.arch)."),
+            ("table", ["set", "architecture", "SWD best (floor)", "KID best (floor)", "learnt", "copying",
+                       "Table 3 synthetic accuracy"], rows), *figures]
+
+
 def _stage(name: str, metrics_dir: Path, models_dir: Path, groups_dir: Path, synthetic_dir: Path,
            samples: int, seed: int) -> list:
     parts = name.split("-")
@@ -352,7 +410,8 @@ def write_report(metrics_dir: Path, models_dir: Path, groups_dir: Path, syntheti
     skipped = {n: g["reason"] for n in gan_names if not (g := _read_json(metrics_dir / "gan" / f"{n}.json")).get("trained", True)}
     gan_names = [n for n in gan_names if n not in skipped]
     blocks = [("h1", TITLE), *_claim(summary["claims"]), *_provenance(summary), *_table3(summary),
-              *_task_sets(metrics_dir / "tasks.json"), *_gan_table(metrics_dir, gan_names)]
+              *_task_sets(metrics_dir / "tasks.json"), *_gan_table(metrics_dir, gan_names),
+              *_side_by_side(summary, metrics_dir, groups_dir, synthetic_dir, gan_names, samples, seed)]
     if skipped:
         blocks.append(("p", f"Not trained in this profile ({next(iter(skipped.values()))}): {', '.join(skipped)}."))
     for name in gan_names:

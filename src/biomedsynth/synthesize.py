@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +43,11 @@ def _as_float(batch: np.ndarray, side: int | None = None) -> torch.Tensor:
 def _hash(x: torch.Tensor, hash_size: int) -> torch.Tensor:
     small = F.interpolate(x.mean(1, keepdim=True), size=(hash_size, hash_size), mode="area").flatten(1)
     return small > small.mean(1, keepdim=True)
+
+
+def hash_space(hash_size: int) -> Space:
+    """The average hash as one more per-image feature: float images -> bool (N, hash_size**2)."""
+    return lambda x: _hash(x, hash_size).numpy()
 
 
 def average_hash(images: np.ndarray, hash_size: int = 16, batch_size: int = 1024) -> np.ndarray:
@@ -94,6 +99,23 @@ def _features(ds: ImageSet, spaces: dict[str, Space], resolution: int, batch_siz
         for name, space in spaces.items():
             features[name].append(space(x))
     return {name: np.concatenate(f) for name, f in features.items()}
+
+
+def set_hashes(ds: ImageSet, resolution: int, hash_size: int, batch_size: int) -> np.ndarray:
+    """The average hashes of a set's images seen at the generator's resolution: what the screen compares with."""
+    return _features(ds, {"hash": hash_space(hash_size)}, resolution, batch_size)["hash"]
+
+
+class HashScreen:
+    """The image-hash screen (SPEC 4): a uint8 image passes when its average hash lies within `threshold` bits of
+    some training image's hash (`train_hash`, from set_hashes)."""
+
+    def __init__(self, train_hash: np.ndarray, threshold: int, hash_size: int):
+        self.train_hash, self.threshold, self.hash_size = train_hash, int(threshold), int(hash_size)
+
+    def passes(self, batch: np.ndarray) -> np.ndarray:
+        """bool (N,) for uint8 (N, H, W, C) images."""
+        return nearest_hamming(_hash(_as_float(batch), self.hash_size).numpy(), self.train_hash) <= self.threshold
 
 
 def calibrate_hash_threshold(heldout_hashes: np.ndarray, train_hashes: np.ndarray, quantile: float) -> int:
@@ -148,9 +170,37 @@ def _check_inputs(train: ImageSet, test: ImageSet, hash_threshold: int | None, h
         raise ValueError(f"max_tries_factor must be >= 1, got {max_tries_factor}")
 
 
-def _draw(sample: Sampler, train: ImageSet, out: Path, train_hash: np.ndarray, *, resolution: int,
-          hash_screen: bool, hash_threshold: int, hash_size: int, max_tries_factor: float, batch_size: int,
-          draws: int, rng: np.random.Generator) -> dict:
+def draw_label(sample: Sampler, label: str, target: int, rng: np.random.Generator, *, shape: tuple[int, int, int],
+               screen: HashScreen | None, max_tries_factor: float, batch_size: int,
+               tally: dict) -> Iterator[np.ndarray]:
+    """Yield uint8 batches of `label` from `sample` until `target` images passed the screen (all pass without
+    one), redrawing what it rejects; more than max_tries_factor x target drawn stops with a line naming the
+    label. `tally["drawn"]` and `tally["rejected"]` count as it goes."""
+    cap, drawn, kept = math.ceil(max_tries_factor * target), 0, 0
+    while kept < target:
+        if screen and drawn >= cap:
+            raise ValueError(
+                f"hash screen: label {label!r} got {kept} of {target} images after {drawn} drawn "
+                f"(cap {max_tries_factor} x {target}) at hash_threshold={screen.threshold} bits; raise "
+                f"hash_threshold, train the GAN longer, or switch hash_screen off")
+        # enough draws to fill the rest at the acceptance rate seen so far
+        need = math.ceil((target - kept) * (drawn + 1) / (kept + 1))
+        n = min(batch_size, need, cap - drawn) if screen else min(batch_size, target - kept)
+        batch = np.asarray(sample(label, n, rng))
+        if batch.shape != (n, *shape) or batch.dtype != np.uint8:
+            raise ValueError(f"sampler gave {batch.dtype} {batch.shape} for label {label!r}, "
+                             f"expected uint8 {(n, *shape)}")
+        drawn += n
+        ok = screen.passes(batch) if screen else np.ones(n, bool)
+        take = batch[np.flatnonzero(ok)[:target - kept]]
+        kept += len(take)
+        tally["drawn"] += n
+        tally["rejected"] += int(n - ok.sum())
+        yield take
+
+
+def _draw(sample: Sampler, train: ImageSet, out: Path, screen: HashScreen | None, *, resolution: int,
+          max_tries_factor: float, batch_size: int, draws: int, rng: np.random.Generator) -> dict:
     """Write `draws` independent synthetic copies of the training set (column `draw`: fresh latents each),
     label by label, redrawing what the hash screen rejects; per-label counts summed over the draws."""
     counts = train.meta["label"].value_counts().sort_index()
@@ -160,34 +210,14 @@ def _draw(sample: Sampler, train: ImageSet, out: Path, train_hash: np.ndarray, *
     jobs = [(draw, label, target) for draw in range(draws) for label, target in counts.items()]
     with ImageSetWriter(out, shape) as writer, tqdm(total=draws * len(train), desc="synthesize", unit="img") as bar:
         for draw, label, target in jobs:
-            cap, drawn, kept, rejected = math.ceil(max_tries_factor * target), 0, 0, 0
             row = {"label": label, "source": "synthetic", **constants.loc[label].to_dict(), "draw": draw}
-            while kept < target:
-                if hash_screen and drawn >= cap:
-                    raise ValueError(
-                        f"hash screen: label {label!r} got {kept} of {target} images after {drawn} drawn "
-                        f"(cap {max_tries_factor} x {target}) at hash_threshold={hash_threshold} bits; raise "
-                        f"hash_threshold, train the GAN longer, or switch hash_screen off")
-                # enough draws to fill the rest at the acceptance rate seen so far
-                need = math.ceil((target - kept) * (drawn + 1) / (kept + 1))
-                n = min(batch_size, need, cap - drawn) if hash_screen else min(batch_size, target - kept)
-                batch = np.asarray(sample(label, n, rng))
-                if batch.shape != (n, *shape) or batch.dtype != np.uint8:
-                    raise ValueError(f"sampler gave {batch.dtype} {batch.shape} for label {label!r}, "
-                                     f"expected uint8 {(n, *shape)}")
-                drawn += n
-                ok = np.ones(n, bool)
-                if hash_screen:
-                    ok = nearest_hamming(_hash(_as_float(batch), hash_size).numpy(), train_hash) <= hash_threshold
-                    rejected += int(n - ok.sum())
-                take = np.flatnonzero(ok)[:target - kept]
-                for i in take:
-                    writer.add(batch[i], image_id=f"syn-{written:06d}", **row)
+            for batch in draw_label(sample, label, int(target), rng, shape=shape, screen=screen,
+                                    max_tries_factor=max_tries_factor, batch_size=batch_size, tally=per_label[label]):
+                for image in batch:
+                    writer.add(image, image_id=f"syn-{written:06d}", **row)
                     written += 1
-                kept += len(take)
-                bar.update(len(take))
-            for key, value in (("images", int(target)), ("drawn", drawn), ("rejected", rejected)):
-                per_label[label][key] += value
+                bar.update(len(batch))
+            per_label[label]["images"] += int(target)
     return per_label
 
 
@@ -237,15 +267,15 @@ def synthesize(sample: Sampler, real_train: Path, real_test: Path, out: Path, *,
     thumbs = [F.interpolate(x, size=side, mode="area") for x in _read(train, resolution, batch_size, fit_idx)]
     spaces = {"pixels": pixel_pca(torch.cat(thumbs), side, pca_dims, seed), "features": feature_space}
     # the hash is one more per-image feature of the real sets
-    hashed = {**spaces, "hash": lambda x: _hash(x, hash_size).numpy()}
+    hashed = {**spaces, "hash": hash_space(hash_size)}
     train_features, test_features = (_features(ds, hashed, resolution, batch_size) for ds in (train, test))
     train_hash, test_hash = train_features.pop("hash"), test_features.pop("hash")
     source = "params" if hash_threshold is not None else "calibrated"
     if hash_threshold is None:
         hash_threshold = calibrate_hash_threshold(test_hash, train_hash, hash_quantile)
 
-    per_label = _draw(sample, train, out, train_hash, resolution=resolution, hash_screen=hash_screen,
-                      hash_threshold=hash_threshold, hash_size=hash_size, max_tries_factor=max_tries_factor,
+    screen = HashScreen(train_hash, hash_threshold, hash_size) if hash_screen else None
+    per_label = _draw(sample, train, out, screen, resolution=resolution, max_tries_factor=max_tries_factor,
                       batch_size=batch_size, draws=draws, rng=np.random.default_rng(seed))
     evidence = _evidence(train, test, ImageSet(out), train_features, test_features, spaces, images=evidence_images,
                          k=prdc_k, cells=cells, resolution=resolution, batch_size=batch_size, seed=seed,

@@ -7,7 +7,6 @@ join a label embedding to the latent before G's first pixel norm and add a proje
 """
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 
@@ -52,8 +51,19 @@ class EqConv2d(nn.Module):
 
 
 def pixel_norm(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Scale each pixel's feature vector (dim 1) to unit root-mean-square."""
-    return x * torch.rsqrt(x.square().mean(1, keepdim=True) + eps)
+    """Scale each pixel's feature vector (dim 1) to unit root-mean-square, in x's dtype: autocast would run
+    rsqrt in fp32 and hand the next conv an fp32 tensor to cast back (the reduction accumulates in fp32)."""
+    with torch.autocast(x.device.type, enabled=False):
+        return x * torch.rsqrt(x.square().mean(1, keepdim=True) + eps)
+
+
+def upsample_conv(x: torch.Tensor, conv: EqConv2d) -> torch.Tensor:
+    """conv(nearest 2x upsampling of x) as one stride-2 transposed conv, the same sums in 4/9 of the
+    multiply-adds. Output row 2i sees input rows i-1 (tap -1) and i (taps 0 and 1), row 2i+1 rows i (taps -1
+    and 0) and i+1 (tap 1): the 3x3 kernel folds into a 4x4 one whose taps are sums of adjacent 3x3 taps."""
+    w = F.pad(conv.weight * conv.scale, (1, 1, 1, 1))
+    w = w[..., 1:, 1:] + w[..., :-1, 1:] + w[..., 1:, :-1] + w[..., :-1, :-1]
+    return F.conv_transpose2d(x, w.transpose(0, 1).flip(2, 3), conv.bias, stride=2, padding=1)
 
 
 def minibatch_stddev(x: torch.Tensor, group_size: int = 4) -> torch.Tensor:
@@ -92,10 +102,8 @@ class Generator(nn.Module):
 
     def block(self, d: int, x: torch.Tensor) -> torch.Tensor:
         """Depth d's block: nearest 2x upsampling, two 3x3 convs, each followed by LeakyReLU and pixel norm."""
-        x = F.interpolate(x, scale_factor=2, mode="nearest")
-        for conv in self.blocks[d - 1]:
-            x = pixel_norm(_act(conv(x)))
-        return x
+        up, conv = self.blocks[d - 1]
+        return pixel_norm(_act(conv(pixel_norm(_act(upsample_conv(x, up))))))
 
     def features(self, z: torch.Tensor, labels: torch.Tensor | None, depth: int) -> torch.Tensor:
         """The feature map at 4 * 2**depth before toRGB."""
@@ -201,20 +209,27 @@ def fade_reals(images: torch.Tensor, depth: int, alpha: float) -> torch.Tensor:
 
 
 def d_loss(D: Discriminator, real: torch.Tensor, fake: torch.Tensor, labels: torch.Tensor | None = None,
-           depth: int | None = None, alpha: float = 1.0, gp_lambda: float = 10.0, drift: float = 0.001) -> torch.Tensor:
-    """WGAN-GP critic loss: E[D(fake)] - E[D(real)] + gp_lambda * E[(|grad D(x_hat)| - 1)^2] + drift * E[D(real)^2].
+           depth: int | None = None, alpha: float = 1.0, gp_weight: float = 10.0, drift: float = 0.001,
+           generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(WGAN-GP critic loss, mean gradient norm at the interpolates or None): E[D(fake)] - E[D(real)]
+    + gp_weight * E[(|grad D(x_hat)| - 1)^2] + drift * E[D(real)^2]; gp_weight 0 skips the penalty (a lazy
+    penalty runs it every k-th step with weight k * lambda).
 
-    x_hat are random interpolates of real and (detached) fake; the penalty is differentiated again
-    (create_graph), so the backward pass is a double backward. Scores are upcast for bf16 autocast.
+    x_hat are random interpolates of real and (detached) fake, drawn from `generator`; the penalty is
+    differentiated again (create_graph), so the backward pass is a double backward. Scores are upcast for
+    bf16 autocast. The gradient norm says how near D stays to 1-Lipschitz.
     """
     fake = fake.detach()
     real_score = D(real, labels, depth, alpha).float()
     fake_score = D(fake, labels, depth, alpha).float()
-    eps = torch.rand(len(real), 1, 1, 1, device=real.device, dtype=real.dtype)
+    loss = fake_score.mean() - real_score.mean() + drift * real_score.square().mean()
+    if not gp_weight:
+        return loss, None
+    eps = torch.rand(len(real), 1, 1, 1, device=real.device, dtype=real.dtype, generator=generator)
     x_hat = torch.lerp(real, fake.to(real.dtype), eps).requires_grad_(True)
     (grad,) = torch.autograd.grad(D(x_hat, labels, depth, alpha).float().sum(), x_hat, create_graph=True)
-    penalty = (grad.float().flatten(1).norm(dim=1) - 1.0).square().mean()
-    return fake_score.mean() - real_score.mean() + gp_lambda * penalty + drift * real_score.square().mean()
+    norm = grad.float().flatten(1).norm(dim=1)
+    return loss + gp_weight * (norm - 1.0).square().mean(), norm.detach().mean()
 
 
 def g_loss(D: Discriminator, fake: torch.Tensor, labels: torch.Tensor | None = None,
@@ -223,64 +238,61 @@ def g_loss(D: Discriminator, fake: torch.Tensor, labels: torch.Tensor | None = N
     return -D(fake, labels, depth, alpha).float().mean()
 
 
-def make_optimizers(G: nn.Module, D: nn.Module, lr: float = 1e-3,
-                    betas: tuple[float, float] = (0.0, 0.99)) -> tuple[torch.optim.Adam, torch.optim.Adam]:
-    """Adam for G and D with the paper's settings; returns (opt_g, opt_d)."""
-    return (torch.optim.Adam(G.parameters(), lr=lr, betas=betas, eps=1e-8),
-            torch.optim.Adam(D.parameters(), lr=lr, betas=betas, eps=1e-8))
-
-
-class EMA:
-    """Exponential moving average of G's weights, the generator to sample and score from.
-
-    `ema.model` is a frozen copy of G; call `ema.update(G)` after every G step (pass the bare module,
-    not a DDP wrapper). Buffers are copied, not averaged.
-    """
-
-    def __init__(self, G: nn.Module, decay: float = 0.999):
-        self.decay = decay
-        self.model = copy.deepcopy(G).eval().requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, G: nn.Module) -> None:
-        for p_ema, p in zip(self.model.parameters(), G.parameters(), strict=True):
-            p_ema.lerp_(p.detach(), 1.0 - self.decay)
-        for b_ema, b in zip(self.model.buffers(), G.buffers(), strict=True):
-            b_ema.copy_(b)
+def make_optimizers(G: nn.Module, D: nn.Module, lr: float = 1e-3, betas: tuple[float, float] = (0.0, 0.99),
+                    fused: bool = False) -> tuple[torch.optim.Adam, torch.optim.Adam]:
+    """Adam for G and D with the paper's settings (fused: one kernel per step, for CUDA); (opt_g, opt_d)."""
+    return (torch.optim.Adam(G.parameters(), lr=lr, betas=betas, eps=1e-8, fused=fused or None),
+            torch.optim.Adam(D.parameters(), lr=lr, betas=betas, eps=1e-8, fused=fused or None))
 
 
 @dataclass(frozen=True)
 class PhaseSchedule:
     """Images seen -> (depth, alpha), a pure function so training can resume at any image count.
 
-    Depth 0 trains (stabilises) for images_per_phase images; every later depth first fades its block in
-    (alpha rising linearly from 0 to 1 over images_per_phase) and then stabilises (alpha 1) for
-    images_per_phase more. After the last depth's fade-in it stays at (max_depth, 1.0).
+    Depth 0 trains (stabilises) for first_phase_images (default images_per_phase); every later depth first
+    fades its block in (alpha rising linearly from 0 to 1 over images_per_phase) and then stabilises
+    (alpha 1) for images_per_phase more. After the last depth's fade-in it stays at (max_depth, 1.0).
     """
     resolution: int
     images_per_phase: int
+    first_phase_images: int | None = None
 
     def __post_init__(self):
         check_shape(self.resolution, 1)
-        if self.images_per_phase <= 0:
-            raise ValueError(f"images_per_phase must be positive, got {self.images_per_phase}")
+        if self.images_per_phase <= 0 or (self.first_phase_images or 1) <= 0:
+            raise ValueError(f"phases must last a positive number of images, got {self.images_per_phase} "
+                             f"(first {self.first_phase_images})")
 
     @property
     def max_depth(self) -> int:
         return int(math.log2(self.resolution)) - 2
 
     @property
+    def first(self) -> int:
+        return self.first_phase_images or self.images_per_phase
+
+    @property
     def growth_images(self) -> int:
         """Images until the final depth is fully faded in (its stabilising phase starts here)."""
-        return self.images_per_phase * (2 * self.max_depth)
+        return self.first + self.images_per_phase * (2 * self.max_depth - 1)
 
     def __call__(self, images_seen: int) -> tuple[int, float]:
         if images_seen < 0:
             raise ValueError(f"images_seen must be >= 0, got {images_seen}")
         p = self.images_per_phase
-        if images_seen < p:
+        if images_seen < self.first:
             return 0, 1.0
-        depth, into = divmod(images_seen - p, 2 * p)  # each later depth: fade (p) then stabilise (p)
+        depth, into = divmod(images_seen - self.first, 2 * p)  # each later depth: fade (p) then stabilise (p)
         if depth + 1 > self.max_depth:
             return self.max_depth, 1.0
         return depth + 1, min(into / p, 1.0)
+
+    def phases(self, total_images: int) -> list[tuple[str, int, int]]:
+        """(name, first image, end image) of each phase of a run of total_images: '4 px', 'fade 8 px', '8 px', ..."""
+        out, start = [("4 px", 0, self.first)], self.first
+        for depth in range(1, self.max_depth + 1):
+            side, p = 4 << depth, self.images_per_phase
+            stable_end = total_images if depth == self.max_depth else start + 2 * p
+            out += [(f"fade {side} px", start, start + p), (f"{side} px", start + p, stable_end)]
+            start += 2 * p
+        return out

@@ -7,7 +7,8 @@ model conditional on the label. The stage's output (models/gan/<name>) holds wha
     options.json              the stage's resolved settings
     <model>/epochs/NNN.pt     the sampling generator of every epoch (what `checkpoint: epoch_N` picks)
     <model>/grids/NNN.png     samples of a fixed latent per epoch
-    <model>/log.jsonl         per epoch: losses, PGGAN depth/alpha, SWD, KID and their real floor
+    <model>/log.jsonl         per epoch: losses, PGGAN depth/alpha, sg2ada's ADA p and r_t and mean R1, SWD,
+                              KID and their real floor
                               (deterministic for a seed on CPU)
     <model>/speed.jsonl       per epoch: seconds and images/s; kept out of DVC's hash (.dvcignore), so
                               retraining on another machine or load changes no hash when the weights agree
@@ -19,22 +20,25 @@ model gets the same scores of real training images against the validation images
 perfect generator gets) and of noise and heavily blurred images (what one that learnt nothing gets).
 
 Training happens in a resume state outside the DVC output, .cache/gan/<name>/<hash of the options>/: the
-same files plus <model>/checkpoint.pt (G, D, EMA, optimisers, RNG state, images seen, after the last complete
-epoch). A run killed at any moment continues from there when the stage runs again, and the output is
-written from it, whole, once every model is trained; so the output is the same bytes whether the run was
+same files plus <model>/checkpoint.pt (G, D, EMA, optimisers, sg2ada's ADA and path-length state, images seen,
+after the last complete epoch). A run killed at any moment continues from there when the stage runs again, and
+the output is written from it, whole, once every model is trained; so the output is the same bytes whether the run was
 interrupted or not, DVC's run cache can restore it (it skips persistent outputs), and a change of options
 trains under a new hash beside the old run's state instead of deleting it. Under torchrun every rank trains
 on its share of each batch list and gradients are averaged across ranks; rank 0 alone writes.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
+import multiprocessing
 import os
 import re
 import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -46,9 +50,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from biomedsynth.distributed import average_gradients, dist_info, pick_device
-from biomedsynth.gan import dcgan, pggan, score
+from biomedsynth.gan import ada, dcgan, pggan, score, sg2ada
 from biomedsynth.gan.curves import write_curves
+from biomedsynth.gan.ema import EMA, MIN_PHASE_SHARE, PHASE_QUARTERS, half_life_for, phase_shares
 from biomedsynth.gan.feature_net import fingerprint
+from biomedsynth.lifetime import die_with_parent
 from biomedsynth.store import ImageSet, atomic_write_text, remove_tree, save_torch, write_json
 
 COND_MODEL = "conditional"  # folder of the one model of the `cond` setup
@@ -57,61 +63,123 @@ GRID_COLUMNS = 8
 # noise and blur baselines (1). Half way, not "below the baseline": a collapsed GAN drawing checkerboard
 # noise scores within a few percent of noise, on either side depending on the scoring seed (measured).
 LEARNT_BELOW = 0.5
+GP_LAMBDA = 10.0  # WGAN-GP's penalty weight (Gulrajani et al.; PGGAN keeps it)
+PL_INTERVAL = 4  # sg2ada: path length every 4th G step on half the batch, weighted 4 (StyleGAN2's lazy regularisation)
+ARCHS = {"dcgan": dcgan, "pggan": pggan, "sg2ada": sg2ada}
 
 
 @dataclass(frozen=True)
 class Options:
     """Everything that decides a model's weights; saved beside the outputs and compared on resume."""
-    arch: str                  # dcgan | pggan
+    arch: str                  # dcgan | pggan | sg2ada
     setup: str                 # uncond | cond
     labels: tuple[str, ...]    # the group's labels, sorted (class ids of conditional models)
     resolution: int
     channels: int
     latent_dim: int
-    batch_size: int
-    epochs: int
+    batch_size: int            # images per step over all `world` processes
+    epochs: int                # PGGAN with epochs_per `depth`: per depth
     seed: int
     lr: float
     betas: tuple[float, float]
-    net: dict = field(default_factory=dict)   # dcgan: base_width; pggan: fmap_base, fmap_max
-    ema_decay: float = 0.0                    # pggan only
-    images_per_phase: int | None = None       # pggan only; None: epochs spread evenly over the phases
+    net: dict = field(default_factory=dict)   # dcgan: base_width; pggan: fmap_base, fmap_max;
+                                              # sg2ada: channel_base, channel_max, mapping_layers
+    world: int = 1                            # processes sharing each step's batch (seeds and stddev groups)
+    ema_half_life: float | None = None        # pggan, sg2ada: images; None: ema.half_life_for the shortest phase
+    ema_rampup: float | None = None           # pggan, sg2ada: half-life at most this share of the images seen
+    epochs_per: str = "total"                 # pggan: `depth` (each depth trains `epochs`) or `total`
+    images_per_phase: int | None = None       # pggan: fixed phases (then `epochs` is the total)
+    gp_interval: int = 1                      # pggan: the penalty every k-th D step, weighted k
+    r1_gamma: float | None = None             # sg2ada: R1's weight gamma (required; r1_gamma_heuristic)
+    r1_interval: int = 16                     # sg2ada: R1 every k-th D step, weighted k (the paper: 16)
+    pl_weight: float = 2.0                    # sg2ada: path length's weight (0: off; the paper: 2)
+    augment: str = ""                         # sg2ada: the modality whose augmentations ADA applies (ada.MODALITIES)
+    ada_target: float = 0.6                   # sg2ada: the overfitting heuristic r_t that ADA steers p to hold
+    ada_interval: int = 4                     # sg2ada: D steps between adjustments of p
+    ada_speed_images: int = 500_000           # sg2ada: images over which p can move from 0 to 1
+    snapshot_every: int = 1                   # keep the sampling generator of every k-th selectable epoch
+    snapshot_dtype: str = "float32"           # float32 | bfloat16
     score_images: int = 128
     swd_directions: int = 512
     feature_net: str = ""   # fingerprint of the KID feature net, set by train_gan (a new net starts over)
 
     def __post_init__(self):
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))  # Adam refuses int betas
-        if self.arch not in ("dcgan", "pggan"):
-            raise ValueError(f"arch must be dcgan or pggan, got {self.arch!r}")
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be dcgan, pggan or sg2ada, got {self.arch!r}")
         if self.setup not in ("uncond", "cond"):
             raise ValueError(f"setup must be uncond or cond, got {self.setup!r}")
-        (dcgan if self.arch == "dcgan" else pggan).check_shape(self.resolution, self.channels)
+        if self.epochs_per not in ("depth", "total"):
+            raise ValueError(f"epochs_per must be depth or total, got {self.epochs_per!r}")
+        if self.snapshot_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"snapshot dtype must be float32 or bfloat16, got {self.snapshot_dtype!r}")
+        ARCHS[self.arch].check_shape(self.resolution, self.channels)
         bad = [lb for lb in self.labels if not re.fullmatch(r"[A-Za-z0-9_.+-]+", lb) or lb == COND_MODEL]
         if bad:
             raise ValueError(f"label {bad[0]!r} cannot name a model folder (letters, digits, _ . + - only)")
-        if self.arch == "pggan" and self.batch_size % 4:
-            raise ValueError(f"PGGAN's minibatch stddev groups 4 images: batch_size must be a multiple of 4, "
-                             f"got {self.batch_size}")
+        if self.batch_size % self.world:
+            raise ValueError(f"batch_size {self.batch_size} does not split over {self.world} processes")
+        if self.arch != "dcgan" and self.batch_size // self.world % 4:
+            raise ValueError(f"{self.arch}'s minibatch stddev groups 4 images: each of {self.world} process(es) needs "
+                             f"a multiple of 4, got batch_size {self.batch_size}")
+        if self.arch == "sg2ada":
+            self._check_sg2ada()
+
+    def _check_sg2ada(self) -> None:
+        """ValueError, one line, for sg2ada settings its networks, regularisers or ADA would refuse or misuse."""
+        if set(self.net) != {"channel_base", "channel_max", "mapping_layers"}:
+            raise ValueError(f"sg2ada's net needs channel_base, channel_max and mapping_layers, got {sorted(self.net)}")
+        sg2ada.widths(self.resolution, self.net["channel_base"], self.net["channel_max"])
+        if self.net["mapping_layers"] < 1:
+            raise ValueError(f"sg2ada's mapping_layers must be >= 1, got {self.net['mapping_layers']}")
+        if self.augment not in ada.MODALITIES:
+            raise ValueError(f"sg2ada's augment must be one of {', '.join(ada.MODALITIES)} (the modality whose "
+                             f"augmentations ADA applies), got {self.augment!r}")
+        if self.r1_gamma is None or self.r1_gamma < 0:
+            raise ValueError(f"sg2ada's r1_gamma must be >= 0, got {self.r1_gamma} (StyleGAN2-ADA's heuristic here: "
+                             f"{r1_gamma_heuristic(self.resolution, self.batch_size):g})")
+        if self.r1_interval < 1 or self.pl_weight < 0:
+            raise ValueError(f"sg2ada's r1_interval must be >= 1 and pl_weight >= 0, got {self.r1_interval} and "
+                             f"{self.pl_weight}")
+        ada.AdaptiveP(self.ada_target, self.ada_interval, self.ada_speed_images)  # refuses a bad target or speed
 
     @property
     def n_classes(self) -> int:
         return len(self.labels) if self.setup == "cond" else 0
 
+    @property
+    def total_epochs(self) -> int:
+        """Epochs of the whole run: with epochs_per `depth`, each of PGGAN's depths trains `epochs`."""
+        if self.arch == "pggan" and self.epochs_per == "depth" and self.images_per_phase is None:
+            return self.epochs * (pggan.check_shape(self.resolution, self.channels) + 1)
+        return self.epochs
+
     @classmethod
-    def from_params(cls, p, arch: str, modality: str, setup: str, labels: tuple[str, ...], channels: int) -> Options:
+    def from_params(cls, p, arch: str, modality: str, setup: str, labels: tuple[str, ...], channels: int,
+                    world: int = 1) -> Options:
         """The options of one train_gan stage from the params models (params.Params)."""
         data, net = getattr(p.gan, modality), getattr(p.gan, arch)
         if modality == "histology":
             epochs = data.epochs
         else:
             epochs = data.epochs_cond if setup == "cond" else data.epochs_uncond
-        arch_opts = (dict(net=dict(base_width=net.base_width)) if arch == "dcgan" else
-                     dict(net=dict(fmap_base=net.fmap_base, fmap_max=net.fmap_max), ema_decay=net.ema_decay,
-                          images_per_phase=net.images_per_phase))
+        if arch == "dcgan":
+            arch_opts = dict(net=dict(base_width=net.base_width))
+        elif arch == "pggan":
+            arch_opts = dict(net=dict(fmap_base=net.fmap_base, fmap_max=net.fmap_max), ema_half_life=net.ema_half_life,
+                             ema_rampup=net.ema_rampup, epochs_per=net.epochs_per,
+                             images_per_phase=net.images_per_phase, gp_interval=net.gp_interval)
+        else:
+            gamma = net.r1_gamma if net.r1_gamma is not None else r1_gamma_heuristic(data.resolution, data.batch_size)
+            arch_opts = dict(net=dict(channel_base=net.channel_base, channel_max=net.channel_max,
+                                      mapping_layers=net.mapping_layers), ema_half_life=net.ema_half_life,
+                             ema_rampup=net.ema_rampup, r1_gamma=gamma, r1_interval=net.r1_interval,
+                             pl_weight=net.pl_weight, augment=modality, ada_target=net.ada.target,
+                             ada_interval=net.ada.interval, ada_speed_images=net.ada.speed_images)
         return cls(arch=arch, setup=setup, labels=labels, resolution=data.resolution, channels=channels,
                    latent_dim=data.latent_dim, batch_size=data.batch_size, epochs=epochs, seed=p.seed, lr=net.lr,
-                   betas=tuple(net.betas), score_images=p.gan.score.images,
+                   betas=tuple(net.betas), world=world, snapshot_every=p.gan.snapshots.every,
+                   snapshot_dtype=p.gan.snapshots.dtype, score_images=p.gan.score.images,
                    swd_directions=p.gan.score.swd_directions, **arch_opts)
 
     def to_json(self) -> dict:
@@ -122,43 +190,91 @@ class Options:
         return cls(**{**d, "labels": tuple(d["labels"]), "betas": tuple(d["betas"])})
 
 
+def r1_gamma_heuristic(resolution: int, batch_size: int) -> float:
+    """StyleGAN2-ADA's R1 weight for a side and (global) batch when none is configured: 0.0002 * side^2 / batch."""
+    return 0.0002 * resolution ** 2 / batch_size
+
+
 # ---- models ----
 
-def build(opt: Options):
-    """(G, D, opt_g, opt_d, ema or None) on the CPU with the options' seed."""
+def generator(opt: Options) -> torch.nn.Module:
+    """G on the CPU, initialised from the options' seed."""
     torch.manual_seed(opt.seed)
-    if opt.arch == "dcgan":
-        G = dcgan.Generator(opt.resolution, opt.channels, opt.latent_dim, n_classes=opt.n_classes, **opt.net)
-        D = dcgan.Discriminator(opt.resolution, opt.channels, n_classes=opt.n_classes, **opt.net)
-        return (G, D, *dcgan.make_optimizers(G, D, opt.lr, opt.betas), None)
-    G = pggan.Generator(opt.resolution, opt.channels, opt.latent_dim, n_classes=opt.n_classes, **opt.net)
-    D = pggan.Discriminator(opt.resolution, opt.channels, n_classes=opt.n_classes, **opt.net)
-    return (G, D, *pggan.make_optimizers(G, D, opt.lr, opt.betas), pggan.EMA(G, opt.ema_decay))
+    return ARCHS[opt.arch].Generator(opt.resolution, opt.channels, opt.latent_dim, n_classes=opt.n_classes, **opt.net)
+
+
+@dataclass
+class Sg2adaState:
+    """What sg2ada trains with beside its networks: the augmentations D's inputs go through, ADA's controller of
+    their probability p (the pipe reads its p tensor) and the path-length regulariser's running mean."""
+    pipe: ada.AugmentPipe
+    adaptive: ada.AdaptiveP
+    path_length: sg2ada.PathLengthPenalty
+
+    @classmethod
+    def create(cls, opt: Options, device: torch.device) -> Sg2adaState:
+        adaptive = ada.AdaptiveP(opt.ada_target, opt.ada_interval, opt.ada_speed_images, device=device,
+                                 sync=opt.world > 1)  # ranks share this model's batches, or train models of their own
+        return cls(ada.for_modality(opt.augment, p=adaptive.p), adaptive, sg2ada.PathLengthPenalty().to(device))
+
+    def state_dict(self) -> dict:
+        return {"ada": self.adaptive.state_dict(), "path_length": _weights(self.path_length)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.adaptive.load_state_dict(state["ada"])
+        self.path_length.load_state_dict(state["path_length"])
+
+
+def build(opt: Options, device: torch.device = torch.device("cpu"), ema_half_life: float | None = None):
+    """(G, D, opt_g, opt_d, ema or None, Sg2adaState or None) on `device`, initialised on the CPU from the
+    options' seed (the same weights on every device); on CUDA in channels_last with fused Adam."""
+    G = generator(opt)
+    d_net = {k: v for k, v in opt.net.items() if k != "mapping_layers"}  # sg2ada's mapping network is G's alone
+    D = ARCHS[opt.arch].Discriminator(opt.resolution, opt.channels, n_classes=opt.n_classes, **d_net)
+    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    G, D = G.to(device, memory_format=fmt), D.to(device, memory_format=fmt)
+    opt_g, opt_d = ARCHS[opt.arch].make_optimizers(G, D, opt.lr, opt.betas, fused=device.type == "cuda")
+    ema = EMA(G, ema_half_life, opt.ema_rampup) if opt.arch != "dcgan" else None
+    return G, D, opt_g, opt_d, ema, Sg2adaState.create(opt, device) if opt.arch == "sg2ada" else None
 
 
 def phase_schedule(opt: Options, images_per_epoch: int) -> pggan.PhaseSchedule:
-    """PGGAN's growth; by default the epochs spread evenly over the 2 * depths + 1 phases, so every
-    depth trains on the same number of images (the study: same batch and epochs at every depth)."""
+    """PGGAN's growth. epochs_per `depth` (the study: same batch and epochs at every depth): depth 0 trains
+    `epochs`, every later depth fades in over half of them and stabilises over the other half. `total`:
+    the epochs spread evenly over the 2 * depths + 1 phases."""
     max_depth = pggan.check_shape(opt.resolution, opt.channels)
-    total = opt.epochs * images_per_epoch
-    per_phase = opt.images_per_phase or max(1, total // (2 * max_depth + 1))
-    if per_phase * 2 * max_depth > total:
-        raise ValueError(f"PGGAN: {opt.epochs} epochs of {images_per_epoch} images end before the growth to "
-                         f"{opt.resolution} px ({per_phase} images per phase x {2 * max_depth} phases); "
-                         "lower images_per_phase or raise the epochs")
-    return pggan.PhaseSchedule(opt.resolution, per_phase)
+    total = opt.total_epochs * images_per_epoch
+    if opt.images_per_phase is not None or opt.epochs_per == "total":
+        per_phase = opt.images_per_phase or max(1, total // (2 * max_depth + 1))
+        schedule = pggan.PhaseSchedule(opt.resolution, per_phase)
+    else:
+        per_depth = opt.epochs * images_per_epoch
+        schedule = pggan.PhaseSchedule(opt.resolution, max(1, per_depth // 2), per_depth)
+    if schedule.growth_images > total:
+        raise ValueError(f"PGGAN: {opt.total_epochs} epochs of {images_per_epoch} images end before the growth to "
+                         f"{opt.resolution} px ({schedule.growth_images} images); lower images_per_phase or raise "
+                         "the epochs")
+    return schedule
 
 
 @torch.no_grad()
 def generate(G: torch.nn.Module, opt: Options, z: torch.Tensor, labels: torch.Tensor | None,
-             depth: int | None = None, alpha: float = 1.0, batch_size: int = 256) -> torch.Tensor:
-    """Float (N, C, resolution, resolution) images in [-1, 1]; a PGGAN below full depth is upsampled."""
+             depth: int | None = None, alpha: float = 1.0, batch_size: int = 256,
+             noise: torch.Generator | None = None) -> torch.Tensor:
+    """Float (N, C, resolution, resolution) images in [-1, 1]; a PGGAN below full depth is upsampled. sg2ada's
+    per-pixel noise is drawn from `noise` (a generator on G's device), as in training; None: each layer's fixed
+    noise map, so a latent always gives the same image (the sample grids)."""
     was_training = G.training
     G.eval()  # DCGAN samples with BatchNorm's running statistics, so a sample never changes the model
     out = []
     for s in range(0, len(z), batch_size):
         y = None if labels is None else labels[s:s + batch_size]
-        x = G(z[s:s + batch_size], y) if opt.arch == "dcgan" else G(z[s:s + batch_size], y, depth, alpha)
+        if opt.arch == "pggan":
+            x = G(z[s:s + batch_size], y, depth, alpha)
+        elif opt.arch == "sg2ada":
+            x = G(z[s:s + batch_size], y, "const" if noise is None else "random", noise)
+        else:
+            x = G(z[s:s + batch_size], y)
         x = x.float().clamp(-1, 1)
         if x.shape[-1] != opt.resolution:
             x = F.interpolate(x, size=opt.resolution, mode="nearest")
@@ -201,17 +317,6 @@ def _weights(module: torch.nn.Module) -> dict:
     return {k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in module.state_dict().items()}
 
 
-def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def epoch_file(model_dir: Path, epoch: int) -> Path:
     return model_dir / "epochs" / f"{epoch:03d}.pt"
 
@@ -238,101 +343,184 @@ class ModelData:
     val_class_ids: np.ndarray | None
 
 
-def plan_epochs(opt: Options, data: ModelData, world: int = 1) -> tuple[int, pggan.PhaseSchedule | None]:
-    """(steps per epoch, PGGAN's growth schedule or None); ValueError when the model's images do not fill
-    one batch per rank or, for PGGAN, its epochs end before the full side."""
+@dataclass(frozen=True)
+class ModelPlan:
+    """How one model trains: steps, PGGAN's growth and the sampling generator's half-life, checked up front."""
+    steps_per_epoch: int
+    images_per_epoch: int                  # over all processes
+    schedule: pggan.PhaseSchedule | None
+    ema_half_life: float | None
+    ema_phase_shares: dict[str, float]     # per growth phase: its share in the sampled generator at its end
+
+
+def plan_epochs(opt: Options, data: ModelData) -> ModelPlan:
+    """ValueError when the model's images do not fill one batch, its epochs end before PGGAN's full side, or
+    the EMA's half-life leaves a growth phase under MIN_PHASE_SHARE of the sampled generator. sg2ada does not
+    grow: its whole run is its one phase, so its default half-life is stylegan2-ada's (ema.DEFAULT_HALF_LIFE)
+    capped at a quarter of the run (a cap the ramp-up already keeps to unless it is over 0.25), not of an epoch:
+    nothing changes between epochs that the average must catch up with."""
     n = len(data.indices)
-    if n < opt.batch_size * world:
-        raise ValueError(f"model {data.name}: {n} training images, fewer than one batch of {opt.batch_size}"
-                         f"{f' x {world} ranks' if world > 1 else ''}; lower the batch size or enlarge the group")
-    steps_per_epoch = n // (opt.batch_size * world)
-    images_per_epoch = steps_per_epoch * opt.batch_size * world
-    return steps_per_epoch, phase_schedule(opt, images_per_epoch) if opt.arch == "pggan" else None
+    if n < opt.batch_size:
+        raise ValueError(f"model {data.name}: {n} training images, fewer than one batch of {opt.batch_size}; "
+                         "lower the batch size or enlarge the group")
+    steps_per_epoch = n // opt.batch_size
+    images_per_epoch = steps_per_epoch * opt.batch_size
+    if opt.arch == "dcgan":
+        return ModelPlan(steps_per_epoch, images_per_epoch, None, None, {})
+    total = opt.total_epochs * images_per_epoch
+    schedule = phase_schedule(opt, images_per_epoch) if opt.arch == "pggan" else None
+    phases = schedule.phases(total) if schedule is not None else [("training", 0, total)]
+    shortest = min(end - start for _, start, end in phases)
+    half_life = half_life_for(shortest, opt.ema_half_life)
+    shares = phase_shares(phases, opt.batch_size, half_life, opt.ema_rampup)
+    low = min(shares, key=shares.get)
+    if shares[low] < MIN_PHASE_SHARE:
+        raise ValueError(f"model {data.name}: an EMA half-life of {half_life:g} images keeps {shares[low]:.0%} of its "
+                         f"{low} phase in the sampled generator; set gan.{opt.arch}.ema_half_life at most "
+                         f"{shortest / math.log2(1 / (1 - MIN_PHASE_SHARE)):.0f} or null")
+    return ModelPlan(steps_per_epoch, images_per_epoch, schedule, half_life, {k: round(v, 4) for k, v in shares.items()})
+
+
+class TrainingImages:
+    """One model's training images at the GAN side as uint8 (N, C, side, side), read and area-downsampled
+    once and held on a GPU when they fit in a quarter of its free memory; else (and on the CPU) read per
+    batch, downsampled on the device. Both round the downsampled images to uint8, so they agree."""
+
+    def __init__(self, images: ImageSet, indices: np.ndarray, resolution: int, device: torch.device):
+        self.images, self.indices, self.resolution, self.device = images, indices, resolution, device
+        self.resident = None
+        if device.type == "cuda":
+            c = images.shape[2]
+            if len(indices) * c * resolution ** 2 < torch.cuda.mem_get_info(device)[0] // 4:
+                self.resident = torch.empty((len(indices), c, resolution, resolution), dtype=torch.uint8,
+                                            device=device)
+                for part in np.array_split(np.arange(len(indices)), -(-len(indices) // 1024)):
+                    self.resident[torch.from_numpy(part).to(device)] = self._read(part)
+
+    def _read(self, positions: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(np.stack([self.images[int(i)] for i in self.indices[positions]]))
+        if self.device.type == "cuda":
+            x = x.pin_memory().to(self.device, non_blocking=True)  # pinned: the copy overlaps the last step
+        x = (x[..., None] if x.ndim == 3 else x).permute(0, 3, 1, 2).float()
+        if x.shape[-1] != self.resolution:
+            x = F.interpolate(x, size=self.resolution, mode="area")
+        return x.round().to(torch.uint8)
+
+    def batch(self, positions: np.ndarray) -> torch.Tensor:
+        """Float (N, C, side, side) in [-1, 1] on the device, the images at these positions of `indices`."""
+        x = (self.resident[torch.from_numpy(positions).to(self.device)] if self.resident is not None
+             else self._read(positions))
+        return x.float() / 127.5 - 1.0
+
+
+def _epoch_rng(opt: Options, rank: int, epoch: int, device: torch.device) -> torch.Generator:
+    """Everything random in one rank's steps of one epoch (latents, the penalty's mixing): seeded by
+    (seed * world + rank, epoch), so ranks draw their own numbers and a resumed epoch draws the same ones."""
+    seed = np.random.SeedSequence([opt.seed * opt.world + rank, epoch]).generate_state(1, np.uint64)[0]
+    return torch.Generator(device).manual_seed(int(seed))
+
+
+def _snapshot(opt: Options, epoch: int, grown: bool) -> bool:
+    """Whether an epoch's sampling generator is kept: only epochs `best` can choose (at the full side, fully
+    faded in), every snapshot_every-th of them and the last."""
+    return grown and (epoch % opt.snapshot_every == 0 or epoch == opt.total_epochs)
+
+
+def kept_epochs(opt: Options, images: int) -> list[int]:
+    """The epochs whose sampling generator a model of `images` training images keeps (see _snapshot)."""
+    plan = plan_epochs(opt, ModelData("model", np.arange(images), None, np.arange(1), None))
+    growth = plan.schedule.growth_images if plan.schedule is not None else 0
+    return [e for e in range(1, opt.total_epochs + 1) if _snapshot(opt, e, e * plan.images_per_epoch >= growth)]
+
+
+def snapshot_bytes(opt: Options) -> int:
+    """Bytes of one kept sampling generator: its parameters and buffers at the snapshot dtype."""
+    with torch.device("meta"):
+        G = generator(opt)
+    size = torch.finfo(getattr(torch, opt.snapshot_dtype)).bits // 8
+    return sum(t.numel() * (size if t.is_floating_point() else t.element_size())
+               for t in (*G.parameters(), *G.buffers()))
 
 
 def train_model(opt: Options, data: ModelData, images: ImageSet, model_dir: Path, scorer: Scorer,
-                device: torch.device, rank: int = 0, world: int = 1, log=print, tracker=None) -> list[dict]:
-    """Train one model to opt.epochs in model_dir (its resume state), resuming from model_dir/checkpoint.pt;
-    returns its log rows up to opt.epochs (a state trained further serves fewer epochs: its first ones)."""
-    G, D, opt_g, opt_d, ema = build(opt)
-    n = len(data.indices)
-    steps_per_epoch, schedule = plan_epochs(opt, data, world)
-    images_per_epoch = steps_per_epoch * opt.batch_size * world
+                device: torch.device, rank: int = 0, log=print, tracker=None) -> list[dict]:
+    """Train one model to opt.total_epochs in model_dir (its resume state), resuming from model_dir/checkpoint.pt;
+    returns its log rows up to that epoch (a state trained further serves fewer epochs: its first ones)."""
+    plan = plan_epochs(opt, data)
+    nets = build(opt, device, plan.ema_half_life)
+    G, D, opt_g, opt_d, ema, sg2 = nets
+    n, epochs, per_rank = len(data.indices), opt.total_epochs, opt.batch_size // opt.world
     start_epoch, images_seen = 0, 0
     ckpt_path = model_dir / "checkpoint.pt"
     if ckpt_path.is_file():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
         G.load_state_dict(ck["G"]), D.load_state_dict(ck["D"])
         opt_g.load_state_dict(ck["opt_g"]), opt_d.load_state_dict(ck["opt_d"])
         if ema is not None:
             ema.model.load_state_dict(ck["ema"])
+        if sg2 is not None:
+            sg2.load_state_dict(ck["sg2ada"])
         start_epoch, images_seen = ck["epoch"], ck["images_seen"]
-        _set_rng_state(ck["rng"])
-        log(f"{data.name}: " + (f"resuming after epoch {start_epoch} of {opt.epochs}" if start_epoch < opt.epochs
-                                else f"already trained ({start_epoch} epochs, {opt.epochs} asked for)"))
+        log(f"{data.name}: " + (f"resuming after epoch {start_epoch} of {epochs}" if start_epoch < epochs
+                                else f"already trained ({start_epoch} epochs, {epochs} asked for)"))
     rows = [r for r in read_log(model_dir) if r["epoch"] <= start_epoch]  # drop a half-written epoch's line
-    if start_epoch >= opt.epochs:
-        return rows[:opt.epochs]
-    use_amp = device.type == "cuda"  # bf16 autocast + channels_last on GPU; fp32 on CPU
-    fmt = torch.channels_last if use_amp else torch.contiguous_format
-    for m in (G, D) + ((ema.model,) if ema else ()):
-        m.to(device, memory_format=fmt)
-    for o in (opt_g, opt_d):  # optimiser state loaded on the CPU follows the parameters
-        for st in o.state.values():
-            for k, v in st.items():
-                if torch.is_tensor(v) and k != "step":
-                    st[k] = v.to(device)
-    loss_fns = dcgan if opt.arch == "dcgan" else pggan
+    if start_epoch >= epochs:
+        return rows[:epochs]
+    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format  # as build's
+    train = TrainingImages(images, data.indices, opt.resolution, device)
     sampler = ema.model if ema is not None else G
     g_fixed = torch.Generator().manual_seed(opt.seed)  # the grid's latent: the same every epoch and run
     grid_labels = _grid_labels(opt, data)
     z_grid = torch.randn(len(grid_labels) if grid_labels is not None else 2 * GRID_COLUMNS, opt.latent_dim,
                          generator=g_fixed)
-    y_all = None if data.class_ids is None else torch.from_numpy(data.class_ids)
+    y_all = None if data.class_ids is None else torch.from_numpy(data.class_ids).to(device)
+    sums = torch.zeros(3, device=device)  # loss D, loss G, penalty gradient norm: read once per epoch
 
-    for epoch in range(start_epoch + 1, opt.epochs + 1):
+    for epoch in range(start_epoch + 1, epochs + 1):
         order = np.random.default_rng((opt.seed, epoch)).permutation(n)  # resumable without saved state
-        sums, t0 = {"loss_d": 0.0, "loss_g": 0.0}, time.perf_counter()
-        for step in tqdm(range(steps_per_epoch), desc=f"{data.name} epoch {epoch}", unit="step", leave=False,
+        rng = _epoch_rng(opt, rank, epoch, device)
+        sums.zero_()
+        penalised, t0 = 0, time.perf_counter()
+        for step in tqdm(range(plan.steps_per_epoch), desc=f"{data.name} epoch {epoch}", unit="step", leave=False,
                          disable=None if rank == 0 else True):  # None: shown on a terminal only
-            chunk = order[(step * world + rank) * opt.batch_size:(step * world + rank + 1) * opt.batch_size]
-            chunk = np.sort(chunk)  # sorted reads are kinder to memory-maps; the set is still random
-            real = read_batch(images, data.indices[chunk], opt.resolution).to(device, memory_format=fmt)
-            y = None if y_all is None else y_all[chunk].to(device)
-            extra = ()
-            if schedule is not None:
-                depth, alpha = schedule(images_seen)
+            first = step * opt.batch_size + rank * per_rank
+            chunk = np.sort(order[first:first + per_rank])  # sorted reads are kinder to memory-maps
+            real = train.batch(chunk).contiguous(memory_format=fmt)
+            y = None if y_all is None else y_all[torch.from_numpy(chunk).to(device)]
+            extra, depth, alpha = (), None, 1.0
+            if plan.schedule is not None:
+                depth, alpha = plan.schedule(images_seen)
                 real, extra = pggan.fade_reals(real, depth, alpha), (depth, alpha)
-            z = torch.randn(len(real), opt.latent_dim, device=device)
-            with torch.autocast(device.type, torch.bfloat16, enabled=use_amp):
-                with torch.no_grad():
-                    fake = G(z, y, *extra)
-                loss_d = loss_fns.d_loss(D, real, fake, y, *extra)
-            opt_d.zero_grad(set_to_none=True)
-            loss_d.backward()
-            average_gradients(D, world)
-            opt_d.step()
-            with torch.autocast(device.type, torch.bfloat16, enabled=use_amp):
-                loss_g = loss_fns.g_loss(D, G(torch.randn_like(z), y, *extra), y, *extra)
-            opt_g.zero_grad(set_to_none=True)
-            loss_g.backward()
-            average_gradients(G, world)
-            opt_g.step()
-            if ema is not None:
-                ema.update(G)
-            images_seen += len(real) * world
-            sums["loss_d"] += loss_d.item()
-            sums["loss_g"] += loss_g.item()
+            loss_d, loss_g, norm = train_step(opt, nets, real, y, extra, images_seen, rng, device.type == "cuda")
+            images_seen += opt.batch_size
+            sums[0] += loss_d
+            sums[1] += loss_g
+            if norm is not None:
+                sums[2] += norm
+                penalised += 1
+        loss_d, loss_g, grad_norm = sums.tolist()  # the epoch's one host sync
         seconds = time.perf_counter() - t0
-        depth, alpha = schedule(images_seen) if schedule is not None else (None, 1.0)
+        depth, alpha = plan.schedule(images_seen) if plan.schedule is not None else (None, 1.0)
         if rank == 0:
-            speed = {"epoch": epoch, "seconds": round(seconds, 2), "images_per_s": round(images_per_epoch / seconds, 1)}
+            speed = {"epoch": epoch, "seconds": round(seconds, 2),
+                     "images_per_s": round(plan.images_per_epoch / seconds, 1)}
             # every file here is replaced, never written in place: the stage output may hard-link to it
             atomic_write_text(model_dir / "speed.jsonl", _jsonl(read_log(model_dir, "speed.jsonl") + [speed]))
-            row = {"epoch": epoch, "images_seen": images_seen, **{k: v / steps_per_epoch for k, v in sums.items()}}
+            grown = depth is None or (depth == plan.schedule.max_depth and alpha >= 1.0)
+            row = {"epoch": epoch, "images_seen": images_seen, "loss_d": loss_d / plan.steps_per_epoch,
+                   "loss_g": loss_g / plan.steps_per_epoch, "snapshot": _snapshot(opt, epoch, grown)}
             if depth is not None:
-                row.update(depth=depth, side=4 << depth, alpha=round(alpha, 4))
-            save_torch({"state_dict": _weights(sampler), "depth": depth, "alpha": alpha}, epoch_file(model_dir, epoch))
+                row.update(depth=depth, side=4 << depth, alpha=round(alpha, 4),
+                           gp_grad_norm=round(grad_norm / max(penalised, 1), 4))
+            if sg2 is not None:  # ADA's p and overfitting heuristic at the epoch's end (r_t: None before its first)
+                r_t = sg2.adaptive.r_t.item()
+                row.update(ada_p=round(sg2.adaptive.p.item(), 4), ada_rt=None if math.isnan(r_t) else round(r_t, 4),
+                           r1=round(grad_norm / max(penalised, 1), 4))
+            if row["snapshot"]:
+                dtype = getattr(torch, opt.snapshot_dtype)
+                save_torch({"state_dict": {k: v.to(dtype) if v.is_floating_point() else v
+                                           for k, v in _weights(sampler).items()}, "depth": depth, "alpha": alpha},
+                           epoch_file(model_dir, epoch))
             y_grid = None if grid_labels is None else torch.from_numpy(grid_labels).to(device)
             save_grid(to_uint8(generate(sampler, opt, z_grid.to(device), y_grid, depth, alpha)),
                       model_dir / "grids" / f"{epoch:03d}.png")
@@ -340,18 +528,82 @@ def train_model(opt: Options, data: ModelData, images: ImageSet, model_dir: Path
             rows.append(row)
             atomic_write_text(model_dir / "log.jsonl", _jsonl(rows))
             save_torch({"G": G.state_dict(), "D": D.state_dict(), "opt_g": opt_g.state_dict(),
-                          "opt_d": opt_d.state_dict(), "ema": ema.model.state_dict() if ema else None,
-                          "epoch": epoch, "images_seen": images_seen, "rng": _rng_state()}, ckpt_path)
-            log(f"{data.name} epoch {epoch}/{opt.epochs}: loss D {row['loss_d']:.3f} G {row['loss_g']:.3f}, "
+                        "opt_d": opt_d.state_dict(), "ema": ema.model.state_dict() if ema else None,
+                        "sg2ada": sg2.state_dict() if sg2 else None, "epoch": epoch, "images_seen": images_seen},
+                       ckpt_path)
+            log(f"{data.name} epoch {epoch}/{epochs}: loss D {row['loss_d']:.3f} G {row['loss_g']:.3f}, "
                 f"SWD {row['swd']:.4f} (real {row['swd_floor']:.4f}), KID {row['kid']:.4f} "
                 f"(real {row['kid_floor']:.4f}), {speed['images_per_s']} img/s"
-                + (f", {row['side']} px alpha {row['alpha']:.2f}" if depth is not None else ""))
+                + (f", {row['side']} px alpha {row['alpha']:.2f}" if depth is not None else "")
+                + (f", ADA p {row['ada_p']:.3f}" if sg2 is not None else ""))
             if tracker is not None:
-                tracker.log_metrics({f"{data.name}.{k}": v for k, v in {**row, **speed}.items()
-                                     if k != "epoch" and isinstance(v, (int, float))}, step=epoch)
-        if world > 1:
+                log_rows(tracker, data.name, [row], [speed])
+        if opt.world > 1:
             dist.barrier()  # ranks leave an epoch together, so none reads a checkpoint being written
     return rows
+
+
+def train_step(opt: Options, nets: tuple, real: torch.Tensor, y: torch.Tensor | None, extra: tuple,
+               images_seen: int, rng: torch.Generator, use_amp: bool) -> tuple[torch.Tensor, torch.Tensor,
+                                                                              torch.Tensor | None]:
+    """One D step and one G step (and the EMA's) on this rank's `real` batch: (loss D, loss G, the penalty's
+    mean gradient norm (sg2ada: R1) or None), all left on the device. use_amp: under bf16 autocast.
+    The lazy penalties fall on steps counted from images_seen, so on the same steps on every rank and on resume."""
+    G, D, opt_g, opt_d, ema, sg2 = nets
+    device, per_rank = real.device, len(real)
+    step = images_seen // opt.batch_size
+    if sg2 is not None:  # every random draw from rng: G's noise maps and the augmentations too
+        noise, augment = {"generator": rng}, functools.partial(sg2.pipe, generator=rng)
+    else:
+        noise = {}
+    z = torch.randn(per_rank, opt.latent_dim, device=device, generator=rng)
+    G.requires_grad_(False), D.requires_grad_(True)  # each step computes its own network's gradients only
+    with torch.autocast(device.type, torch.bfloat16, enabled=use_amp):
+        with torch.no_grad():
+            fake = G(z, y, *extra, **noise)
+        if opt.arch == "pggan":
+            lazy = step % opt.gp_interval == 0
+            loss_d, norm = pggan.d_loss(D, real, fake, y, *extra, generator=rng,
+                                        gp_weight=GP_LAMBDA * opt.gp_interval if lazy else 0.0)
+        elif sg2 is not None:
+            d = sg2ada.d_loss(D, real, fake, y, augment=augment, r1_gamma=opt.r1_gamma,
+                              do_r1=step % opt.r1_interval == 0, r1_interval=opt.r1_interval)
+            loss_d, norm = d.total, d.r1
+        else:
+            loss_d, norm = dcgan.d_loss(D, real, fake, y), None
+    opt_d.zero_grad(set_to_none=True)
+    loss_d.backward()
+    average_gradients(D, opt.world)
+    opt_d.step()
+    if sg2 is not None:
+        sg2.adaptive.observe(d.real_logits)  # moves p, which the pipe reads, every ada_interval D steps
+    G.requires_grad_(True), D.requires_grad_(False)
+    with torch.autocast(device.type, torch.bfloat16, enabled=use_amp):
+        z = torch.randn(per_rank, opt.latent_dim, device=device, generator=rng)
+        fake = G(z, y, *extra, **noise)
+        if sg2 is not None:
+            loss_g = sg2ada.g_loss(D, fake, y, augment=augment)
+            if opt.pl_weight and step % PL_INTERVAL == 0:
+                half = slice(0, per_rank // 2)
+                loss_g = loss_g + opt.pl_weight * PL_INTERVAL * sg2.path_length(
+                    G, z[half], None if y is None else y[half], generator=rng)
+        else:
+            loss_g = (dcgan if opt.arch == "dcgan" else pggan).g_loss(D, fake, y, *extra)
+    opt_g.zero_grad(set_to_none=True)
+    loss_g.backward()
+    average_gradients(G, opt.world)
+    opt_g.step()
+    if ema is not None:
+        ema.update(G, images_seen, opt.batch_size)
+    return loss_d.detach(), loss_g.detach(), norm
+
+
+def log_rows(tracker, name: str, rows: list[dict], speeds: list[dict]) -> None:
+    """A model's epoch rows (and their speed) as tracked metrics, one step per epoch."""
+    by_epoch = {s["epoch"]: s for s in speeds}
+    for row in rows:
+        tracker.log_metrics({f"{name}.{k}": v for k, v in {**row, **by_epoch.get(row["epoch"], {})}.items()
+                             if k != "epoch" and isinstance(v, (int, float))}, step=row["epoch"])
 
 
 def _grid_labels(opt: Options, data: ModelData) -> np.ndarray | None:
@@ -429,7 +681,8 @@ class Scorer:
         g = torch.Generator().manual_seed(self.seed + 1)  # the same latents every epoch: epochs differ by G only
         z = torch.randn(opt.score_images, opt.latent_dim, generator=g).to(self.device)
         y = None if ref.class_ids is None else ref.class_ids.to(self.device)
-        fake = generate(G, opt, z, y, depth, alpha).to(self.device)
+        noise = torch.Generator(self.device).manual_seed(self.seed + 2)  # sg2ada's noise maps: likewise the same
+        fake = generate(G, opt, z, y, depth, alpha, noise=noise).to(self.device)
         return {**self._compare(opt, ref, fake), "swd_floor": ref.scores["swd_floor"],
                 "kid_floor": ref.scores["kid_floor"]}
 
@@ -454,16 +707,42 @@ def model_data(meta, val_meta, opt: Options) -> list[ModelData]:
     return models
 
 
-def run_key(opt: Options, world: int = 1) -> str:
-    """The name of a run's resume state: a hash of what shapes the weights, the options and the number of
-    processes (each takes a batch per step). `epochs` is left out where a longer run only adds epochs to a
+def stage_world(n_models: int, processes: int) -> int:
+    """Processes sharing each batch: all of them for a stage of one model; none for several (train_gan
+    divides the models among the processes, each training its own alone, as it would in one process)."""
+    return processes if n_models == 1 else 1
+
+
+def run_key(opt: Options) -> str:
+    """The name of a run's resume state: a hash of what shapes the weights, the options (the number of
+    processes sharing a batch among them). `epochs` is left out where a longer run only adds epochs to a
     shorter one: always for DCGAN, for PGGAN with a fixed images_per_phase (else the growth phases stretch
-    with the epochs). Raising the epochs then continues the trained models, and lowering them takes the
-    first epochs of the longer run without training."""
-    key = {**opt.to_json(), "world": world}
-    if opt.arch == "dcgan" or opt.images_per_phase is not None:
+    with the epochs), for sg2ada unless its EMA's default half-life (a quarter of the run) can act: a half-life
+    set, or a ramp-up of at most 1 / PHASE_QUARTERS, which keeps it below that. Raising the epochs then
+    continues the trained models, and lowering them takes the first epochs of the longer run without training."""
+    key = opt.to_json()
+    ema_fixed = opt.ema_half_life is not None or (opt.ema_rampup or 1.0) <= 1 / PHASE_QUARTERS
+    if opt.arch == "dcgan" or opt.images_per_phase is not None or (opt.arch == "sg2ada" and ema_fixed):
         del key["epochs"]
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_world(stage_states: Path, opt: Options) -> None:
+    """ValueError when this stage's run was begun by another number of processes sharing each batch: its
+    stddev groups and per-rank seeds would change under this one, so it cannot continue, and a new run beside
+    it would silently set its training aside."""
+    if any((stage_states / run_key(opt)).glob("*/checkpoint.pt")) or not stage_states.is_dir():
+        return
+    for state in stage_states.iterdir():
+        try:
+            other = Options.from_json(json.loads((state / "options.json").read_text()))
+        except (OSError, ValueError, TypeError):  # no options, or those of an older version
+            continue
+        if (other.world != opt.world and run_key(replace(other, world=opt.world)) == run_key(opt)
+                and any(state.glob("*/checkpoint.pt"))):
+            raise ValueError(f"{state} holds this stage's run begun by {other.world} process(es) sharing each batch, "
+                             f"this run has {opt.world}: set launch to {other.world} processes to continue it, or "
+                             "delete that folder to start over")
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -477,8 +756,8 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 
 def write_output(state: Path, out: Path, opt: Options, results: dict[str, list[dict]]) -> None:
-    """The stage output from a trained resume state: options.json and, per model, epochs 1..opt.epochs of the
-    log, generators, grids and speed. Built beside `out` and renamed into place, so `out` is always one whole run."""
+    """The stage output from a trained resume state: options.json and, per model, epochs 1..total_epochs of the
+    log, grids and speed, and the generators kept. Built beside `out` and renamed into place, so `out` is always one whole run."""
     tmp, old = out.with_name(f".{out.name}.tmp-new"), out.with_name(f".{out.name}.tmp-old")
     for leftover in (tmp, old):  # of a run killed while writing
         remove_tree(leftover)
@@ -488,7 +767,8 @@ def write_output(state: Path, out: Path, opt: Options, results: dict[str, list[d
         speed = {r["epoch"]: r for r in read_log(state / name, "speed.jsonl")}  # a killed epoch's line: its rerun's
         atomic_write_text(tmp / name / "speed.jsonl", _jsonl(speed[r["epoch"]] for r in rows if r["epoch"] in speed))
         for r in rows:
-            for path in (epoch_file(Path(name), r["epoch"]), Path(name) / "grids" / f"{r['epoch']:03d}.png"):
+            kept = [epoch_file(Path(name), r["epoch"])] if r["snapshot"] else []
+            for path in kept + [Path(name) / "grids" / f"{r['epoch']:03d}.png"]:
                 _link_or_copy(state / path, tmp / path)
     if out.exists():
         out.rename(old)
@@ -507,15 +787,22 @@ def _prune(stage_states: Path, kept: Path) -> None:
 
 def train_gan(opt: Options, train_set: Path, val_set: Path, feature_net: Path, out: Path, metrics_path: Path,
               scores_path: Path, losses_path: Path, stage_states: Path, trend_tail: float = 0.2,
-              stage: str = "train_gan", tracking_params: dict | None = None, log=print) -> dict:
+              stage: str = "train_gan", tracking_params: dict | None = None, models_per_device: int = 1,
+              log=print) -> dict:
     """Train every model of one stage on `train_set`, scoring its epochs against `val_set` with the
     modality's KID feature net, in its resume state under `stage_states` (one folder per run_key); then write
     the stage output `out`, the per-stage metrics and the mean score and loss curves. Everything that can
-    refuse the run is checked before anything is written."""
+    refuse the run is checked before anything is written.
+
+    Under torchrun the per-label models of an unconditional stage are divided among the processes, each
+    training its own alone; a stage of one model shares each batch among them. `models_per_device` trains
+    that many models at once on every device (in processes of their own), spread over all visible GPUs."""
     from biomedsynth import tracking
 
     rank, world = dist_info()
     device = pick_device(rank)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes per growth phase: autotuned convolutions pay
     images, val = ImageSet(train_set), ImageSet(val_set)
     if images.shape[2] != opt.channels:
         raise ValueError(f"{train_set}: images have {images.shape[2]} channel(s), the GAN expects {opt.channels}")
@@ -523,32 +810,35 @@ def train_gan(opt: Options, train_set: Path, val_set: Path, feature_net: Path, o
     if net.info.get("resolution") != opt.resolution:
         raise ValueError(f"{feature_net} was trained on {net.info.get('resolution')} px images, the GAN draws "
                          f"{opt.resolution} px; run its feature_net stage again")
-    opt = replace(opt, feature_net=fingerprint(feature_net))
     models = model_data(images.meta, val.meta, opt)
-    for data in models:
-        plan_epochs(opt, data, world)
-    state = stage_states / run_key(opt, world)
+    opt = replace(opt, feature_net=fingerprint(feature_net), world=stage_world(len(models), world))
+    plans = {data.name: plan_epochs(opt, data) for data in models}
+    check_world(stage_states, opt)
+    state = stage_states / run_key(opt)
     if rank == 0:
         write_json(state / "options.json", opt.to_json())  # its time says which state was used last (_prune)
     if world > 1:
         dist.barrier()
-    scorer = Scorer(images, val, net, device, opt.seed)
-    results = {}
+    mine = models if opt.world > 1 else models[rank::world]
     with tracking.run(stage, tracking_params or opt.to_json(), enabled=rank == 0) as tracker:
-        for data in models:
-            results[data.name] = train_model(opt, data, images, state / data.name, scorer, device, rank, world,
-                                             log, tracker)
+        trained = _train_models(opt, mine, train_set, val_set, feature_net, state, device, rank,
+                                models_per_device, log, tracker)
+        if world > 1 and opt.world == 1:  # divided among the processes: rank 0 writes them all
+            parts = [None] * world
+            dist.all_gather_object(parts, trained)
+            trained = {name: got for part in parts for name, got in part.items()}
         if rank == 0:
+            results = {d.name: trained[d.name][0] for d in models}
             write_output(state, out, opt, results)
             _prune(stage_states, state)
-            summary = summarise(results, {d.name: scorer.reference(opt, d).scores for d in models}, opt, trend_tail)
+            summary = summarise(results, {d.name: trained[d.name][1] for d in models}, plans, opt, trend_tail)
             write_json(metrics_path, summary)
             write_curves(results, scores_path, losses_path)
             _warn(summary, log)
             tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
             tracker.log_artifact(scores_path)
             for name, rows in results.items():
-                tracker.log_artifact(out / name / "grids" / f"{opt.epochs:03d}.png")
+                tracker.log_artifact(out / name / "grids" / f"{opt.total_epochs:03d}.png")
                 # the model: the generator of the epoch `synthesize.checkpoint: best` samples from
                 tracker.log_artifact(out / name / "epochs" / f"{best_epoch(rows):03d}.pt", f"model/{name}")
     if world > 1:
@@ -556,12 +846,66 @@ def train_gan(opt: Options, train_set: Path, val_set: Path, feature_net: Path, o
     return summary if rank == 0 else {}
 
 
+def _devices(device: torch.device, world: int) -> list[torch.device]:
+    """Where a process trains its models: every visible GPU when it is the only process and no device was
+    pinned (BIOMEDSYNTH_DEVICE), else its own device."""
+    if device.type == "cuda" and world == 1 and "BIOMEDSYNTH_DEVICE" not in os.environ:
+        return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    return [device]
+
+
+def _train_models(opt: Options, models: list[ModelData], train_set: Path, val_set: Path, feature_net: Path,
+                  state: Path, device: torch.device, rank: int, per_device: int, log, tracker) -> dict:
+    """{model: (log rows, reference scores)} of `models`, trained one after another in this process, or
+    models_per_device at a time on each device in worker processes (the same computation: a model's weights
+    do not depend on where or beside what it trained, given the same number of CPU threads)."""
+    devices = _devices(device, dist_info()[1])
+    workers = min(per_device * len(devices), len(models))
+    if workers <= 1 or opt.world > 1:
+        scorer = Scorer(ImageSet(train_set), ImageSet(val_set), score.load_feature_net(feature_net, device),
+                        device, opt.seed)
+        return {d.name: (train_model(opt, d, scorer.train, state / d.name, scorer, device, rank, log, tracker),
+                         scorer.reference(opt, d).scores) for d in models}
+    threads = max(1, torch.get_num_threads() // workers)
+    log(f"{len(models)} models, {workers} at a time on {', '.join(map(str, devices))}, {threads} CPU thread(s) each")
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"),
+                               initializer=die_with_parent, initargs=(os.getpid(),))
+    try:
+        futures = {pool.submit(train_alone, opt, d, train_set, val_set, feature_net, state / d.name,
+                               str(devices[k % len(devices)]), threads): d.name for k, d in enumerate(models)}
+        trained = {}
+        for future in as_completed(futures):
+            name = futures[future]
+            trained[name] = future.result()
+            if tracker is not None:
+                log_rows(tracker, name, trained[name][0], read_log(state / name, "speed.jsonl"))
+        return trained
+    except BaseException:
+        for proc in list(pool._processes.values()):  # Python < 3.14 has no public way to stop a running worker
+            proc.kill()
+        raise
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def train_alone(opt: Options, data: ModelData, train_set: Path, val_set: Path, feature_net: Path, model_dir: Path,
+                device_name: str, threads: int) -> tuple[list[dict], dict]:
+    """One model in a worker process: (its log rows, its reference scores)."""
+    torch.set_num_threads(threads)
+    device = torch.device(device_name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+    scorer = Scorer(ImageSet(train_set), ImageSet(val_set), score.load_feature_net(feature_net, device), device,
+                    opt.seed)
+    return train_model(opt, data, scorer.train, model_dir, scorer, device), scorer.reference(opt, data).scores
+
+
 def best_epoch(rows: list[dict]) -> int:
-    """The epoch with the lowest SWD (the earliest on a tie) among those at the full side: a PGGAN still
-    growing draws upsampled blocks, whose smoothness SWD can score better than detailed full-size images."""
-    top = max(r.get("side", 0) for r in rows)
-    grown = [r for r in rows if r.get("side", 0) == top and r.get("alpha", 1.0) == 1.0]
-    return min(grown or rows, key=lambda r: (r["swd"], r["epoch"]))["epoch"]
+    """The epoch with the lowest SWD (the earliest on a tie) among those whose generator was kept (`snapshot`:
+    at the full side, fully faded in, every snapshot_every-th): a PGGAN still growing draws upsampled blocks,
+    whose smoothness SWD can score better than detailed full-size images."""
+    return min([r for r in rows if r["snapshot"]] or rows, key=lambda r: (r["swd"], r["epoch"]))["epoch"]
 
 
 def trend(rows: list[dict], tail: float) -> dict:
@@ -586,13 +930,19 @@ def model_summary(rows: list[dict], ref: dict, tail: float) -> dict:
             "swd_relative": round(relative, 3), **trend(rows, tail), "learnt": bool(relative < LEARNT_BELOW)}
 
 
-def summarise(results: dict[str, list[dict]], refs: dict[str, dict], opt: Options, tail: float) -> dict:
-    """Stage metrics: per model (`per_model`) its model_summary; over the models, the mean of the scores,
-    floors and baselines, `learnt` (every model learnt) and `still_improving` (any model still was)."""
+def summarise(results: dict[str, list[dict]], refs: dict[str, dict], plans: dict[str, ModelPlan], opt: Options,
+              tail: float) -> dict:
+    """Stage metrics: per model (`per_model`) its model_summary and, for PGGAN, its EMA half-life and the least
+    share of a growth phase in its sampled generator; over the models, the mean of the scores, floors and
+    baselines, `learnt` (every model learnt) and `still_improving` (any model still was)."""
     per_model = {name: model_summary(rows, refs[name], tail) for name, rows in results.items()}
+    for name, plan in plans.items():
+        if plan.ema_half_life is not None:
+            per_model[name].update(ema_half_life=round(plan.ema_half_life, 1),
+                                   ema_phase_share_min=min(plan.ema_phase_shares.values()))
     mean = lambda k: round(float(np.mean([m[k] for m in per_model.values()])), 6)  # noqa: E731
     count = lambda k: sum(m[k] for m in per_model.values())  # noqa: E731
-    return {"models": len(results), "epochs": opt.epochs, "score_images": opt.score_images,
+    return {"models": len(results), "epochs": opt.total_epochs, "score_images": opt.score_images,
             "val_images": min(m["val_images"] for m in per_model.values()),
             **{k: mean(k) for k in ("swd_best", "kid_best", "swd_last", "kid_last", "swd_floor", "kid_floor",
                                     "swd_baseline", "swd_relative")},
@@ -623,13 +973,15 @@ def resolve_checkpoint(model_dir: Path, choice: str) -> int:
     if choice == "best":
         epoch = best_epoch(rows)
     elif choice == "last":
-        epoch = rows[-1]["epoch"]
+        epoch = [r for r in rows if r["snapshot"]][-1]["epoch"]
     elif m := re.fullmatch(r"epoch_(\d+)", choice):
         epoch = int(m.group(1))
     else:
         raise ValueError(f"checkpoint = {choice!r}: allowed best, last, epoch_N")
     if not epoch_file(model_dir, epoch).is_file():
-        raise ValueError(f"checkpoint = {choice!r}: {model_dir} has epochs 1..{rows[-1]['epoch']}")
+        kept = [r["epoch"] for r in rows if r["snapshot"]]
+        raise ValueError(f"checkpoint = {choice!r}: {model_dir} keeps the generators of epochs "
+                         f"{', '.join(map(str, kept))} (gan.snapshots)")
     return epoch
 
 
@@ -646,8 +998,8 @@ class Synthesizer:
         for name in names:
             epoch = resolve_checkpoint(model_root / name, f"epoch_{checkpoint}" if isinstance(checkpoint, int)
                                        else checkpoint)
-            snap = torch.load(epoch_file(model_root / name, epoch), map_location="cpu", weights_only=False)
-            G = build(self.opt)[0]
+            snap = torch.load(epoch_file(model_root / name, epoch), map_location="cpu", weights_only=True)
+            G = generator(self.opt)
             G.load_state_dict(snap["state_dict"])
             self._models[name] = (G.to(self.device).eval(), snap["depth"], snap["alpha"])
             self.epochs[name] = epoch
@@ -658,4 +1010,7 @@ class Synthesizer:
         G, depth, alpha = self._models[COND_MODEL if self.opt.setup == "cond" else label]
         z = torch.from_numpy(rng.standard_normal((n, self.opt.latent_dim), dtype=np.float32)).to(self.device)
         y = torch.full((n,), self.opt.labels.index(label), device=self.device) if self.opt.setup == "cond" else None
-        return to_uint8(generate(G, self.opt, z, y, depth, alpha))
+        # sg2ada: fresh per-pixel noise, as G drew in training (one fixed map shared by every image is not its output)
+        noise = (torch.Generator(self.device).manual_seed(int(rng.integers(2 ** 63)))
+                 if self.opt.arch == "sg2ada" else None)
+        return to_uint8(generate(G, self.opt, z, y, depth, alpha, noise=noise))

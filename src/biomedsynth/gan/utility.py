@@ -21,7 +21,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from biomedsynth.gan import score
-from biomedsynth.gan.train import COND_MODEL, Options, best_epoch, build, epoch_file, generate, read_batch, read_log
+from biomedsynth.gan.train import COND_MODEL, Options, best_epoch, epoch_file, generate, generator, read_batch, read_log
 from biomedsynth.store import ImageSet
 
 
@@ -38,8 +38,8 @@ def candidate_epochs(model_dirs: list) -> list[int]:
 
 
 def _generator(model_dir, opt: Options, epoch: int, device):
-    snap = torch.load(epoch_file(model_dir, epoch), map_location="cpu", weights_only=False)
-    G = build(opt)[0]
+    snap = torch.load(epoch_file(model_dir, epoch), map_location="cpu", weights_only=True)
+    G = generator(opt)
     G.load_state_dict(snap["state_dict"])
     return G.to(device).eval(), snap["depth"], snap["alpha"]
 

@@ -1,0 +1,69 @@
+"""The size of models/gan, computed from a profile's options: per GAN stage, the sampling generators it keeps
+(models x kept epochs x one generator's bytes at the snapshot dtype; grids and logs add a few MB), of the
+stages the profile trains (gan.stages).
+
+    .venv/bin/python benchmarks/gan_disk.py [--profile paper|default|smoke] [--images stage=model:images,...]
+
+Images per model: the study's (SPEC: X-Norm 120,570 scans over 50 sex-age labels, X-Norm-L 71,026 over 30,
+H-Norm and H-Tumor 40,000 tiles) for the paper profile; for the others, the group's training images that
+metrics/studygroups.json records, over its labels.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import yaml
+
+from biomedsynth.gan import train as T
+from biomedsynth.params import GROUP_MODALITY, Params
+from biomedsynth.tasks import used_gan_stages
+
+ROOT = Path(__file__).resolve().parents[1]
+STUDY = {"x_norm": (120_570, 50), "x_norm_l": (71_026, 30), "h_norm": (40_000, 1), "h_tumor": (40_000, 1)}
+
+
+def profile_params(name: str) -> Params:
+    """params.yaml with the profile's keys over it, as `biomedsynth profile NAME` would write it."""
+    def merge(base: dict, over: dict) -> dict:
+        return {k: merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+                for k, v in {**base, **over}.items()}
+    base = yaml.safe_load((ROOT / "params.yaml").read_text())
+    return Params.model_validate(merge(base, yaml.safe_load((ROOT / "profiles" / f"{name}.yaml").read_text())))
+
+
+def group_sizes(profile: str) -> dict[str, tuple[int, int]]:
+    """{group: (training images, labels)}."""
+    if profile == "paper":
+        return STUDY
+    groups = json.loads((ROOT / "metrics/studygroups.json").read_text())
+    return {g: (v["train"]["images"], len(v["train"]["per_label"])) for g, v in groups.items() if g in STUDY}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--profile", default="paper", choices=["paper", "default", "smoke"])
+    args = ap.parse_args()
+    p = profile_params(args.profile)
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["train_gan"]["foreach"]
+    total = 0
+    print(f"{'stage':24} {'models':>6} {'kept/model':>10} {'MB each':>8} {'GB':>7}")
+    trained = [s for s in stages if p.gan.stages == "all" or s in used_gan_stages(p.tasks)]
+    for name in trained:
+        item = stages[name]
+        images, labels = group_sizes(args.profile)[item["group"]]
+        models = 1 if item["setup"] == "cond" else labels
+        per_model = images if item["setup"] == "cond" else images // labels
+        opt = T.Options.from_params(p, item["arch"], GROUP_MODALITY[item["group"]], item["setup"],
+                                    tuple(f"l{k}" for k in range(labels)), 3 if item["modality"] == "histology" else 1)
+        kept = len(T.kept_epochs(opt, per_model))
+        size = models * kept * T.snapshot_bytes(opt)
+        total += size
+        print(f"{name:24} {models:>6} {kept:>10} {T.snapshot_bytes(opt) / 1e6:8.1f} {size / 1e9:7.2f}")
+    print(f"models/gan, {args.profile} profile ({p.gan.snapshots.dtype}, every {p.gan.snapshots.every}): "
+          f"{total / 1e9:.1f} GB of generators")
+
+
+if __name__ == "__main__":
+    main()

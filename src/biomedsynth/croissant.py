@@ -1,0 +1,108 @@
+"""Croissant metadata (MLCommons, JSON-LD, version 1.0) of an exported synthetic set, so that dataset catalogues
+index it and `mlcroissant` reads its records: the PNGs joined to metadata.csv's columns, with the datasheet's
+license, version, description and its responsible-AI facts (use cases, limits, personal information).
+
+Written here as plain JSON (no mlcroissant at run time); the tests validate it with mlcroissant.
+"""
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+
+CROISSANT = "http://mlcommons.org/croissant/1.0"
+# Croissant 1.0's @context (as its reference examples and mlcroissant write it) and the responsible-AI vocabulary
+CONTEXT = {
+    "@language": "en", "@vocab": "https://schema.org/", "citeAs": "cr:citeAs", "column": "cr:column",
+    "conformsTo": "dct:conformsTo", "cr": "http://mlcommons.org/croissant/",
+    "rai": "http://mlcommons.org/croissant/RAI/",
+    "data": {"@id": "cr:data", "@type": "@json"}, "dataType": {"@id": "cr:dataType", "@type": "@vocab"},
+    "dct": "http://purl.org/dc/terms/", "equivalentProperty": "cr:equivalentProperty",
+    "examples": {"@id": "cr:examples", "@type": "@json"}, "extract": "cr:extract", "field": "cr:field",
+    "fileProperty": "cr:fileProperty", "fileObject": "cr:fileObject", "fileSet": "cr:fileSet", "format": "cr:format",
+    "includes": "cr:includes", "isLiveDataset": "cr:isLiveDataset", "jsonPath": "cr:jsonPath", "key": "cr:key",
+    "md5": "cr:md5", "parentField": "cr:parentField", "path": "cr:path", "recordSet": "cr:recordSet",
+    "references": "cr:references", "regex": "cr:regex", "repeated": "cr:repeated", "replace": "cr:replace",
+    "samplingRate": "cr:samplingRate", "sc": "https://schema.org/", "separator": "cr:separator", "source": "cr:source",
+    "subField": "cr:subField", "transform": "cr:transform",
+}
+PNG_FILES = "png-files"   # the FileSet's id (ids are shared by files and record sets: it must differ from "images")
+
+
+def commit_date(commit: str) -> str | None:
+    """The ISO date of a git commit, or None (no git, or "unknown"): a date that does not change on a rerun."""
+    if commit == "unknown":
+        return None
+    try:
+        out = subprocess.run(["git", "show", "-s", "--format=%cI", commit], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip()[:10] if out.returncode == 0 and out.stdout.strip() else None
+
+
+def _column_type(values: pd.Series) -> str:
+    return "sc:Integer" if pd.api.types.is_integer_dtype(values) else "sc:Text"
+
+
+def _file(path: str, sha256: str, fmt: str, description: str) -> dict:
+    return {"@type": "cr:FileObject", "@id": path, "name": path, "contentUrl": path, "encodingFormat": fmt,
+            "sha256": sha256, "description": description}
+
+
+def metadata(sheet: dict, root: Path, checksums: dict[str, str], commit: str) -> dict:
+    """croissant.json for the export at `root` (its metadata.csv written), from its datasheet and the SHA-256 of
+    its files (`checksums`: relative path -> hex)."""
+    columns = pd.read_csv(Path(root) / "metadata.csv", nrows=50, keep_default_na=False)
+    csv_fields = [{"@type": "cr:Field", "@id": f"metadata/{c}", "name": c, "dataType": _column_type(columns[c]),
+                   "source": {"fileObject": {"@id": "metadata.csv"}, "extract": {"column": c}}}
+                  for c in columns.columns]
+    image_fields = [
+        {"@type": "cr:Field", "@id": "images/image", "name": "image", "dataType": "sc:ImageObject",
+         "description": "the synthetic image (PNG)",
+         "source": {"fileSet": {"@id": PNG_FILES}, "extract": {"fileProperty": "content"}}},
+        {"@type": "cr:Field", "@id": "images/file_name", "name": "file_name", "dataType": "sc:Text",
+         "source": {"fileSet": {"@id": PNG_FILES}, "extract": {"fileProperty": "filepath"},
+                    "transform": {"regex": r"^(?:.*/)?(images/[^/]+/[^/]+\.png)$"}},
+         "references": {"field": {"@id": "metadata/file_name"}}},
+        *({"@type": "cr:Field", "@id": f"images/{c}", "name": c, "dataType": _column_type(columns[c]),
+           "source": {"field": {"@id": f"metadata/{c}"}}} for c in columns.columns if c != "file_name")]
+    weights = sorted(p for p in checksums if p.startswith("generator/") and p.endswith(".pt"))
+    distribution = [
+        _file("metadata.csv", checksums["metadata.csv"], "text/csv",
+              "one row per image: file_name (into images/), image_id, label and its parts, draw"),
+        _file("datasheet.json", checksums["datasheet.json"], "application/json",
+              "the datasheet: what the set is, how it was made, fidelity, memorisation, utility, limits"),
+        {"@type": "cr:FileSet", "@id": PNG_FILES, "name": PNG_FILES, "encodingFormat": "image/png",
+         "includes": "images/*/*.png", "description": "one PNG per image, in a folder named after its label"},
+        *(_file(p, checksums[p], "application/octet-stream",
+                "sampling generator weights (torch, bfloat16), read by `biomedsynth generate --generator`")
+          for p in weights)]
+    w, mem = sheet["what"], sheet["memorisation"]
+    out = {
+        "@context": CONTEXT, "@type": "sc:Dataset", "conformsTo": CROISSANT, "name": sheet["name"],
+        "description": f"{w['summary']}. Memorisation test: {mem['verdict']}. See datasheet.md.",
+        "license": f"https://spdx.org/licenses/{sheet['license']}.html", "version": sheet["version"],
+        "keywords": ["synthetic data", "medical imaging", w["modality"].split(",")[0],
+                     "generative adversarial network"],
+        "citeAs": (f"@misc{{biomedsynth_{sheet['name'].replace('-', '_')}, title = {{{sheet['name']}: "
+                   f"{w['summary']}}}, note = {{version {sheet['version']}, biomedsynth commit "
+                   f"{sheet['how_made']['exported_at_commit']}}}}}"),
+        "rai:dataCollection": f"{sheet['source_data']['description']}; {sheet['how_made']['architecture']}, "
+                              f"{sheet['how_made']['setup']}, drew every image",
+        "rai:dataUseCases": sheet["intended_use"],
+        "rai:dataLimitations": " ".join(sheet["limits"]),
+        "rai:personalSensitiveInformation": (
+            f"None recorded: every image is drawn by a generator and every column derives from its label. The "
+            f"memorisation test's verdict: {mem['verdict']}"
+            + (" (exported anyway, by explicit override)" if mem["exported_despite_verdict"] else "") + "."),
+        "distribution": distribution,
+        "recordSet": [
+            {"@type": "cr:RecordSet", "@id": "metadata", "name": "metadata", "key": {"@id": "metadata/image_id"},
+             "description": "metadata.csv", "field": csv_fields},
+            {"@type": "cr:RecordSet", "@id": "images", "name": "images", "key": {"@id": "images/image_id"},
+             "description": "each image with its metadata.csv row", "field": image_fields}],
+    }
+    if date := commit_date(commit):
+        out["datePublished"] = date
+    return out

@@ -1,0 +1,420 @@
+"""Sharing what was made: a synthetic set exported with its datasheet, Croissant metadata and checksums loads with
+Hugging Face datasets and torchvision; a set that copies training images is refused unless allowed; generate draws
+more images, the same for a seed and label, from the pipeline's generator or a shared one.
+
+The project fixture runs the real train-gan and synthesize commands on a tiny X-ray group; the study groups'
+counts, Table 3 and dvc.lock are written in the shape their stages write them. `check_export` is also what
+.ci/smoke runs on the smoke pipeline's export.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from typer.testing import CliRunner
+
+import biomedsynth
+from biomedsynth import datasheet
+from biomedsynth.cli import app
+from biomedsynth.export import PngWriter, label_columns, staged, verify_checksums, write_checksums
+from biomedsynth.gan import score
+from biomedsynth.gan.train import read_batch
+from biomedsynth.params import apply_profile, set_params
+from biomedsynth.store import ImageSet, ImageSetWriter, write_json
+
+ROOT = Path(biomedsynth.__file__).resolve().parents[2]
+NAME = "dcgan-x_norm-cond"
+LABELS = ("F_18-38", "M_48-68")
+PATIENT = "PATIENT-7F3A"   # a prefix no exported file may contain: real ids and source paths never leave
+
+
+# ---- the check .ci/smoke runs too ----
+
+@contextlib.contextmanager
+def offline():
+    """No network: any socket connection fails (the loaders must read the export from disk alone)."""
+    def refuse(*args, **kwargs):
+        raise OSError("network access during an offline check")
+    saved = socket.socket.connect, os.environ.copy()
+    socket.socket.connect = refuse
+    os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+    try:
+        yield
+    finally:
+        socket.socket.connect = saved[0]
+        os.environ.clear()
+        os.environ.update(saved[1])
+
+
+def check_export(folder: Path) -> dict:
+    """Everything a receiver relies on: checksums agree, Hugging Face imagefolder and torchvision ImageFolder load
+    every image with its label, mlcroissant validates croissant.json and joins each image to its metadata row, and
+    every datasheet field is filled. Offline. Returns what it counted."""
+    import datasets
+    import mlcroissant as mlc
+    import pandas as pd
+    from torchvision.datasets import ImageFolder
+
+    folder = Path(folder)
+    assert verify_checksums(folder) == [], verify_checksums(folder)
+    meta = pd.read_csv(folder / "metadata.csv", keep_default_na=False)
+    sheet = json.loads((folder / "datasheet.json").read_text())
+    assert datasheet.unfilled(sheet) == [] and sheet["what"]["images"] == len(meta)
+    text = (folder / "datasheet.md").read_text()
+    assert not datasheet.PLACEHOLDER.search(text) and not re.search(r"\b(None|nan|null)\b", text), text
+    with offline(), tempfile.TemporaryDirectory() as cache:
+        hf = datasets.load_dataset("imagefolder", data_dir=str(folder), split="train", cache_dir=cache)
+        assert len(hf) == len(meta) and set(meta.columns) - {"file_name"} <= set(hf.column_names)
+        assert sorted(hf["image_id"]) == sorted(meta["image_id"])
+        mode = "L" if sheet["what"]["channels"] == 1 else "RGB"
+        assert hf[0]["image"].mode == mode and hf[0]["image"].size == (sheet["what"]["side_px"],) * 2
+        tv = ImageFolder(str(folder / "images"))
+        assert len(tv) == len(meta) and tv.classes == sorted(meta["label"].unique())
+        counts = pd.Series([tv.classes[y] for _, y in tv.samples]).value_counts().to_dict()
+        assert counts == meta["label"].value_counts().to_dict() == sheet["what"]["labels"]
+        ds = mlc.Dataset(jsonld=str(folder / "croissant.json"))
+        assert not ds.metadata.ctx.issues.errors, ds.metadata.ctx.issues.report()
+        records = list(ds.records("images"))
+    assert len(records) == len(meta)
+    by_id = meta.set_index("image_id")
+    for r in records[:20]:
+        row = by_id.loc[r["images/image_id"].decode()]
+        assert r["images/label"].decode() == row["label"] and r["images/file_name"].decode() == row["file_name"]
+    return {"images": len(meta), "labels": sheet["what"]["labels"], "memorisation": sheet["memorisation"]["verdict"],
+            "croissant_warnings": len(ds.metadata.ctx.issues.warnings)}
+
+
+# ---- a tiny project with a trained GAN and its synthetic set ----
+
+def write_group(path: Path, n: int, seed: int) -> None:
+    """X-ray-like 32 px images: a disc whose brightness depends on the label, with noise, two scans per patient."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:32, :32]
+    disc = (yy - 16) ** 2 + (xx - 16) ** 2 < 10 ** 2
+    with ImageSetWriter(path, (32, 32, 1)) as w:
+        for i in range(n):
+            label = LABELS[i % 2]
+            img = np.clip(40 + (80 + 80 * (i % 2)) * disc + rng.normal(0, 12, (32, 32)), 0, 255).astype(np.uint8)
+            w.add(img[..., None], image_id=f"{PATIENT}-{seed}-{i}-scan", patient_id=f"{PATIENT}-{seed}-{i // 2}",
+                  label=label, sex=label[0], age=int(label[2:4]) + 3, age_bin=label[2:],
+                  source=f"raw/{PATIENT}-{seed}-{i}.png")
+
+
+def interval(v: float) -> dict:
+    return {"value": v, "low": round(v - 0.05, 4), "high": round(v + 0.05, 4)}
+
+
+def table3_cell(model_name: str | None, stages: list[str], real: float, synthetic: float,
+                degenerate: bool = False) -> dict:
+    """One cell of metrics/summary.json, as table3 writes it: VGG16 cells name its head; a real arm at chance has no
+    chance-normalised drop."""
+    normalised = (interval(round((real - synthetic) / (real - 0.5), 4)) if real > 0.5 else
+                  {"value": None, "low": -1.0, "high": 4.0})
+    return {**({"model_name": model_name} if model_name else {}), "real": interval(real),
+            "synthetic": interval(synthetic), "real_synthetic": interval(real),
+            "drop": interval(round((real - synthetic) / real, 4)), "drop_chance_normalised": normalised,
+            "real_synthetic_drop": interval(0.0), "degenerate": degenerate,
+            "degenerate_reasons": {"synthetic": ["predicts one class for 100% of test images"]} if degenerate else {},
+            "gan": {"stages": stages, "learnt": True, "not_learnt": [], "still_improving": False},
+            "synthetic_draws": 2, "study": {"real": 0.9, "synthetic": 0.88, "drop": 0.0222}}
+
+
+def studygroups_metrics(root: Path) -> dict:
+    """metrics/studygroups.json's x_norm entry from the group's sets, as the studygroups stage counts them."""
+    sides = {}
+    for side in ("train", "val", "test"):
+        meta = ImageSet(root / "data/studygroups/x_norm" / side).meta
+        sides[side] = {"images": len(meta), "requested": len(meta), "shortfall": 0,
+                       "per_label": meta["label"].value_counts().sort_index().to_dict(),
+                       "units": int(meta["patient_id"].nunique())}
+    return {"x_norm": sides}
+
+
+def run_ok(args: list[str]):
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, (args, result.output)
+    return result
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread_here():
+    """Small torch ops stall when two threads share a busy 2-core CPU (conftest.one_thread), for this whole module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, one_thread_here):
+    """A project folder with the outputs export and generate read: the smoke profile, a DCGAN `cond` stage trained
+    for 2 epochs on a 48-image X-Norm group and its synthetic set (2 draws, hash-screened), the study groups'
+    counts, Table 3 and dvc.lock."""
+    root = tmp_path_factory.mktemp("project")
+    for f in ("params.yaml", "dvc.yaml"):
+        shutil.copy(ROOT / f, root / f)
+    apply_profile("smoke", root / "params.yaml")
+    set_params(["tasks.xray.arch=dcgan", "tasks.xray.group=x_norm", "tasks.xray.setup=cond", "gan.xray.epochs_cond=2",
+                "synthesize.checkpoint=best", "export.sets=table3", "export.with_generator=false"],
+               root / "params.yaml")
+    groups = root / "data/studygroups/x_norm"
+    for side, n, seed in (("train", 48, 0), ("val", 16, 1), ("test", 40, 2)):
+        write_group(groups / side, n, seed)
+    train = ImageSet(groups / "train")
+    net = score.train_feature_net(read_batch(train, np.arange(len(train)), 32), train.meta["label"].to_numpy(),
+                                  epochs=1)
+    score.save_feature_net(net, root / "models/feature_net/xray.pt", resolution=32)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setenv("BIOMEDSYNTH_MLFLOW", "0")
+        mp.setenv("BIOMEDSYNTH_DEVICE", "cpu")
+        run_ok(["train-gan", "dcgan", "x_norm", "cond"])
+        run_ok(["synthesize", "dcgan", "x_norm", "cond"])
+    write_json(root / "metrics/studygroups.json", studygroups_metrics(root))
+    histology = ["dcgan-h_norm-uncond", "dcgan-h_tumor-uncond"]
+    write_json(root / "metrics/summary.json", {
+        "claims": {"verdict": "holds"},
+        "histology": {"vgg16": table3_cell("VGG16 (512-512 head)", histology, 0.95, 0.7),
+                      "knn": table3_cell(None, histology, 0.94, 0.87)},
+        "xray_sex": {"vgg16": table3_cell("VGG16 (512-512 head)", [NAME], 0.68, 0.64),
+                     "knn": table3_cell(None, [NAME], 0.74, 0.5, degenerate=True)},
+        "xray_age": {"vgg16": table3_cell("VGG16 (512-512 head)", [NAME], 0.5, 0.47),
+                     "knn": table3_cell(None, [NAME], 0.65, 0.5, degenerate=True)}})
+    lock = {"schema": "2.0", "stages": {f"synthesize@{NAME}": {
+        "cmd": "biomedsynth synthesize dcgan x_norm cond",
+        "deps": [{"path": f"models/gan/{NAME}", "hash": "md5", "md5": "0123456789abcdef0123456789abcdef.dir"},
+                 {"path": "data/studygroups/x_norm", "hash": "md5", "md5": "fedcba9876543210fedcba9876543210.dir"},
+                 {"path": "src/biomedsynth/synthesize.py", "hash": "md5", "md5": "00000000000000000000000000000001"}],
+        "params": {"params.yaml": {"seed": 0, "synthesize": {"checkpoint": "best", "draws": 2}}},
+        "outs": [{"path": f"data/synthetic/{NAME}", "hash": "md5", "md5": "11111111111111111111111111111111.dir"}]}}}
+    (root / "dvc.lock").write_text(yaml.safe_dump(lock))
+    return root
+
+
+@pytest.fixture
+def at(project, monkeypatch):
+    """Run in the project, on the CPU."""
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("BIOMEDSYNTH_DEVICE", "cpu")
+    return project
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ---- export ----
+
+def test_an_export_loads_everywhere_and_says_what_it_is(at, tmp_path):
+    out = tmp_path / "exp"
+    run_ok(["export", NAME, "--out", str(out)])
+    found = check_export(out)
+    synth = ImageSet(at / "data/synthetic" / NAME)
+    metrics = json.loads((at / f"metrics/synthesize/{NAME}.json").read_text())
+    assert found["images"] == len(synth) == 96 and found["labels"] == {"F_18-38": 48, "M_48-68": 48}
+    assert found["croissant_warnings"] <= 1  # datePublished: a folder outside git has no commit date
+    meta = (out / "metadata.csv").read_text().splitlines()
+    assert meta[0] == "file_name,image_id,label,sex,age_bin,draw"
+    assert meta[1] == "images/F_18-38/syn-000000.png,syn-000000,F_18-38,F,18-38,0"
+    png = Image.open(out / "images/F_18-38/syn-000000.png")
+    assert png.mode == "L" and png.size == (32, 32)
+    np.testing.assert_array_equal(np.asarray(png), synth[0][..., 0])  # lossless
+    mark = json.loads(png.text["synthetic"])
+    assert mark["synthetic"] is True and mark["set"] == NAME
+    assert mark["generator"] == f"dcgan cond, model conditional, epoch {metrics['checkpoint_epochs']['conditional']}"
+    sheet = json.loads((out / "datasheet.json").read_text())
+    assert sheet["memorisation"]["verdict"] == "no evidence of copying" and not sheet["memorisation"]["copying"]
+    assert sheet["memorisation"]["spaces"]["pixels"]["c_t"] == metrics["evidence"]["pixels"]["c_t"]
+    assert sheet["hash_screen"]["applied"] and sheet["hash_screen"]["threshold_bits"] == 200
+    assert sheet["how_made"]["dvc"]["generator"] == "0123456789abcdef0123456789abcdef.dir"
+    assert sheet["how_made"]["checkpoint"]["epochs"] == metrics["checkpoint_epochs"]
+    assert sheet["source_data"]["sides"]["train"] == {"images": 48, "per_label": {"F_18-38": 24, "M_48-68": 24},
+                                                      "patients": 24}
+    assert set(sheet["utility"]) == {"xray_sex", "xray_age"}  # where the set was benchmarked, not histology
+    assert sheet["utility"]["xray_sex"]["models"]["vgg16"]["synthetic"] == interval(0.64)
+    assert sheet["utility"]["xray_age"]["models"]["vgg16"]["drop_chance_normalised"].startswith(
+        "undefined: the real arm's accuracy is at chance")
+    assert any("KNN is degenerate" in lim for lim in sheet["limits"]) and sheet["license"] == "CC-BY-4.0"
+    for rel, data in files_of(out).items():  # no patient id, scan id or source path reaches any file
+        assert PATIENT.encode() not in data and b"raw/" not in data, rel
+    first_m = sorted((out / "images/M_48-68").iterdir())[0]
+    first_m.write_bytes(b"changed")
+    assert verify_checksums(out) == [f"images/M_48-68/{first_m.name}: changed"]
+
+
+def test_a_set_made_of_training_images_is_refused_unless_allowed(project, tmp_path, monkeypatch):
+    """A planted copying set: synthesize's sampler returns the training images of the label. The memorisation test
+    flags it, export refuses in one line naming the evidence and writes nothing; --allow-flagged exports it and the
+    datasheet records the override."""
+    from biomedsynth.gan import train
+
+    root = tmp_path / "copying"
+    shutil.copytree(project, root)
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("BIOMEDSYNTH_DEVICE", "cpu")
+    real = ImageSet(root / "data/studygroups/x_norm/train")
+    by_label = {lb: np.stack([real[i] for i in np.flatnonzero(real.meta["label"] == lb)]) for lb in LABELS}
+    monkeypatch.setattr(train.Synthesizer, "sample", lambda self, label, n, rng: by_label[label][
+        rng.integers(0, len(by_label[label]), n)])
+    run_ok(["synthesize", "dcgan", "x_norm", "cond"])
+    assert json.loads((root / f"metrics/synthesize/{NAME}.json").read_text())["evidence"]["copying"]
+    result = CliRunner().invoke(app, ["export", NAME])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1, result.output
+    assert "memorisation test flags it as copying training images" in lines[0] and "C_T" in lines[0]
+    assert "near copies" in lines[0] and "--allow-flagged" in lines[0]
+    assert not (root / "exports" / NAME).exists()
+    run_ok(["export", NAME, "--allow-flagged"])
+    sheet = json.loads((root / "exports" / NAME / "datasheet.json").read_text())
+    assert sheet["memorisation"]["verdict"] == "flagged as copying training images"
+    assert sheet["memorisation"]["exported_despite_verdict"] is True
+    assert any("Exported although" in lim for lim in sheet["limits"]) and datasheet.unfilled(sheet) == []
+    assert "exported anyway, by explicit override" in (root / "exports" / NAME / "datasheet.md").read_text()
+
+
+def test_the_stage_exports_the_sets_params_list_and_notes_the_others(at):
+    result = run_ok(["export", "pggan-x_norm-cond", "--if-listed"])
+    assert "not exported: export.sets is table3" in result.output
+    note = json.loads((at / "exports/pggan-x_norm-cond/not_exported.json").read_text())
+    assert note["exported"] is False and NAME in note["reason"]
+    run_ok(["export", NAME, "--if-listed"])  # table3's X-ray set
+    assert (at / "exports" / NAME / "SHA256SUMS").is_file() and (at / "exports" / NAME / "croissant.json").is_file()
+    bad = CliRunner().invoke(app, ["export", "gan-x_norm-cond"])
+    assert bad.exit_code == 2 and "set = 'gan-x_norm-cond': allowed dcgan-x_norm-uncond" in bad.output
+    shutil.copy("params.yaml", "listed.yaml")
+    set_params(["export.sets=[sg9-x_norm-cond]"], "listed.yaml")
+    bad = CliRunner().invoke(app, ["export", NAME, "--if-listed", "--params", "listed.yaml"])
+    assert bad.exit_code == 2 and "export.sets names sg9-x_norm-cond, not a set of dvc.yaml's" in bad.output
+
+
+def test_an_export_never_replaces_a_folder_of_other_files(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("years of work")
+    with pytest.raises(ValueError, match="holds files that are not an export"):
+        with staged(tmp_path / "mine"):
+            pass
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "years of work"
+    with pytest.raises(RuntimeError):  # a failed export leaves no half-written folder
+        with staged(tmp_path / "new") as tmp:
+            (tmp / "a.png").write_bytes(b"x")
+            raise RuntimeError
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+
+
+def test_png_writer_tiles_are_rgb_and_names_are_checked(tmp_path):
+    rng = np.random.default_rng(0)
+    tiles = rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    with PngWriter(tmp_path, "dcgan-h_tumor-uncond", "histology", "abc123") as w:
+        w.add(tiles[0], "syn-000000", "tumor", "dcgan uncond, model tumor, epoch 3", draw=0)
+        with pytest.raises(ValueError, match="image id 'syn-000000' twice"):
+            w.add(tiles[1], "syn-000000", "tumor", "g")
+        with pytest.raises(ValueError, match=r"label '\.\./x' cannot name a file"):
+            w.add(tiles[1], "syn-000001", "../x", "g")
+        with pytest.raises(ValueError, match="must be uint8"):
+            w.add(tiles[1].astype(np.float32), "syn-000001", "tumor", "g")
+        w.write_metadata()
+    png = Image.open(tmp_path / "images/tumor/syn-000000.png")
+    assert png.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(png), tiles[0])
+    assert json.loads(png.text["synthetic"]) == {"synthetic": True, "set": "dcgan-h_tumor-uncond",
+                                                "generator": "dcgan uncond, model tumor, epoch 3", "commit": "abc123"}
+    assert (tmp_path / "metadata.csv").read_text().splitlines() == [
+        "file_name,image_id,label,tumor,draw", "images/tumor/syn-000000.png,syn-000000,tumor,1,0"]
+    assert label_columns("M_48-68", "xray") == {"sex": "M", "age_bin": "48-68"}
+    assert label_columns("normal", "histology") == {"tumor": 0}
+    with pytest.raises(ValueError, match="not <sex>_<age bin>"):
+        label_columns("X_18", "xray")
+
+
+def test_unfilled_names_empty_and_placeholder_fields():
+    sheet = {"a": 1, "b": {"c": None, "d": "", "e": []}, "f": ["ok", "TODO: describe"], "g": "<fill me>",
+             "h": False, "i": 0, "how_made": {"options": {"images_per_phase": None}}}
+    assert datasheet.unfilled(sheet) == ["b.c", "b.d", "b.e", "f[1]", "g"]
+    assert datasheet.unfilled({"x": {}}) == ["x"]
+
+
+def test_checksums_list_every_file_and_catch_extra_and_missing(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.txt").write_text("a")
+    (tmp_path / "sub" / "b.txt").write_text("b")
+    sums = write_checksums(tmp_path)
+    assert list(sums) == ["a.txt", "sub/b.txt"]
+    assert (tmp_path / "SHA256SUMS").read_text().splitlines()[0] == (
+        "ca978112ca1bbdcafac231b39a23dc4da786eff8147c4e72b9807785afee48bb  a.txt")
+    (tmp_path / "c.txt").write_text("c")
+    (tmp_path / "a.txt").unlink()
+    assert verify_checksums(tmp_path) == ["a.txt: missing", "c.txt: not listed"]
+
+
+# ---- generate ----
+
+def test_generate_is_deterministic_for_a_seed_and_label_on_cpu(at, tmp_path):
+    def gen(out, *args):
+        run_ok(["generate", NAME, "--out", str(tmp_path / out), *args])
+        return files_of(tmp_path / out)
+
+    a = gen("a", "-n", "6", "--label", "F_18-38", "--seed", "3")
+    assert gen("b", "-n", "6", "--label", "F_18-38", "--seed", "3") == a
+    c = gen("c", "-n", "6", "--label", "F_18-38", "--seed", "4")
+    pngs = lambda files: {k: v for k, v in files.items() if k.endswith(".png")}  # noqa: E731
+    assert len(pngs(a)) == 6 and not set(pngs(a).values()) & set(pngs(c).values())
+    mixed = gen("mixed", "-n", "5", "--seed", "3")  # 3 F + 2 M: label F's images do not depend on M being drawn
+    assert sorted(pngs(mixed)) == [f"images/F_18-38/gen-3-F_18-38-{i:06d}.png" for i in range(3)] + [
+        f"images/M_48-68/gen-3-M_48-68-{i:06d}.png" for i in range(2)]
+    for i in range(3):
+        key = f"images/F_18-38/gen-3-F_18-38-{i:06d}.png"
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "mixed" / key)),
+                                      np.asarray(Image.open(tmp_path / "a" / key)))
+    info = json.loads(a["generation.json"])
+    assert info["hash_screen"].startswith("applied as synthesize did: 200 bits") and info["seed"] == 3
+    assert info["per_label"]["F_18-38"]["images"] == 6 and info["epochs"] == json.loads(
+        (at / f"metrics/synthesize/{NAME}.json").read_text())["checkpoint_epochs"]
+    assert verify_checksums(tmp_path / "a") == []
+    bad = CliRunner().invoke(app, ["generate", NAME, "-n", "2", "--label", "F_99-99", "--out", str(tmp_path / "d")])
+    assert bad.exit_code == 1 and "label 'F_99-99' was not trained" in bad.output
+    bad = CliRunner().invoke(app, ["generate", "-n", "2", "--out", str(tmp_path / "d")])
+    assert bad.exit_code == 2 and "give a set NAME or --generator DIR" in bad.output
+
+
+def test_a_shared_generator_draws_without_the_pipeline(at, tmp_path, monkeypatch):
+    out = tmp_path / "exp"
+    run_ok(["export", NAME, "--out", str(out), "--with-generator"])
+    check_export(out)
+    gen = out / "generator"
+    card = json.loads((gen / "card.json").read_text())
+    epoch = card["epochs"]["conditional"]
+    weights = gen / "conditional" / "epochs" / f"{epoch:03d}.pt"
+    snap = torch.load(weights, weights_only=True)
+    assert {v.dtype for v in snap["state_dict"].values() if v.is_floating_point()} == {torch.bfloat16}
+    sheet = json.loads((out / "datasheet.json").read_text())
+    assert sheet["generator"]["parameters"] > 0 and "## Generator (model card)" in (out / "datasheet.md").read_text()
+    run_ok(["generate", NAME, "-n", "4", "--label", "M_48-68", "--seed", "1", "--out", str(tmp_path / "here")])
+    elsewhere = tmp_path / "colleague"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # no params.yaml, no models/, no data/
+    result = run_ok(["generate", "--generator", str(gen), "-n", "4", "--label", "M_48-68", "--seed", "1",
+                     "--out", "more"])
+    assert "hash screen not applied: a shared generator" in result.output
+    shared = files_of(elsewhere / "more")
+    assert json.loads(shared["generation.json"])["set"] == NAME
+    for key in [k for k in shared if k.endswith(".png")]:  # the same generator; bf16 weights move pixels a little
+        a, b = (np.asarray(Image.open(d / key), np.float32) for d in (elsewhere / "more", tmp_path / "here"))
+        assert np.abs(a - b).mean() < 3, key
+    weights.write_bytes(weights.read_bytes()[:-8] + b"tampered")
+    bad = CliRunner().invoke(app, ["generate", "--generator", str(gen), "-n", "1", "--out", "x"])
+    assert bad.exit_code == 1 and "differ from its SHA256SUMS" in bad.output
+    torch.save({"state_dict": {}, "payload": Image.new("L", (1, 1))}, weights)  # an object, not weights
+    write_checksums(gen)
+    bad = CliRunner().invoke(app, ["generate", "--generator", str(gen), "-n", "1", "--out", "x"])
+    assert bad.exit_code == 1 and "is not plain weights" in bad.output and not Path("x").exists()

@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from biomedsynth import croissant, datasheet
 from biomedsynth.provenance import git_commit
-from biomedsynth.store import ImageSet, atomic_write_text, remove_tree, save_torch, write_json
+from biomedsynth.store import ImageSet, atomic_write_text, replace_tree, save_torch, write_json
 
 CHECKSUMS = "SHA256SUMS"
 IMAGES = "images"
@@ -115,12 +115,7 @@ def staged(out: Path) -> Iterator[Path]:
     try:
         os.chmod(tmp, 0o755)  # mkdtemp's is owner-only; an export is meant to be shared
         yield tmp
-        old = out.with_name(f".{out.name}.old")
-        remove_tree(old)
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-        remove_tree(old)
+        replace_tree(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -96,6 +96,17 @@ def remove_tree(path: Path) -> None:
     shutil.rmtree(path, **{"onexc" if sys.version_info >= (3, 12) else "onerror": fail})
 
 
+def replace_tree(new: Path, out: Path) -> None:
+    """Put the finished folder `new` in place of `out` (absent is fine). `out` moves aside first, so a kill between the
+    two renames leaves the old output under .<name>.old (which the next call removes), never a half-written one."""
+    old = out.with_name(f".{out.name}.old")
+    remove_tree(old)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(new, out)
+    remove_tree(old)
+
+
 class ImageSetWriter:
     """Stream images into a new image set; use as a context manager.
 
@@ -158,12 +169,7 @@ class ImageSetWriter:
             self._tmp / "meta.csv", index=False)
         info = {"shape": list(self.shape), "count": len(self._rows), "shard_size": self.shard_size}
         (self._tmp / "info.json").write_text(json.dumps(info, indent=2) + "\n")
-        old = self.path.with_name(f".{self.path.name}.old")
-        remove_tree(old)
-        if self.path.exists():
-            os.replace(self.path, old)
-        os.replace(self._tmp, self.path)
-        remove_tree(old)
+        replace_tree(self._tmp, self.path)
 
 
 class ImageSet:

@@ -25,7 +25,7 @@ from skimage.feature import local_binary_pattern
 from tqdm import tqdm
 
 from biomedsynth.lifetime import die_with_parent
-from biomedsynth.store import ImageSet, remove_tree
+from biomedsynth.store import ImageSet, replace_tree
 
 RADII = (2, 3, 4)
 CHUNK = 64  # images per pool task: a few seconds of work at 256 px, small enough to balance the cores
@@ -137,12 +137,7 @@ def write_features(set_path: Path, out: Path, radii=RADII, workers: int = 1) -> 
     try:
         # np.savez stamps zip entries with a fixed date, so equal features give equal bytes (stable DVC hashes)
         np.savez(tmp / "features.npz", image_id=images.meta["image_id"].to_numpy(str), **feats)
-        old = out.with_name(f".{out.name}.old")
-        remove_tree(old)
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-        remove_tree(old)
+        replace_tree(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"images": len(images), "radii": list(check_radii(radii)), "dims": {k: int(v.shape[1]) for k, v in feats.items()}}

@@ -5,7 +5,8 @@ Setups (SPEC section 3): `uncond` trains one unconditional model per label of th
 model conditional on the label. The stage's output (models/gan/<name>) holds what later stages read:
 
     options.json              the stage's resolved settings
-    <model>/epochs/NNN.pt     the sampling generator of every epoch (what `checkpoint: epoch_N` picks)
+    <model>/epochs/NNN.pt     the sampling generator of each epoch that can be chosen (`gan.snapshots`: every
+                              k-th epoch at full resolution, and the last; what `checkpoint: epoch_N` picks)
     <model>/grids/NNN.png     samples of a fixed latent per epoch
     <model>/log.jsonl         per epoch: losses, PGGAN depth/alpha, sg2ada's ADA p and r_t and mean R1, SWD,
                               KID and their real floor
@@ -24,8 +25,10 @@ same files plus <model>/checkpoint.pt (G, D, EMA, optimisers, sg2ada's ADA and p
 after the last complete epoch). A run killed at any moment continues from there when the stage runs again, and
 the output is written from it, whole, once every model is trained; so the output is the same bytes whether the run was
 interrupted or not, DVC's run cache can restore it (it skips persistent outputs), and a change of options
-trains under a new hash beside the old run's state instead of deleting it. Under torchrun every rank trains
-on its share of each batch list and gradients are averaged across ranks; rank 0 alone writes.
+trains under a new hash beside the old run's state instead of deleting it. Under torchrun the models of a
+stage of several (the per-label ones) are divided among the ranks, each trained whole by one; a stage of one
+model has every rank train on its share of each batch, with its own random streams, and gradients averaged;
+rank 0 alone writes.
 """
 from __future__ import annotations
 

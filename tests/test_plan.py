@@ -51,6 +51,11 @@ def test_plan_counts_gan_steps_and_names_a_model_smaller_than_a_batch():
     data = scans(np.random.default_rng(1), n_old=900, n_young=300), slides()
     plan = make_plan(*data, params(batch_size=64), STAGES)
     assert list(plan["gans"]) == ["pggan-x_norm-cond", "dcgan-h_norm-uncond", "dcgan-h_tumor-uncond"]  # table3
+    every = [f"{arch}-{s}" for arch in ("dcgan", "pggan", "sg2ada") for s in ("x_norm-uncond", "x_norm-cond",
+             "x_norm_l-uncond", "x_norm_l-cond", "h_norm-uncond", "h_tumor-uncond")]
+    side_by_side = make_plan(*data, params("table3_sets", batch_size=64), every)["gans"]
+    assert sorted(side_by_side) == sorted(f"{arch}-{s}" for arch in ("dcgan", "pggan", "sg2ada")
+                                          for s in ("x_norm-cond", "h_norm-uncond", "h_tumor-uncond"))
     cond = plan["gans"]["pggan-x_norm-cond"]["conditional"]
     assert cond["steps_per_epoch"] == cond["images"] // 64 and cond["steps"] == cond["steps_per_epoch"] * cond["epochs"]
     plan = make_plan(*data, params("all", batch_size=200, epochs_uncond=10), STAGES)  # ~80 scans a label

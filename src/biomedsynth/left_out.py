@@ -1,4 +1,4 @@
-"""The outputs of the GAN stages (train_gan, synthesize) that `gan.stages: table3` leaves out: small files
+"""The outputs of the GAN stages (train_gan, synthesize) that `gan.stages` leaves out: small files
 saying why. Written without importing torch: the default run leaves out 18 such stages, and the imports of
 the training and drawing code cost 2-4 s each.
 
@@ -13,14 +13,29 @@ from biomedsynth.params import Params
 from biomedsynth.store import write_json
 
 
-def reason_left_out(p: Params, name: str) -> str | None:
-    """Why this profile does not train GAN stage `name` (gan.stages: table3 and Table 3 does not use it), or None."""
+def trains(p: Params, name: str) -> bool:
+    """Whether GAN stage `name` (<arch>-<group>-<setup>) trains under gan.stages: all; table3, the stages whose
+    sets Table 3 uses; table3_sets, every architecture on those sets (to compare them side by side)."""
     from biomedsynth.tasks import used_gan_stages
 
     used = used_gan_stages(p.tasks)
-    if p.gan.stages == "all" or name in used:
+    if p.gan.stages == "table3_sets":
+        return _set_of(name) in {_set_of(stage) for stage in used}
+    return p.gan.stages == "all" or name in used
+
+
+def reason_left_out(p: Params, name: str) -> str | None:
+    """Why this profile does not train GAN stage `name`, or None."""
+    from biomedsynth.tasks import used_gan_stages
+
+    if trains(p, name):
         return None
-    return f"not trained: gan.stages is table3 and the benchmark uses {', '.join(sorted(used))}"
+    return f"not trained: gan.stages is {p.gan.stages} and the benchmark uses {', '.join(sorted(used_gan_stages(p.tasks)))}"
+
+
+def _set_of(stage: str) -> str:
+    """The set (group-setup) a GAN stage trains on."""
+    return stage.split("-", 1)[1]
 
 
 def write_not_trained(reason: str, out: Path, metrics_path: Path, scores_path: Path, losses_path: Path) -> None:

@@ -279,7 +279,8 @@ class GanScore(Strict):
 
 
 class Gan(Strict):
-    stages: Literal["table3", "all"]  # which GAN stages train: those whose sets Table 3 uses, or all twelve
+    stages: Literal["table3", "table3_sets", "all"]  # which GAN stages train: those whose sets Table 3 uses, every
+                                                     # architecture on those sets, or all eighteen
     xray: XrayGan
     histology: HistologyGan
     dcgan: Dcgan

@@ -12,9 +12,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from biomedsynth.left_out import trains
 from biomedsynth.params import GROUP_MODALITY, Params
 from biomedsynth.studygroups import Groups, choose_groups, summarise_groups
-from biomedsynth.tasks import TASKS, draw_balanced, task_classes, used_gan_stages
+from biomedsynth.tasks import TASKS, draw_balanced, task_classes
 
 FEW_CLUSTERS = 6  # fewer test patients / slides per class than this: intervals too wide to decide
 
@@ -88,10 +89,10 @@ def _advice(groups: dict, gans: dict, tasks: dict, p: Params) -> list[str]:
 
 def make_plan(xray_meta: pd.DataFrame, histology_meta: pd.DataFrame, p: Params, gan_stages: list[str]) -> dict:
     """{groups, gans, tasks, advice} for the ingested metadata under params `p`; `gan_stages` are dvc.yaml's
-    GAN stages, of which gan.stages: table3 trains only those Table 3 uses."""
+    GAN stages, of which gan.stages may train only some (left_out.trains)."""
     chosen, requested = choose_groups(xray_meta, histology_meta, p.studygroups, p.seed)
     groups = summarise_groups(chosen, requested)
-    trained = [s for s in gan_stages if p.gan.stages == "all" or s in used_gan_stages(p.tasks)]
+    trained = [s for s in gan_stages if trains(p, s)]
     gans = {name: gan_models(name, chosen[name.split("-")[1]]["train"], p) for name in trained}
     tasks = {task: task_sets(task, chosen, p) for task in TASKS}
     return {"groups": groups, "gans": gans, "tasks": tasks, "advice": _advice(groups, gans, tasks, p)}

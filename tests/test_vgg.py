@@ -62,7 +62,7 @@ def test_best_validation_loss_is_restored_and_checkpointed(tmp_path, monkeypatch
     losses = [r["val_loss"] for r in history]
     assert losses[1] > 10 * losses[0]
     _, val_idx = vgg.split_validation(labels, None, 0.25, seed=1)
-    val_loss = torch.nn.functional.cross_entropy(real_logits(model, images, val_idx, 32, 8),
+    val_loss = torch.nn.functional.cross_entropy(real_logits(model, images, val_idx, 32, 8, history[0]["precision"]),
                                                  torch.from_numpy(labels[val_idx]))
     assert val_loss.item() == pytest.approx(min(losses), rel=1e-5)
     ckpt = torch.load(tmp_path / "best.pt", weights_only=True)
@@ -70,6 +70,28 @@ def test_best_validation_loss_is_restored_and_checkpointed(tmp_path, monkeypatch
     state = model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in ckpt["state_dict"].items())
     assert not torch.equal(state["features.0.weight"], last_state["features.0.weight"])  # epoch 2 undone
+
+
+def test_precision_auto_follows_the_device_and_bf16_trains_on_the_cpu(tmp_path, monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert vgg.resolve_precision("auto", cpu) == "fp32"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert vgg.resolve_precision("auto", cpu) == "bf16" and vgg.resolve_precision("auto", torch.device("cuda")) == "bf16"
+    assert vgg.resolve_precision("fp32", torch.device("cuda")) == "fp32"
+    with pytest.raises(ValueError, match="precision must be one of auto, fp32, bf16, got 'fp16'"):
+        vgg.resolve_precision("fp16", cpu)
+    images, labels = write_set(tmp_path / "set", 12, 32, 1)
+    trained = {}
+    for precision in ("fp32", "bf16"):
+        model, history = vgg.train_vgg(images, labels, input_size=32, epochs=1, batch_size=8, val_fraction=0.25,
+                                       seed=0, precision=precision, checkpoint=tmp_path / f"{precision}.pt",
+                                       log=lambda _: None)
+        assert history[0]["precision"] == precision and np.isfinite(history[0]["val_loss"])
+        assert torch.load(tmp_path / f"{precision}.pt", weights_only=True)["precision"] == precision
+        assert model.features[0].weight.dtype == torch.float32  # autocast: the weights stay fp32
+        trained[precision] = model.features[0].weight
+    assert not torch.equal(trained["fp32"], trained["bf16"])  # bf16 arithmetic really ran
 
 
 def test_validation_split_keeps_groups_apart():

@@ -59,13 +59,14 @@ def _fit_predict(model: str, task_dir: Path, features_dir: Path, train: str, cfg
         v = cfg.vgg16
         net, history = train_vgg(task_dir / train, y, groups=groups, input_size=v.input_side, epochs=v.epochs,
                                  batch_size=v.batch_size, lr=v.lr, val_fraction=v.val_fraction, seed=seed,
-                                 weights=v.weights, head=v.head, checkpoint=out / f"{train}-seed{seed}.pt", log=log)
+                                 weights=v.weights, head=v.head, precision=v.precision,
+                                 checkpoint=out / f"{train}-seed{seed}.pt", log=log)
         if not history:  # a torchrun rank > 0: it helped train; rank 0 scores
             return None
-        scores = predict_scores(net, task_dir / TEST, v.input_side)
         best = min(history, key=lambda r: r["val_loss"])
+        scores = predict_scores(net, task_dir / TEST, v.input_side, precision=best["precision"])
         return (scores >= 0.5).astype(int), scores, {"best_epoch": best["epoch"], "val_loss": best["val_loss"],
-                                                     "epochs": len(history)}
+                                                     "epochs": len(history), "precision": best["precision"]}
     _, train_feats = read_features(features_dir / train)
     _, test_feats = read_features(features_dir / TEST)
     folds = cfg.cv_folds

@@ -85,6 +85,26 @@ def test_vgg16_checkpoints_are_the_models_output(tmp_path, cfg, monkeypatch):
     assert ck["channels"] == 1 and ck["input_size"] == 32 and r["real"]["best_epoch"] == 1
 
 
+@pytest.mark.parametrize("real_synthetic", [False, True])
+def test_vgg16_trains_the_real_synthetic_arm_only_when_params_say_so(tmp_path, cfg, monkeypatch, real_synthetic):
+    monkeypatch.setenv("BIOMEDSYNTH_DEVICE", "cpu")
+    sets = ("real", "synthetic", "real_synthetic", "test")
+    tasks, feats = _task(tmp_path / "tasks", tmp_path / "features", np.random.default_rng(1), sets)
+    cfg = cfg.model_copy(update={"seeds": [0], "vgg16": cfg.vgg16.model_copy(
+        update={"input_side": 32, "epochs": 1, "batch_size": 8, "val_fraction": 0.25,
+                "real_synthetic": real_synthetic})})
+    out = tmp_path / "models"
+    r = classify("t", "vgg16", cfg, tasks, feats, out, tmp_path / "m.json", tmp_path / "plots", log=lambda _: None)
+    trained = ["real-seed0.pt", "synthetic-seed0.pt"] + (["real_synthetic-seed0.pt"] if real_synthetic else [])
+    assert sorted(p.name for p in out.iterdir()) == sorted(trained)
+    assert ("real_synthetic" in r) == real_synthetic and ("real_synthetic_drop" in r) == real_synthetic
+    assert set(pd.read_csv(tmp_path / "plots" / "predictions.csv")["arm"]) == set(sets[:2 + real_synthetic])
+    if not real_synthetic:  # the cell says why the arm is missing; dvc.yaml's plots of the arm exist, without rows
+        assert r["not_trained"] == {"real_synthetic": "not trained: classify.vgg16.real_synthetic is false"}
+        assert (tmp_path / "plots" / "confusion-real_synthetic.csv").read_text() == "actual,predicted\n"
+        assert (tmp_path / "plots" / "roc-real_synthetic.csv").read_text() == "fpr,tpr\n"
+
+
 def test_launch_two_cpu_processes_train_vgg16_with_rank_0_writing(tmp_path):
     """`launch.nproc_per_node: 2`: the classify command starts 2 gloo ranks through torchrun; they share VGG16's
     batches; rank 0 alone validates, writes the checkpoints and the metrics, and logs."""

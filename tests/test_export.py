@@ -275,6 +275,12 @@ def test_a_set_made_of_training_images_is_refused_unless_allowed(project, tmp_pa
     assert "memorisation test flags it as copying training images" in lines[0] and "C_T" in lines[0]
     assert "near copies" in lines[0] and "--allow-flagged" in lines[0]
     assert not (root / "exports" / NAME).exists()
+    set_params([f"export.sets=[{NAME}]"], root / "params.yaml")
+    result = run_ok(["export-sets"])  # the pipeline's stage: a note, and the run goes on
+    note = json.loads((root / "exports" / NAME / "not_exported.json").read_text())
+    assert note["exported"] is False and "flags it as copying training images" in note["reason"]
+    assert "C_T" in note["reason"] and "export.allow_flagged" in note["reason"] and note["reason"] in result.output
+    assert [f.name for f in (root / "exports" / NAME).iterdir()] == ["not_exported.json"]
     run_ok(["export", NAME, "--allow-flagged"])
     sheet = json.loads((root / "exports" / NAME / "datasheet.json").read_text())
     assert sheet["memorisation"]["verdict"] == "flagged as copying training images"
@@ -284,17 +290,21 @@ def test_a_set_made_of_training_images_is_refused_unless_allowed(project, tmp_pa
 
 
 def test_the_stage_exports_the_sets_params_list_and_notes_the_others(at):
-    result = run_ok(["export", "pggan-x_norm-cond", "--if-listed"])
-    assert "not exported: export.sets is table3" in result.output
+    shutil.copy("params.yaml", "listed.yaml")
+    set_params([f"export.sets=[{NAME}]"], "listed.yaml")
+    result = run_ok(["export-sets", "--params", "listed.yaml"])
+    assert f"export pggan-x_norm-cond: not exported: export.sets lists {NAME}" in result.output
+    names = yaml.safe_load((at / "dvc.yaml").read_text())["stages"]["train_gan"]["foreach"]
+    assert sorted(p.parent.name for p in (at / "exports").glob("*/SHA256SUMS")) == [NAME]
+    noted = sorted(p.parent.name for p in (at / "exports").glob("*/not_exported.json"))
+    assert noted == sorted(set(names) - {NAME})  # every other set says why it is not there
     note = json.loads((at / "exports/pggan-x_norm-cond/not_exported.json").read_text())
     assert note["exported"] is False and NAME in note["reason"]
-    run_ok(["export", NAME, "--if-listed"])  # table3's X-ray set
-    assert (at / "exports" / NAME / "SHA256SUMS").is_file() and (at / "exports" / NAME / "croissant.json").is_file()
+    assert (at / "exports" / NAME / "croissant.json").is_file()
     bad = CliRunner().invoke(app, ["export", "gan-x_norm-cond"])
     assert bad.exit_code == 2 and "set = 'gan-x_norm-cond': allowed dcgan-x_norm-uncond" in bad.output
-    shutil.copy("params.yaml", "listed.yaml")
     set_params(["export.sets=[sg9-x_norm-cond]"], "listed.yaml")
-    bad = CliRunner().invoke(app, ["export", NAME, "--if-listed", "--params", "listed.yaml"])
+    bad = CliRunner().invoke(app, ["export-sets", "--params", "listed.yaml"])
     assert bad.exit_code == 2 and "export.sets names sg9-x_norm-cond, not a set of dvc.yaml's" in bad.output
 
 

@@ -3,7 +3,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from biomedsynth.classify.metrics import (arm_samples, binary_metrics, cluster_weights, degenerate, drops, interval,
-                                          joint_cluster_weights, summarise_seeds, weighted_metrics)
+                                          joint_cluster_weights, seed_resampled, summarise_seeds, weighted_metrics)
 
 
 def test_binary_metrics_by_hand():
@@ -74,6 +74,37 @@ def test_joint_weights_give_a_shared_patient_the_same_weight_in_every_set():
     w = joint_cluster_weights({"a": a, "b": b}, n_boot=100, seed=0)
     assert np.array_equal(w["a"][:, 1], w["b"][:, 0]) and np.array_equal(w["a"][:, 0], w["b"][:, 2])
     assert np.array_equal(w["a"], joint_cluster_weights({"a": a, "b": b}, n_boot=100, seed=0)["a"])
+
+
+def _seed(rng, y, accuracy):
+    pred = np.where(rng.random(len(y)) < accuracy, y, 1 - y)
+    return [(pred, pred + rng.random(len(y)))]
+
+
+def test_a_duplicated_seed_gives_the_interval_of_one():
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 40)
+    weights = cluster_weights(y, np.arange(80).astype(str), 500, seed=0)
+    one = arm_samples(y, _seed(rng, y, 0.75), weights)
+    twice = seed_resampled([one, one], np.random.default_rng(1))
+    for m in one:
+        np.testing.assert_allclose(twice[m], one[m])
+    assert seed_resampled([one], np.random.default_rng(1)) is one
+
+
+def test_seeds_that_disagree_widen_the_interval_to_cover_both():
+    """Two training runs, one near 0.95 and one near 0.65: the first seed alone claims a narrow interval around
+    0.95; resampling the seeds gives their mean and an interval spanning both runs."""
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 100)
+    weights = cluster_weights(y, np.arange(200).astype(str), 1000, seed=0)
+    good, bad = (arm_samples(y, _seed(rng, y, a), weights)["accuracy"] for a in (0.95, 0.65))
+    both = interval(seed_resampled([{"accuracy": good}, {"accuracy": bad}], np.random.default_rng(1))["accuracy"])
+    alone = interval(good)
+    assert both["value"] == pytest.approx((good[0] + bad[0]) / 2)
+    assert alone["low"] > bad[0] + 0.2  # what the first seed alone says: the other run is far outside
+    assert both["low"] <= bad[0] + 0.02 and both["high"] >= good[0] - 0.02
+    assert both["high"] - both["low"] > 3 * (alone["high"] - alone["low"])
 
 
 def test_cluster_interval_covers_the_true_accuracy_of_correlated_patients():

@@ -45,7 +45,7 @@ def test_openslide_reads_every_level(sample):
 
 
 def test_deterministic_and_seeded(sample, tmp_path):
-    write_histology_sample(tmp_path / "b", n_normal=2, n_tumor=1, seed=3, width=W, height=H)
+    write_histology_sample(tmp_path / "b", n_normal=2, n_tumor=1, seed=3, width=W, height=H, workers=2)
     for p in sample.iterdir():
         assert (tmp_path / "b" / p.name).read_bytes() == p.read_bytes(), p.name
     write_histology_sample(tmp_path / "c", n_normal=1, n_tumor=0, seed=4, width=W, height=H)

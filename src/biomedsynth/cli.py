@@ -97,7 +97,7 @@ def sample(params: Path = ParamsOpt, out: Path = typer.Option(Path("data/raw"), 
                                 abnormal_fraction=x.abnormal_fraction, scans_per_patient=x.scans_per_patient,
                                 min_side=x.min_side, max_side=x.max_side, workers=p.ingest.workers)
     n_slides = write_histology_sample(tmp / "histology", n_normal=h.normal_slides, n_tumor=h.tumor_slides,
-                                      seed=p.seed, width=h.width, height=h.height)
+                                      seed=p.seed, width=h.width, height=h.height, workers=p.ingest.workers)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     typer.echo(f"wrote {n_scans} X-ray scans to {out / 'xray'} and {n_slides} slides to {out / 'histology'}")
@@ -437,39 +437,54 @@ def export_cmd(name: str = typer.Argument(..., help="a synthetic set, <arch>-<gr
                                                   "test flags as copying (the datasheet records it)"),
                with_generator: bool = typer.Option(False, "--with-generator", help="also ship the chosen sampling "
                                                    "generator (bf16) and a model card, for `generate --generator`"),
-               if_listed: bool = typer.Option(False, "--if-listed", help="as dvc.yaml's export stage: export only "
-                                              "a set params export.sets lists, else write a note saying why"),
                params: Path = ParamsOpt):
-    """export@<name>: the synthetic set as PNGs that Hugging Face imagefolder and torchvision ImageFolder load,
-    metadata.csv, datasheet.md/.json, croissant.json and SHA256SUMS (flags add to params `export`)."""
+    """The synthetic set as PNGs that Hugging Face imagefolder and torchvision ImageFolder load, metadata.csv,
+    datasheet.md/.json, croissant.json and SHA256SUMS (flags add to params `export`)."""
     stages = _gan_stages()
     if name not in stages:
         _fail(2, f"set = {name!r}: allowed {', '.join(stages)}")
     p = _params(params)
-    e, out = p.export, out or Path("exports") / name
+    out = out or Path("exports") / name
     _writes(out)
-    synth_metrics = Path("metrics/synthesize") / f"{name}.json"
-    if if_listed:
-        from biomedsynth.export import write_not_exported
+    _print_summary(f"export {name}", _export_one(p, name, stages[name], out, allow_flagged, with_generator))
 
-        listed = _export_sets(p, list(stages))
-        asked = f"is {e.sets} ({', '.join(listed)})" if isinstance(e.sets, str) else f"lists {', '.join(listed)}"
-        reason = None if name in listed else f"not exported: export.sets {asked}"
-        if reason is None and e.sets == "all" and _run(lambda: json.loads(synth_metrics.read_text())).get(
-                "synthesized") is False:
-            reason = "not exported: synthesize drew no set (gan.stages leaves it out)"
-        if reason:
-            _run(write_not_exported, out, reason)
-            typer.echo(f"export@{name}: {reason}")
-            return
+
+def _export_one(p, name: str, stage: dict, out: Path, allow_flagged: bool, with_generator: bool) -> dict:
     from biomedsynth.export import RunFiles, export_set
 
-    stage = stages[name]
-    summary = _run(export_set, name, RunFiles.of(name), out, modality=stage["modality"], group=stage["group"],
-                   license=e.license, version=e.version, intended_use=e.intended_use,
-                   allow_flagged=allow_flagged or name in e.allow_flagged,
-                   with_generator=with_generator or e.with_generator)
-    _print_summary(f"export@{name}", summary)
+    e = p.export
+    return _run(export_set, name, RunFiles.of(name), out, modality=stage["modality"], group=stage["group"],
+                license=e.license, version=e.version, intended_use=e.intended_use,
+                allow_flagged=allow_flagged or name in e.allow_flagged, with_generator=with_generator or e.with_generator)
+
+
+@app.command("export-sets")
+def export_sets(params: Path = ParamsOpt):
+    """export: exports/<name> for every set of dvc.yaml, in one stage (one per set cost ~2 s of DVC's each):
+    the sets params export.sets lists as `export NAME` writes them; the others, and a listed set the memorisation
+    test flags as copying (unless export.allow_flagged names it), a note saying why, so the pipeline runs on."""
+    from biomedsynth.export import copying_refusal, write_not_exported
+
+    stages = _gan_stages()
+    p = _params(params)
+    e = p.export
+    listed = _export_sets(p, list(stages))
+    asked = f"is {e.sets} ({', '.join(listed)})" if isinstance(e.sets, str) else f"lists {', '.join(listed)}"
+    _writes(Path("exports"))
+    for name, stage in stages.items():
+        out = Path("exports") / name
+        reason = None if name in listed else f"not exported: export.sets {asked}"
+        synth = _run(lambda: json.loads((Path("metrics/synthesize") / f"{name}.json").read_text())) \
+            if reason is None else {}
+        if reason is None and e.sets == "all" and synth.get("synthesized") is False:
+            reason = "not exported: synthesize drew no set (gan.stages leaves it out)"
+        elif reason is None and (refusal := copying_refusal(synth)) and name not in e.allow_flagged:
+            reason = f"not exported: {refusal}; list it in export.allow_flagged to export it anyway"
+        if reason:
+            _run(write_not_exported, out, reason)
+            typer.echo(f"export {name}: {reason}")
+        else:
+            _print_summary(f"export {name}", _export_one(p, name, stage, out, False, False))
 
 
 @app.command()

@@ -151,7 +151,9 @@ def _estimate(key: str, v: dict) -> dict | str:
 def _cell(model: str, c: dict) -> dict:
     keep = ("real", "synthetic", "real_synthetic", "drop", "drop_chance_normalised")
     name = c.get("model_name") or model.upper()  # table3 names VGG16's head; the LBP models go by their keys
-    return {"model": name, **{k: _estimate(k, c[k]) for k in keep}, "degenerate": c["degenerate"],
+    absent = c.get("not_trained", {})  # arms params left out, with why
+    return {"model": name, **{k: _estimate(k, c[k]) if k in c else absent.get(k, "n/a") for k in keep},
+            "degenerate": c["degenerate"],
             **({"degenerate_reasons": c["degenerate_reasons"]} if c["degenerate"] else {})}
 
 

@@ -263,6 +263,14 @@ def generator_names(arch: str, setup: str, epochs: dict[str, int], labels: list[
     return {label: f"{arch} {setup}, model {model(label)}, epoch {epochs[model(label)]}" for label in labels}
 
 
+def copying_refusal(synth: dict) -> str | None:
+    """Why a drawn set (synthesize's metrics) may not be shared: the memorisation test's verdict and its
+    evidence, or None when the test does not flag it."""
+    evidence = synth.get("evidence", {})
+    return (f"the memorisation test flags it as copying training images ({copying_evidence(evidence)})"
+            if evidence.get("copying") else None)
+
+
 def export_set(name: str, run: RunFiles, out: Path, *, modality: str, group: str, license: str, version: str,
                intended_use: str, allow_flagged: bool = False, with_generator: bool = False) -> dict:
     """Write the export of synthetic set `name` (an arch-group-setup stage) at `out`; return a short summary.
@@ -272,8 +280,7 @@ def export_set(name: str, run: RunFiles, out: Path, *, modality: str, group: str
         raise ValueError(f"{name}: no synthetic set to export ({synth['reason']})")
     flagged = synth["evidence"]["copying"]
     if flagged and not allow_flagged:
-        raise ValueError(f"{name}: the memorisation test flags it as copying training images "
-                         f"({copying_evidence(synth['evidence'])}); pass --allow-flagged to export it anyway")
+        raise ValueError(f"{name}: {copying_refusal(synth)}; pass --allow-flagged to export it anyway")
     images = ImageSet(run.synthetic)
     options = _json(run.model_root / "options.json")
     from biomedsynth.gan.train import read_log  # here: torch comes with it, and the stage's notes need none of it

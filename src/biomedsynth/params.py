@@ -358,7 +358,8 @@ class Vgg16(Strict):
     val_fraction: Annotated[float, Field(gt=0.0, lt=1.0)]  # of the training set, for the best-val-loss checkpoint
     weights: Path | None                                    # a local torchvision VGG16 state dict; null: from scratch
     head: Literal["torchvision", "small"]                   # classifier 4096-4096-2 (the study's) or 512-512-2
-    precision: Literal["auto", "fp32", "bf16"]              # auto: bf16 on a GPU or an AMX CPU, else fp32
+    precision: Literal["auto", "fp32", "bf16"]              # bf16 autocast, or auto: bf16 on a GPU or an AMX CPU
+    real_synthetic: bool                                    # also train the real + synthetic arm (twice the images)
 
 
 class Classify(Strict):

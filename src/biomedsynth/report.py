@@ -178,17 +178,22 @@ def _table3(summary: dict) -> list:
         gan = v["gan"]
         gan_flag = ("GAN LEARNT NOTHING (" + ", ".join(gan["not_learnt"]) + ")" if gan["not_learnt"]
                     else "GAN still improving" if gan["still_improving"] else "")
+        if gan.get("copying"):  # summaries of earlier versions have no such key
+            gan_flag = "; ".join(f for f in ("SET COPIES TRAINING IMAGES (" + ", ".join(gan["copying"]) + ")",
+                                             gan_flag) if f)
         study = v["study"]
         rows.append([TASK_NAMES[task], v.get("model_name", MODEL_NAMES[model]), _ci(v["real"]),
                      _ci(v["synthetic"]) + (f" ({v['synthetic_draws']} draws)" if v["synthetic_draws"] > 1 else ""),
-                     _ci(v["real_synthetic"]) if "real_synthetic" in v else "n/a",
+                     _ci(v["real_synthetic"]) if "real_synthetic" in v
+                     else v.get("not_trained", {}).get("real_synthetic", "n/a"),
                      _ci(v["drop"], True), _ci(v["drop_chance_normalised"], True),
                      "; ".join(f for f in (f"DEGENERATE ({flags})" if v["degenerate"] else "", gan_flag) if f)
                      or "ok",
                      "{:.2f} → {:.2f} ({:.2f}%)".format(study["real"], study["synthetic"], 100 * study["drop"])])
     return [("h2", "Table 3: accuracy trained on real → trained on synthetic, tested on real"),
             ("p", "Accuracy on the real test set with 95% intervals from a bootstrap over its patients (X-ray) or "
-                  "slides (histology), first training seed; the synthetic arm is the mean over its independent "
+                  "slides (histology) and, with several training seeds (classify.seeds), over the seeds too; each "
+                  "value is the mean over the seeds, the synthetic arm's the mean over its independent "
                   "draws from the generator. Drops are paired over the same resampled patients/slides: relative "
                   "(real - synthetic) / real, and chance-normalised (real - synthetic) / (real - 0.5). A cell is "
                   "DEGENERATE when a model predicts one class for >= 95% of the test images or its accuracy "

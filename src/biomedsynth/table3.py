@@ -9,9 +9,12 @@ when below, `inconclusive` otherwise or when a side has no usable cell. The drop
 (real - synthetic) / (real - 0.5): the relative drop (real - synthetic) / real, the study's, is capped by
 the real accuracy, so weak baselines could not show large drops; it is reported beside, with its own
 verdict. All cells are resampled together: every replicate draws the test patients / slides once and
-scores every model of every task on that draw (X-ray tasks share patients, so they share draws). A cell is
-also left out when a GAN behind its synthetic set learnt nothing (metrics/gan/<stage>.json `learnt`): its
-drop measures noise, not what synthetic data costs.
+scores every model of every task on that draw (X-ray tasks share patients, so they share draws); with several
+training seeds (classify.seeds) a cell's value is the mean over them, and each replicate also draws the seeds
+with replacement, cell by cell, so the verdict sees how much training runs disagree. A cell is
+also left out when a GAN behind its synthetic set learnt nothing (metrics/gan/<stage>.json `learnt`) or the set
+copies training images (metrics/synthesize/<stage>.json `evidence.copying`): its drop then measures noise or
+real images, not what synthetic data costs.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from biomedsynth.classify import metrics
-from biomedsynth.classify.benchmark import ARMS, CLASSIC, MODELS
+from biomedsynth.classify.benchmark import ARMS, CLASSIC, MODELS, seed_runs
 from biomedsynth.provenance import same_data
 from biomedsynth.store import write_json
 from biomedsynth.tasks import TASKS
@@ -51,13 +54,6 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def _runs(predictions: pd.DataFrame, arm: str) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(predictions, scores) of the arm's first-seed models, one per training set (synthetic draws), in image order."""
-    first = predictions[(predictions["seed"] == predictions["seed"].min()) & (predictions["arm"] == arm)]
-    return [(g.sort_values("image")["pred"].to_numpy(), g.sort_values("image")["score"].to_numpy())
-            for _, g in first.groupby("set", sort=True)]
-
-
 def _test_set(predictions: pd.DataFrame, task: str) -> tuple[np.ndarray, np.ndarray]:
     """(y, cluster ids) of the task's test images; ids carry the modality so a slide never meets a patient."""
     real = predictions[(predictions["set"] == "real") & (predictions["seed"] == predictions["seed"].min())]
@@ -82,15 +78,20 @@ def _cell(m: dict, task: str, model: str) -> dict:
             "study": dict(zip(("real", "synthetic", "drop"), STUDY_TABLE3[task][model]))}
     if "model_name" in m:  # VGG16's head
         row["model_name"] = m["model_name"]
+    if "not_trained" in m:  # arms params left out, with why
+        row["not_trained"] = m["not_trained"]
     return row
 
 
 def gan_evidence(metrics_dir: Path, stages: list[str]) -> dict:
-    """What the GAN stages behind a task's synthetic set say of themselves: learnt, still improving."""
+    """What the GAN stages behind a task's synthetic set say of themselves (learnt, still improving) and what the
+    memorisation test says of the sets they drew (copying: synthesize's evidence)."""
     found = [_read_json(Path(metrics_dir) / "gan" / f"{stage}.json") for stage in stages]
+    drawn = [_read_json(Path(metrics_dir) / "synthesize" / f"{stage}.json") for stage in stages]
     return {"stages": stages, "learnt": all(g.get("learnt", False) for g in found),
             "still_improving": any(g.get("still_improving", False) for g in found),
-            "not_learnt": [s for s, g in zip(stages, found) if not g.get("learnt", False)]}
+            "not_learnt": [s for s, g in zip(stages, found) if not g.get("learnt", False)],
+            "copying": [s for s, d in zip(stages, drawn) if d.get("evidence", {}).get("copying", False)]}
 
 
 def verdict(samples: dict[tuple[str, str], np.ndarray], used: list[tuple[str, str]], alpha: float = 0.05) -> dict:
@@ -120,8 +121,8 @@ def verdict(samples: dict[tuple[str, str], np.ndarray], used: list[tuple[str, st
 def sentence(claims: dict) -> str:
     """The verdict in one sentence, with its interval."""
     v = claims[HEADLINE]
-    left_out = (f"; {len(claims['cells_left_out'])} cell(s) left out as degenerate or from a GAN that learnt "
-                "nothing" if claims["cells_left_out"] else "")
+    left_out = (f"; {len(claims['cells_left_out'])} cell(s) left out as degenerate, from a GAN that learnt "
+                "nothing or from a set that copies training images" if claims["cells_left_out"] else "")
     if v["difference"] is None:
         return (f"The study's claim (synthetic data costs the deep model less than the LBP models) is inconclusive "
                 f"here: {v['reason']}{left_out}.")
@@ -154,11 +155,15 @@ def summarise(metrics_dir: Path, gan_stages: dict[str, list[str]], tasks: tuple[
             if not path.is_file():
                 raise FileNotFoundError(f"{path} is missing; run the classify stage that writes it")
             predictions[(task, model)] = pd.read_csv(path)
+    seeds = sorted({int(s) for p in predictions.values() for s in p["seed"].unique()})
     weights = metrics.joint_cluster_weights({t: _test_set(predictions[(t, models[0])], t) for t in tasks}, n_boot, seed)
     samples = {kind: {} for kind in DROPS}
+    runs_rng = np.random.default_rng((seed, 1))  # which training seeds each replicate draws, cell by cell
     for (task, model), p in predictions.items():
         y = _test_set(p, task)[0]
-        arms = {arm: metrics.arm_samples(y, _runs(p, arm), weights[task]) for arm in ("real", "synthetic")}
+        arms = {arm: metrics.seed_resampled([metrics.arm_samples(y, runs, weights[task])
+                                             for runs in seed_runs(p, arm)], runs_rng)
+                for arm in ("real", "synthetic")}
         for kind, d in metrics.drops(arms["real"], arms["synthetic"]).items():
             samples[kind][(task, model)] = d["accuracy"]
     gans = {task: gan_evidence(metrics_dir, gan_stages[task]) for task in tasks}
@@ -168,6 +173,7 @@ def summarise(metrics_dir: Path, gan_stages: dict[str, list[str]], tasks: tuple[
         cell["gan"] = gans[task]
         reasons = [f"{arm}: {', '.join(r)}" for arm, r in cell["degenerate_reasons"].items()]
         reasons += [f"GAN learnt nothing: {s}" for s in gans[task]["not_learnt"]]
+        reasons += [f"synthetic set copies training images: {s}" for s in gans[task]["copying"]]
         if reasons:
             left_out[f"{task}/{model}"] = "; ".join(reasons)
     used = [c for c in predictions if f"{c[0]}/{c[1]}" not in left_out]
@@ -176,7 +182,8 @@ def summarise(metrics_dir: Path, gan_stages: dict[str, list[str]], tasks: tuple[
              "lbp": float(np.mean([STUDY_TABLE3[t][m][2] for t in tasks for m in models if m in LBP] or [np.nan]))}
     claims = {"verdict": claims[HEADLINE]["verdict"], "measure": DROPS[HEADLINE], **claims,
               "cells_left_out": left_out, "bootstrap": {"replicates": n_boot, "unit": "patient / slide",
-                                                        "paired": "all cells over the same resampled clusters"},
+                                                        "paired": "all cells over the same resampled clusters",
+                                                        "training_seeds": seeds},
               "study_deep_drop_mean": round(study["deep"], 4), "study_lbp_drop_mean": round(study["lbp"], 4)}
     claims["sentence"] = sentence(claims)
     if mixed := same_data(prints):

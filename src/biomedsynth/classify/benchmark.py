@@ -2,9 +2,10 @@
 set (SPEC sections 5-6 and 8).
 
 Arms: `real`; `synthetic`, over every independent synthetic draw the task holds (synthetic, synthetic_d1,
-...); `real_synthetic` (real + the first draw). The headline numbers are the first seed's (the synthetic arm
-averaged over its draws), each with a 95% interval from a bootstrap over the test set's patients / slides;
-the drops real -> synthetic and real -> real + synthetic are paired over the same resampled clusters. An arm
+...); `real_synthetic` (real + the first draw). The headline numbers are the mean over the training seeds
+(classify.seeds; the synthetic arm averaged over its draws), each with a 95% interval from a bootstrap over
+the test set's patients / slides and, with several seeds, over the seeds too; the drops real -> synthetic
+and real -> real + synthetic are paired over the same resampled clusters. An arm
 whose models predict one class, or whose interval contains chance, is flagged `degenerate`. `spread` holds
 the other sources of variance: training seeds (classify.seeds) and synthetic draws. Every test prediction
 goes to predictions.csv, from which the table3 stage pairs all cells over the same resamples.
@@ -44,6 +45,14 @@ def training_sets(task_dir: Path) -> list[str]:
     if missing := {"real", "synthetic"} - set(sets):
         raise FileNotFoundError(f"{task_dir} has no {' or '.join(sorted(missing))} set; run the tasks stage")
     return sets
+
+
+def arms_not_trained(model: str, cfg: Classify) -> dict[str, str]:
+    """{arm: why} of the arms params leave out for `model`: VGG16's real + synthetic arm when
+    classify.vgg16.real_synthetic is false (its twice-sized set is ~40% of VGG16's time)."""
+    if model == "vgg16" and not cfg.vgg16.real_synthetic:
+        return {"real_synthetic": "not trained: classify.vgg16.real_synthetic is false"}
+    return {}
 
 
 def _fit_predict(model: str, task_dir: Path, features_dir: Path, train: str, cfg: Classify, seed: int,
@@ -109,23 +118,35 @@ def _predictions_table(runs: dict[tuple[str, int], tuple], test_meta: pd.DataFra
     return pd.concat(frames, ignore_index=True)
 
 
+def seed_runs(predictions: pd.DataFrame, arm: str) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+    """Per training seed (in order), the (predictions, scores) of the arm's models, one per training set
+    (the first seed's synthetic arm: every draw), in test-image order."""
+    rows = predictions[predictions["arm"] == arm]
+    return [[(g.sort_values("image")["pred"].to_numpy(), g.sort_values("image")["score"].to_numpy())
+             for _, g in by_seed.groupby("set", sort=True)]
+            for _, by_seed in rows.groupby("seed", sort=True)]
+
+
 def score_arms(predictions: pd.DataFrame, n_boot: int, seed: int = 0) -> dict:
-    """From a predictions table (first seed used; the synthetic arm's draws averaged): per arm the metrics
-    with cluster-bootstrap intervals and the degenerate flag; the paired drops from the real arm; and the
-    weight rows' samples {arm: {metric: (R,)}} for pairing with other cells."""
+    """From a predictions table: per arm the metrics (the mean over training seeds of each seed's mean over
+    its synthetic draws) with intervals resampling the test clusters and the seeds (metrics.seed_resampled),
+    and the degenerate flag; the paired drops from the real arm; and the weight rows' samples
+    {arm: {metric: (R,)}} for pairing with other cells."""
     first = predictions[predictions["seed"] == predictions["seed"].min()]
     test = first[first["set"] == "real"].sort_values("image")
     y, groups = test["y"].to_numpy(), test["group"].to_numpy()
     weights = metrics.cluster_weights(y, groups, n_boot, seed)
+    runs_rng = np.random.default_rng((seed, 1))  # which seeds each replicate draws
     result, samples = {}, {}
     for arm in (a for a in ARMS if a in set(first["arm"])):
-        runs = [(g.sort_values("image")["pred"].to_numpy(), g.sort_values("image")["score"].to_numpy())
-                for _, g in first[first["arm"] == arm].groupby("set", sort=True)]
-        samples[arm] = metrics.arm_samples(y, runs, weights)
+        per_seed = seed_runs(predictions, arm)
+        samples[arm] = metrics.seed_resampled([metrics.arm_samples(y, runs, weights) for runs in per_seed], runs_rng)
         scores = {k: metrics.interval(v) for k, v in samples[arm].items()}
-        reasons = metrics.degenerate(runs, scores["accuracy"])
-        result[arm] = {**scores, "one_class_share": max(metrics.one_class_share(p) for p, _ in runs),
-                       "degenerate": bool(reasons), "degenerate_reasons": reasons, "draws": len(runs)}
+        every_run = [run for runs in per_seed for run in runs]
+        reasons = metrics.degenerate(every_run, scores["accuracy"])
+        result[arm] = {**scores, "one_class_share": max(metrics.one_class_share(p) for p, _ in every_run),
+                       "degenerate": bool(reasons), "degenerate_reasons": reasons, "draws": len(per_seed[0]),
+                       "seeds": len(per_seed)}
     for arm, key in (("synthetic", "drop"), ("real_synthetic", "real_synthetic_drop")):
         if arm in samples:
             result[key] = {kind: {k: metrics.interval(v) for k, v in d.items()}
@@ -196,6 +217,8 @@ def classify(task: str, model: str, cfg: Classify, task_dir: Path, features_dir:
     test_meta = ImageSet(task_dir / TEST).meta
     y_test = test_meta["y"].astype(int).to_numpy()
     sets, first_seed = training_sets(task_dir), cfg.seeds[0]
+    not_trained = arms_not_trained(model, cfg)
+    sets = [name for name in sets if name not in not_trained]
     runs = {}
     for seed in cfg.seeds:
         for name in sets:
@@ -212,6 +235,8 @@ def classify(task: str, model: str, cfg: Classify, task_dir: Path, features_dir:
     if rank > 0:
         return {}
     result, predictions = evaluate(runs, test_meta, task, cfg.bootstrap)
+    if not_trained:
+        result["not_trained"] = not_trained
     if provenance is not None:
         result["provenance"] = provenance
     if model == "vgg16":  # which head: Table 3 names it
@@ -220,6 +245,9 @@ def classify(task: str, model: str, cfg: Classify, task_dir: Path, features_dir:
         result["model_name"] = MODEL_NAMES[cfg.vgg16.head]
     for arm in (a for a in ARMS if (a, first_seed) in runs):
         _write_plots(plots_dir, arm, y_test, *runs[(arm, first_seed)][:2])
+    for arm in not_trained:  # dvc.yaml's plots of every arm exist: these hold no rows
+        atomic_write_text(plots_dir / f"confusion-{arm}.csv", "actual,predicted\n")
+        atomic_write_text(plots_dir / f"roc-{arm}.csv", "fpr,tpr\n")
     atomic_write_text(plots_dir / "predictions.csv", predictions.to_csv(index=False))
     write_json(metrics_path, result)
     if tracker is not None:

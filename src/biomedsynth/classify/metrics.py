@@ -118,6 +118,24 @@ def arm_samples(y_true, runs: list[tuple[np.ndarray, np.ndarray]], weights: np.n
     return {k: np.mean([r[k] for r in per_run], 0) for k in SCALARS}
 
 
+def seed_resampled(per_seed: list[dict[str, np.ndarray]], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Samples {metric: (R,)} of an arm trained with several seeds, from each seed's samples (arm_samples under
+    the same weight rows): row 0 the mean over the seeds; each replicate row the mean over as many seeds drawn
+    with replacement at that row, so the spread between training runs widens the interval beside the test set's
+    (a two-level bootstrap: test clusters, then training runs). One seed: its samples as they are."""
+    if not per_seed:
+        raise ValueError("an arm needs at least one trained seed")
+    if len(per_seed) == 1:
+        return per_seed[0]
+    rows = len(next(iter(per_seed[0].values())))
+    picks = rng.integers(0, len(per_seed), (rows - 1, len(per_seed)))
+    out = {}
+    for k in per_seed[0]:
+        stacked = np.stack([s[k] for s in per_seed])  # (seeds, R)
+        out[k] = np.concatenate([[stacked[:, 0].mean()], stacked[picks, np.arange(1, rows)[:, None]].mean(1)])
+    return out
+
+
 def drops(real: dict[str, np.ndarray], other: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
     """Paired drops from the real arm to another, per metric and weight row: relative (real - other) / real,
     capped by the real value, and chance-normalised (real - other) / (real - 0.5), the share of the real

@@ -15,12 +15,16 @@ Scale: MPP um per level-0 px, so a lymphocyte nucleus is 3-4 px and a tumour nuc
 """
 from __future__ import annotations
 
+import os
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
+from biomedsynth.lifetime import die_with_parent
 from biomedsynth.sources.wsi import write_annotation_xml, write_pyramidal_tiff
 
 MPP = 2.0          # um per level-0 px
@@ -348,28 +352,41 @@ def _pen(rng, h, w):
     return np.minimum(ink, 1) * np.float32(rng.uniform(0.6, 1.0))
 
 
-def write_histology_sample(root: Path, n_normal: int, n_tumor: int, seed: int, width: int, height: int) -> int:
+def _write_slide(root: Path, slide: tuple[int, int], seed: int, width: int, height: int) -> list[str]:
+    """Write slide (class, index) into root from its own generator; the names of the files written."""
+    cls, i = slide
+    rng = np.random.default_rng([seed, cls, i])
+    rgb, tumours, holes = render_slide(rng, width, height, tumour=cls == 1, centre=i % 2)
+    name = f"{('normal', 'tumor')[cls]}_{i + 1:03d}"
+    write_pyramidal_tiff(root / f"{name}.tif", rgb, tile=TIFF_TILE, quality=QUALITY, mpp=MPP)
+    if not cls:
+        return [f"{name}.tif"]
+    write_annotation_xml(root / f"{name}.xml", tumours, holes)
+    return [f"{name}.tif", f"{name}.xml"]
+
+
+def write_histology_sample(root: Path, n_normal: int, n_tumor: int, seed: int, width: int, height: int,
+                           workers: int = 1) -> int:
     """Write root/normal_001.tif ..., root/tumor_001.tif ... (pyramidal tiled JPEG TIFFs) and an ASAP
     XML of the tumour outlines beside each tumour slide; return the number of slides. Same arguments,
-    same bytes: each slide draws from its own generator seeded by (seed, class, index). Phantom files
-    from an earlier, larger sample are removed so the folder holds exactly this sample."""
+    same bytes, whatever `workers` (processes): each slide draws from its own generator seeded by
+    (seed, class, index). Phantom files from an earlier, larger sample are removed so the folder holds
+    exactly this sample."""
     if min(width, height) < 256 or n_normal < 0 or n_tumor < 0:
         raise ValueError(f"histology sample: need width, height >= 256 and slide counts >= 0, got "
                          f"{width}x{height}, {n_normal} normal, {n_tumor} tumor")
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    written = set()
-    for cls, (kind, n) in enumerate((("normal", n_normal), ("tumor", n_tumor))):
-        for i in range(n):
-            rng = np.random.default_rng([seed, cls, i])
-            rgb, tumours, holes = render_slide(rng, width, height, tumour=cls == 1, centre=i % 2)
-            name = f"{kind}_{i + 1:03d}"
-            write_pyramidal_tiff(root / f"{name}.tif", rgb, tile=TIFF_TILE, quality=QUALITY, mpp=MPP)
-            written.add(f"{name}.tif")
-            if cls:
-                write_annotation_xml(root / f"{name}.xml", tumours, holes)
-                written.add(f"{name}.xml")
+    slides = [(0, i) for i in range(n_normal)] + [(1, i) for i in range(n_tumor)]
+    write = partial(_write_slide, root, seed=seed, width=width, height=height)
+    if workers > 1 and len(slides) > 1:
+        with ProcessPoolExecutor(min(workers, len(slides)), initializer=die_with_parent,
+                                 initargs=(os.getpid(),)) as pool:
+            per_slide = list(pool.map(write, slides))
+    else:
+        per_slide = [write(slide) for slide in slides]
+    written = {name for names in per_slide for name in names}
     for stale in [*root.glob("normal_[0-9][0-9][0-9].tif"), *root.glob("tumor_[0-9][0-9][0-9].*")]:
         if stale.name not in written and stale.suffix in (".tif", ".xml"):
             stale.unlink()
-    return n_normal + n_tumor
+    return len(slides)

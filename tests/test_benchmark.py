@@ -42,29 +42,33 @@ def _task(tasks: Path, features: Path, rng, sets=("real", "synthetic", "test")) 
 @pytest.fixture
 def cfg():
     c = load_params(ROOT / "params.yaml").classify
-    return c.model_copy(update={"seeds": [0, 1], "bootstrap": 200, "cv_folds": 2, "knn": {"n_neighbors": [1, 3]},
+    return c.model_copy(update={"replicates": 2, "bootstrap": 200, "cv_folds": 2, "knn": {"n_neighbors": [1, 3]},
                                 "rf": {"n_estimators": [20], "max_depth": [None, 4]}})
 
 
 @pytest.mark.parametrize("model", ["knn", "rf"])
 def test_lbp_model_is_saved_and_reproduces_the_scored_predictions(tmp_path, cfg, model):
-    sets = ("real", "synthetic", "synthetic_d1", "real_synthetic", "test")
+    sets = ("real", "synthetic", "synthetic_d1", "synthetic_d2", "real_synthetic", "real_synthetic_d1", "test")
     tasks, feats = _task(tmp_path / "tasks", tmp_path / "features", np.random.default_rng(0), sets)
     out = tmp_path / "models"
     (out / "stale").mkdir(parents=True)  # left by an earlier run: must not survive
     r = classify("t", model, cfg, tasks, feats, out, tmp_path / "m.json", tmp_path / "plots", log=lambda _: None)
-    # every arm at both seeds; the second synthetic draw at the first seed only
+    # replicate r: the real set, synthetic draw r and real + draw r, each with seed r; draw 2 is not needed
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [f"{t}-seed{s}.joblib" for t in ("real", "synthetic", "real_synthetic") for s in (0, 1)]
-        + ["synthetic_d1-seed0.joblib"])
+        ["real-seed0.joblib", "synthetic-seed0.joblib", "real_synthetic-seed0.joblib",
+         "real-seed1.joblib", "synthetic_d1-seed1.joblib", "real_synthetic_d1-seed1.joblib"])
     assert json.loads((tmp_path / "m.json").read_text())["real"]["accuracy"]["value"] == r["real"]["accuracy"]["value"]
     assert r["real"]["cv_grouped"]
-    assert r["spread"]["seeds"]["real"]["n"] == 2 and r["spread"]["draws"]["n"] == 2
-    assert r["synthetic"]["draws"] == 2 and r["bootstrap"]["unit"] == "patient"
+    assert r["replicates"] == 2 and len(r["synthetic"]["replicate_accuracies"]) == 2
+    assert r["synthetic"]["replicate_std"] is not None and "replicate_variance" not in r
+    assert r["bootstrap"]["unit"] == "patient" and r["interval"]["method"] == "cluster t"  # 6 patients per class
     assert r["test_clusters"] == {"0": 6, "1": 6}  # p0..p11: even ids hold class 0
     assert not r["real"]["degenerate"] and set(r["drop"]) == {"relative", "chance_normalised"}
     p = pd.read_csv(tmp_path / "plots" / "predictions.csv")
-    assert len(p) == 24 * 7 and set(p["arm"]) == {"real", "synthetic", "real_synthetic"}
+    assert len(p) == 24 * 6 and set(p["arm"]) == {"real", "synthetic", "real_synthetic"}
+    assert sorted(set(zip(p["set"], p["replicate"]))) == sorted(
+        [("real", 0), ("real", 1), ("synthetic", 0), ("synthetic_d1", 1), ("real_synthetic", 0),
+         ("real_synthetic_d1", 1)])
     saved = joblib.load(out / "real-seed0.joblib")
     assert saved["lbp_variant"] == r["real"]["best_variant"]
     _, test = read_features(feats / "test")
@@ -76,13 +80,25 @@ def test_lbp_model_is_saved_and_reproduces_the_scored_predictions(tmp_path, cfg,
 def test_vgg16_checkpoints_are_the_models_output(tmp_path, cfg, monkeypatch):
     monkeypatch.setenv("BIOMEDSYNTH_DEVICE", "cpu")
     tasks, feats = _task(tmp_path / "tasks", tmp_path / "features", np.random.default_rng(1))
-    cfg = cfg.model_copy(update={"seeds": [0], "vgg16": cfg.vgg16.model_copy(
-        update={"input_side": 32, "epochs": 1, "batch_size": 8, "val_fraction": 0.25})})
+    cfg = cfg.model_copy(update={"replicates": 1, "vgg16": cfg.vgg16.model_copy(
+        update={"input_side": 32, "epochs": 1, "batch_size": 8, "val_fraction": 0.25, "real_synthetic": False})})
     out = tmp_path / "models"
     r = classify("t", "vgg16", cfg, tasks, feats, out, tmp_path / "m.json", tmp_path / "plots", log=lambda _: None)
     assert sorted(p.name for p in out.iterdir()) == ["real-seed0.pt", "synthetic-seed0.pt"]
     ck = torch.load(out / "real-seed0.pt", weights_only=False)
     assert ck["channels"] == 1 and ck["input_size"] == 32 and r["real"]["best_epoch"] == 1
+    assert r["precision"] == "fp32" and r["replicate_variance"] == "seed and draw variance not measured (1 replicate)"
+    assert r["synthetic"]["replicate_std"] is None
+
+
+def test_more_replicates_than_draws_is_refused_before_anything_is_removed(tmp_path, cfg):
+    tasks, feats = _task(tmp_path / "tasks", tmp_path / "features", np.random.default_rng(1),
+                         ("real", "synthetic", "real_synthetic", "test"))
+    out = tmp_path / "models"
+    (out / "kept").mkdir(parents=True)
+    with pytest.raises(ValueError, match="classify.replicates is 2 but .* holds 1 synthetic draw"):
+        classify("t", "knn", cfg, tasks, feats, out, tmp_path / "m.json", tmp_path / "plots", log=lambda _: None)
+    assert (out / "kept").is_dir()
 
 
 @pytest.mark.parametrize("real_synthetic", [False, True])
@@ -90,7 +106,7 @@ def test_vgg16_trains_the_real_synthetic_arm_only_when_params_say_so(tmp_path, c
     monkeypatch.setenv("BIOMEDSYNTH_DEVICE", "cpu")
     sets = ("real", "synthetic", "real_synthetic", "test")
     tasks, feats = _task(tmp_path / "tasks", tmp_path / "features", np.random.default_rng(1), sets)
-    cfg = cfg.model_copy(update={"seeds": [0], "vgg16": cfg.vgg16.model_copy(
+    cfg = cfg.model_copy(update={"replicates": 1, "vgg16": cfg.vgg16.model_copy(
         update={"input_side": 32, "epochs": 1, "batch_size": 8, "val_fraction": 0.25,
                 "real_synthetic": real_synthetic})})
     out = tmp_path / "models"
@@ -112,7 +128,8 @@ def test_launch_two_cpu_processes_train_vgg16_with_rank_0_writing(tmp_path):
     cli = [sys.executable, "-c", "from biomedsynth.cli import app; app()"]
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
     subprocess.run(cli + ["profile", "smoke"], cwd=tmp_path, check=True, capture_output=True)
-    subprocess.run(cli + ["set", "launch.nproc_per_node=2"], cwd=tmp_path, check=True, capture_output=True)
+    subprocess.run(cli + ["set", "launch.nproc_per_node=2", "classify.replicates=1", "classify.vgg16.real_synthetic=false"],
+                   cwd=tmp_path, check=True, capture_output=True)
     env = {**os.environ, "BIOMEDSYNTH_MLFLOW": "0", "OMP_NUM_THREADS": "1", "PYTHONPATH": PYTHONPATH,
            "BIOMEDSYNTH_DEVICE": "cpu"}
     run = subprocess.run([*cli, "classify", "xray_sex", "vgg16"], cwd=tmp_path, env=env,

@@ -127,7 +127,7 @@ def table3_cell(model_name: str | None, stages: list[str], real: float, syntheti
             "real_synthetic_drop": interval(0.0), "degenerate": degenerate,
             "degenerate_reasons": {"synthetic": ["predicts one class for 100% of test images"]} if degenerate else {},
             "gan": {"stages": stages, "learnt": True, "not_learnt": [], "still_improving": False},
-            "synthetic_draws": 2, "study": {"real": 0.9, "synthetic": 0.88, "drop": 0.0222}}
+            "replicates": 2, "study": {"real": 0.9, "synthetic": 0.88, "drop": 0.0222}}
 
 
 def studygroups_metrics(root: Path) -> dict:

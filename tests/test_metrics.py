@@ -3,7 +3,8 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from biomedsynth.classify.metrics import (arm_samples, binary_metrics, cluster_weights, degenerate, drops, interval,
-                                          joint_cluster_weights, seed_resampled, summarise_seeds, weighted_metrics)
+                                          interval_rule, joint_cluster_weights, over_replicates, replicate_picks,
+                                          weighted_metrics)
 
 
 def test_binary_metrics_by_hand():
@@ -81,30 +82,82 @@ def _seed(rng, y, accuracy):
     return [(pred, pred + rng.random(len(y)))]
 
 
-def test_a_duplicated_seed_gives_the_interval_of_one():
+def test_a_duplicated_replicate_gives_the_interval_of_one():
     rng = np.random.default_rng(0)
     y = np.repeat([0, 1], 40)
     weights = cluster_weights(y, np.arange(80).astype(str), 500, seed=0)
     one = arm_samples(y, _seed(rng, y, 0.75), weights)
-    twice = seed_resampled([one, one], np.random.default_rng(1))
+    twice = over_replicates([one, one], replicate_picks(2, 500))
     for m in one:
         np.testing.assert_allclose(twice[m], one[m])
-    assert seed_resampled([one], np.random.default_rng(1)) is one
+    alone = over_replicates([one], replicate_picks(1, 500))
+    for m in one:
+        np.testing.assert_array_equal(alone[m], one[m])
 
 
-def test_seeds_that_disagree_widen_the_interval_to_cover_both():
-    """Two training runs, one near 0.95 and one near 0.65: the first seed alone claims a narrow interval around
-    0.95; resampling the seeds gives their mean and an interval spanning both runs."""
+def test_replicates_that_disagree_widen_the_interval_to_cover_both():
+    """Two replicates, one near 0.95 and one near 0.65: the first alone claims a narrow interval around 0.95;
+    resampling the replicates gives their mean and an interval spanning both."""
     rng = np.random.default_rng(0)
     y = np.repeat([0, 1], 100)
     weights = cluster_weights(y, np.arange(200).astype(str), 1000, seed=0)
     good, bad = (arm_samples(y, _seed(rng, y, a), weights)["accuracy"] for a in (0.95, 0.65))
-    both = interval(seed_resampled([{"accuracy": good}, {"accuracy": bad}], np.random.default_rng(1))["accuracy"])
+    both = interval(over_replicates([{"accuracy": good}, {"accuracy": bad}], replicate_picks(2, 1000))["accuracy"])
     alone = interval(good)
     assert both["value"] == pytest.approx((good[0] + bad[0]) / 2)
-    assert alone["low"] > bad[0] + 0.2  # what the first seed alone says: the other run is far outside
+    assert alone["low"] > bad[0] + 0.2  # what the first replicate alone says: the other is far outside
     assert both["low"] <= bad[0] + 0.02 and both["high"] >= good[0] - 0.02
     assert both["high"] - both["low"] > 3 * (alone["high"] - alone["low"])
+
+
+def test_replicate_picks_row_0_is_every_replicate_and_rows_are_shared():
+    picks = replicate_picks(3, 50, seed=2)
+    assert picks.shape == (51, 3) and list(picks[0]) == [0, 1, 2] and set(np.unique(picks[1:])) == {0, 1, 2}
+    assert np.array_equal(picks, replicate_picks(3, 50, seed=2))
+
+
+def _clustered_test_set(rng, clusters_per_class: int, images: int, accuracy: float, spread: float):
+    """A test set of `clusters_per_class` slides per class, `images` tiles each, and a model whose accuracy
+    varies from slide to slide (Beta around `accuracy`): tiles of one slide succeed or fail together."""
+    k = 2 * clusters_per_class
+    a = accuracy * (1 / spread - 1)
+    per_cluster = rng.beta(a, a * (1 - accuracy) / accuracy, k)
+    groups = np.repeat(np.arange(k), images).astype(str)
+    y = np.repeat(np.arange(k) % 2, images)
+    pred = np.where(rng.random(k * images) < np.repeat(per_cluster, images), y, 1 - y)
+    return y, groups, pred
+
+
+@pytest.mark.parametrize("statistic", ["accuracy", "paired drop"])
+def test_with_6_slides_per_class_the_t_interval_keeps_its_coverage(statistic):
+    """Test sets of 6 slides per class (as the default histology test set's 6 tumour slides): nominal 95%
+    intervals must cover the true value at least 90% of the time. The percentile bootstrap does not (it treats
+    the 6 slides as the population and uses normal tails); the cluster t interval does."""
+    rng = np.random.default_rng(0)
+    sims, covered = 300, {"percentile": 0, "cluster t": 0}
+    for _ in range(sims):
+        y, groups, pred = _clustered_test_set(rng, 6, 20, 0.8, 0.15)
+        weights = cluster_weights(y, groups, 400, seed=int(rng.integers(1 << 30)))
+        samples = arm_samples(y, [(pred, pred + 0.0)], weights)["accuracy"]
+        truth = 0.8
+        if statistic == "paired drop":  # a second model wrong on a random 10% of tiles more, paired
+            worse = np.where(rng.random(len(y)) < 0.1, 1 - y, pred)
+            samples = samples - arm_samples(y, [(worse, worse + 0.0)], weights)["accuracy"]
+            truth = 0.1 * 0.8  # the right predictions among those 10%
+        rule = interval_rule(y, groups)
+        assert rule["method"] == "cluster t" and rule["df"] == 10
+        for name, r in (("percentile", None), ("cluster t", rule)):
+            ci = interval(samples, rule=r)
+            covered[name] += ci["low"] <= truth <= ci["high"]
+    assert covered["cluster t"] / sims >= 0.90
+    assert covered["percentile"] < covered["cluster t"]
+
+
+def test_enough_clusters_keep_the_percentile_interval():
+    y = np.repeat([0, 1], 50)
+    assert interval_rule(y, np.arange(100).astype(str)) == {"method": "percentile", "fewest_clusters": 50}
+    rule = interval_rule(y, (np.arange(100) // 10).astype(str))  # 5 clusters per class
+    assert rule == {"method": "cluster t", "fewest_clusters": 5, "df": 8, "inflation": pytest.approx(np.sqrt(5 / 4))}
 
 
 def test_cluster_interval_covers_the_true_accuracy_of_correlated_patients():
@@ -180,15 +233,3 @@ def test_bad_inputs_are_named():
         binary_metrics([0, 1], [0, 1], [0.1, np.nan])
 
 
-def test_summarise_seeds():
-    runs = [{"accuracy": 0.8, "confusion": [[4, 1], [1, 4]], "auc": {"value": 0.9}},
-            {"accuracy": 0.9, "confusion": [[5, 0], [1, 4]], "auc": {"value": 0.7}}]
-    s = summarise_seeds(runs)
-    assert s["n"] == 2
-    assert s["accuracy"]["mean"] == pytest.approx(0.85)
-    assert s["accuracy"]["std"] == pytest.approx(np.std([0.8, 0.9], ddof=1))
-    assert s["confusion"]["mean"] == [[4.5, 0.5], [1.0, 4.0]]
-    assert s["auc"]["value"]["std"] == pytest.approx(np.std([0.9, 0.7], ddof=1))
-    assert summarise_seeds(runs[:1])["accuracy"] == {"mean": 0.8, "std": 0.0}
-    with pytest.raises(ValueError, match="differ in their keys at auc"):
-        summarise_seeds([runs[0], {**runs[1], "auc": {"val": 0.7}}])

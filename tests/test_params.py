@@ -85,17 +85,19 @@ def test_set_writes_values_as_yaml_keeps_comments_and_checks(tmp_path):
     shutil.copy(ROOT / "params.yaml", path)
     before = path.read_text()
     assert set_params(["sources.xray.format=manifest", "sources.xray.csv=data/raw/xray/manifest.csv",
-                       "classify.seeds=[0, 1]", "classify.vgg16.weights=null"], path) == [
-        "sources.xray.format", "sources.xray.csv", "classify.seeds"]
+                       "classify.replicates=2", "classify.vgg16.weights=null"], path) == [
+        "sources.xray.format", "sources.xray.csv", "classify.replicates"]
     p = load_params(path)
-    assert (p.sources.xray.format, str(p.sources.xray.csv), p.classify.seeds) == (
-        "manifest", "data/raw/xray/manifest.csv", [0, 1])
+    assert (p.sources.xray.format, str(p.sources.xray.csv), p.classify.replicates) == (
+        "manifest", "data/raw/xray/manifest.csv", 2)
     changed = [line for line in path.read_text().splitlines() if line not in before.splitlines()]
-    assert len(changed) == 3 and "# repeat every classifier" in changed[-1]  # comments stay
+    assert len(changed) == 3 and "# replicate r trains the real arm" in changed[-1]  # comments stay
     assert "weights: null" in path.read_text()
     for bad, message in [(["sources.xray.formt=nih"], "key 'sources.xray.formt' is not in"),
                          (["sources.xray.format=dicom"], "sources.xray.format = 'dicom'"),
-                         (["seed"], "expected key=value")]:
+                         (["seed"], "expected key=value"),
+                         (["classify.replicates=4"], r"classify.replicates \(4\) needs as many synthetic draws: "
+                                                     "synthesize.draws is 3")]:
         with pytest.raises(ParamsError, match=message):
             set_params(bad, path)
     assert load_params(path).sources.xray.format == "manifest"  # a refused change writes nothing

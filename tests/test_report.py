@@ -84,7 +84,9 @@ def test_write_report(tree, tmp_path):
     write_report(*tree, list(GANS), out)
     page = (out / "report.html").read_text()
     srcs = re.findall(r'<img[^>]*\ssrc="([^"]*)"', page)
-    assert len(srcs) == len(re.findall(r"<img\b", page)) == 7  # samples + scores + closest each, growth for PGGAN
+    # the forest plot first; then samples + scores + closest each, growth for PGGAN
+    assert len(srcs) == len(re.findall(r"<img\b", page)) == 8
+    assert page.index('alt="forest.png"') < page.index("<p>") and "(n=1)" not in page
     assert all(s.startswith("data:image/png;base64,") for s in srcs)
     assert "href=" not in page and "<link" not in page and "<script" not in page
     assert "0.96 → 0.93 (3.12%)" in page and "0.83 → 0.72 (13.25%)" in page  # the study's numbers
@@ -99,7 +101,7 @@ def test_write_report(tree, tmp_path):
     assert "| pggan-xg-uncond | 0.70 (0.90) | 0.05 (0.80) | -4.2 / -4.2 | 0.10 (0.60) | 3 of 6 | COPYING |" in md
     assert "12.5% (31 bits, calibrated)" in md
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
-    assert len(links) == 7 and all(not link.startswith("/") and (out / link).is_file() for link in links)
+    assert len(links) == 8 and links[0] == "figures/forest.png" and all(not link.startswith("/") and (out / link).is_file() for link in links)
     assert "figures/pggan-xg-uncond-growth.png" in links and "figures/dcgan-xg-cond-growth.png" not in links
     assert "0.96 → 0.93 (3.12%)" in md
     growth = np.asarray(Image.open(out / "figures" / "pggan-xg-uncond-growth.png"))

@@ -81,7 +81,7 @@ def test_draw_balanced_takes_the_same_count_from_every_stratum():
     assert rows.groupby("stratum").size().to_dict() == {"a": 4, "b": 2, "c": 2}
 
 
-def test_each_synthetic_draw_is_a_set_and_real_plus_synthetic_joins_real_and_the_first(tree, tmp_path):
+def test_each_synthetic_draw_is_a_set_and_real_plus_synthetic_joins_real_and_each_draw(tree, tmp_path):
     groups, synth = tree
     with ImageSetWriter(synth / "pggan-x_norm-cond", (32, 32, 1)) as w:  # two draws of 20 per label
         for draw in (0, 1):
@@ -90,7 +90,8 @@ def test_each_synthetic_draw_is_a_set_and_real_plus_synthetic_joins_real_and_the
                     w.add(np.full((32, 32, 1), 10 * draw, np.uint8), image_id=f"syn-d{draw}-{label}-{i}",
                           label=label, sex=sex, age_bin=age_bin, draw=draw)
     summary = build_tasks(cfg(), groups, synth, tmp_path / "tasks", 0, tmp_path / "tasks.json")
-    assert list(summary["xray_sex"]) == ["real", "synthetic", "synthetic_d1", "real_synthetic", "test"]
+    assert list(summary["xray_sex"]) == ["real", "synthetic", "synthetic_d1", "real_synthetic", "real_synthetic_d1",
+                                         "test"]
     assert list(summary["histology"]) == ["real", "synthetic", "real_synthetic", "test"]  # one draw there
     root = tmp_path / "tasks/xray_sex"
     first, second = ImageSet(root / "synthetic"), ImageSet(root / "synthetic_d1")
@@ -100,6 +101,8 @@ def test_each_synthetic_draw_is_a_set_and_real_plus_synthetic_joins_real_and_the
     assert len(both) == len(real) + len(syn)
     assert list(both["image_id"]) == list(real["image_id"]) + list(syn["image_id"])
     assert both["group"].nunique() == real["group"].nunique() + len(syn)  # every synthetic image its own group
+    with_second = ImageSet(root / "real_synthetic_d1").meta  # replicate 1's real + synthetic arm: draw 1
+    assert list(with_second["image_id"]) == list(real["image_id"]) + list(second.meta["image_id"])
     assert summary["xray_sex"]["test"]["clusters_per_class"] == {
         c: int(n) for c, n in ImageSet(root / "test").meta.groupby("y")["group"].nunique().astype(int)
         .rename(index=str).items()}

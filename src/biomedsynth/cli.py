@@ -301,7 +301,8 @@ def synthesize(arch: str = ArchArg, group: str = GroupArg, setup: str = SetupArg
     gen = _run(Synthesizer, Path("models/gan") / name, choice)
     features = _run(feature_net_space, FEATURE_NETS / f"{GROUP_MODALITY[group]}.pt", gen.device)
     summary = _run(run_synthesize, gen.sample, Path("data/studygroups") / group / "train",
-                   Path("data/studygroups") / group / "test", Path("data/synthetic") / name,
+                   Path("data/studygroups") / group / "val", Path("data/studygroups") / group / "test",
+                   Path("data/synthetic") / name,
                    resolution=gen.opt.resolution, hash_screen=screen, hash_threshold=s.hash_threshold,
                    hash_quantile=s.hash_quantile, hash_size=s.hash_size, max_tries_factor=s.max_tries_factor,
                    batch_size=s.batch_size, feature_space=features, evidence_images=s.evidence.images,
@@ -376,7 +377,7 @@ def classify_cmd(task: str = TaskArg, model: str = typer.Argument(..., help="knn
     cfg = p.classify
     tracked = {"task": task, "model": model, "tasks": p.tasks.model_dump(mode="json"),
                "classify": {k: v for k, v in cfg.model_dump(mode="json").items()
-                            if k in ("seeds", "bootstrap", "cv_folds", model)}}
+                            if k in ("replicates", "bootstrap", "cv_folds", model)}}
     out = Path("metrics") / task
     rank = int(os.environ.get("RANK", "0"))  # torchrun's; rank 0 alone tracks
     with tracking.run(f"classify@{task}-{model}", tracked, enabled=rank == 0) as tracker:
@@ -398,10 +399,22 @@ def table3(params: Path = ParamsOpt):
     from biomedsynth.tasks import task_gan_stages
 
     p = _params(params)
-    _writes(Path("metrics/summary.json"), Path("metrics/table3.json"))
+    _writes(Path("metrics/summary.json"), Path("metrics/table3.json"), Path("metrics/forest.csv"))
     summary = _run(write_table3, Path("metrics"), task_gan_stages(p.tasks), Path("metrics/summary.json"),
-                   Path("metrics/table3.json"), p.classify.bootstrap)
+                   Path("metrics/table3.json"), p.classify.bootstrap, Path("metrics/forest.csv"))
     typer.echo(f"table3: {summary['claims']['sentence']}")
+
+
+@app.command()
+def readme(summary: Path = typer.Option(Path("metrics/summary.json"), help="the table3 stage's summary"),
+           path: Path = typer.Option(Path("README.md"), help="the README whose table3 block is rewritten")):
+    """Rewrite the README's Table 3 and verdict (between its table3 markers) from metrics/summary.json."""
+    from biomedsynth.report import readme_with_table3
+    from biomedsynth.store import atomic_write_text
+
+    text = _run(readme_with_table3, _run(Path.read_text, path), json.loads(_run(Path.read_text, summary)))
+    _run(atomic_write_text, path, text)
+    typer.echo(f"{path}: Table 3 and the verdict written from {summary}")
 
 
 @app.command()

@@ -97,8 +97,8 @@ def _screen(synth: dict, modality: str) -> dict:
         why = "the study screened DCGAN X-rays only" if modality == "xray" else "tiles have no global shape"
         return {"applied": False, "why": f"params synthesize.hash_screen leaves this set unscreened ({why})"}
     return {"applied": True, "threshold_bits": synth["hash_threshold"], "hash_size": synth["hash_size"],
-            "threshold_from": (f"calibrated: the {synth['hash_quantile']:g} quantile of held-out real images' "
-                               "distances" if synth["hash_threshold_source"] == "calibrated"
+            "threshold_from": (f"calibrated: the {synth['hash_quantile']:g} quantile of held-out (val) real images' "
+                               "distances" if synth["hash_threshold_source"] != "params"
                                else "params synthesize.hash_threshold"),
             "drawn": synth["drawn"], "rejected": synth["rejected"], "rejection_rate": synth["rejection_rate"],
             "real_rejection_rate": synth["real_rejection_rate"]}
@@ -164,7 +164,7 @@ def _utility(name: str, summary: dict) -> dict | str:
         cells = {model: c for model, c in summary.get(task, {}).items() if name in c["gan"]["stages"]}
         if cells:
             first = next(iter(cells.values()))
-            out[task] = {"synthetic_sets": first["gan"]["stages"], "synthetic_draws": first["synthetic_draws"],
+            out[task] = {"synthetic_sets": first["gan"]["stages"], "replicates": first["replicates"],
                          "models": {model: _cell(model, c) for model, c in cells.items()}}
     if out:
         return out
@@ -319,7 +319,8 @@ def markdown(sheet: dict) -> str:
     lines += ["## Utility (Table 3: trained on each arm, tested on real images)", ""]
     if isinstance(sheet["utility"], dict):
         for task, t in sheet["utility"].items():
-            lines += [f"{task} (synthetic arm: {', '.join(t['synthetic_sets'])}; {t['synthetic_draws']} draws)", ""]
+            lines += [f"{task} (synthetic arm: {', '.join(t['synthetic_sets'])}; {t['replicates']} replicate(s), "
+                      "each on its own draw)", ""]
             lines += _table(["model", "real", "synthetic", "real + synthetic", "relative drop",
                              "chance-normalised drop", "degenerate"],
                             [[c["model"], *(_interval(c[k]) for k in ("real", "synthetic", "real_synthetic", "drop",

@@ -363,7 +363,7 @@ class Vgg16(Strict):
 
 
 class Classify(Strict):
-    seeds: Annotated[list[NonNegInt], Field(min_length=1)]  # each classifier is trained once per seed
+    replicates: Annotated[int, Field(ge=1, le=100)]          # replicate r: seed r on synthetic draw r (<= draws)
     bootstrap: Annotated[int, Field(ge=100)]                 # resamples of the test set for the 95% intervals
     cv_folds: Annotated[int, Field(ge=2)]
     lbp: Lbp
@@ -433,6 +433,13 @@ class Params(Strict):
     tasks: Tasks
     classify: Classify
     export: Export
+
+    @model_validator(mode="after")
+    def _a_draw_per_replicate(self):
+        if self.classify.replicates > self.synthesize.draws:
+            raise ValueError(f"classify.replicates ({self.classify.replicates}) needs as many synthetic draws: "
+                             f"synthesize.draws is {self.synthesize.draws}")
+        return self
 
     @model_validator(mode="after")
     def _age_bins_follow_the_age_task(self):

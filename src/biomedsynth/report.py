@@ -24,7 +24,7 @@ from PIL import Image
 
 from biomedsynth.evidence import RULE
 from biomedsynth.store import ImageSet
-from biomedsynth.table3 import DROPS, HEADLINE
+from biomedsynth.table3 import DROPS, HEADLINE, forest_rows
 from biomedsynth.tasks import TASKS
 
 TASK_NAMES = {"histology": "histology", "xray_sex": "X-ray sex", "xray_age": "X-ray age"}
@@ -172,60 +172,97 @@ def _cells(summary: dict):
 
 
 def _table3(summary: dict) -> list:
+    left_out = summary["claims"]["cells_left_out"]
     rows = []
     for task, model, v in _cells(summary):
         flags = "; ".join(f"{arm}: {', '.join(r)}" for arm, r in v["degenerate_reasons"].items())
         gan = v["gan"]
         gan_flag = ("GAN LEARNT NOTHING (" + ", ".join(gan["not_learnt"]) + ")" if gan["not_learnt"]
                     else "GAN still improving" if gan["still_improving"] else "")
-        if gan.get("copying"):  # summaries of earlier versions have no such key
+        if gan["copying"]:
             gan_flag = "; ".join(f for f in ("SET COPIES TRAINING IMAGES (" + ", ".join(gan["copying"]) + ")",
                                              gan_flag) if f)
         study = v["study"]
+        replicates = " / ".join(f"{a:.2f}" for a in v["replicate_accuracies"]["synthetic"])
         rows.append([TASK_NAMES[task], v.get("model_name", MODEL_NAMES[model]), _ci(v["real"]),
-                     _ci(v["synthetic"]) + (f" ({v['synthetic_draws']} draws)" if v["synthetic_draws"] > 1 else ""),
+                     _ci(v["synthetic"]) + (f" ({replicates})" if v["replicates"] > 1 else ""),
                      _ci(v["real_synthetic"]) if "real_synthetic" in v
                      else v.get("not_trained", {}).get("real_synthetic", "n/a"),
                      _ci(v["drop"], True), _ci(v["drop_chance_normalised"], True),
                      "; ".join(f for f in (f"DEGENERATE ({flags})" if v["degenerate"] else "", gan_flag) if f)
-                     or "ok",
+                     or "ok", "no" if f"{task}/{model}" in left_out else "yes",
                      "{:.2f} → {:.2f} ({:.2f}%)".format(study["real"], study["synthetic"], 100 * study["drop"])])
+    claims = summary["claims"]
+    variance = (f"the mean over {claims['replicates']} replicates (replicate r: training seed r on synthetic draw r; "
+                "each replicate's synthetic accuracy in brackets), with 95% intervals from a bootstrap over the "
+                "replicates, then the test set's patients (X-ray) or slides (histology)" if claims["replicates"] > 1
+                else "one replicate, so its interval covers the test set only: "
+                     "seed and draw variance not measured (classify.replicates: 1)")
     return [("h2", "Table 3: accuracy trained on real → trained on synthetic, tested on real"),
-            ("p", "Accuracy on the real test set with 95% intervals from a bootstrap over its patients (X-ray) or "
-                  "slides (histology) and, with several training seeds (classify.seeds), over the seeds too; each "
-                  "value is the mean over the seeds, the synthetic arm's the mean over its independent "
-                  "draws from the generator. Drops are paired over the same resampled patients/slides: relative "
-                  "(real - synthetic) / real, and chance-normalised (real - synthetic) / (real - 0.5). A cell is "
-                  "DEGENERATE when a model predicts one class for >= 95% of the test images or its accuracy "
-                  "interval contains chance, and GAN LEARNT NOTHING when a generator behind its synthetic set scored "
-                  "no better than noise or blur (see GAN stages); such cells are shown but left out of the verdict. "
-                  "The last column is the study's result."),
+            ("p", f"Accuracy on the real test set: {variance}. Intervals: "
+                  + "; ".join(f"{TASK_NAMES[t]} {m}" for t, m in claims["bootstrap"]["interval_per_task"].items())
+                  + ". Drops are paired over the same resamples: relative (real - synthetic) / real, and "
+                  "chance-normalised (real - synthetic) / (real - 0.5). DEGENERATE: a model predicts one class for "
+                  ">= 95% of the test images or its accuracy interval contains chance. A cell is in the verdict "
+                  "unless it measures nothing: its real arm is degenerate, or a GAN behind its synthetic set learnt "
+                  "nothing or copies training images. A degenerate synthetic arm stays in: that is the cost "
+                  "measured. The last column is the study's result."),
             ("table", ["task", "model", "real", "synthetic", "real + synthetic", "relative drop",
-                       "chance-normalised drop", "flag", "study"], rows),
-            ("table", ["task", "model", "seed std real", "seed std synthetic", "draw std synthetic"],
-             [[TASK_NAMES[t], MODEL_NAMES[m], *(f"{v['spread']['seeds'].get(a, 0):.3f} (n={v['spread']['n_seeds']})"
-                                                for a in ("real", "synthetic")),
-               f"{v['spread']['draws']:.3f} (n={v['spread']['n_draws']})"]
-              for t, m, v in _cells(summary)])]
+                       "chance-normalised drop", "flag", "in verdict", "study"], rows)]
 
 
 def _claim(claims: dict) -> list:
     pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"  # noqa: E731
-    rows = [[DROPS[kind], claims[kind]["verdict"], pct(claims[kind]["deep_drop_mean"]),
-             pct(claims[kind]["lbp_drop_mean"]),
+    v = claims[HEADLINE]
+    task_rows = [[TASK_NAMES[t], pct(r.get("deep_drop")), pct(r.get("lbp_drop")),
+                  _ci(r["contrast"], True) if r["contrast"] else r["reason"], f"{r['deep_cells']} + {r['lbp_cells']}"]
+                 for t, r in v["per_task"].items()]
+    rows = [[DROPS[kind], claims[kind]["verdict"],
              "n/a" if claims[kind]["difference"] is None else _ci(claims[kind]["difference"], True),
-             claims[kind]["cells_used"]] for kind in DROPS]
+             claims[kind]["tasks_used"], claims[kind]["cells_used"]] for kind in DROPS]
+    sens = claims["sensitivity"]
+    sensitivity = (f"Sensitivity, not the verdict: {sens['rule']} ({len(sens['cells_also_left_out'])} more cells: "
+                   f"{', '.join(sens['cells_also_left_out']) or 'none'}) gives "
+                   + ("no answer" if sens["difference"] is None else
+                      f"{sens['verdict']}, {_ci(sens['difference'], True)}") + f" over {sens['cells_used']} cells.")
     return [("h2", "The study's claim"),
             ("p", claims["sentence"]),
+            ("table", ["task", f"deep drop ({DROPS[HEADLINE].split(' (')[0]})", "mean LBP drop",
+                       "LBP - deep [95%]", "cells (deep + LBP)"], task_rows),
+            ("table", ["drop measure", "verdict", "mean over tasks of LBP - deep [95%]", "tasks", "cells"], rows),
+            ("p", sensitivity),
             ("p", "The study found that training on synthetic instead of real images costs the deep model (VGG16) "
                   "2.2-3.5% of its accuracy and the LBP models (k-NN, SVM, RF) 5.5-13.25% (mean relative drop "
                   f"{pct(claims['study_deep_drop_mean'])} vs {pct(claims['study_lbp_drop_mean'])}). The verdict "
-                  f"uses the {DROPS[HEADLINE]}; the relative drop's is shown beside."
-                  + (" Left out: " + "; ".join(f"{c} ({r})" for c, r in claims["cells_left_out"].items()) + "."
-                     if claims["cells_left_out"]
-                     else "")),
-            ("table", ["drop measure", "verdict", "mean deep drop", "mean LBP drop", "LBP - deep [95%]", "cells used"],
-             rows)]
+                  f"uses the {DROPS[HEADLINE]}, each task's LBP - deep contrast weighing alike; the relative drop's "
+                  "is shown beside."
+                  + (" Left out, as measuring nothing: " + "; ".join(f"{c} ({r})" for c, r in
+                                                                     claims["cells_left_out"].items()) + "."
+                     if claims["cells_left_out"] else ""))]
+
+
+def _forest(summary: dict) -> bytes:
+    """The verdict at a glance: each cell's chance-normalised drop, each task's LBP - deep contrast and the verdict
+    with their 95% intervals (hollow: left out of the verdict), the study's values as grey ticks, zero marked."""
+    rows = forest_rows(summary)
+    fig = Figure(figsize=(8, 0.32 * len(rows) + 1.2), layout="constrained")
+    ax = fig.add_subplot()
+    ys = np.arange(len(rows))[::-1]
+    colours = {"cell": "#4c72b0", "task": "#dd8452", "verdict": "#c44e52"}
+    for y, (_, r) in zip(ys, rows.iterrows()):
+        colour = colours[r["kind"]]
+        if pd.notna(r["low"]) and pd.notna(r["high"]):
+            ax.plot([r["low"], r["high"]], [y, y], color=colour, lw=3 if r["kind"] == "verdict" else 1.5)
+        if pd.notna(r["value"]):
+            ax.plot(r["value"], y, "o", color=colour, mfc=colour if r["in_verdict"] else "white", ms=6)
+        ax.plot(r["study"], y, "|", color="gray", ms=12, mew=2)
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_yticks(ys, [r.replace("xray_", "X-ray ").replace("vgg16", "VGG16") for r in rows["row"]], fontsize=8)
+    ax.set_xlabel("chance-normalised drop (cells), LBP - deep (tasks, verdict); grey: the study")
+    ax.set_title(summary["claims"]["sentence"].split(":")[0] + f": {summary['claims']['verdict']}", fontsize=9)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    return buf.getvalue()
 
 
 def _task_sets(tasks_json: Path) -> list:
@@ -399,8 +436,23 @@ def _provenance(summary: dict) -> list:
 
 
 def table3_markdown(summary: dict) -> str:
-    """The verdict on the study's claim and Table 3 beside the study's, as Markdown (the report's first section)."""
-    return _markdown([*_claim(summary["claims"]), *_provenance(summary), *_table3(summary)])
+    """The verdict on the study's claim, each task's contrast and Table 3 beside the study's, as Markdown: the
+    report's first section, the review page's smoke table and the README's results (readme_with_table3)."""
+    return _markdown([*_claim(summary["claims"]), *_table3(summary)])
+
+
+README_START = "<!-- table3: written by `biomedsynth readme` from metrics/summary.json; edits here are overwritten -->"
+README_END = "<!-- /table3 -->"
+
+
+def readme_with_table3(readme: str, summary: dict) -> str:
+    """The README with the block between its table3 markers rewritten from the summary, so the numbers it
+    states are the committed metrics'."""
+    if readme.count(README_START) != 1 or readme.count(README_END) != 1:
+        raise ValueError(f"the README needs one {README_START!r} line and one {README_END!r} line")
+    head, rest = readme.split(README_START)
+    _, tail = rest.split(README_END)
+    return f"{head}{README_START}\n{table3_markdown(summary)}{README_END}{tail}"
 
 
 def write_report(metrics_dir: Path, models_dir: Path, groups_dir: Path, synthetic_dir: Path, gan_names: list[str],
@@ -414,7 +466,11 @@ def write_report(metrics_dir: Path, models_dir: Path, groups_dir: Path, syntheti
     summary = _read_json(metrics_dir / "summary.json")
     skipped = {n: g["reason"] for n in gan_names if not (g := _read_json(metrics_dir / "gan" / f"{n}.json")).get("trained", True)}
     gan_names = [n for n in gan_names if n not in skipped]
-    blocks = [("h1", TITLE), *_claim(summary["claims"]), *_provenance(summary), *_table3(summary),
+    forest = ("img", "forest.png", _forest(summary),
+              "Each cell's chance-normalised drop, each task's LBP - deep contrast and the verdict (their mean), with "
+              "95% intervals; hollow: left out of the verdict; grey ticks: the study's values; the verdict holds "
+              "when its interval lies right of 0.")
+    blocks = [("h1", TITLE), forest, *_claim(summary["claims"]), *_provenance(summary), *_table3(summary),
               *_task_sets(metrics_dir / "tasks.json"), *_gan_table(metrics_dir, gan_names),
               *_side_by_side(summary, metrics_dir, groups_dir, synthetic_dir, gan_names, samples, seed)]
     if skipped:

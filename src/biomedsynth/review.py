@@ -48,7 +48,7 @@ def table3_diff(old: dict, new: dict) -> str:
             return "-"
         interval = (f" [{d['verdict_low']:+.3f}, {d['verdict_high']:+.3f}]" if "verdict_low" in d else "")
         return f"{VERDICTS[d['verdict']]}{interval}, {d['cells_used']} cells"
-    lines = [f"**Verdict** (mean LBP - mean deep chance-normalised drop, 95%): "
+    lines = [f"**Verdict** (mean over tasks of LBP minus deep chance-normalised drop, 95%): "
              + (verdict(new) if verdict(old) == verdict(new) else f"{verdict(old)} → **{verdict(new)}**"), "",
              "| cell | real | synthetic | real + synthetic | drop | chance-normalised drop | degenerate |",
              "|---|---|---|---|---|---|---|"]

@@ -248,7 +248,8 @@ def _evidence(train: ImageSet, test: ImageSet, synthetic: ImageSet, train_featur
             "near_duplicates": int(near_copy.sum())}
 
 
-def synthesize(sample: Sampler, real_train: Path, real_test: Path, out: Path, *, resolution: int, hash_screen: bool,
+def synthesize(sample: Sampler, real_train: Path, real_val: Path, real_test: Path, out: Path, *, resolution: int,
+               hash_screen: bool,
                hash_threshold: int | None, hash_quantile: float, hash_size: int, max_tries_factor: float,
                batch_size: int, feature_space: Space, evidence_images: int, evidence_side: int, pca_dims: int,
                prdc_k: int, cells: int, seed: int, figure_path: Path, draws: int = 1) -> dict:
@@ -256,8 +257,9 @@ def synthesize(sample: Sampler, real_train: Path, real_test: Path, out: Path, *,
     exact label counts, from `sample(label, n, rng) -> uint8 (n, resolution, resolution, C)`; return the
     stage's metrics.
 
-    hash_threshold None calibrates it: the hash_quantile of real_test's nearest Hamming distances to the
-    training hashes. The evidence spaces: pixels (PCA of `evidence_side` px pixels, `pca_dims` axes fitted on
+    hash_threshold None calibrates it: the hash_quantile of real_val's nearest Hamming distances to the
+    training hashes (held-out patients of the training side: the test side never shapes the synthetic set; it only
+    judges it, in the evidence and the real rejection rate). The evidence spaces: pixels (PCA of `evidence_side` px pixels, `pca_dims` axes fitted on
     up to `evidence_images` training images) and features (`feature_space`, e.g. evidence.feature_net_space)."""
     train, test = ImageSet(real_train), ImageSet(real_test)
     _check_inputs(train, test, hash_threshold, hash_quantile, hash_size, max_tries_factor)
@@ -270,9 +272,10 @@ def synthesize(sample: Sampler, real_train: Path, real_test: Path, out: Path, *,
     hashed = {**spaces, "hash": hash_space(hash_size)}
     train_features, test_features = (_features(ds, hashed, resolution, batch_size) for ds in (train, test))
     train_hash, test_hash = train_features.pop("hash"), test_features.pop("hash")
-    source = "params" if hash_threshold is not None else "calibrated"
+    source = "params" if hash_threshold is not None else "calibrated on val"
     if hash_threshold is None:
-        hash_threshold = calibrate_hash_threshold(test_hash, train_hash, hash_quantile)
+        val_hash = set_hashes(ImageSet(real_val), resolution, hash_size, batch_size)
+        hash_threshold = calibrate_hash_threshold(val_hash, train_hash, hash_quantile)
 
     screen = HashScreen(train_hash, hash_threshold, hash_size) if hash_screen else None
     per_label = _draw(sample, train, out, screen, resolution=resolution, max_tries_factor=max_tries_factor,
@@ -289,7 +292,7 @@ def synthesize(sample: Sampler, real_train: Path, real_test: Path, out: Path, *,
         "hash_screen": bool(hash_screen),
         "hash_threshold": int(hash_threshold),
         "hash_threshold_source": source,
-        "hash_quantile": float(hash_quantile) if source == "calibrated" else None,
+        "hash_quantile": float(hash_quantile) if source != "params" else None,
         "hash_size": int(hash_size),
         "drawn": int(drawn),
         "rejected": int(rejected),

@@ -10,8 +10,9 @@ classifier sees one resolution and the comparison measures the GAN, not a change
 
 Training arms: `real`; `synthetic`, and `synthetic_d<k>` for every further independent draw the synthetic
 group holds (its `draw` column, from synthesize.draws: fresh latents from the same checkpoint), so the spread
-between draws can be told from the test set's; `real_synthetic`, the real set plus the first synthetic draw
-(synthetic data as augmentation, medigan's trained_on_real_and_fake).
+between draws can be told from the test set's; `real_synthetic` and `real_synthetic_d<k>`, the real set plus
+synthetic draw k (synthetic data as augmentation, medigan's trained_on_real_and_fake). The classifiers' replicate
+k trains on draw k (classify.replicates).
 """
 from __future__ import annotations
 
@@ -35,9 +36,14 @@ def synthetic_set(draw: int) -> str:
     return "synthetic" if draw == 0 else f"synthetic_d{draw}"
 
 
+def real_synthetic_set(draw: int) -> str:
+    """The task set of the real images plus synthetic draw `draw`."""
+    return "real_synthetic" if draw == 0 else f"real_synthetic_d{draw}"
+
+
 def set_names(draws: int) -> list[str]:
     """The sets of a task whose synthetic group holds `draws` draws: training arms first, the test set last."""
-    return ["real", *(synthetic_set(d) for d in range(draws)), "real_synthetic", TEST]
+    return ["real", *(synthetic_set(d) for d in range(draws)), *(real_synthetic_set(d) for d in range(draws)), TEST]
 
 
 @dataclass
@@ -187,10 +193,12 @@ def build_tasks(cfg: Tasks, groups: Path, synthetic: Path, out: Path, seed: int,
             pool = pools["synthetic" if name.startswith("synthetic") else name]
             _write([(pool, chosen[name])], out / task / name, side, f"{task}/{name}")
             summary[task][name] = _set_summary(chosen[name], requested, side)
-        _write([(pools["real"], chosen["real"]), (pools["synthetic"], chosen["synthetic"])],
-               out / task / "real_synthetic", side, f"{task}/real_synthetic")
-        both = pd.concat([chosen["real"], chosen["synthetic"]])
-        summary[task]["real_synthetic"] = _set_summary(both, 2 * sizes[task].train, side)
+        for d in range(draws):
+            name = real_synthetic_set(d)
+            _write([(pools["real"], chosen["real"]), (pools["synthetic"], chosen[synthetic_set(d)])],
+                   out / task / name, side, f"{task}/{name}")
+            both = pd.concat([chosen["real"], chosen[synthetic_set(d)]])
+            summary[task][name] = _set_summary(both, 2 * sizes[task].train, side)
         summary[task] = {name: summary[task][name] for name in set_names(draws)}
         shared = set(pools[TEST].meta["group"]) & set(pools["real"].meta["group"])
         if shared:  # the study-group split is by patient / slide, so this is a bug, not bad data

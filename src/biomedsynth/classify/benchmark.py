@@ -1,18 +1,21 @@
 """The classify stage: one model of one task trained on each training arm, all tested on the same real test
 set (SPEC sections 5-6 and 8).
 
-Arms: `real`; `synthetic`, over every independent synthetic draw the task holds (synthetic, synthetic_d1,
-...); `real_synthetic` (real + the first draw). The headline numbers are the mean over the training seeds
-(classify.seeds; the synthetic arm averaged over its draws), each with a 95% interval from a bootstrap over
-the test set's patients / slides and, with several seeds, over the seeds too; the drops real -> synthetic
-and real -> real + synthetic are paired over the same resampled clusters. An arm
-whose models predict one class, or whose interval contains chance, is flagged `degenerate`. `spread` holds
-the other sources of variance: training seeds (classify.seeds) and synthetic draws. Every test prediction
-goes to predictions.csv, from which the table3 stage pairs all cells over the same resamples.
+Arms: `real`, `synthetic` and `real_synthetic` (real + synthetic). Replicates (classify.replicates): replicate r
+trains the real arm with seed r, the synthetic arm on synthetic draw r with seed r and the real + synthetic arm
+on real + draw r with seed r, so the replicates carry training-seed and draw variance together. Each arm's
+number is the mean over the replicates, with a 95% interval from a two-level bootstrap: the replicates, then
+the test set's patients / slides (metrics.over_replicates); a test set with few clusters in a class gets a
+cluster t interval instead of the percentile one (metrics.interval_rule). The drops real -> synthetic and real
+-> real + synthetic are paired over the same resampled replicates and clusters. An arm whose models predict
+one class, or whose interval contains chance, is flagged `degenerate`. With one replicate the spread between
+training runs is not measured, and the metrics say so (null, never 0). Every test prediction goes to
+predictions.csv, from which the table3 stage pairs all cells over the same resamples.
 """
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import joblib
@@ -25,7 +28,7 @@ from biomedsynth.classify.lbp import read_features
 from biomedsynth.lifetime import die_with_parent
 from biomedsynth.params import Classify
 from biomedsynth.store import ImageSet, atomic_write_text, remove_tree, write_json
-from biomedsynth.tasks import TEST
+from biomedsynth.tasks import TEST, real_synthetic_set, synthetic_set
 
 CLASSIC = ("knn", "svm", "rf")
 MODELS = (*CLASSIC, "vgg16")
@@ -33,18 +36,33 @@ ARMS = ("real", "synthetic", "real_synthetic")
 
 
 def arm_of(set_name: str) -> str:
-    """The arm a training set belongs to: every synthetic draw is the synthetic arm."""
-    return "synthetic" if set_name.startswith("synthetic") else set_name
+    """The arm a training set belongs to: every draw's set (synthetic_d1, real_synthetic_d2) is its arm's."""
+    return re.sub(r"_d[0-9]+$", "", set_name)
 
 
 def training_sets(task_dir: Path) -> list[str]:
-    """The task's training sets, arm by arm: real, synthetic draws in order, real_synthetic."""
+    """The task's training sets, arm by arm: real, synthetic draws in order, real + synthetic draws in order."""
     found = {p.name for p in Path(task_dir).iterdir() if p.is_dir() and p.name != TEST}
-    draws = sorted((n for n in found if arm_of(n) == "synthetic"), key=lambda n: (n != "synthetic", len(n), n))
-    sets = [n for n in ("real", *draws, "real_synthetic") if n in found]
-    if missing := {"real", "synthetic"} - set(sets):
+    if missing := {"real", "synthetic"} - found:
         raise FileNotFoundError(f"{task_dir} has no {' or '.join(sorted(missing))} set; run the tasks stage")
-    return sets
+    by_draw = lambda n: (len(n), n)  # noqa: E731  synthetic before synthetic_d1 before synthetic_d10
+    return (["real"] + sorted((n for n in found if arm_of(n) == "synthetic"), key=by_draw)
+            + sorted((n for n in found if arm_of(n) == "real_synthetic"), key=by_draw))
+
+
+def replicate_plan(task_dir: Path, replicates: int, not_trained: dict[str, str]) -> list[tuple[int, str]]:
+    """(replicate, training set) of every model to train: replicate r the real set, synthetic draw r and real +
+    draw r (arms params leave out are skipped), each with seed r."""
+    found = set(training_sets(task_dir))
+    draws = sum(arm_of(n) == "synthetic" for n in found)
+    if draws < replicates:
+        raise ValueError(f"classify.replicates is {replicates} but {task_dir} holds {draws} synthetic draw(s); "
+                         f"set synthesize.draws to {replicates} or more")
+    plan = [(r, name) for r in range(replicates) for name in ("real", synthetic_set(r), real_synthetic_set(r))
+            if arm_of(name) not in not_trained]
+    if missing := sorted({name for _, name in plan} - found):
+        raise FileNotFoundError(f"{task_dir} has no {', '.join(missing)} set; run the tasks stage")
+    return plan
 
 
 def arms_not_trained(model: str, cfg: Classify) -> dict[str, str]:
@@ -110,77 +128,81 @@ def _write_plots(plots: Path, arm: str, y_test: np.ndarray, pred: np.ndarray, sc
 
 
 def _predictions_table(runs: dict[tuple[str, int], tuple], test_meta: pd.DataFrame) -> pd.DataFrame:
-    """One row per (training set, seed, test image): what the table3 stage needs to pair every cell."""
-    frames = [pd.DataFrame({"set": name, "arm": arm_of(name), "seed": seed, "image": np.arange(len(test_meta)),
+    """One row per (training set, replicate, test image): what the table3 stage needs to pair every cell."""
+    frames = [pd.DataFrame({"set": name, "arm": arm_of(name), "replicate": r, "image": np.arange(len(test_meta)),
                             "group": test_meta["group"].astype(str).to_numpy(), "y": test_meta["y"].astype(int),
                             "pred": pred, "score": np.round(score, 6)})
-              for (name, seed), (pred, score, _) in runs.items()]
+              for (name, r), (pred, score, _) in runs.items()]
     return pd.concat(frames, ignore_index=True)
 
 
-def seed_runs(predictions: pd.DataFrame, arm: str) -> list[list[tuple[np.ndarray, np.ndarray]]]:
-    """Per training seed (in order), the (predictions, scores) of the arm's models, one per training set
-    (the first seed's synthetic arm: every draw), in test-image order."""
-    rows = predictions[predictions["arm"] == arm]
-    return [[(g.sort_values("image")["pred"].to_numpy(), g.sort_values("image")["score"].to_numpy())
-             for _, g in by_seed.groupby("set", sort=True)]
-            for _, by_seed in rows.groupby("seed", sort=True)]
+def test_clusters(predictions: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """(y, cluster ids) of the test images, in image order."""
+    test = predictions[predictions["arm"] == "real"].drop_duplicates("image").sort_values("image")
+    return test["y"].to_numpy(), test["group"].astype(str).to_numpy()
 
 
-def score_arms(predictions: pd.DataFrame, n_boot: int, seed: int = 0) -> dict:
-    """From a predictions table: per arm the metrics (the mean over training seeds of each seed's mean over
-    its synthetic draws) with intervals resampling the test clusters and the seeds (metrics.seed_resampled),
-    and the degenerate flag; the paired drops from the real arm; and the weight rows' samples
-    {arm: {metric: (R,)}} for pairing with other cells."""
-    first = predictions[predictions["seed"] == predictions["seed"].min()]
-    test = first[first["set"] == "real"].sort_values("image")
-    y, groups = test["y"].to_numpy(), test["group"].to_numpy()
+def replicate_runs(predictions: pd.DataFrame, arm: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The arm's (predictions, scores) per replicate, replicate 0 first, in test-image order: whatever order
+    the rows come in, the same runs count."""
+    rows = predictions[predictions["arm"] == arm].sort_values(["replicate", "image"])
+    runs = [(g["pred"].to_numpy(), g["score"].to_numpy()) for _, g in rows.groupby("replicate", sort=True)]
+    if [int(r) for r in sorted(rows["replicate"].unique())] != list(range(len(runs))):
+        raise ValueError(f"{arm} arm: replicates must be 0..{len(runs) - 1}, got {sorted(rows['replicate'].unique())}")
+    return runs
+
+
+def arm_samples(predictions: pd.DataFrame, arm: str, y: np.ndarray, weights: np.ndarray,
+                picks: np.ndarray) -> dict[str, np.ndarray]:
+    """The arm's metrics under every bootstrap row (cluster weights and replicate picks): {metric: (1 + B,)}."""
+    return metrics.over_replicates([metrics.arm_samples(y, [run], weights)
+                                    for run in replicate_runs(predictions, arm)], picks)
+
+
+def score_arms(predictions: pd.DataFrame, n_boot: int, seed: int = 0) -> tuple[dict, dict]:
+    """From a predictions table: per arm the metrics (the mean over replicates) with intervals from the two-level
+    bootstrap, the accuracy of each replicate and their spread (null with one replicate: not measured), and the
+    degenerate flag; the paired drops from the real arm; and the samples {arm: {metric: (1 + B,)}}."""
+    y, groups = test_clusters(predictions)
     weights = metrics.cluster_weights(y, groups, n_boot, seed)
-    runs_rng = np.random.default_rng((seed, 1))  # which seeds each replicate draws
+    replicates = int(predictions["replicate"].nunique())
+    picks = metrics.replicate_picks(replicates, n_boot, seed)
+    rule = metrics.interval_rule(y, groups)
     result, samples = {}, {}
-    for arm in (a for a in ARMS if a in set(first["arm"])):
-        per_seed = seed_runs(predictions, arm)
-        samples[arm] = metrics.seed_resampled([metrics.arm_samples(y, runs, weights) for runs in per_seed], runs_rng)
-        scores = {k: metrics.interval(v) for k, v in samples[arm].items()}
-        every_run = [run for runs in per_seed for run in runs]
-        reasons = metrics.degenerate(every_run, scores["accuracy"])
-        result[arm] = {**scores, "one_class_share": max(metrics.one_class_share(p) for p, _ in every_run),
-                       "degenerate": bool(reasons), "degenerate_reasons": reasons, "draws": len(per_seed[0]),
-                       "seeds": len(per_seed)}
+    for arm in (a for a in ARMS if a in set(predictions["arm"])):
+        samples[arm] = arm_samples(predictions, arm, y, weights, picks)
+        runs = replicate_runs(predictions, arm)
+        scores = {k: metrics.interval(v, rule=rule, bounds=(0, 1)) for k, v in samples[arm].items()}
+        reasons = metrics.degenerate(runs, scores["accuracy"])
+        per_replicate = [round(float(np.mean(pred == y)), 4) for pred, _ in runs]
+        result[arm] = {**scores, "one_class_share": max(metrics.one_class_share(p) for p, _ in runs),
+                       "degenerate": bool(reasons), "degenerate_reasons": reasons,
+                       "replicate_accuracies": per_replicate,
+                       "replicate_std": round(float(np.std(per_replicate, ddof=1)), 4) if len(runs) > 1 else None}
     for arm, key in (("synthetic", "drop"), ("real_synthetic", "real_synthetic_drop")):
         if arm in samples:
-            result[key] = {kind: {k: metrics.interval(v) for k, v in d.items()}
+            result[key] = {kind: {k: metrics.interval(v, rule=rule) for k, v in d.items()}
                            for kind, d in metrics.drops(samples["real"], samples[arm]).items()}
     result["degenerate"] = result["real"]["degenerate"] or result["synthetic"]["degenerate"]
+    result["replicates"] = replicates
+    if replicates == 1:
+        result["replicate_variance"] = "seed and draw variance not measured (1 replicate)"
+    result["interval"] = {**rule, "method_text": metrics.describe(rule)}
     result["test_clusters"] = {str(c): int(len(set(groups[y == c]))) for c in (0, 1)}
     return result, samples
 
 
-def _spread(runs: dict[tuple[str, int], tuple], y_test: np.ndarray, first_seed: int) -> dict:
-    """Accuracy mean and std over training seeds per arm (first draw), and over synthetic draws (first seed)."""
-    def acc(pred):
-        return float(np.mean(pred == y_test))
-    by_seed = {arm: metrics.summarise_seeds([{"accuracy": acc(p)} for (n, _), (p, _, _) in runs.items()
-                                            if n == first_set])
-               for arm, first_set in (("real", "real"), ("synthetic", "synthetic"),
-                                      ("real_synthetic", "real_synthetic"))
-               if any(n == first_set for n, _ in runs)}
-    draws = [{"accuracy": acc(p)} for (n, s), (p, _, _) in runs.items() if arm_of(n) == "synthetic" and s == first_seed]
-    return {"seeds": by_seed, "draws": metrics.summarise_seeds(draws)}
-
-
 def evaluate(runs: dict[tuple[str, int], tuple], test_meta: pd.DataFrame, task: str,
              n_boot: int) -> tuple[dict, pd.DataFrame]:
-    """(the cell's metrics, its predictions table) from {(training set, seed): (predictions, scores,
-    details)} on the test set described by test_meta (columns y, group)."""
+    """(the cell's metrics, its predictions table) from {(training set, replicate): (predictions, scores,
+    details)} on the test set described by test_meta (columns y, group). Confusion matrices and training
+    details are replicate 0's."""
     y_test = test_meta["y"].astype(int).to_numpy()
-    first_seed = min(seed for _, seed in runs)
     predictions = _predictions_table(runs, test_meta)
     result, _ = score_arms(predictions, n_boot)
-    for arm in (a for a in ARMS if (a, first_seed) in runs):
-        pred, score, details = runs[(arm, first_seed)]
-        result[arm] |= {"confusion": metrics.binary_metrics(y_test, pred, score)["confusion"], **details}
-    result["spread"] = _spread(runs, y_test, first_seed)
+    for (name, r), (pred, score, details) in runs.items():
+        if r == 0:
+            result[arm_of(name)] |= {"confusion": metrics.binary_metrics(y_test, pred, score)["confusion"], **details}
     result["test_images"] = int(len(y_test))
     result["bootstrap"] = {"unit": "slide" if task == "histology" else "patient", "replicates": n_boot}
     return result, predictions
@@ -198,17 +220,19 @@ def _rank_world(model: str) -> tuple[int, int]:
 
 def classify(task: str, model: str, cfg: Classify, task_dir: Path, features_dir: Path, models_out: Path,
              metrics_path: Path, plots_dir: Path, tracker=None, log=print, provenance: dict | None = None) -> dict:
-    """Train `model` on every training set of `task` (later synthetic draws with the first seed only) for
-    every seed; test on the real test set. models_out/<set>-seed<N>.{pt,joblib} keeps each trained model:
-    VGG16's best-validation-loss state, an LBP model's fitted estimator of the variant chosen by CV.
-    `provenance` (the data and commit it came from) is written into the metrics as it is."""
+    """Train `model` on every training set of `task` that each replicate uses (replicate_plan); test on the real
+    test set. models_out/<set>-seed<r>.{pt,joblib} keeps each trained model: VGG16's best-validation-loss state,
+    an LBP model's fitted estimator of the variant chosen by CV. `provenance` (the data and commit it came
+    from) is written into the metrics as it is."""
     if model not in MODELS:
         raise ValueError(f"model must be one of {', '.join(MODELS)}, got {model!r}")
+    not_trained = arms_not_trained(model, cfg)
+    plan = replicate_plan(task_dir, cfg.replicates, not_trained)  # before anything is removed
     rank, world = _rank_world(model)
     if rank > 0 and model != "vgg16":  # the LBP models run in one process: rank 0's
         return {}
     if rank == 0:
-        remove_tree(models_out)  # no model of an earlier seed list survives
+        remove_tree(models_out)  # no model of an earlier replicate count survives
         models_out.mkdir(parents=True)
     if world > 1:  # the others wait until rank 0 has emptied models_out
         import torch.distributed as dist
@@ -216,35 +240,32 @@ def classify(task: str, model: str, cfg: Classify, task_dir: Path, features_dir:
         dist.barrier()
     test_meta = ImageSet(task_dir / TEST).meta
     y_test = test_meta["y"].astype(int).to_numpy()
-    sets, first_seed = training_sets(task_dir), cfg.seeds[0]
-    not_trained = arms_not_trained(model, cfg)
-    sets = [name for name in sets if name not in not_trained]
     runs = {}
-    for seed in cfg.seeds:
-        for name in sets:
-            if seed != first_seed and name not in ARMS:  # further draws measure the draw, at one seed
-                continue
-            fitted = _fit_predict(model, task_dir, features_dir, name, cfg, seed, models_out, log)
-            if fitted is None:
-                continue
-            runs[(name, seed)] = fitted
-            acc = float(np.mean(fitted[0] == y_test))
-            log(f"{task} {model} seed {seed} trained on {name}: test accuracy {acc:.3f}")
-            if tracker is not None:
-                tracker.log_metrics({f"{name}.accuracy": acc}, step=seed)
+    for r, name in plan:
+        fitted = _fit_predict(model, task_dir, features_dir, name, cfg, r, models_out, log)
+        if fitted is None:
+            continue
+        runs[(name, r)] = fitted
+        acc = float(np.mean(fitted[0] == y_test))
+        log(f"{task} {model} replicate {r} trained on {name}: test accuracy {acc:.3f}")
+        if tracker is not None:
+            tracker.log_metrics({f"{arm_of(name)}.accuracy": acc}, step=r)
     if rank > 0:
         return {}
     result, predictions = evaluate(runs, test_meta, task, cfg.bootstrap)
     if not_trained:
         result["not_trained"] = not_trained
-    if provenance is not None:
-        result["provenance"] = provenance
-    if model == "vgg16":  # which head: Table 3 names it
+    if model == "vgg16":  # which head, and the precision it trained in: Table 3 names both
         from biomedsynth.classify.vgg import MODEL_NAMES
 
         result["model_name"] = MODEL_NAMES[cfg.vgg16.head]
-    for arm in (a for a in ARMS if (a, first_seed) in runs):
-        _write_plots(plots_dir, arm, y_test, *runs[(arm, first_seed)][:2])
+        precisions = sorted({details["precision"] for _, _, details in runs.values()})
+        result["precision"] = precisions[0] if len(precisions) == 1 else precisions
+    if provenance is not None:
+        result["provenance"] = provenance
+    for (name, r), (pred, score, _) in runs.items():
+        if r == 0:
+            _write_plots(plots_dir, arm_of(name), y_test, pred, score)
     for arm in not_trained:  # dvc.yaml's plots of every arm exist: these hold no rows
         atomic_write_text(plots_dir / f"confusion-{arm}.csv", "actual,predicted\n")
         atomic_write_text(plots_dir / f"roc-{arm}.csv", "fpr,tpr\n")

@@ -14,11 +14,12 @@ share (hard patients, an odd slide) cancels out of their differences.
 from __future__ import annotations
 
 import numpy as np
-from scipy import sparse
+from scipy import sparse, stats
 
 SCALARS = ("accuracy", "balanced_accuracy", "auc")
 CHANCE = 0.5          # accuracy, balanced accuracy and AUC of a guess on the benchmark's balanced test sets
 ONE_CLASS_SHARE = 0.95  # a model predicting one class for at least this share of the test set says nothing
+FEW_CLUSTERS = 10      # below this many clusters in a class, a t interval instead of the percentile bootstrap's
 
 
 def _check(y_true, y_pred, y_score) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -101,12 +102,63 @@ def cluster_weights(y_true, groups, n_boot: int = 1000, seed: int = 0) -> np.nda
     return joint_cluster_weights({"test": (np.asarray(y_true), np.asarray(groups))}, n_boot, seed)["test"]
 
 
-def interval(samples: np.ndarray, alpha: float = 0.05) -> dict:
-    """{value, low, high}: samples[0] (the test set itself) and the percentile interval of samples[1:];
-    replicates where the statistic is undefined (NaN) are left out, and an undefined bound is None."""
+def interval_rule(y_true, groups) -> dict:
+    """How the intervals of a test set's statistics are formed. With at least FEW_CLUSTERS clusters in each class
+    stratum, the percentile interval of the bootstrap samples. With fewer, the percentile bootstrap under-covers
+    (it resamples n clusters as if they were the population: its variance is (n-1)/n of the true one, and its
+    tails are the normal's where a t's belong), so a cluster-level t interval: value +- t(df) x the bootstrap's
+    standard error x sqrt(m / (m-1)), df = clusters - strata, m = the smallest class stratum's clusters."""
+    y, groups = np.asarray(y_true), np.asarray(groups).astype(str)
+    classes = {}
+    for g in np.unique(groups):
+        classes.setdefault(tuple(np.unique(y[groups == g]).tolist()), []).append(g)
+    sizes = [len(v) for k, v in classes.items() if len(k) == 1]  # clusters holding one class
+    fewest = min(sizes) if sizes else 0
+    if fewest >= FEW_CLUSTERS:
+        return {"method": "percentile", "fewest_clusters": fewest}
+    clusters = sum(len(v) for v in classes.values())
+    return {"method": "cluster t", "fewest_clusters": fewest, "df": max(clusters - len(classes), 1),
+            "inflation": float(np.sqrt(fewest / (fewest - 1))) if fewest > 1 else None}
+
+
+def strictest(rules: list[dict]) -> dict:
+    """The rule for a statistic of several test sets resampled together (e.g. the verdict over every task): the
+    t interval of the set with the fewest clusters when any needs one (its df the smallest, its inflation the
+    largest: wider, never narrower, than a pooled df would give)."""
+    t_rules = [r for r in rules if r["method"] != "percentile"]
+    if not t_rules:
+        return {"method": "percentile", "fewest_clusters": min(r["fewest_clusters"] for r in rules)}
+    inflations = [r["inflation"] for r in t_rules]
+    return {"method": "cluster t", "fewest_clusters": min(r["fewest_clusters"] for r in t_rules),
+            "df": min(r["df"] for r in t_rules),
+            "inflation": None if None in inflations else max(inflations)}
+
+
+def describe(rule: dict) -> str:
+    """The interval's method in words, for the report and the summary."""
+    if rule["method"] == "percentile":
+        return f"percentile bootstrap ({rule['fewest_clusters']}+ clusters per class)"
+    return (f"cluster t interval, df {rule['df']} (a class has {rule['fewest_clusters']} clusters, "
+            f"under the {FEW_CLUSTERS} a percentile bootstrap needs)")
+
+
+def interval(samples: np.ndarray, alpha: float = 0.05, rule: dict | None = None,
+             bounds: tuple[float, float] | None = None) -> dict:
+    """{value, low, high}: samples[0] (the test set itself) and an interval from the bootstrap rows samples[1:]
+    formed as `rule` says (interval_rule; None: percentile); replicates where the statistic is undefined (NaN)
+    are left out, and an undefined bound is None. `bounds` clip a t interval to the statistic's range."""
     finite = samples[1:][np.isfinite(samples[1:])]
-    low, high = np.percentile(finite, [100 * alpha / 2, 100 * (1 - alpha / 2)]) if len(finite) else (np.nan,) * 2
-    return {k: float(v) if np.isfinite(v) else None for k, v in (("value", samples[0]), ("low", low), ("high", high))}
+    value = samples[0]
+    if rule is None or rule["method"] == "percentile":
+        low, high = np.percentile(finite, [100 * alpha / 2, 100 * (1 - alpha / 2)]) if len(finite) else (np.nan,) * 2
+    elif rule["inflation"] is None or len(finite) < 2:  # a class of one cluster: its variance cannot be estimated
+        low = high = np.nan
+    else:
+        half = stats.t.ppf(1 - alpha / 2, rule["df"]) * finite.std(ddof=1) * rule["inflation"]
+        low, high = value - half, value + half
+        if bounds is not None:
+            low, high = max(low, bounds[0]), min(high, bounds[1])
+    return {k: float(v) if np.isfinite(v) else None for k, v in (("value", value), ("low", low), ("high", high))}
 
 
 def arm_samples(y_true, runs: list[tuple[np.ndarray, np.ndarray]], weights: np.ndarray) -> dict[str, np.ndarray]:
@@ -118,22 +170,25 @@ def arm_samples(y_true, runs: list[tuple[np.ndarray, np.ndarray]], weights: np.n
     return {k: np.mean([r[k] for r in per_run], 0) for k in SCALARS}
 
 
-def seed_resampled(per_seed: list[dict[str, np.ndarray]], rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Samples {metric: (R,)} of an arm trained with several seeds, from each seed's samples (arm_samples under
-    the same weight rows): row 0 the mean over the seeds; each replicate row the mean over as many seeds drawn
-    with replacement at that row, so the spread between training runs widens the interval beside the test set's
-    (a two-level bootstrap: test clusters, then training runs). One seed: its samples as they are."""
-    if not per_seed:
-        raise ValueError("an arm needs at least one trained seed")
-    if len(per_seed) == 1:
-        return per_seed[0]
-    rows = len(next(iter(per_seed[0].values())))
-    picks = rng.integers(0, len(per_seed), (rows - 1, len(per_seed)))
-    out = {}
-    for k in per_seed[0]:
-        stacked = np.stack([s[k] for s in per_seed])  # (seeds, R)
-        out[k] = np.concatenate([[stacked[:, 0].mean()], stacked[picks, np.arange(1, rows)[:, None]].mean(1)])
-    return out
+def replicate_picks(replicates: int, n_boot: int, seed: int = 0) -> np.ndarray:
+    """(1 + n_boot, replicates) indices of the replicates each bootstrap row averages: row 0 every replicate once
+    (the estimate), each further row as many replicates drawn with replacement. Shared by every cell so that
+    cells trained on the same synthetic draw stay paired."""
+    if replicates < 1:
+        raise ValueError(f"need at least one replicate, got {replicates}")
+    rng = np.random.default_rng((seed, 1))
+    return np.concatenate([np.arange(replicates)[None], rng.integers(0, replicates, (n_boot, replicates))])
+
+
+def over_replicates(per_replicate: list[dict[str, np.ndarray]], picks: np.ndarray) -> dict[str, np.ndarray]:
+    """The two-level bootstrap: samples {metric: (1 + B,)} of an arm from each replicate's samples (arm_samples
+    under the same cluster weight rows): row b is the mean, over the replicates picks[b] draws, of their value
+    at cluster row b. So the spread between replicates (training seed and synthetic draw) widens the interval
+    beside the test set's; with one replicate the samples are that replicate's."""
+    if len(per_replicate) != picks.shape[1]:
+        raise ValueError(f"{len(per_replicate)} replicates given, the picks draw from {picks.shape[1]}")
+    rows = np.arange(picks.shape[0])[:, None]
+    return {k: np.stack([r[k] for r in per_replicate])[picks, rows].mean(1) for k in per_replicate[0]}
 
 
 def drops(real: dict[str, np.ndarray], other: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
@@ -174,26 +229,3 @@ def binary_metrics(y_true, y_pred, y_score) -> dict:
     scalars = weighted_metrics(y_true, y_pred, y_score, np.ones((1, len(y_true))))
     confusion = np.bincount(2 * y_true + y_pred, minlength=4).reshape(2, 2)
     return {**{k: float(v[0]) for k, v in scalars.items()}, "confusion": confusion.tolist()}
-
-
-def summarise_seeds(runs: list[dict]) -> dict:
-    """Mean and sample std (ddof=1; 0 for a single run) over runs of the same shape, e.g. binary_metrics of
-    one model trained with several seeds. Nested dicts are summarised key by key, numbers and number lists
-    (confusion matrices) element-wise: {"n": n, key: {mean, std}, ...}."""
-    if not runs:
-        raise ValueError("summarise_seeds needs at least one run")
-
-    def summarise(values: list, where: str):
-        if all(isinstance(v, dict) for v in values):
-            keys = values[0].keys()
-            if any(v.keys() != keys for v in values):
-                raise ValueError(f"runs differ in their keys at {where or 'the top level'}")
-            return {k: summarise([v[k] for v in values], f"{where}.{k}".lstrip(".")) for k in keys}
-        try:
-            a = np.asarray(values, float)
-        except (TypeError, ValueError):
-            raise ValueError(f"{where}: values must be numbers or lists of numbers, got {values[0]!r}") from None
-        std = a.std(0, ddof=1) if len(a) > 1 else np.zeros_like(a[0])
-        return {"mean": a.mean(0).tolist(), "std": std.tolist()}
-
-    return {"n": len(runs), **summarise(runs, "")}

@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from biomedsynth.provenance import data_hash
+from biomedsynth.report import readme_with_table3
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = {"histology", "xray_sex", "xray_age"}
@@ -50,3 +51,17 @@ def test_committed_default_run_can_decide():
     claims = summary["claims"]
     assert claims["verdict"] in ("holds", "fails", "inconclusive") and claims["sentence"]
     assert summary["provenance"]["data"] == data_hash(ROOT / "data.dvc")  # Table 3 is of the committed data
+
+
+def test_the_readme_says_what_the_committed_metrics_say():
+    """The README's Table 3 and verdict are written from metrics/summary.json (`biomedsynth readme`): a README
+    that states other numbers than the committed metrics fails here."""
+    readme = (ROOT / "README.md").read_text()
+    assert readme_with_table3(readme, _summary()) == readme, \
+        "README.md's Table 3 block differs from metrics/summary.json: run `biomedsynth readme`"
+
+
+def test_the_default_run_measures_seed_and_draw_variance():
+    claims = _summary()["claims"]
+    assert claims["replicates"] >= 3 and claims["replicate_variance"] == "measured"
+    assert claims["precision"] == {"vgg16": "fp32"}

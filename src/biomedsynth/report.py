@@ -257,9 +257,11 @@ def _forest(summary: dict) -> bytes:
             ax.plot(r["value"], y, "o", color=colour, mfc=colour if r["in_verdict"] else "white", ms=6)
         ax.plot(r["study"], y, "|", color="gray", ms=12, mew=2)
     ax.axvline(0, color="black", lw=0.8)
-    ax.set_yticks(ys, [r.replace("xray_", "X-ray ").replace("vgg16", "VGG16") for r in rows["row"]], fontsize=8)
+    names = {**TASK_NAMES, **MODEL_NAMES}
+    ax.set_yticks(ys, [" ".join(names.get(w, w) for w in r.split(" ")) for r in rows["row"]], fontsize=8)
     ax.set_xlabel("chance-normalised drop (cells), LBP - deep (tasks, verdict); grey: the study")
-    ax.set_title(summary["claims"]["sentence"].split(":")[0] + f": {summary['claims']['verdict']}", fontsize=9)
+    ax.set_title(f"Does synthetic data cost VGG16 less than the LBP models? {summary['claims']['verdict']}",
+                 fontsize=10)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     return buf.getvalue()

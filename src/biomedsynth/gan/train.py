@@ -780,12 +780,16 @@ def write_output(state: Path, out: Path, opt: Options, results: dict[str, list[d
 
 
 def _prune(stage_states: Path, kept: Path) -> None:
-    """Remove the stage's resume states but `kept` and the most recently used other one, so a setting tried
-    and reverted (or a run given up for another) can still continue, and the folder stays at two runs."""
-    others = sorted((d for d in stage_states.iterdir() if d.is_dir() and d != kept),
-                    key=lambda d: (d / "options.json").stat().st_mtime if (d / "options.json").is_file() else 0)
-    for d in others[:-1]:
-        shutil.rmtree(d)
+    """Remove the stage's resume states but `kept` and the most recently used other one that completed an epoch,
+    so a setting tried and reverted (or a run given up for another) can still continue, and the folder stays at
+    two runs. A state with no completed epoch (a run that crashed before its first ended) has nothing to resume:
+    it goes, however recent, and never displaces one that has."""
+    others = [d for d in stage_states.iterdir() if d.is_dir() and d != kept]
+    resumable = sorted((d for d in others if any(d.glob("*/checkpoint.pt"))),
+                       key=lambda d: (d / "options.json").stat().st_mtime if (d / "options.json").is_file() else 0)
+    for d in others:
+        if d not in resumable[-1:]:
+            shutil.rmtree(d)
 
 
 def train_gan(opt: Options, train_set: Path, val_set: Path, feature_net: Path, out: Path, metrics_path: Path,

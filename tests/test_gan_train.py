@@ -437,8 +437,8 @@ def test_runs_that_crash_before_an_epoch_never_displace_a_trained_resume_state(s
     def run(opt: T.Options) -> list[int]:
         """The epochs trained by a run of the stage under `opt`."""
         lines = []
-        T.train_gan(opt, group.path, val.path, net, tmp_path / "out", *(tmp_path / f for f in ("m.json", "s.csv", "l.csv")),
-                    states, log=lines.append)
+        T.train_gan(opt, group.path, val.path, net, tmp_path / "out",
+                    *(tmp_path / f for f in ("m.json", "s.csv", "l.csv")), states, log=lines.append)
         return trained_epochs(lines)
 
     def crash(*args, **kwargs):

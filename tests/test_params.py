@@ -105,7 +105,8 @@ def test_set_writes_values_as_yaml_keeps_comments_and_checks(tmp_path):
 ALLOCATING = ["gan.histology.latent_dim", "gan.xray.batch_size", "gan.dcgan.base_width", "gan.pggan.fmap_max",
               "gan.sg2ada.channel_max", "gan.sg2ada.mapping_layers", "gan.score.images", "gan.score.swd_directions",
               "synthesize.batch_size", "synthesize.evidence.images", "synthesize.evidence.side",
-              "classify.vgg16.batch_size", "classify.vgg16.input_side", "sample.xray.max_side", "sample.histology.width"]
+              "classify.vgg16.batch_size", "classify.vgg16.input_side", "sample.xray.max_side",
+              "sample.histology.width"]
 
 
 @pytest.mark.parametrize("knob", ALLOCATING)

@@ -11,8 +11,9 @@ environment (CI speed) yield a Run whose calls do nothing and write nothing.
 Outages (server down, DB locked or unreadable, disk full) must not kill hours of training: one line on
 stderr naming the URI and the cause, then the run goes on untracked; the URI is not retried in this
 process. An outage in an open run first ends that run FAILED where the store still can (a full artifact
-disk leaves the database working), so no run stays RUNNING forever. Misuse (non-numeric metric, bad metric name, missing artifact) still raises. A server that is
-down is only noticed after MLflow's HTTP retries (minutes by default);
+disk leaves the database working), so no run stays RUNNING forever. Misuse (non-numeric metric, bad
+metric name, missing artifact) still raises. A server that is down is only noticed after MLflow's HTTP
+retries (minutes by default, twice when it goes down mid-run: the log call, then ending the run);
 MLFLOW_HTTP_REQUEST_MAX_RETRIES / MLFLOW_HTTP_REQUEST_TIMEOUT shorten that.
 
 mlflow takes seconds to import, so it is imported only when a run opens.

@@ -2,7 +2,10 @@
 ingest.max_pixels before it decodes; a file over the budget is skipped and counted by reason."""
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 import warnings
 import zlib
 from pathlib import Path
@@ -18,6 +21,7 @@ import yaml
 from PIL import Image, ImageFile
 from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEG2000Lossless, JPEGLosslessSV1
 
+import biomedsynth
 from biomedsynth.ingest import ingest
 from biomedsynth.ingest.histology import ingest_histology
 from biomedsynth.params import ParamsError, load_params, set_params
@@ -209,6 +213,45 @@ def test_pcam_reads_at_most_the_budget_at_once_and_refuses_tiles_over_it(tmp_pat
     assert len(list(tiles)) == 7 and max(rows_read) == 2  # two 96 x 96 tiles a read, not 1024
     with pytest.raises(ValueError, match=r"tiles of 96 x 96 px are over the pixel budget"):
         pcam_tiles(tmp_path, allow_tile_level_split=False, max_pixels=96 * 96 - 1, splits=("train",))
+
+
+def write_chunk_bomb(root: Path, tiles: int) -> None:
+    """PatchCamelyon's train split whose `x` is one gzip chunk of `tiles` zero tiles: a file of a few MB that
+    inflates whole (tiles x 27,648 bytes) on the first read of any tile. Written chunk-compressed by zlib (HDF5's
+    gzip filter) block by block, so the test never holds the inflated chunk."""
+    shape = (tiles, 96, 96, 3)
+    deflate, block = zlib.compressobj(1), bytes(100 * 96 * 96 * 3)
+    chunk = b"".join([deflate.compress(block) for _ in range(tiles // 100)] + [deflate.flush()])
+    with h5py.File(root / "camelyonpatch_level_2_split_train_x.h5", "w") as f:
+        f.create_dataset("x", shape, np.uint8, chunks=shape, compression="gzip").id.write_direct_chunk((0,) * 4, chunk)
+    with h5py.File(root / "camelyonpatch_level_2_split_train_y.h5", "w") as f:
+        f.create_dataset("y", data=np.zeros((tiles, 1, 1, 1), np.uint8))
+
+
+# the peak is VmHWM, this process's own: getrusage's ru_maxrss keeps the forking pytest process's peak
+PCAM_PEAK = """
+import json, re, sys
+from pathlib import Path
+from biomedsynth.sources.pcam import pcam_tiles
+tiles, skipped = pcam_tiles(sys.argv[1], True, int(sys.argv[2]), splits=("train", "valid"))
+read = sum(1 for _ in tiles)
+peak_kib = int(re.search(r"VmHWM:\\s+(\\d+) kB", Path("/proc/self/status").read_text())[1])
+print(json.dumps({"read": read, "skipped": dict(skipped), "peak_mib": peak_kib / 1024}))
+"""
+
+
+def test_a_pcam_chunk_bomb_is_skipped_and_counted_under_300_mib(tmp_path):
+    """The issue's bomb, scaled to a test: a 2.4 MB file whose one chunk inflates to 553 MB (184 M pixels, the
+    budget is 67 M). The chunk's inflated size is checked before any read; the other split is read."""
+    write_chunk_bomb(tmp_path, 20_000)
+    pcam_tree(tmp_path, "valid", 5, meta=False)
+    assert (tmp_path / "camelyonpatch_level_2_split_train_x.h5").stat().st_size < 3e6
+    env = {**os.environ, "PYTHONPATH": str(Path(biomedsynth.__file__).parents[1])}
+    out = subprocess.run([sys.executable, "-c", PCAM_PEAK, str(tmp_path), str(BUDGET)], env=env, check=True,
+                         capture_output=True, text=True).stdout
+    got = json.loads(out)
+    assert got["read"] == 5 and got["skipped"] == {"over_pixel_budget": 1}, got
+    assert got["peak_mib"] < 300, got
 
 
 def test_budget_knob_checked_and_a_stage_dependency(tmp_path):

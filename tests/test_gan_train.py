@@ -402,6 +402,11 @@ def test_runs_share_a_resume_state_only_where_more_epochs_extend_a_run(arch, per
     assert T.run_key(options(arch, **extra)) != T.run_key(options(arch, world=2, **extra))  # the batch split in 2
 
 
+def trained_epochs(log_lines: list[str]) -> list[int]:
+    """The epochs a run trained, from its per-epoch log lines."""
+    return [int(m[1]) for line in log_lines if (m := re.search(r" epoch (\d+)/", line))]
+
+
 def test_more_epochs_continue_the_run_and_fewer_take_its_first_epochs(study, tmp_path, monkeypatch):
     monkeypatch.setenv("BIOMEDSYNTH_MLFLOW", "0")
     root, group, val = study
@@ -412,7 +417,7 @@ def test_more_epochs_continue_the_run_and_fewer_take_its_first_epochs(study, tmp
         T.train_gan(options("dcgan", epochs=epochs), group.path, val.path, root / "models/feature_net/xray.pt",
                     tmp_path / out / "models/gan/x", *(tmp_path / f for f in ("m.json", "s.csv", "l.csv", "states")),
                     log=lines.append)
-        return [int(m[1]) for line in lines if (m := re.search(r" epoch (\d+)/", line))]
+        return trained_epochs(lines)
 
     assert run(2, "two") == [1, 2]
     assert run(3, "three") == [3]
@@ -421,8 +426,40 @@ def test_more_epochs_continue_the_run_and_fewer_take_its_first_epochs(study, tmp
     assert len(stage_files(tmp_path / "three", "x")) == 1 + 1 + 3 * 2
 
 
+def test_runs_that_crash_before_an_epoch_never_displace_a_trained_resume_state(study, tmp_path, monkeypatch):
+    """The issue's sequence: a trained run, two runs under other options that crash before their first epoch
+    ends (their states hold only options.json), then a good run under yet other options. The trained state
+    survives the good run's pruning, and back on its options more epochs continue it instead of epoch 1."""
+    monkeypatch.setenv("BIOMEDSYNTH_MLFLOW", "0")
+    root, group, val = study
+    net, states = root / "models/feature_net/xray.pt", tmp_path / "states"
+
+    def run(opt: T.Options) -> list[int]:
+        """The epochs trained by a run of the stage under `opt`."""
+        lines = []
+        T.train_gan(opt, group.path, val.path, net, tmp_path / "out",
+                    *(tmp_path / f for f in ("m.json", "s.csv", "l.csv")), states, log=lines.append)
+        return trained_epochs(lines)
+
+    def crash(*args, **kwargs):
+        raise Killed
+
+    trained, good = options("dcgan", epochs=1), options("dcgan", epochs=1, seed=6)
+    assert run(trained) == [1]
+    with monkeypatch.context() as m:
+        m.setattr(T, "train_step", crash)
+        for seed in (4, 5):
+            with pytest.raises(Killed):
+                run(options("dcgan", epochs=1, seed=seed))
+    assert len(list(states.iterdir())) == 3
+    assert run(good) == [1]
+    assert {d.name for d in states.iterdir()} == {T.run_key(dataclasses.replace(o, feature_net=fingerprint(net)))
+                                                  for o in (trained, good)}
+    assert run(dataclasses.replace(trained, epochs=2)) == [2]
+
+
 @pytest.mark.parametrize("arch, knob, error", [
-    ("dcgan", "gan.xray.batch_size=100000", "64 training images, fewer than one batch of 100000"),
+    ("dcgan", "gan.xray.batch_size=1000", "64 training images, fewer than one batch of 1000"),
     ("pggan", "gan.pggan.images_per_phase=100000", "end before the growth to 32 px"),
 ])
 def test_a_knob_the_data_cannot_serve_leaves_the_trained_model_as_it_was(tmp_path, monkeypatch, arch, knob, error):

@@ -103,6 +103,48 @@ def test_set_writes_values_as_yaml_keeps_comments_and_checks(tmp_path):
     assert load_params(path).sources.xray.format == "manifest"  # a refused change writes nothing
 
 
+# knobs that size an allocation; 2**30 is type-valid for each (a multiple of 128 for swd_directions)
+ALLOCATING = ["gan.histology.latent_dim", "gan.xray.batch_size", "gan.dcgan.base_width", "gan.pggan.fmap_max",
+              "gan.sg2ada.channel_max", "gan.sg2ada.mapping_layers", "gan.score.images", "gan.score.swd_directions",
+              "synthesize.batch_size", "synthesize.evidence.images", "synthesize.evidence.side",
+              "classify.vgg16.batch_size", "classify.vgg16.input_side", "sample.xray.max_side",
+              "sample.histology.width"]
+
+
+@pytest.mark.parametrize("knob", ALLOCATING)
+def test_a_knob_too_big_to_allocate_is_refused_by_set_in_one_line(tmp_path, monkeypatch, knob):
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(ROOT / "params.yaml", "params.yaml")
+    result = CliRunner().invoke(app, ["set", f"{knob}={2 ** 30}"])
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert f"{knob} = {2 ** 30}: Input should be less than or equal to" in result.output
+    assert Path("params.yaml").read_text() == (ROOT / "params.yaml").read_text()
+
+
+def test_the_issues_latent_dim_stops_train_gan_in_one_line_before_any_work(tmp_path, monkeypatch):
+    """1e9 as `dvc exp run -S` can leave it in params.yaml: a float, which pydantic takes as an int. On the old code
+    it passed params load (with data, train-gan then died allocating, in a traceback)."""
+    path = _write(tmp_path, lambda d: d["gan"]["histology"].update(latent_dim=1e9))
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["train-gan", "dcgan", "h_norm", "uncond"])
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert "gan.histology.latent_dim = 1000000000.0: Input should be less than or equal to 4096" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+@pytest.mark.parametrize("value", ["[fd00::1]:29500", "`whoami`", "[a", "{a: 1}: 2"])
+def test_set_refuses_a_value_yaml_cannot_read_in_one_line(tmp_path, monkeypatch, value):
+    """The first is the IPv6 form launch.rdzv_endpoint's own message suggests: set as YAML text, it works."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(ROOT / "params.yaml", "params.yaml")
+    result = CliRunner().invoke(app, ["set", f"launch.rdzv_endpoint={value}"])
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert f"launch.rdzv_endpoint = {value!r} is not a YAML value" in result.output
+    assert Path("params.yaml").read_text() == (ROOT / "params.yaml").read_text()
+    assert CliRunner().invoke(app, ["set", 'launch.rdzv_endpoint="[fd00::1]:29500"']).exit_code == 0
+    assert load_params("params.yaml").launch.rdzv_endpoint == "[fd00::1]:29500"
+
+
 def test_device_knob_pins_the_device_unless_the_environment_says_otherwise(tmp_path, monkeypatch):
     from biomedsynth import cli
     from biomedsynth.distributed import pick_device

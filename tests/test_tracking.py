@@ -1,3 +1,4 @@
+import errno
 import os
 import shutil
 import subprocess
@@ -154,6 +155,31 @@ def test_outage_warns_once_and_training_goes_on(root, monkeypatch, capsys, uri, 
     assert steps == 6
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and uri in err[0] and cause in err[0], err
+
+
+@pytest.mark.parametrize("call", ["log_artifact", "log_artifacts"])
+def test_a_full_artifact_store_ends_the_run_failed_and_training_goes_on(root, db, monkeypatch, capsys, call):
+    """The database still answers when the artifact disk is full: the run is ended FAILED there at once (a run
+    left RUNNING would stay so forever), with one line on stderr, and the body runs on untracked."""
+    from mlflow import MlflowClient
+    from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(LocalArtifactRepository, call, full)
+    (root / "samples").mkdir()
+    (root / "samples" / "grid.png").write_bytes(b"png")
+    with tracking.run("train_gan@x", PARAMS) as r:
+        r.log_metrics({"loss": 1.0}, step=0)
+        getattr(r, call)(root / "samples" / "grid.png" if call == "log_artifact" else root / "samples")
+        r.log_metrics({"loss": 0.5}, step=1)  # untracked now: a no-op, not an error
+        assert not r.active
+    client = MlflowClient(f"sqlite:///{db}")
+    assert client.get_run(r.run_id).info.status == "FAILED"
+    assert [m.value for m in client.get_metric_history(r.run_id, "loss")] == [1.0]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0], err
 
 
 def test_default_uri_is_sqlite_under_the_dvc_root(tmp_path, monkeypatch):

@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from biomedsynth import croissant, datasheet
 from biomedsynth.provenance import git_commit
-from biomedsynth.store import ImageSet, atomic_write_text, replace_tree, save_torch, write_json
+from biomedsynth.store import ImageSet, atomic_write_text, load_weights, replace_tree, save_torch, write_json
 
 CHECKSUMS = "SHA256SUMS"
 IMAGES = "images"
@@ -196,16 +196,13 @@ def write_generator(model_root: Path, epochs: dict[str, int], out: Path, card: d
     """The sampling generator of each model's chosen epoch in bf16, laid out as gan.train's Synthesizer reads a
     stage (options.json, <model>/log.jsonl holding the chosen epoch's row, <model>/epochs/NNN.pt), with card.json
     and SHA256SUMS; returns the card with the parameter count."""
-    import torch
-
     from biomedsynth.gan.train import epoch_file, read_log
 
     out.mkdir(parents=True)
     shutil.copyfile(model_root / "options.json", out / "options.json")
     parameters = set()
     for model, epoch in epochs.items():
-        # weights_only: a snapshot is tensors and numbers; anything else in it is refused, not unpickled
-        snap = _bf16(torch.load(epoch_file(model_root / model, epoch), map_location="cpu", weights_only=True))
+        snap = _bf16(load_weights(epoch_file(model_root / model, epoch)))
         save_torch(snap, epoch_file(out / model, epoch))
         row = next(r for r in read_log(model_root / model) if r["epoch"] == epoch)
         atomic_write_text(out / model / "log.jsonl", json.dumps(row) + "\n")

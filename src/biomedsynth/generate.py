@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from biomedsynth.export import CARD, PngWriter, generator_names, staged, verify_checksums, write_checksums
-from biomedsynth.gan.train import Synthesizer, epoch_file
+from biomedsynth.gan.train import Synthesizer
 from biomedsynth.provenance import git_commit
 from biomedsynth.store import ImageSet, write_json
 from biomedsynth.synthesize import HashScreen, draw_label, set_hashes
@@ -70,13 +70,7 @@ def from_shared(folder: Path) -> Source:
     if bad := verify_checksums(folder):
         raise ValueError(f"{folder}: files differ from its SHA256SUMS ({'; '.join(bad[:3])}); refusing to load them")
     card = json.loads((folder / CARD).read_text())
-    for model, epoch in card["epochs"].items():
-        try:  # tensors and numbers only: a pickle that would run code is refused, not loaded
-            torch.load(epoch_file(folder / model, epoch), map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any failure here means: not plain weights
-            raise ValueError(f"{epoch_file(folder / model, epoch)} is not plain weights ({type(e).__name__}); "
-                             "refusing to load it") from None
-    gen = Synthesizer(folder, "last")
+    gen = Synthesizer(folder, "last")  # loads weights only: a pickle that would run code is refused, not run
     if gen.epochs != card["epochs"]:
         raise ValueError(f"{folder}: holds epochs {gen.epochs}, its card says {card['epochs']}")
     return Source(gen, card["set"], card["modality"], None,

@@ -1,7 +1,9 @@
 """The pydantic models of params.yaml: the only place a knob is read and checked.
 
 Every model forbids unknown keys and has no defaults, so a typo or a missing key stops the
-command instead of silently falling back to a value nobody chose.
+command instead of silently falling back to a value nobody chose. Knobs that size an allocation (widths,
+batches, image counts and sides) have upper bounds, each a few times the largest the study or its papers
+use, so an impossible value stops in one line at load instead of in a traceback mid-run.
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ class XraySample(Strict):
     scans_per_patient: tuple[PosInt, PosInt]
     abnormal_fraction: Fraction
     min_side: Annotated[int, Field(ge=128)]
-    max_side: Annotated[int, Field(ge=128)]
+    max_side: Annotated[int, Field(ge=128, le=8192)]  # px; 8192: the default pixel budget's side (scans: <= 2,800)
     difficulty: Fraction
 
     @model_validator(mode="after")
@@ -54,8 +56,8 @@ class XraySample(Strict):
 class HistologySample(Strict):
     normal_slides: PosInt
     tumor_slides: PosInt
-    width: Annotated[int, Field(ge=512)]
-    height: Annotated[int, Field(ge=512)]
+    width: Annotated[int, Field(ge=512, le=16384)]   # px; a phantom slide is rendered whole in memory
+    height: Annotated[int, Field(ge=512, le=16384)]
 
 
 class Sample(Strict):
@@ -205,8 +207,8 @@ Betas = tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge
 
 class GanData(Strict):
     resolution: Annotated[int, Field(ge=32, le=1024)]  # GAN side; real images are area-downsampled to it
-    latent_dim: PosInt
-    batch_size: PosInt
+    latent_dim: Annotated[int, Field(gt=0, le=4096)]   # the study: 512
+    batch_size: Annotated[int, Field(gt=0, le=1024)]   # the study: 32
 
     @field_validator("resolution")
     @classmethod
@@ -229,14 +231,15 @@ class HistologyGan(GanData):
 
 
 class Dcgan(Strict):
-    base_width: PosInt      # feature maps next to the output (doubling towards 4x4, capped at 512)
+    base_width: Annotated[int, Field(gt=0, le=512)]  # feature maps next to the output (doubling towards 4x4,
+                                                     # capped at 512: a wider base would change nothing)
     lr: PosFloat
     betas: Betas
 
 
 class Pggan(Strict):
     fmap_base: PosInt       # feature maps at depth d: min(fmap_base / 2**(d+2), fmap_max)
-    fmap_max: PosInt
+    fmap_max: Annotated[int, Field(gt=0, le=2048)]  # the paper: 512
     lr: PosFloat
     betas: Betas
     ema_half_life: PosFloat | None   # images; null: 10,000 or a quarter of the shortest growth phase
@@ -254,8 +257,8 @@ class Ada(Strict):
 
 class Sg2ada(Strict):
     channel_base: PosInt     # feature maps at side s: min(channel_base / s, channel_max) (the paper: 16384, 512)
-    channel_max: PosInt
-    mapping_layers: PosInt   # dense layers z -> w
+    channel_max: Annotated[int, Field(gt=0, le=2048)]    # the paper: 512
+    mapping_layers: Annotated[int, Field(gt=0, le=32)]   # dense layers z -> w (the paper: 8)
     lr: PosFloat
     betas: Betas
     ema_half_life: PosFloat | None   # images; null: 10,000, at most a quarter of the run
@@ -272,8 +275,9 @@ class Snapshots(Strict):
 
 
 class GanScore(Strict):
-    images: Annotated[int, Field(ge=4)]   # validation and generated images compared per epoch and model
-    swd_directions: Annotated[int, Field(gt=0, multiple_of=128)]  # random projections of SWD (the paper: 512)
+    images: Annotated[int, Field(ge=4, le=16384)]  # validation and generated images compared per epoch and model,
+                                                   # all held at once (16,384: the PGGAN paper's SWD count)
+    swd_directions: Annotated[int, Field(gt=0, le=4096, multiple_of=128)]  # random projections of SWD (the paper: 512)
     feature_epochs: PosInt                # training epochs of the modality's KID feature net
     trend_tail: Annotated[float, Field(gt=0.0, le=0.5)]  # a best epoch in this last share of epochs: still improving
 
@@ -292,8 +296,9 @@ class Gan(Strict):
 
 # --- synthetic datasets (SPEC section 4) ---
 class Evidence(Strict):
-    images: PosInt          # synthetic and held-out real images measured against every training image
-    side: Annotated[int, Field(ge=4)]  # px images are area-downsampled to before the pixel PCA
+    images: Annotated[int, Field(gt=0, le=50_000)]  # synthetic and held-out real images measured against every
+                                                    # training image
+    side: Annotated[int, Field(ge=4, le=256)]  # px images are area-downsampled to before the pixel PCA
     pca_dims: PosInt        # axes of the pixel PCA, fitted on up to `images` training images
     k: PosInt               # PRDC's neighbours (Naeem et al.: 5)
     cells: PosInt           # C_T's k-means cells at most (fewer when held-out images are < 20 per cell)
@@ -306,7 +311,7 @@ class Synthesize(Strict):
     hash_threshold: NonNegInt | None  # bits; None: calibrated from held-out real images at hash_quantile
     hash_quantile: Annotated[float, Field(gt=0.0, le=1.0)]
     max_tries_factor: Annotated[float, Field(ge=1.0)]
-    batch_size: PosInt
+    batch_size: Annotated[int, Field(gt=0, le=4096)]  # images a generator draws at once
     draws: PosInt  # independent synthetic copies of the group (fresh latents): the benchmark repeats its arm on each
     evidence: Evidence
 
@@ -351,9 +356,9 @@ class Lbp(Strict):
 
 
 class Vgg16(Strict):
-    input_side: Annotated[int, Field(ge=32)]  # px fed to VGG16 (images resized)
+    input_side: Annotated[int, Field(ge=32, le=1024)]  # px fed to VGG16 (images resized; the study: 224)
     epochs: PosInt
-    batch_size: PosInt
+    batch_size: Annotated[int, Field(gt=0, le=1024)]   # the study: 32
     lr: PosFloat
     val_fraction: Annotated[float, Field(gt=0.0, lt=1.0)]  # of the training set, for the best-val-loss checkpoint
     weights: Path | None                                    # a local torchvision VGG16 state dict; null: from scratch
@@ -524,7 +529,12 @@ def set_params(assignments: list[str], params_path: Path | str = "params.yaml") 
         node = overlay
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(text) if text else ""
+        try:
+            node[leaf] = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError as e:  # e.g. [fd00::1]:29500, which YAML starts reading as a list
+            why = getattr(e, "problem", None) or str(e).splitlines()[0]  # YAML's own line, without its position
+            raise ParamsError(f"set: {key} = {text!r} is not a YAML value ({why}); "
+                              f"quote it to set it as text: '{key}=\"{text}\"'") from None
     return _overlay(overlay, Path(params_path), "set")
 
 

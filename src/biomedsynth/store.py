@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -57,6 +58,21 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def load_weights(path: Path, map_location="cpu"):
+    """torch.load of tensors and plain values only (weights_only): unpickling anything else could run code, so
+    a file that holds another object is refused with a ValueError of one line naming the file and the object."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))  # torch's message names the object it refused
+        raise ValueError(f"{path} is not plain weights: it holds {found[1] if found else 'an object'}, not only "
+                         "tensors and numbers; refusing to load it") from e
 
 
 def save_torch(obj, path: Path) -> None:

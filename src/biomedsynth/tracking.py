@@ -10,8 +10,10 @@ environment (CI speed) yield a Run whose calls do nothing and write nothing.
 
 Outages (server down, DB locked or unreadable, disk full) must not kill hours of training: one line on
 stderr naming the URI and the cause, then the run goes on untracked; the URI is not retried in this
-process. Misuse (non-numeric metric, bad metric name, missing artifact) still raises. A server that is
-down is only noticed after MLflow's HTTP retries (minutes by default);
+process. An outage in an open run first ends that run FAILED where the store still can (a full artifact
+disk leaves the database working), so no run stays RUNNING forever. Misuse (non-numeric metric, bad
+metric name, missing artifact) still raises. A server that is down is only noticed after MLflow's HTTP
+retries (minutes by default, twice when it goes down mid-run: the log call, then ending the run);
 MLFLOW_HTTP_REQUEST_MAX_RETRIES / MLFLOW_HTTP_REQUEST_TIMEOUT shorten that.
 
 mlflow takes seconds to import, so it is imported only when a run opens.
@@ -65,7 +67,7 @@ def _is_outage(e: Exception) -> bool:
     return isinstance(e, OSError) or type(e).__module__.split(".")[0] in ("mlflow", "sqlalchemy", "alembic")
 
 
-def _warn(uri: str, e: Exception) -> None:
+def _warn(uri: str, e: Exception, outcome: str = "") -> None:
     _down.add(uri)
     cause = e  # the innermost cause says it best ("Connection refused", "database is locked")
     for _ in range(10):
@@ -73,7 +75,19 @@ def _warn(uri: str, e: Exception) -> None:
             break
         cause = nxt
     reason = " ".join(f"{type(cause).__name__}: {cause}".split())[:300]
-    print(f"biomedsynth: MLflow tracking off for {uri}, training goes on: {reason}", file=sys.stderr, flush=True)
+    print(f"biomedsynth: MLflow tracking off for {uri}, training goes on: {reason}{outcome}", file=sys.stderr,
+          flush=True)
+
+
+def _end_failed(client, run_id: str) -> bool:
+    """Whether the store could end the run FAILED."""
+    try:
+        client.set_terminated(run_id, "FAILED")
+    except Exception as e:
+        if not _is_outage(e):
+            raise
+        return False
+    return True
 
 
 class Run:
@@ -121,13 +135,16 @@ class Run:
             self._call(self._client.set_terminated, self.run_id, status)
 
     def _call(self, fn, *args, **kwargs) -> None:
+        """fn(*args, **kwargs) on the store. An outage turns tracking off, ending the run FAILED first (not
+        tried again when ending it was the call that failed)."""
         try:
             fn(*args, **kwargs)
         except Exception as e:
             if not _is_outage(e):
                 raise
-            _warn(self.uri, e)
-            self._client = None
+            client, self._client = self._client, None
+            ended = fn != client.set_terminated and _end_failed(client, self.run_id)
+            _warn(self.uri, e, f"; its run {self.run_id} ended FAILED" if ended else "")
 
 
 @contextmanager

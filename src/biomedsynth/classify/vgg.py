@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from biomedsynth.distributed import dist_info, pick_device
-from biomedsynth.store import ImageSet, save_torch
+from biomedsynth.store import ImageSet, load_weights, save_torch
 
 MIN_INPUT = 32  # VGG16's five 2x poolings need at least 32 px to leave a 1x1 map
 HEAD = "classifier.6"  # the last linear layer: re-initialised for two classes when weights are loaded
@@ -95,7 +95,7 @@ def build_vgg(channels: int, weights: Path | None = None, input_size: int = 224,
         model.classifier = _small_head(512 * side * side)
     if weights is None:
         return model
-    state = torch.load(weights, map_location="cpu", weights_only=True)
+    state = load_weights(weights)
     if not isinstance(state, dict):
         raise ValueError(f"{weights}: expected a state dict of a torchvision VGG16, got {type(state).__name__}")
     fresh = HEAD + "." if head == "torchvision" else "classifier."  # the layers left as initialised

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from biomedsynth.store import load_weights
+
 MIN_LEVEL_SIDE = 16  # the coarsest pyramid level, as in the PGGAN paper
 
 
@@ -268,7 +270,7 @@ def save_feature_net(net: FeatureNet, path, **info) -> None:
 def load_feature_net(path, device="cpu") -> FeatureNet:
     """The FeatureNet saved at `path` (e.g. models/feature_net/<modality>.pt), in eval mode on `device`;
     what it was saved with beyond its weights is in `net.info`."""
-    ck = torch.load(path, map_location="cpu", weights_only=False)
+    ck = load_weights(path)
     net = FeatureNet(**ck["config"])
     net.load_state_dict(ck["state_dict"])
     net.info = ck["info"]

@@ -58,7 +58,7 @@ from biomedsynth.gan.curves import write_curves
 from biomedsynth.gan.ema import EMA, MIN_PHASE_SHARE, PHASE_QUARTERS, half_life_for, phase_shares
 from biomedsynth.gan.feature_net import fingerprint
 from biomedsynth.lifetime import die_with_parent
-from biomedsynth.store import ImageSet, atomic_write_text, remove_tree, save_torch, write_json
+from biomedsynth.store import ImageSet, atomic_write_text, load_weights, remove_tree, save_torch, write_json
 
 COND_MODEL = "conditional"  # folder of the one model of the `cond` setup
 GRID_COLUMNS = 8
@@ -456,7 +456,7 @@ def train_model(opt: Options, data: ModelData, images: ImageSet, model_dir: Path
     start_epoch, images_seen = 0, 0
     ckpt_path = model_dir / "checkpoint.pt"
     if ckpt_path.is_file():
-        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        ck = load_weights(ckpt_path, device)
         G.load_state_dict(ck["G"]), D.load_state_dict(ck["D"])
         opt_g.load_state_dict(ck["opt_g"]), opt_d.load_state_dict(ck["opt_d"])
         if ema is not None:
@@ -780,12 +780,16 @@ def write_output(state: Path, out: Path, opt: Options, results: dict[str, list[d
 
 
 def _prune(stage_states: Path, kept: Path) -> None:
-    """Remove the stage's resume states but `kept` and the most recently used other one, so a setting tried
-    and reverted (or a run given up for another) can still continue, and the folder stays at two runs."""
-    others = sorted((d for d in stage_states.iterdir() if d.is_dir() and d != kept),
-                    key=lambda d: (d / "options.json").stat().st_mtime if (d / "options.json").is_file() else 0)
-    for d in others[:-1]:
-        shutil.rmtree(d)
+    """Remove the stage's resume states but `kept` and the most recently used other one that completed an epoch,
+    so a setting tried and reverted (or a run given up for another) can still continue, and the folder stays at
+    two runs. A state with no completed epoch (a run that crashed before its first ended) has nothing to resume:
+    it goes, however recent, and never displaces one that has."""
+    others = [d for d in stage_states.iterdir() if d.is_dir() and d != kept]
+    resumable = sorted((d for d in others if any(d.glob("*/checkpoint.pt"))),
+                       key=lambda d: (d / "options.json").stat().st_mtime if (d / "options.json").is_file() else 0)
+    for d in others:
+        if d not in resumable[-1:]:
+            shutil.rmtree(d)
 
 
 def train_gan(opt: Options, train_set: Path, val_set: Path, feature_net: Path, out: Path, metrics_path: Path,
@@ -1001,7 +1005,7 @@ class Synthesizer:
         for name in names:
             epoch = resolve_checkpoint(model_root / name, f"epoch_{checkpoint}" if isinstance(checkpoint, int)
                                        else checkpoint)
-            snap = torch.load(epoch_file(model_root / name, epoch), map_location="cpu", weights_only=True)
+            snap = load_weights(epoch_file(model_root / name, epoch))
             G = generator(self.opt)
             G.load_state_dict(snap["state_dict"])
             self._models[name] = (G.to(self.device).eval(), snap["depth"], snap["alpha"])

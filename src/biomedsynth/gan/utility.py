@@ -22,7 +22,7 @@ from sklearn.preprocessing import StandardScaler
 
 from biomedsynth.gan import score
 from biomedsynth.gan.train import COND_MODEL, Options, best_epoch, epoch_file, generate, generator, read_batch, read_log
-from biomedsynth.store import ImageSet
+from biomedsynth.store import ImageSet, load_weights
 
 
 def candidate_epochs(model_dirs: list) -> list[int]:
@@ -38,7 +38,7 @@ def candidate_epochs(model_dirs: list) -> list[int]:
 
 
 def _generator(model_dir, opt: Options, epoch: int, device):
-    snap = torch.load(epoch_file(model_dir, epoch), map_location="cpu", weights_only=True)
+    snap = load_weights(epoch_file(model_dir, epoch))
     G = generator(opt)
     G.load_state_dict(snap["state_dict"])
     return G.to(device).eval(), snap["depth"], snap["alpha"]

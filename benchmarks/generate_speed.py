@@ -79,7 +79,8 @@ def main() -> None:
                     gen = Synthesizer(root, "last", device)
                     cuda = device.type == "cuda"
                     drawn = draw_rate(gen, label, args.n, args.batch, bf16=cuda)
-                    summary = generate(Source(gen, "benchmark", modality, None, "none"),
+                    unjudged = {"flagged": False, "overridden": False, "evidence": "none: a benchmark's stage"}
+                    summary = generate(Source(gen, "benchmark", modality, None, "none", "none", unjudged),
                                        Path(tmp) / f"out-{device.type}", args.n, batch_size=args.batch)
                     mode = "cuda bf16" if cuda else "cpu fp32"
                     print(f"{arch:6} {res:4d} {mode:>12} {drawn:11.1f} {summary['images_per_s']:15.1f}")

@@ -3,8 +3,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from biomedsynth.evidence import (assess, copying_statistic, excess, feature_net_space, mann_whitney_z, nearest,
-                                  pixel_pca, prdc, training_neighbours)
+from scipy.stats import hypergeom
+
+from biomedsynth.evidence import (ALPHA, assess, copying_statistic, design_effect, excess, excess_p,
+                                  false_positive_rate,
+                                  feature_net_space, mann_whitney_z, membership_auc, nearest, pixel_pca, prdc,
+                                  training_neighbours)
 from biomedsynth.gan import score
 
 SIDE = 32
@@ -27,16 +31,20 @@ def scans(rng, patients, per_patient=2):
 
 @pytest.fixture(scope="module")
 def study():
-    """Training scans of 150 patients, held-out scans of 150 others, and their pixel-PCA space."""
+    """Training scans of 150 patients, held-out scans of 150 others (ids 1000 on), and their pixel-PCA space."""
     rng = np.random.default_rng(0)
     train, groups = scans(rng, 150)
-    heldout, _ = scans(rng, 150)
-    return train, groups, heldout, pixel_pca(train, 16, 32, seed=0)
+    heldout, heldout_groups = scans(rng, 150)
+    return train, groups, heldout, heldout_groups + 1000, pixel_pca(train, 16, 32, seed=0)
+
+
+def assess_on(study, synthetic):
+    train, groups, heldout, heldout_groups, space = study
+    return assess(space(train), groups, space(heldout), space(synthetic), heldout_groups=heldout_groups, seed=0)
 
 
 def evidence_of(study, synthetic):
-    train, groups, heldout, space = study
-    return assess(space(train), groups, space(heldout), space(synthetic), seed=0).metrics
+    return assess_on(study, synthetic).metrics
 
 
 def test_nearest_equals_brute_force_and_skips_own_group():
@@ -85,12 +93,35 @@ def test_copying_statistic_by_hand():
     assert copying_statistic(cells_h, dist_h, cells_s, dist_s, n_cells=3, min_synthetic=3)["c_t"] is None
 
 
-def test_an_excess_is_large_and_not_chance():
-    assert excess(1.0, 48, 0.02, 48) and excess(0.10, 1000, 0.005, 1000)
-    assert not excess(0.1, 10, 0.0, 10)        # 1 of 10: 0.1 above, but 1 standard error (pooled 0.05)
-    assert not excess(0.04, 1000, 0.0, 1000)   # 40 of 1000: many standard errors, but below 0.05
-    # 8 of 100 vs 1 of 100: pooled 0.045, standard error 0.0293; 0.07 is 2.4 of them
-    assert not excess(0.08, 100, 0.01, 100) and excess(0.12, 100, 0.01, 100)
+def test_an_excess_is_fishers_exact_one_sided_test_with_no_margin():
+    # 3 of 10 vs 0 of 10: P(X >= 3) for X hypergeometric (20 images, 3 near copies, 10 drawn as synthetic)
+    assert excess_p(3, 10, 0, 10) == pytest.approx(hypergeom.sf(2, 20, 3, 10))
+    assert excess_p(0, 10, 3, 10) == 1.0 and excess_p(0, 50, 0, 50) == 1.0  # one-sided; nothing to test
+    # 2-4% near copies among 1000 images against none held out: the old rule (5 points and 3 standard errors) let
+    # them pass; the exact test flags them
+    assert excess(0.02, 1000, 0.0, 1000) and excess(0.04, 1000, 0.0, 1000)
+    assert not excess(0.1, 10, 0.0, 10)  # 1 of 10 vs 0 of 10: p = 0.5
+    assert excess(0.12, 100, 0.01, 100) and not excess(0.04, 100, 0.01, 100)
+    # held-out scans in patients: counts and sizes enter divided by the design effect
+    assert excess_p(6, 40, 4, 40, 1.0, 2.0) == excess_p(6, 40, 2, 20)
+
+
+def test_design_effect_by_hand():
+    # 10 patients of 2 scans, 3 with both scans flagged: share 0.3; the cluster-robust variance 10/9 * 8.4 / 20**2
+    # over the binomial 0.21 / 20: 2 (each patient's pair counts once) times 10/9 (few clusters)
+    flags = np.repeat([1, 1, 1, 0, 0, 0, 0, 0, 0, 0], 2)
+    assert design_effect(flags, np.repeat(np.arange(10), 2)) == pytest.approx(2 * 10 / 9)
+    assert design_effect(flags, np.arange(20)) == pytest.approx(20 / 19)  # one scan per patient: ~1
+    assert design_effect(flags) == 1.0 and design_effect(np.zeros(6), np.repeat([0, 1], 3)) == 1.0
+
+
+def test_the_exact_test_keeps_its_level_on_sets_drawn_alike():
+    """Both shares drawn from one rate: the test flags at most ALPHA of such pairs (Fisher's is conservative)."""
+    rng = np.random.default_rng(11)
+    for rate, n in ((0.05, 500), (0.01, 400), (0.2, 60)):
+        counts = rng.binomial(n, rate, (2000, 2))
+        flagged = np.mean([excess_p(a, n, b, n) < ALPHA for a, b in counts])
+        assert flagged <= ALPHA, (rate, n, flagged)
 
 
 def test_authenticity_radius_belongs_to_the_nearest_training_image():
@@ -133,6 +164,53 @@ def test_a_blurred_average_of_many_images_is_not_a_copy(study):
     assert m["c_t"] < -3 and m["authentic"] < 0.1 < m["authentic_heldout"]
     assert not m["copying"] and m["near_copy_share"] == 0 and m["nn_ratio_median"] > 0.8
     assert m["prdc"]["recall"] < 0.05
+
+
+def test_membership_auc_is_near_half_for_fresh_images_and_near_one_for_copies(study):
+    """GAN-Leaks' full black-box attack: fresh scans of other patients leak nothing (AUC ~0.5, its interval holding
+    0.5); training scans with slight noise expose every member (AUC ~1)."""
+    fresh, _ = scans(np.random.default_rng(3), 150)
+    m = evidence_of(study, fresh)["membership"]
+    assert abs(m["value"] - 0.5) < 0.06 and m["low"] < 0.5 < m["high"] and m["high"] - m["low"] < 0.2
+    assert (m["members"], m["nonmembers"]) == (300, 300) and m["interval"].startswith("percentile bootstrap")
+    train = study[0]
+    noise = torch.randn(train.shape, generator=torch.Generator().manual_seed(6)) * 0.01
+    m = evidence_of(study, (train + noise).clamp(0, 1))["membership"]
+    assert m["value"] > 0.99 and m["low"] > 0.97
+
+
+def test_membership_auc_by_hand_and_its_interval_resamples_patients():
+    # 1-D: synthetic images at 0 and 10; members at 0.1, 9.8 (distances 0.1, 0.2), non-members at 5, 0.3, 4
+    # (distances 5, 0.3, 4): every member is closer than every non-member
+    synthetic = np.array([[0.0], [10.0]])
+    members, nonmembers = np.array([[0.1], [9.8]]), np.array([[5.0], [0.3], [4.0]])
+    m = membership_auc(members, ["a", "b"], nonmembers, ["c", "d", "e"], synthetic, n_boot=200)
+    assert m["value"] == 1.0 and (m["members"], m["nonmembers"]) == (2, 3)
+    # with non-member 0.3 at 0.05 instead, it beats both members: 4 of 6 pairs right
+    m = membership_auc(members, ["a", "b"], np.array([[5.0], [0.05], [4.0]]), ["c", "d", "e"], synthetic, n_boot=200)
+    assert m["value"] == pytest.approx(4 / 6)
+    assert m["interval"].startswith("cluster t")  # 2 and 3 patients: too few for a percentile bootstrap
+
+
+def test_false_positive_rate_of_the_verdict_on_halves_of_held_out_images(study):
+    """Held-out images judged against held-out images: the verdict should flag about ALPHA of the splits or fewer,
+    even where a fifth of the held-out patients' scans are near copies of training scans (images that sit across
+    the split), which makes the halves' near-copy shares differ by chance."""
+    train, groups, heldout, heldout_groups, space = study
+    found = {"pixels": assess_on(study, heldout)}
+    clean = false_positive_rate(found, heldout_groups)
+    assert clean["splits"] == 200 and clean["rate"] <= ALPHA and clean["of_heldout"] == 300
+    assert sum(clean["half_images"]) == 300  # whole patients (2 scans each) on either side
+    noise = torch.randn(train.shape, generator=torch.Generator().manual_seed(8)) * 0.01
+    mixed = heldout.clone()
+    copied = np.isin(heldout_groups, heldout_groups[::10])  # 30 of 150 patients: both their scans
+    mixed[copied] = (train[: int(copied.sum())] + noise[: int(copied.sum())]).clamp(0, 1)
+    f = assess(space(train), groups, space(mixed), space(heldout), heldout_groups=heldout_groups, seed=0)
+    assert f.metrics["near_copy_share_heldout"] > 0.15
+    rate = false_positive_rate({"pixels": f}, heldout_groups)["rate"]
+    print(f"verdict's false-positive rate on halves of 300 held-out images: {clean['rate']:.3f} clean, "
+          f"{rate:.3f} with 20% near copies")
+    assert rate <= 2 * ALPHA
 
 
 def test_pixel_pca_keeps_distances_in_the_data_subspace_and_caps_dims():

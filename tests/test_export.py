@@ -222,7 +222,9 @@ def test_an_export_loads_everywhere_and_says_what_it_is(at, tmp_path):
     found = check_export(out)
     synth = ImageSet(at / "data/synthetic" / NAME)
     metrics = json.loads((at / f"metrics/synthesize/{NAME}.json").read_text())
-    assert found["images"] == len(synth) == 96 and found["labels"] == {"F_18-38": 48, "M_48-68": 48}
+    marked = synth.meta["near_copy"].to_numpy().astype(bool)
+    assert len(synth) == 96 and found["images"] == 96 - marked.sum() and marked.sum() <= 2
+    assert found["labels"] == synth.meta["label"][~marked].value_counts().sort_index().to_dict()
     assert found["croissant_warnings"] <= 1  # datePublished: a folder outside git has no commit date
     meta = (out / "metadata.csv").read_text().splitlines()
     assert meta[0] == "file_name,image_id,label,sex,age_bin,draw"
@@ -236,6 +238,14 @@ def test_an_export_loads_everywhere_and_says_what_it_is(at, tmp_path):
     sheet = json.loads((out / "datasheet.json").read_text())
     assert sheet["memorisation"]["verdict"] == "no evidence of copying" and not sheet["memorisation"]["copying"]
     assert sheet["memorisation"]["spaces"]["pixels"]["c_t"] == metrics["evidence"]["pixels"]["c_t"]
+    privacy = sheet["privacy"]["checked"]
+    assert privacy["membership_inference"]["auc"]["features"]["value"] == (
+        metrics["evidence"]["features"]["membership"]["value"])
+    assert privacy["gate"]["verdict"] == "passed" and not privacy["gate"]["overridden"]
+    assert privacy["gate"]["false_positive_rate"] == metrics["evidence"]["false_positive_rate"]
+    assert privacy["near_copies_dropped"]["dropped"] == marked.sum() and sheet["privacy"]["not_checked"]
+    text = (out / "datasheet.md").read_text()
+    assert "## Privacy: what was checked and what was not" in text and "splits of the 40 held-out real" in text
     assert sheet["hash_screen"]["applied"] and sheet["hash_screen"]["threshold_bits"] == 200
     assert sheet["how_made"]["dvc"]["generator"] == "0123456789abcdef0123456789abcdef.dir"
     assert sheet["how_made"]["checkpoint"]["epochs"] == metrics["checkpoint_epochs"]
@@ -253,27 +263,59 @@ def test_an_export_loads_everywhere_and_says_what_it_is(at, tmp_path):
     assert verify_checksums(out) == [f"images/M_48-68/{first_m.name}: changed"]
 
 
-def test_a_set_made_of_training_images_is_refused_unless_allowed(project, tmp_path, monkeypatch):
-    """A planted copying set: synthesize's sampler returns the training images of the label. The memorisation test
-    flags it, export refuses in one line naming the evidence and writes nothing; --allow-flagged exports it and the
-    datasheet records the override."""
+def planted(project: Path, monkeypatch, copies) -> None:
+    """The generator's sampler with `copies(label, images, rng)` run over what it draws, the training images by
+    label at hand (e.g. to put training images in its place)."""
     from biomedsynth.gan import train
 
-    root = tmp_path / "copying"
+    real = ImageSet(project / "data/studygroups/x_norm/train")
+    by_label = {lb: np.stack([real[i] for i in np.flatnonzero(real.meta["label"] == lb)]) for lb in LABELS}
+    sample = train.Synthesizer.sample
+    monkeypatch.setattr(train.Synthesizer, "sample",
+                        lambda self, label, n, rng: copies(label, sample(self, label, n, rng), by_label[label], rng))
+
+
+def half_copies(label, drawn, train_images, rng):
+    """Label F_18-38 drawn as training images, M_48-68 as the GAN draws it."""
+    return train_images[rng.integers(0, len(train_images), len(drawn))] if label == LABELS[0] else drawn
+
+
+@pytest.fixture(scope="module")
+def copying(project, tmp_path_factory):
+    """The project with a planted copying set: synthesize's sampler returns training images for label F_18-38."""
+    root = tmp_path_factory.mktemp("copying") / "project"
     shutil.copytree(project, root)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setenv("BIOMEDSYNTH_DEVICE", "cpu")
+        planted(root, mp, half_copies)
+        run_ok(["synthesize", "dcgan", "x_norm", "cond"])
+    return root
+
+
+@pytest.fixture
+def in_copying(copying, tmp_path, monkeypatch):
+    """A fresh copy of the copying project to run in, its sampler still planted."""
+    root = tmp_path / "copying"
+    shutil.copytree(copying, root)
     monkeypatch.chdir(root)
     monkeypatch.setenv("BIOMEDSYNTH_DEVICE", "cpu")
-    real = ImageSet(root / "data/studygroups/x_norm/train")
-    by_label = {lb: np.stack([real[i] for i in np.flatnonzero(real.meta["label"] == lb)]) for lb in LABELS}
-    monkeypatch.setattr(train.Synthesizer, "sample", lambda self, label, n, rng: by_label[label][
-        rng.integers(0, len(by_label[label]), n)])
-    run_ok(["synthesize", "dcgan", "x_norm", "cond"])
-    assert json.loads((root / f"metrics/synthesize/{NAME}.json").read_text())["evidence"]["copying"]
+    planted(root, monkeypatch, half_copies)
+    return root
+
+
+def test_a_set_made_of_training_images_is_refused_unless_allowed(in_copying):
+    """The memorisation test flags the planted set; export refuses in one line naming the evidence (the membership
+    AUC too) and writes nothing; --allow-flagged exports it, the datasheet records the override, and the near copies
+    (every F_18-38 image) stay home even so."""
+    root = in_copying
+    synth = json.loads((root / f"metrics/synthesize/{NAME}.json").read_text())
+    assert synth["evidence"]["copying"] and synth["evidence"]["screen"]["near_copies"] >= 48
     result = CliRunner().invoke(app, ["export", NAME])
     lines = result.output.strip().splitlines()
     assert result.exit_code == 1 and len(lines) == 1, result.output
     assert "memorisation test flags it as copying training images" in lines[0] and "C_T" in lines[0]
-    assert "near copies" in lines[0] and "--allow-flagged" in lines[0]
+    assert "near copies" in lines[0] and "--allow-flagged" in lines[0] and "membership AUC features" in lines[0]
     assert not (root / "exports" / NAME).exists()
     set_params([f"export.sets=[{NAME}]"], root / "params.yaml")
     result = run_ok(["export-sets"])  # the pipeline's stage: a note, and the run goes on
@@ -281,12 +323,100 @@ def test_a_set_made_of_training_images_is_refused_unless_allowed(project, tmp_pa
     assert note["exported"] is False and "flags it as copying training images" in note["reason"]
     assert "C_T" in note["reason"] and "export.allow_flagged" in note["reason"] and note["reason"] in result.output
     assert [f.name for f in (root / "exports" / NAME).iterdir()] == ["not_exported.json"]
-    run_ok(["export", NAME, "--allow-flagged"])
+    result = run_ok(["export", NAME, "--allow-flagged"])
     sheet = json.loads((root / "exports" / NAME / "datasheet.json").read_text())
     assert sheet["memorisation"]["verdict"] == "flagged as copying training images"
     assert sheet["memorisation"]["exported_despite_verdict"] is True
     assert any("Exported although" in lim for lim in sheet["limits"]) and datasheet.unfilled(sheet) == []
-    assert "exported anyway, by explicit override" in (root / "exports" / NAME / "datasheet.md").read_text()
+    text = (root / "exports" / NAME / "datasheet.md").read_text()
+    assert "exported anyway, by explicit override" in text and "let out by explicit override" in text
+    dropped = sheet["privacy"]["checked"]["near_copies_dropped"]
+    marked = ImageSet(root / "data/synthetic" / NAME).meta["near_copy"].to_numpy().astype(bool)
+    assert dropped == {**dropped, "screened": 96, "dropped": int(marked.sum()), "shipped": 96 - int(marked.sum())}
+    labels = ImageSet(root / "data/synthetic" / NAME).meta["label"][~marked].value_counts().to_dict()
+    assert sheet["what"]["labels"] == labels and LABELS[0] not in labels  # every F_18-38 image is a copy
+    assert '"near_copies_dropped": ' + str(int(marked.sum())) in result.output
+    shipped = set(pd_ids(root / "exports" / NAME))
+    assert shipped == set(ImageSet(root / "data/synthetic" / NAME).meta["image_id"][~marked])
+
+
+def pd_ids(folder: Path) -> list[str]:
+    import pandas as pd
+
+    return pd.read_csv(folder / "metadata.csv")["image_id"].tolist()
+
+
+def test_generate_from_a_flagged_set_refuses_unless_allowed_and_drops_near_copies(in_copying, tmp_path):
+    """generate NAME reads the copying verdict: it refuses a flagged set in one line and writes nothing; with
+    --allow-flagged it draws, generation.json records the override, and draws that are near copies of training
+    images are dropped: a label whose every draw is one gets nothing."""
+    result = CliRunner().invoke(app, ["generate", NAME, "-n", "4", "--out", str(tmp_path / "g")])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1, result.output
+    assert "flags it as copying training images" in lines[0] and "--allow-flagged to generate from it" in lines[0]
+    assert not (tmp_path / "g").exists()
+    run_ok(["generate", NAME, "-n", "4", "--label", LABELS[1], "--out", str(tmp_path / "g"), "--allow-flagged"])
+    info = json.loads((tmp_path / "g" / "generation.json").read_text())
+    assert info["gate"]["flagged"] and info["gate"]["overridden"] and info["per_label"][LABELS[1]]["images"] == 4
+    assert info["near_copy_screen"].startswith("applied") and "membership AUC" in info["gate"]["evidence"]
+    result = CliRunner().invoke(app, ["generate", NAME, "-n", "2", "--label", LABELS[0], "--out",
+                                      str(tmp_path / "f"), "--allow-flagged"])
+    assert result.exit_code == 1 and "got 0 of 2 images" in result.output
+    assert "near copies of training images dropped" in result.output and not (tmp_path / "f").exists()
+
+
+def test_a_shipped_generator_carries_the_gate(in_copying, tmp_path):
+    """--with-generator passes the same gate: a flagged set's generator ships only by override, its card carries the
+    verdict, and generate --generator refuses it in turn unless allowed (recording the override)."""
+    run_ok(["export", NAME, "--with-generator", "--allow-flagged", "--out", str(tmp_path / "e")])
+    gen = str(tmp_path / "e" / "generator")
+    result = CliRunner().invoke(app, ["generate", "--generator", gen, "-n", "2", "--out", str(tmp_path / "m")])
+    assert result.exit_code == 1 and "flags it as copying training images" in result.output
+    assert not (tmp_path / "m").exists()
+    run_ok(["generate", "--generator", gen, "-n", "2", "--out", str(tmp_path / "m"), "--allow-flagged"])
+    assert json.loads((tmp_path / "m" / "generation.json").read_text())["gate"]["overridden"]
+    card = json.loads((tmp_path / "e" / "generator" / "card.json").read_text())
+    assert card["gate"]["flagged"] and card["gate"]["overridden"]
+    assert card["near_copy_screen"].startswith("not applied by generate --generator")
+    result = CliRunner().invoke(app, ["export", NAME, "--with-generator", "--out", str(tmp_path / "refused")])
+    assert result.exit_code == 1 and "--allow-flagged to export it with its generator" in result.output
+
+
+def test_a_set_that_passes_still_leaves_without_its_near_copies(project, tmp_path, monkeypatch):
+    """One training image planted among the first draws: the set passes the memorisation test (one near copy is
+    chance), yet export leaves it out and says so, and generate drops and redraws it."""
+    root = tmp_path / "one"
+    shutil.copytree(project, root)
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("BIOMEDSYNTH_DEVICE", "cpu")
+    state = {"planted": 0}
+
+    def one_copy(label, drawn, train_images, rng):
+        if label == LABELS[0] and not state["planted"]:
+            drawn = drawn.copy()
+            drawn[0] = train_images[0]
+            state["planted"] += 1
+        return drawn
+
+    planted(root, monkeypatch, one_copy)
+    run_ok(["synthesize", "dcgan", "x_norm", "cond"])
+    synth = json.loads((root / f"metrics/synthesize/{NAME}.json").read_text())
+    meta = ImageSet(root / "data/synthetic" / NAME).meta
+    marked = meta["near_copy"].to_numpy().astype(bool)
+    assert not synth["evidence"]["copying"] and marked[0] and synth["evidence"]["screen"]["near_copies"] == marked.sum()
+    result = run_ok(["export", NAME, "--out", str(tmp_path / "e")])
+    assert f'"near_copies_dropped": {marked.sum()}' in result.output
+    assert meta["image_id"][0] not in pd_ids(tmp_path / "e") and len(pd_ids(tmp_path / "e")) == 96 - marked.sum()
+    sheet = json.loads((tmp_path / "e" / "datasheet.json").read_text())
+    assert sheet["privacy"]["checked"]["near_copies_dropped"]["dropped"] == marked.sum()
+    assert f"dropped on the way out: {marked.sum()} of 96" in (tmp_path / "e" / "datasheet.md").read_text()
+    state["planted"] = 0
+    run_ok(["generate", NAME, "-n", "3", "--label", LABELS[0], "--out", str(tmp_path / "g")])
+    info = json.loads((tmp_path / "g" / "generation.json").read_text())
+    assert info["per_label"][LABELS[0]]["near_copies"] >= 1 and info["per_label"][LABELS[0]]["images"] == 3
+    first = np.asarray(ImageSet(root / "data/studygroups/x_norm/train")[0])[..., 0]
+    for png in (tmp_path / "g" / "images" / LABELS[0]).iterdir():
+        assert not np.array_equal(np.asarray(Image.open(png)), first)
 
 
 def test_the_stage_exports_the_sets_params_list_and_notes_the_others(at):

@@ -61,7 +61,8 @@ def tree(tmp_path):
         (m / "gan" / "scores" / f"{name}.csv").write_text("epoch,swd,kid\n1,0.3,0.2\n2,0.2,0.1\n3,0.25,0.05\n")
         (m / "synthesize" / f"{name}.json").parent.mkdir(parents=True, exist_ok=True)
         space = {"prdc": {"precision": 0.7, "coverage": 0.05}, "prdc_heldout": {"precision": 0.9, "coverage": 0.8},
-                 "c_t": -4.2, "authentic": 0.1, "authentic_heldout": 0.6}
+                 "c_t": -4.2, "authentic": 0.1, "authentic_heldout": 0.6,
+                 "membership": {"value": 0.93, "low": 0.88, "high": None}}
         (m / "synthesize" / f"{name}.json").write_text(json.dumps({
             "checkpoint_epochs": {"A": 2, "B": 3}, "hash_screen": True, "rejection_rate": 0.125,
             "hash_threshold": 31, "hash_threshold_source": "calibrated", "real_rejection_rate": 0.0,
@@ -98,7 +99,8 @@ def test_write_report(tree, tmp_path):
     assert "WARNING: histology: split by tile: slides may leak" in page
     md = (out / "report.md").read_text()
     assert "| dcgan-xg-cond | 0.1000 (0.0500) | 0.0200 (0.0100) | 1/2 NOT LEARNT |" in md
-    assert "| pggan-xg-uncond | 0.70 (0.90) | 0.05 (0.80) | -4.2 / -4.2 | 0.10 (0.60) | 3 of 6 | COPYING |" in md
+    assert ("| pggan-xg-uncond | 0.70 (0.90) | 0.05 (0.80) | -4.2 / -4.2 | 0.10 (0.60) | 3 of 6 | "
+            "0.93 [0.88, n/a] / 0.93 [0.88, n/a] | COPYING |") in md
     assert "12.5% (31 bits, calibrated)" in md
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
     assert len(links) == 8 and links[0] == "figures/forest.png" and all(not link.startswith("/") and (out / link).is_file() for link in links)

@@ -129,7 +129,7 @@ def test_matches_label_counts_and_copies_label_constant_columns(real, tmp_path):
     assert {k: v["images"] for k, v in m["per_label"].items()} == want.to_dict()
     assert m["rejected"] == 0 and m["drawn"] == len(out) == m["images"]
     assert out.meta["image_id"].tolist() == [f"syn-{i:06d}" for i in range(len(out))]
-    assert set(out.meta.columns) == {"image_id", "label", "source", "sex", "age_bin", "draw"}  # age varies per label
+    assert set(out.meta.columns) == {"image_id", "label", "source", "sex", "age_bin", "draw", "near_copy"}  # age varies
     assert (out.meta["source"] == "synthetic").all()
     assert (out.meta["sex"] == out.meta["label"].str[0]).all()
     assert (out.meta["age_bin"] == out.meta["label"].str[2:]).all()
@@ -190,6 +190,42 @@ def test_evidence_flags_copies_not_fresh_images(real, tmp_path):
         assert abs(e["authentic"] - e["authentic_heldout"]) < 0.25 and e["dcr_share_below_q05"] <= 0.15
         assert e["prdc"]["coverage"] > 0.5 and set(e["prdc_per_label"]) == set(LABELS)
     assert (tmp_path / "copies.png").read_bytes()[:4] == b"\x89PNG"
+    # membership inference: the copies hold about 1 - 1/e of the training images (drawn with replacement), which
+    # sit at distance 0 from the set; fresh images favour no one
+    auc = {kind: {space: r["evidence"][space]["membership"] for space in ("pixels", "features", "hash")}
+           for kind, r in (("copies", c), ("fresh", f))}
+    print("membership AUC:", {k: {s: round(m["value"], 3) for s, m in v.items()} for k, v in auc.items()})
+    for space in ("pixels", "features"):
+        assert auc["copies"][space]["value"] > 0.75 and auc["copies"][space]["low"] > 0.6
+        assert abs(auc["fresh"][space]["value"] - 0.5) < 0.15 and auc["fresh"][space]["low"] < 0.5
+    # the verdict's false-positive rate on halves of the held-out sample, beside the verdict
+    for r in (c, f):
+        fpr = r["evidence"]["false_positive_rate"]
+        assert fpr["splits"] == 200 and fpr["rate"] <= 0.02 and fpr["of_heldout"] == len(labels)
+
+
+def test_every_image_is_checked_for_near_copies_not_a_sample(real, tmp_path):
+    """The evidence measures a sample (here 10 images); the near-copy mark covers each of the set's images: a
+    sampler that returns a training image for every fourth draw has exactly those marked."""
+    _, train, labels, _ = real
+    by_label = {lab: train[np.array(labels) == lab] for lab in LABELS}
+    rng_fresh = np.random.default_rng(5)
+
+    def some_copies(label, n, rng):
+        out = xray_like(rng_fresh, n)
+        out[::4] = by_label[label][rng.integers(0, len(by_label[label]), len(out[::4]))]
+        return out
+
+    r = run(real, tmp_path, some_copies, name="some", evidence_images=10, batch_size=4)
+    meta = ImageSet(tmp_path / "some").meta
+    planted = np.zeros(len(meta), bool)
+    planted[::4] = True  # labels in turn, each in batches of 4 that start with a copy (its count: a multiple of 4)
+    marked = meta["near_copy"].to_numpy().astype(bool)
+    assert r["evidence"]["images"]["synthetic"] == 10
+    assert marked[planted].all() and marked[~planted].mean() < 0.1  # a fresh image can sit by a training one
+    assert r["evidence"]["screen"] == {"images": len(meta), "near_copies": int(marked.sum()),
+                                       "spaces": ["pixels", "features", "hash"]}
+    assert sum(v["near_copies"] for v in r["per_label"].values()) == marked.sum()
 
 
 def test_calibrated_hash_threshold_by_hand():

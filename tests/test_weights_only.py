@@ -58,7 +58,8 @@ def trained(tmp_path_factory):
     T.train_gan(options("dcgan", epochs=1), train.path, val.path, root / "models/feature_net/xray.pt",
                 root / "models/gan/x", *(root / f for f in ("m.json", "s.csv", "l.csv", "states")), log=lambda m: None)
     write_generator(root / "models/gan/x", {T.COND_MODEL: 1}, root / "shared",
-                    {"epochs": {T.COND_MODEL: 1}, "set": "x", "modality": "xray"})
+                    {"epochs": {T.COND_MODEL: 1}, "set": "x", "modality": "xray",
+                     "gate": {"flagged": False, "evidence": "none", "overridden": False}})
     return root
 
 

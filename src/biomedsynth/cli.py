@@ -476,7 +476,8 @@ def export_sets(params: Path = ParamsOpt):
     """export: exports/<name> for every set of dvc.yaml, in one stage (one per set cost ~2 s of DVC's each):
     the sets params export.sets lists as `export NAME` writes them; the others, and a listed set the memorisation
     test flags as copying (unless export.allow_flagged names it), a note saying why, so the pipeline runs on."""
-    from biomedsynth.export import copying_refusal, write_not_exported
+    from biomedsynth import gate
+    from biomedsynth.export import write_not_exported
 
     stages = _gan_stages()
     p = _params(params)
@@ -491,7 +492,8 @@ def export_sets(params: Path = ParamsOpt):
             if reason is None else {}
         if reason is None and e.sets == "all" and synth.get("synthesized") is False:
             reason = "not exported: synthesize drew no set (gan.stages leaves it out)"
-        elif reason is None and (refusal := copying_refusal(synth)) and name not in e.allow_flagged:
+        elif (reason is None and synth.get("synthesized") is not False  # a listed set not drawn: export_set says so
+              and (refusal := gate.refusal(_run(gate.verdict, synth))) and name not in e.allow_flagged):
             reason = f"not exported: {refusal}; list it in export.allow_flagged to export it anyway"
         if reason:
             _run(write_not_exported, out, reason)
@@ -509,27 +511,37 @@ def generate(name: str = typer.Argument(None, help="a trained set <arch>-<group>
              generator: Path = typer.Option(None, help="a shared generator folder (export --with-generator's "
                                             "generator/) instead of NAME; needs no pipeline outputs nor params"),
              batch_size: int = typer.Option(256, min=1, help="images per forward pass"),
+             allow_flagged: bool = typer.Option(False, "--allow-flagged", help="draw from a generator whose set the "
+                                                "memorisation test flags as copying (generation.json records it)"),
              params: Path = ParamsOpt):
-    """Draw more images from the chosen generator of a trained set (synthesize's epochs and hash screen), or from a
-    shared generator, into the export layout (images/<label>/*.png, metadata.csv, SHA256SUMS)."""
+    """Draw more images from the chosen generator of a trained set (synthesize's epochs, hash screen and near-copy
+    screen), or from a shared generator, into the export layout (images/<label>/*.png, metadata.csv, SHA256SUMS).
+    Either passes the privacy gate first (--allow-flagged, or params export.allow_flagged for a set, overrides it)."""
     from biomedsynth import generate as gen
 
     if (name is None) == (generator is None):
         _fail(2, "give a set NAME or --generator DIR (one of the two)")
     if generator is not None:
-        source = _run(gen.from_shared, generator)
+        source = _run(gen.from_shared, generator, allow_flagged)
     else:
         stages = _gan_stages()
         if name not in stages:
             _fail(2, f"set = {name!r}: allowed {', '.join(stages)}")
         p = _params(params)
-        source = _run(gen.from_pipeline, name, stages[name]["modality"], Path("models/gan") / name,
+        modality, ev = stages[name]["modality"], p.synthesize.evidence
+        source = _run(gen.from_pipeline, name, modality, Path("models/gan") / name,
                       Path("metrics/synthesize") / f"{name}.json",
-                      Path("data/studygroups") / stages[name]["group"] / "train", p.synthesize.max_tries_factor)
+                      Path("data/studygroups") / stages[name]["group"] / "train", FEATURE_NETS / f"{modality}.pt",
+                      max_tries_factor=p.synthesize.max_tries_factor, evidence_side=ev.side, pca_dims=ev.pca_dims,
+                      evidence_images=ev.images, seed=p.seed,
+                      allow_flagged=allow_flagged or name in p.export.allow_flagged,
+                      batch_size=batch_size)
     summary = _run(gen.generate, source, out, n, label, seed, batch_size)
     typer.echo(f"generate: {summary['images']} images of {source.name} in {summary['seconds']} s "
                f"({summary['images_per_s']} images/s on {summary['device']}) -> {out}; hash screen "
-               f"{summary['hash_screen']}")
+               f"{summary['hash_screen']}; near-copy screen {source.near_copy_note}"
+               + (f" ({summary['near_copies_dropped']} dropped)" if source.screen else "")
+               + ("; FLAGGED as copying, drawn by override" if summary["overridden"] else ""))
 
 
 @app.command()

@@ -18,7 +18,8 @@ ARCH = {"dcgan": ("DCGAN", "Radford et al. 2016"), "pggan": ("PGGAN", "progressi
         "sg2ada": ("StyleGAN2-ADA", "adaptive discriminator augmentation, Karras et al. 2020")}
 SIDES = ("train", "val", "test")
 SETUP = {"uncond": "one unconditional model per label", "cond": "one model conditional on the label"}
-SPACE = {"pixels": "PCA of downsampled pixels", "features": "the KID feature net trained here"}
+SPACE = {"pixels": "PCA of downsampled pixels", "features": "the KID feature net trained here",
+         "hash": "the average hash (one bit per cell of the grayscale image)"}
 # subtrees copied as they are from a settings file, where null is a setting ("not fixed"), not a missing value
 VERBATIM = ("how_made.options", "how_made.synthesize_params")
 PLACEHOLDER = re.compile(r"\b(todo|tbd|fixme|xxx|lorem|placeholder|fill in)\b|<[a-z _-]+>", re.I)
@@ -105,8 +106,8 @@ def _screen(synth: dict, modality: str) -> dict:
 
 
 def _space_evidence(m: dict) -> dict:
-    keep = ("nn_ratio_share", "nn_ratio_share_heldout", "near_copy_share", "near_copy_share_heldout", "authentic",
-            "authentic_heldout", "dcr_share_below_q01", "dcr_median", "dcr_median_heldout", "copying")
+    keep = ("nn_ratio_share", "nn_ratio_share_heldout", "near_copy_share", "near_copy_share_heldout", "near_copy_p",
+            "authentic", "authentic_heldout", "dcr_share_below_q01", "dcr_median", "dcr_median_heldout", "copying")
     c_t = m["c_t"] if m["c_t"] is not None else "not computed: no k-means cell held enough synthetic images"
     return {"c_t": c_t, "c_t_cells_used": m["c_t_cells_used"], **{k: m[k] for k in keep}}
 
@@ -116,13 +117,49 @@ def spaces(evidence: dict) -> dict[str, dict]:
     return {k: v for k, v in evidence.items() if isinstance(v, dict) and "copying" in v}
 
 
-def _memorisation(synth: dict, exported_despite: bool) -> dict:
+def _memorisation(synth: dict, overridden: bool) -> dict:
     ev = synth["evidence"]
     return {"verdict": "flagged as copying training images" if ev["copying"] else "no evidence of copying",
-            "copying": ev["copying"], "exported_despite_verdict": exported_despite,
+            "copying": ev["copying"], "exported_despite_verdict": overridden,
             "rule": ev["rule"], "images": ev["images"], "near_duplicates": ev["near_duplicates"],
             "spaces": {name: {"space": SPACE.get(name, name), **_space_evidence(m)}
                        for name, m in spaces(ev).items()}}
+
+
+ATTACK = ("GAN-Leaks' full black-box attack (Chen et al. 2020): a real image's score is its distance to the closest "
+          "synthetic image; the AUC at telling training images (members) from held-out real images of other "
+          "patients (non-members), 0.5 meaning no measurable leak, 1 every member exposed")
+NOT_CHECKED = [
+    "no formal guarantee: the generator was not trained with differential privacy",
+    "the membership attack is black-box, on the images only: an attack on the shipped generator's weights, or one "
+    "that knows the training method, may do better than the AUC above",
+    "attribute inference (what a synthetic image reveals about a patient's other data) is not tested",
+    "images a shipped generator draws elsewhere (generate --generator) are not screened for near copies: the "
+    "training images needed for it stay here",
+    "a near copy is judged in the three offline spaces; a copy of a region smaller than the evidence's downsampled "
+    "image (a lesion, a tile's detail) can pass them"]
+
+
+def _privacy(synth: dict, passed: dict, screened: int, shipped: int) -> dict:
+    """What the privacy gate checked on the way out (membership attack, near copies dropped, the verdict's test and
+    its measured false-positive rate) and what nothing here checks."""
+    ev, fpr = synth["evidence"], passed["false_positive_rate"]
+    return {"checked": {
+        "membership_inference": {"attack": ATTACK,
+                                 "auc": {name: {"space": SPACE.get(name, name), **m}
+                                         for name, m in passed["membership_auc"].items()}},
+        "near_copies_dropped": {"screened": screened, "dropped": screened - shipped, "shipped": shipped,
+                                "rule": "an image closer to its nearest training image than that image is to any "
+                                        "other patient's, and at most half as far as the nearest image of another "
+                                        "patient, in any space: " + ", ".join(ev["screen"]["spaces"])},
+        "gate": {"verdict": "flagged as copying" if passed["flagged"] else "passed",
+                 "overridden": passed["overridden"], "rule": passed["rule"], "alpha": passed["alpha"],
+                 "false_positive_rate": fpr,
+                 "false_positive_rate_text": (
+                     f"{fpr['rate']:.1%} of {fpr['splits']} splits of the {fpr['of_heldout']:,} held-out real images "
+                     f"by patient into halves ({fpr['half_images'][0]:,}-{fpr['half_images'][1]:,} images each), one "
+                     f"half judged as if synthetic against the other, were flagged")}},
+        "not_checked": NOT_CHECKED}
 
 
 def _fidelity(synth: dict, logs: dict[str, dict]) -> dict:
@@ -219,9 +256,10 @@ def build(name: str, *, modality: str, group: str, images: int, draws: int, side
           label_counts: dict[str, int], label_columns: dict[str, str], example_file: str, options: dict,
           logs: dict[str, dict],
           synth: dict, gan: dict, studygroups: dict, summary: dict, dvc_lock: dict | None, license: str,
-          version: str, intended_use: str, exported_despite: bool, commit: str, generator: dict | None) -> dict:
-    """The datasheet as JSON-ready data; `logs` holds each model's log row at its chosen epoch."""
-    memorisation = _memorisation(synth, exported_despite)
+          version: str, intended_use: str, gate: dict, screened: int, commit: str, generator: dict | None) -> dict:
+    """The datasheet as JSON-ready data; `logs` holds each model's log row at its chosen epoch; `gate` is the privacy
+    gate's record (gate.admit) and `screened` the set's images before it dropped the near copies."""
+    memorisation = _memorisation(synth, gate["overridden"])
     fidelity = _fidelity(synth, logs)
     utility = _utility(name, summary)
     lock_stage = (dvc_lock or {}).get("stages", {}).get(f"synthesize@{name}", {})
@@ -243,6 +281,7 @@ def build(name: str, *, modality: str, group: str, images: int, draws: int, side
                      **({"synthesize_params": lock_stage["params"]} if lock_stage.get("params") else {})},
         "fidelity": fidelity,
         "memorisation": memorisation,
+        "privacy": _privacy(synth, gate, screened, images),
         "hash_screen": _screen(synth, modality),
         "utility": utility,
         "intended_use": intended_use,
@@ -311,6 +350,21 @@ def markdown(sheet: dict) -> str:
                     [[name, s["c_t"], f"{s['nn_ratio_share']:.3f} ({s['nn_ratio_share_heldout']:.3f})",
                       f"{s['near_copy_share']:.3f} ({s['near_copy_share_heldout']:.3f})",
                       f"{s['authentic']:.3f} ({s['authentic_heldout']:.3f})"] for name, s in mem["spaces"].items()])
+    pv = sheet["privacy"]["checked"]
+    drop, g = pv["near_copies_dropped"], pv["gate"]
+    lines += ["## Privacy: what was checked and what was not", "",
+              f"- Privacy gate: **{g['verdict']}**" + (" (let out by explicit override)" if g["overridden"] else "")
+              + f". Rule: {g['rule']}. Its false-positive rate, measured on this run's held-out real images: "
+              f"{g['false_positive_rate_text']}.",
+              f"- Near copies of training images dropped on the way out: {drop['dropped']:,} of {drop['screened']:,} "
+              f"images (every image checked, not a sample; {drop['rule']}).",
+              f"- Membership inference, {pv['membership_inference']['attack']}:", ""]
+    lines += _table(["space", "AUC [95% interval]", "members / non-members", "interval"],
+                    [[name, f"{a['value']:.3f} [" + ", ".join(f"{b:.3f}" if isinstance(b, float) else "undefined"
+                                                              for b in (a["low"], a["high"])) + "]",
+                      f"{a['members']:,} / {a['nonmembers']:,}", a["interval"]]
+                     for name, a in pv["membership_inference"]["auc"].items()])
+    lines += ["Not checked:", "", *(f"- {item}" for item in sheet["privacy"]["not_checked"]), ""]
     hs = sheet["hash_screen"]
     lines += ["## Hash screen", "", (f"Applied: {hs['rejection_rate']:.1%} of {hs['drawn']:,} drawn images rejected "
                                      f"(held-out real images: {hs['real_rejection_rate']:.1%}); threshold "
@@ -335,7 +389,7 @@ def markdown(sheet: dict) -> str:
         lines += ["## Generator (model card)", "", f"`generator/` holds {g['summary']}.", "",
                   f"- weights: {g['dtype']}, {g['parameters']:,} parameters per model; files and SHA-256 in "
                   f"`generator/SHA256SUMS`", f"- draw more, in this folder: `{g['usage']}`",
-                  f"- hash screen: {g['hash_screen']}",
+                  f"- hash screen: {g['hash_screen']}", f"- near-copy screen: {g['near_copy_screen']}",
                   f"- license: {sheet['license']}; {g['caution']}", ""]
     lines += ["## Files and loading", "",
               f"One folder per label under `images/` (e.g. `{w['example_file']}`; each PNG carries a `synthetic` text "

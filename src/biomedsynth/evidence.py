@@ -13,7 +13,15 @@ real images P from other patients (the baseline every measure is read against), 
 - NN ratio: that distance over the distance to the nearest training image of another patient than the
   nearest one's; near 0 for a copy of one image (or one patient's scans), near 1 for the middle of the data.
 - Authenticity (Alaa et al. 2022): q is not authentic when it lies closer to its nearest training image
-  T_j than T_j lies to any training image of another patient.
+  T_j than T_j lies to any training image of another patient. A near copy: not authentic and NN ratio < 0.5.
+- Membership inference (GAN-Leaks' full black-box attack, Chen et al. 2020): a real image's score is its distance
+  to the closest synthetic image, members (training images) expected closer than non-members (held-out images);
+  the attack's AUC, with a cluster-bootstrap interval over patients, is 0.5 when the set leaks nothing measurable.
+
+A space flags copying when synthetic images are near copies (or, with C_T, close to single patients) more often
+than held-out real images are, by Fisher's exact test at one-sided alpha = 0.01 on effective counts (the held-out
+scans come in patients: Rao & Scott's design effect); `false_positive_rate` measures how often that verdict flags
+one half of the held-out images against the other.
 
 Distances are computed in blocks, so a few thousand queries against ~100k training vectors stay in
 tens of MB of memory.
@@ -28,25 +36,28 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from scipy.stats import rankdata
+from scipy.stats import fisher_exact, rankdata
 from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA
 
+from biomedsynth.classify.metrics import cluster_weights, describe, interval, interval_rule, weighted_metrics
 from biomedsynth.gan.score import extract_features, load_feature_net
 
 # float (N, C, H, W) images in [0, 1] -> float (N, D) features
 Space = Callable[[torch.Tensor], np.ndarray]
 
 C_T_LIMIT = -3.0           # Meehan et al. flag data-copying below about -3
-EXCESS_LIMIT = 0.05        # a synthetic share counts as an excess when this far above the held-out share...
-EXCESS_Z = 3.0             # ...and this many standard errors above it (a small sample's 1 in 10 is chance)
+ALPHA = 0.01               # one-sided level of the test that a synthetic share exceeds the held-out share
 RATIO_THRESHOLD = 0.5      # NN ratio below this: at most half as far from the nearest image as from any other patient's
 HELDOUT_PER_CELL = 20      # C_T uses at most len(heldout) // 20 cells, so each cell's U test has held-out images
 MIN_SYNTHETIC_PER_CELL = 10  # Meehan et al.'s tau as a count: cells with fewer synthetic images are left out
+MEMBERSHIP_BOOTSTRAP = 1000  # cluster-bootstrap replicates of the membership AUC's interval
+FALSE_POSITIVE_SPLITS = 200  # random halvings of the held-out images that measure the verdict's false positives
 RULE = (f"copying in a space when (C_T < {C_T_LIMIT:g} and an excess of synthetic images with NN ratio < "
         f"{RATIO_THRESHOLD:g}) or an excess of near-copies (not authentic and NN ratio < {RATIO_THRESHOLD:g}); "
-        f"an excess: the synthetic share above the held-out share by > {EXCESS_LIMIT:g} and by > {EXCESS_Z:g} "
-        f"standard errors (two-proportion z, pooled); copying overall when copying in any space")
+        f"an excess: the synthetic share above the held-out share by Fisher's exact test, one-sided p < {ALPHA:g}, "
+        f"on counts divided by their design effect (Rao-Scott: held-out scans are clustered by patient); "
+        f"copying overall when copying in any space")
 
 
 # ---- distances ----
@@ -208,45 +219,106 @@ def training_neighbours(query, train, train_groups, chunk: int = 1024) -> Neighb
     return Neighbours(idx, d, other[:, 0], radius[where, 0])
 
 
-def _sample_rates(heldout: Neighbours, synthetic: Neighbours) -> dict:
-    """NN ratio, authenticity and near-copy shares of the synthetic images beside the held-out ones."""
+def design_effect(flags, groups=None) -> float:
+    """Rao & Scott's design effect of the share of `flags` (bool per image) when images come in clusters (`groups`:
+    a patient id per image; None: independent images): the cluster-robust variance of the share over the binomial
+    one, at least 1. A patient whose scans are all near copies counts about once, not once per scan."""
+    flags = np.asarray(flags, float)
+    share = flags.mean() if len(flags) else 0.0
+    if groups is None or share in (0.0, 1.0):
+        return 1.0
+    codes = pd.factorize(np.asarray(groups, object))[0]
+    hits, sizes = np.bincount(codes, flags), np.bincount(codes)
+    if len(sizes) < 2:
+        return 1.0
+    robust = len(sizes) / (len(sizes) - 1) * np.sum((hits - share * sizes) ** 2) / len(flags) ** 2
+    return float(max(1.0, robust / (share * (1 - share) / len(flags))))
+
+
+def _sample_rates(heldout: Neighbours, synthetic: Neighbours, heldout_groups, synthetic_groups=None) -> dict:
+    """NN ratio, authenticity and near-copy shares of the synthetic images beside the held-out ones, with the design
+    effects of the shares the verdict tests (synthetic images drawn one by one: 1, unless `synthetic_groups`)."""
+    low_ratio = {"heldout": heldout.ratio < RATIO_THRESHOLD, "synthetic": synthetic.ratio < RATIO_THRESHOLD}
+    groups = {"heldout": heldout_groups, "synthetic": synthetic_groups}
+    near = {"heldout": heldout.near_copy, "synthetic": synthetic.near_copy}
     return {"nn_ratio_threshold": RATIO_THRESHOLD,
-            "nn_ratio_share": float(np.mean(synthetic.ratio < RATIO_THRESHOLD)),
-            "nn_ratio_share_heldout": float(np.mean(heldout.ratio < RATIO_THRESHOLD)),
+            "nn_ratio_share": float(np.mean(low_ratio["synthetic"])),
+            "nn_ratio_share_heldout": float(np.mean(low_ratio["heldout"])),
             "nn_ratio_median": float(np.median(synthetic.ratio)),
             "nn_ratio_median_heldout": float(np.median(heldout.ratio)),
             "authentic": float(np.mean(synthetic.authentic)), "authentic_heldout": float(np.mean(heldout.authentic)),
             "near_copies": int(synthetic.near_copy.sum()),
             "near_copy_share": float(np.mean(synthetic.near_copy)),
-            "near_copy_share_heldout": float(np.mean(heldout.near_copy))}
+            "near_copy_share_heldout": float(np.mean(heldout.near_copy)),
+            "design_effect": {f"{what}_{side}": design_effect(flags[side], groups[side])
+                              for what, flags in (("nn_ratio", low_ratio), ("near_copy", near))
+                              for side in ("synthetic", "heldout")}}
 
 
-def excess(share: float, n: int, share_heldout: float, n_heldout: int) -> bool:
-    """Whether a share of n synthetic images exceeds the share of n_heldout held-out images by more than
-    EXCESS_LIMIT and by more than EXCESS_Z standard errors of the difference (pooled proportion)."""
-    pooled = (share * n + share_heldout * n_heldout) / (n + n_heldout)
-    se = np.sqrt(pooled * (1 - pooled) * (1 / n + 1 / n_heldout))
-    diff = share - share_heldout
-    return bool(diff > EXCESS_LIMIT and diff > EXCESS_Z * se)
+def excess_p(count: int, n: int, count_heldout: int, n_heldout: int, deff: float = 1.0,
+             deff_heldout: float = 1.0) -> float:
+    """One-sided p of Fisher's exact test that `count` of n synthetic images is a larger share than `count_heldout`
+    of n_heldout held-out ones. Exact (conditional on the total), so it keeps its level at the small counts near
+    copies come in, where a z test does not; conservative there. Clustered images (a design effect above 1) enter
+    as their effective numbers, count / deff of n / deff (Rao & Scott 1992)."""
+    def effective(k: int, size: int, d: float) -> tuple[int, int]:
+        size_eff = max(1, round(size / d))
+        return min(round(k / d), size_eff), size_eff
+
+    (k, m), (k_h, m_h) = effective(count, n, deff), effective(count_heldout, n_heldout, deff_heldout)
+    return float(fisher_exact([[k, m - k], [k_h, m_h - k_h]], alternative="greater").pvalue)
+
+
+def excess(share: float, n: int, share_heldout: float, n_heldout: int, deff: float = 1.0,
+           deff_heldout: float = 1.0) -> bool:
+    """Whether a share of n synthetic images exceeds the share of n_heldout held-out images at one-sided ALPHA."""
+    return excess_p(round(share * n), n, round(share_heldout * n_heldout), n_heldout, deff, deff_heldout) < ALPHA
 
 
 def copying_verdict(m: dict, n: int, n_heldout: int) -> bool:
     """RULE on one space's measures of n synthetic and n_heldout held-out images: closer to the training
     set than held-out real images are, and that to single images or patients (the NN ratio), not to the
     middle of the data as smooth outputs are; or many near-copies."""
+    d = m["design_effect"]
     closer = m["c_t"] is not None and m["c_t"] < C_T_LIMIT
-    singled_out = excess(m["nn_ratio_share"], n, m["nn_ratio_share_heldout"], n_heldout)
-    copies = excess(m["near_copy_share"], n, m["near_copy_share_heldout"], n_heldout)
+    singled_out = excess(m["nn_ratio_share"], n, m["nn_ratio_share_heldout"], n_heldout,
+                         d["nn_ratio_synthetic"], d["nn_ratio_heldout"])
+    copies = excess(m["near_copy_share"], n, m["near_copy_share_heldout"], n_heldout,
+                    d["near_copy_synthetic"], d["near_copy_heldout"])
     return bool((closer and singled_out) or copies)
+
+
+def membership_auc(train, train_groups, heldout, heldout_groups, synthetic, *, seed: int = 0,
+                   n_boot: int = MEMBERSHIP_BOOTSTRAP, chunk: int = 1024) -> dict:
+    """GAN-Leaks' full black-box membership attack: each real image scores minus its distance to the closest
+    synthetic image. The AUC at telling members (a seeded sample of the training images, as many as the held-out
+    ones) from non-members (the held-out images), with a 95% interval from a cluster bootstrap over patients
+    (classify.metrics). 0.5: the synthetic images lie no closer to training images than to other patients'."""
+    train, heldout, synthetic = _as_features(train), _as_features(heldout), _as_features(synthetic)
+    pick = np.sort(np.random.default_rng([seed, 3]).choice(len(train), min(len(train), len(heldout)), replace=False))
+    score = -nearest(np.concatenate([train[pick], heldout]), synthetic, 1, chunk=chunk)[0][:, 0]
+    member = np.r_[np.ones(len(pick), int), np.zeros(len(heldout), int)]
+    # a patient is on one side of the split; the side's prefix keeps sets that reuse id strings apart
+    groups = np.r_[[f"member:{g}" for g in np.asarray(train_groups)[pick]],
+                   [f"heldout:{g}" for g in np.asarray(heldout_groups)]]
+    weights = cluster_weights(member, groups, n_boot, seed)
+    aucs = weighted_metrics(member, np.zeros_like(member), score, weights)["auc"]  # only the AUC is read
+    rule = interval_rule(member, groups)
+    return {**interval(aucs, rule=rule, bounds=(0.0, 1.0)), "interval": describe(rule),
+            "members": int(len(pick)), "nonmembers": int(len(heldout))}
 
 
 # ---- one space ----
 
 @dataclass
 class Evidence:
-    """One space's measures (JSON-ready) and the synthetic images' training neighbours (for figures, counts)."""
+    """One space's measures (JSON-ready), the synthetic and held-out images' training neighbours (for figures,
+    counts) and the held-out images' k-means cells of C_T (for the false-positive rate)."""
     metrics: dict
     synthetic: Neighbours
+    heldout: Neighbours
+    heldout_cells: np.ndarray
+    cells: int
 
 
 def _prdc_block(train, heldout, synthetic, labels, k: int) -> dict:
@@ -263,14 +335,20 @@ def _prdc_block(train, heldout, synthetic, labels, k: int) -> dict:
     return out
 
 
-def assess(train, train_groups, heldout, synthetic, *, labels=None, k: int = 5, cells: int = 50, seed: int = 0,
-           chunk: int = 1024) -> Evidence:
+def _copying_measures(heldout: Neighbours, heldout_cells, heldout_groups, synthetic: Neighbours, synthetic_cells,
+                      n_cells: int, synthetic_groups=None) -> dict:
+    return {**copying_statistic(heldout_cells, heldout.distance, synthetic_cells, synthetic.distance, n_cells),
+            **_sample_rates(heldout, synthetic, heldout_groups, synthetic_groups)}
+
+
+def assess(train, train_groups, heldout, synthetic, *, heldout_groups, labels=None, k: int = 5, cells: int = 50,
+           seed: int = 0, chunk: int = 1024) -> Evidence:
     """Every measure of this module in one feature space, and the verdict (RULE).
 
-    train (N, D) with `train_groups` (N,) patient/slide ids; heldout (P, D) real images of other patients;
-    synthetic (Q, D). PRDC compares each of heldout and synthetic with a seeded sample of `train` as large
-    as the synthetic set (equal heldout and synthetic sizes make the held-out floor comparable); labels:
-    optional (train, heldout, synthetic) label arrays for PRDC per label. C_T uses k-means on all of
+    train (N, D) with `train_groups` (N,) patient/slide ids; heldout (P, D) real images of other patients, with
+    `heldout_groups` (P,); synthetic (Q, D). PRDC compares each of heldout and synthetic with a seeded sample of
+    `train` as large as the synthetic set (equal heldout and synthetic sizes make the held-out floor comparable);
+    labels: optional (train, heldout, synthetic) label arrays for PRDC per label. C_T uses k-means on all of
     `train` with min(cells, len(heldout) // 20) cells, so every cell can hold held-out images."""
     train, heldout, synthetic = _as_features(train), _as_features(heldout), _as_features(synthetic)
     rng = np.random.default_rng(seed)
@@ -282,12 +360,46 @@ def assess(train, train_groups, heldout, synthetic, *, labels=None, k: int = 5, 
     syn_nb = training_neighbours(synthetic, train, train_groups, chunk)
     n_cells = int(np.clip(len(heldout) // HELDOUT_PER_CELL, 1, cells))
     kmeans = KMeans(n_clusters=min(n_cells, len(train)), n_init=1, random_state=seed).fit(train)
-    metrics.update(copying_statistic(kmeans.predict(heldout), held_nb.distance, kmeans.predict(synthetic),
-                                     syn_nb.distance, kmeans.n_clusters))
+    held_cells = kmeans.predict(heldout)
+    metrics.update(_copying_measures(held_nb, held_cells, heldout_groups, syn_nb, kmeans.predict(synthetic),
+                                     kmeans.n_clusters))
     metrics.update(_closest_record(held_nb.distance, syn_nb.distance))
-    metrics.update(_sample_rates(held_nb, syn_nb))
+    metrics["near_copy_p"] = excess_p(metrics["near_copies"], len(synthetic), int(held_nb.near_copy.sum()),
+                                      len(heldout), 1.0, metrics["design_effect"]["near_copy_heldout"])
     metrics["copying"] = copying_verdict(metrics, len(synthetic), len(heldout))
-    return Evidence(metrics, syn_nb)
+    metrics["membership"] = membership_auc(train, train_groups, heldout, heldout_groups, synthetic, seed=seed,
+                                           chunk=chunk)
+    return Evidence(metrics, syn_nb, held_nb, held_cells, kmeans.n_clusters)
+
+
+def false_positive_rate(found: dict[str, Evidence], heldout_groups, splits: int = FALSE_POSITIVE_SPLITS,
+                        seed: int = 0) -> dict:
+    """How often RULE flags a set that copies nothing: the held-out images' patients split at random into two halves,
+    one half judged as if synthetic against the other, in every space of `found` (assess's results on the same
+    held-out images) as the verdict is; the share of `splits` such splits flagged in any space. Each half is about
+    half the held-out sample, and the halves lie as far from the training images as a generator that memorised
+    nothing would."""
+    groups = np.asarray(heldout_groups)
+    patients = np.unique(groups)
+    if len(patients) < 2:
+        raise ValueError(f"the false-positive rate needs held-out images of 2 or more patients, got {len(patients)}")
+    rng = np.random.default_rng([seed, 4])
+    flagged, sizes = 0, []
+    for _ in range(splits):
+        half = np.isin(groups, rng.permutation(patients)[:len(patients) // 2])
+        sizes.append(int(half.sum()))
+        for ev in found.values():
+            m = _copying_measures(_subset(ev.heldout, ~half), ev.heldout_cells[~half], groups[~half],
+                                  _subset(ev.heldout, half), ev.heldout_cells[half], ev.cells, groups[half])
+            if copying_verdict(m, int(half.sum()), int((~half).sum())):
+                flagged += 1
+                break
+    return {"rate": flagged / splits, "splits": int(splits), "flagged": int(flagged),
+            "half_images": [int(min(sizes)), int(max(sizes))], "of_heldout": int(len(groups))}
+
+
+def _subset(nb: Neighbours, rows: np.ndarray) -> Neighbours:
+    return Neighbours(nb.index[rows], nb.distance[rows], nb.other_patient[rows], nb.train_radius[rows])
 
 
 # ---- offline feature spaces ----

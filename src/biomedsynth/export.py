@@ -15,9 +15,10 @@ The folder is a Hugging Face `imagefolder` (metadata.csv's file_name points into
 `ImageFolder` (one folder per label). Nothing in it comes from a patient's record: image ids are the synthetic
 set's own, the columns are the label's parts, the source data appears as counts.
 
-A set the memorisation test (evidence.py) flags as copying training images is refused unless the caller allows
-it; the datasheet then records the override. Everything is written beside the output folder and renamed into
-place, so an interrupted export leaves the previous one whole.
+What leaves passes the privacy gate (gate.py): a set the memorisation test (evidence.py) flags as copying training
+images is refused unless the caller allows it (the datasheet then records the override), and the images synthesize
+marked as near copies of training images are left out, counted in the datasheet. Everything is written beside the
+output folder and renamed into place, so an interrupted export leaves the previous one whole.
 """
 from __future__ import annotations
 
@@ -40,9 +41,10 @@ import yaml
 from PIL import Image, PngImagePlugin
 from tqdm import tqdm
 
-from biomedsynth import croissant, datasheet
+from biomedsynth import croissant, datasheet, gate
 from biomedsynth.provenance import git_commit
-from biomedsynth.store import ImageSet, atomic_write_text, load_weights, replace_tree, save_torch, write_json
+from biomedsynth.store import (NEAR_COPY, ImageSet, atomic_write_text, load_weights, replace_tree, save_torch,
+                               write_json)
 
 CHECKSUMS = "SHA256SUMS"
 IMAGES = "images"
@@ -240,18 +242,6 @@ def _json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
-def copying_evidence(evidence: dict) -> str:
-    """One line of the measures behind a `copying` verdict, per flagged feature space."""
-    parts = []
-    for name, m in datasheet.spaces(evidence).items():
-        if m["copying"]:
-            c_t = f"{m['c_t']:.2f}" if m["c_t"] is not None else "none"
-            parts.append(f"{name}: C_T {c_t}, NN ratio < {m['nn_ratio_threshold']:g} for {m['nn_ratio_share']:.0%} "
-                         f"(held out {m['nn_ratio_share_heldout']:.0%}), near copies {m['near_copy_share']:.0%} "
-                         f"(held out {m['near_copy_share_heldout']:.0%})")
-    return "; ".join(parts)
-
-
 def generator_names(arch: str, setup: str, epochs: dict[str, int], labels: list[str]) -> dict[str, str]:
     """Per label, the model and epoch that draw it, as the PNGs' text chunk names it."""
     from biomedsynth.gan.train import COND_MODEL
@@ -260,25 +250,23 @@ def generator_names(arch: str, setup: str, epochs: dict[str, int], labels: list[
     return {label: f"{arch} {setup}, model {model(label)}, epoch {epochs[model(label)]}" for label in labels}
 
 
-def copying_refusal(synth: dict) -> str | None:
-    """Why a drawn set (synthesize's metrics) may not be shared: the memorisation test's verdict and its
-    evidence, or None when the test does not flag it."""
-    evidence = synth.get("evidence", {})
-    return (f"the memorisation test flags it as copying training images ({copying_evidence(evidence)})"
-            if evidence.get("copying") else None)
-
-
 def export_set(name: str, run: RunFiles, out: Path, *, modality: str, group: str, license: str, version: str,
                intended_use: str, allow_flagged: bool = False, with_generator: bool = False) -> dict:
-    """Write the export of synthetic set `name` (an arch-group-setup stage) at `out`; return a short summary.
-    ValueError, before anything is written, when the set was not drawn or is flagged as copying and not allowed."""
+    """Write the export of synthetic set `name` (an arch-group-setup stage) at `out`, less the images marked as near
+    copies; return a short summary. ValueError, before anything is written, when the set was not drawn, is flagged
+    as copying and not allowed, or has no near-copy marks."""
     synth = _json(run.synthesize_metrics)
     if synth.get("synthesized") is False:
         raise ValueError(f"{name}: no synthetic set to export ({synth['reason']})")
-    flagged = synth["evidence"]["copying"]
-    if flagged and not allow_flagged:
-        raise ValueError(f"{name}: {copying_refusal(synth)}; pass --allow-flagged to export it anyway")
+    passed = gate.admit(name, gate.verdict(synth), allow_flagged=allow_flagged,
+                        action="export it" + (" with its generator" if with_generator else ""))
     images = ImageSet(run.synthetic)
+    if NEAR_COPY not in images.meta:
+        raise ValueError(f"{run.synthetic} has no {NEAR_COPY} column (drawn before the near-copy screen); "
+                         f"run synthesize@{name} again (dvc repro)")
+    shipped = np.flatnonzero(images.meta[NEAR_COPY].to_numpy(int) == 0)
+    if not len(shipped):
+        raise ValueError(f"{name}: every one of its {len(images)} images is a near copy of a training image")
     options = _json(run.model_root / "options.json")
     from biomedsynth.gan.train import read_log  # here: torch comes with it, and the stage's notes need none of it
 
@@ -286,15 +274,15 @@ def export_set(name: str, run: RunFiles, out: Path, *, modality: str, group: str
     logs = {model: next(r for r in read_log(run.model_root / model) if r["epoch"] == e) for model, e in epochs.items()}
     studygroups, summary, gan = _json(run.studygroups_metrics), _json(run.summary), _json(run.gan_metrics)
     lock = yaml.safe_load(run.dvc_lock.read_text()) if run.dvc_lock.is_file() else None
-    meta = images.meta.assign(draw=images.meta["draw"] if "draw" in images.meta else 0)
+    meta = images.meta.assign(draw=images.meta["draw"] if "draw" in images.meta else 0).iloc[shipped]
     labels = sorted(meta["label"].unique())
     generators = generator_names(options["arch"], options["setup"], epochs, labels)
     commit = git_commit()
     with staged(out) as tmp:
         with PngWriter(tmp, name, modality, synth["provenance"]["commit"]) as writer:
             rows = zip(meta["image_id"], meta["label"], meta["draw"])
-            for image, (image_id, label, draw) in tqdm(zip((im for b in images.batches() for im in b), rows),
-                                                       total=len(images), desc=f"export {name}", unit="img"):
+            for image, (image_id, label, draw) in tqdm(zip((im for b in images.batches(shipped) for im in b), rows),
+                                                       total=len(shipped), desc=f"export {name}", unit="img"):
                 writer.add(image, image_id, label, generators[label], draw=int(draw))
             writer.write_metadata()
         card = None
@@ -308,16 +296,20 @@ def export_set(name: str, run: RunFiles, out: Path, *, modality: str, group: str
                 "hash_screen": (f"not applied by generate --generator (it needs the training images' hashes, which "
                                 f"stay with the pipeline); synthesize rejected {synth['rejection_rate']:.1%} of drawn "
                                 f"images" if synth["hash_screen"] else "none (synthesize did not screen this set)"),
+                "near_copy_screen": (f"not applied by generate --generator (it needs the training images, which stay "
+                                     f"with the pipeline); {synth['evidence']['screen']['near_copies']} of the set's "
+                                     f"{len(images):,} images were near copies, left out of this export"),
+                "gate": passed,
                 "caution": "a generator can reveal more of its training images than a sample of its outputs; "
                            "share it only where the synthetic images may go"})
         sheet = datasheet.build(
-            name, modality=modality, group=group, images=len(images), draws=int(meta["draw"].nunique()),
+            name, modality=modality, group=group, images=len(shipped), draws=int(meta["draw"].nunique()),
             side=images.shape[0], channels=images.shape[2],
             label_counts={str(k): int(v) for k, v in meta["label"].value_counts().sort_index().items()},
             label_columns=LABEL_COLUMNS[modality], example_file=writer.rows[0]["file_name"], options=options,
             logs=logs, synth=synth, gan=gan,
             studygroups=studygroups, summary=summary, dvc_lock=lock, license=license, version=version,
-            intended_use=intended_use, exported_despite=flagged, commit=commit, generator=card)
+            intended_use=intended_use, gate=passed, screened=len(images), commit=commit, generator=card)
         if missing := datasheet.unfilled(sheet):
             raise ValueError(f"{name}: the datasheet has no value for {', '.join(missing)}")
         write_json(tmp / "datasheet.json", sheet)
@@ -325,8 +317,10 @@ def export_set(name: str, run: RunFiles, out: Path, *, modality: str, group: str
         sums = {rel: sha256(tmp / rel) for rel in _files(tmp)}
         write_json(tmp / "croissant.json", croissant.metadata(sheet, tmp, sums, commit))
         write_checksums(tmp)
-    return {"images": len(images), "labels": sheet["what"]["labels"], "memorisation": sheet["memorisation"]["verdict"],
-            "exported_despite_verdict": flagged, "generator": with_generator, "out": str(out)}
+    return {"images": len(shipped), "near_copies_dropped": len(images) - len(shipped),
+            "labels": sheet["what"]["labels"],
+            "memorisation": sheet["memorisation"]["verdict"], "exported_despite_verdict": passed["overridden"],
+            "generator": with_generator, "out": str(out)}
 
 
 def write_not_exported(out: Path, reason: str) -> None:

@@ -26,6 +26,7 @@ import pandas as pd
 
 SHARD_BYTES = 64 << 20
 META_DTYPES = {"image_id": str, "patient_id": str, "sex": str, "label": str, "source": str}
+NEAR_COPY = "near_copy"  # a synthetic set's meta column: 1 for a near copy of a training image, which no exit ships
 
 
 def _shard_name(i: int) -> str:

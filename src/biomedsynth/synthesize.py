@@ -4,9 +4,13 @@ hash (SPEC 4), and gather evidence on fidelity and copying of the synthetic set 
 
 The hash screen's threshold is, unless params fix it, a quantile of the held-out real images' nearest
 Hamming distances to the training hashes. The evidence compares the synthetic images with the training
-images and, as the baseline, held-out real images, in two offline feature spaces: PCA of downsampled
-pixels and the KID feature net. The real sets are read once in batches for hashes and features; only
-those small per-image arrays are held in memory, so sets larger than RAM are fine.
+images and, as the baseline, held-out real images, in three offline feature spaces: PCA of downsampled
+pixels, the KID feature net and the average hash. The real sets are read once in batches for hashes and
+features; only those small per-image arrays are held in memory, so sets larger than RAM are fine.
+
+Every image of the set, not a sample, is checked for being a near copy of a training image in those spaces
+(NearCopyScreen) and marked in the meta column `near_copy`: the privacy gate (gate.py) drops the marked images
+at every exit, and generate screens what it draws the same way.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
@@ -23,8 +28,8 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
-from biomedsynth.evidence import RULE, Space, assess, pixel_pca
-from biomedsynth.store import ImageSet, ImageSetWriter, write_json
+from biomedsynth.evidence import ALPHA, RULE, Space, assess, false_positive_rate, pixel_pca, training_neighbours
+from biomedsynth.store import NEAR_COPY, ImageSet, ImageSetWriter, write_json
 
 NOT_COPIED = ("image_id", "patient_id", "source", "label")  # meta columns a synthetic image never inherits
 FIGURE_PAIRS = 8
@@ -117,6 +122,48 @@ class HashScreen:
         """bool (N,) for uint8 (N, H, W, C) images."""
         return nearest_hamming(_hash(_as_float(batch), self.hash_size).numpy(), self.train_hash) <= self.threshold
 
+    def shortfall(self) -> str:
+        return (f"the hash screen rejected the rest at hash_threshold={self.threshold} bits; raise hash_threshold, "
+                f"train the GAN longer, or switch hash_screen off")
+
+
+def evidence_spaces(train: ImageSet, feature_space: Space, *, resolution: int, side: int, pca_dims: int,
+                    fit_images: int, hash_size: int, seed: int, batch_size: int) -> dict[str, Space]:
+    """The evidence's feature spaces: pixels (a PCA of `side` px pixels, `pca_dims` axes, fitted on a seeded sample
+    of `fit_images` training images), features (`feature_space`, the KID feature net) and the average hash."""
+    fit_idx = np.sort(np.random.default_rng([seed, 2]).choice(len(train), min(fit_images, len(train)), replace=False))
+    side = min(side, resolution)
+    thumbs = [F.interpolate(x, size=side, mode="area") for x in _read(train, resolution, batch_size, fit_idx)]
+    return {"pixels": pixel_pca(torch.cat(thumbs), side, pca_dims, seed), "features": feature_space,
+            "hash": hash_space(hash_size)}
+
+
+class NearCopyScreen:
+    """Which images are near copies of a training image (evidence.Neighbours.near_copy: closer to it than it is to
+    any other patient's image, and at most half as far as another patient's nearest image) in any of `spaces`,
+    image by image. Holds the training images' features and patient ids: it stays with the pipeline."""
+
+    def __init__(self, spaces: dict[str, Space], train_features: dict[str, np.ndarray], train_groups,
+                 resolution: int):
+        self.spaces, self.train_features, self.resolution = spaces, train_features, resolution
+        self.train_groups = np.asarray(train_groups, object)
+
+    @classmethod
+    def of(cls, train: ImageSet, spaces: dict[str, Space], resolution: int, batch_size: int) -> NearCopyScreen:
+        """The screen against a training set, its images seen at the generator's resolution."""
+        return cls(spaces, _features(train, spaces, resolution, batch_size), train.meta[GROUP_COLUMN].to_numpy(),
+                   resolution)
+
+    def near_copies(self, batch: np.ndarray) -> np.ndarray:
+        """bool (N,) for uint8 (N, H, W, C) images."""
+        out = np.zeros(len(batch), bool)
+        if not len(batch):  # a batch the hash screen rejected whole
+            return out
+        x = _as_float(batch, self.resolution)
+        for name, space in self.spaces.items():
+            out |= training_neighbours(space(x), self.train_features[name], self.train_groups).near_copy
+        return out
+
 
 def calibrate_hash_threshold(heldout_hashes: np.ndarray, train_hashes: np.ndarray, quantile: float) -> int:
     """The `quantile` of held-out real images' nearest Hamming distances to the training hashes, taken at an
@@ -158,7 +205,7 @@ def _check_inputs(train: ImageSet, test: ImageSet, hash_threshold: int | None, h
         raise ValueError(f"{train.path if not len(train) else test.path} has no images")
     if test.shape[2] != train.shape[2]:
         raise ValueError(f"{test.path} has {test.shape[2]} channels, {train.path} has {train.shape[2]}")
-    for ds, columns in ((train, ("label", GROUP_COLUMN)), (test, ("label",))):
+    for ds, columns in ((train, ("label", GROUP_COLUMN)), (test, ("label", GROUP_COLUMN))):
         if missing := [c for c in columns if c not in ds.meta.columns]:
             raise ValueError(f"{ds.path}/meta.csv has no {', '.join(map(repr, missing))} column")
     if hash_threshold is not None and not 0 <= hash_threshold <= hash_size ** 2:
@@ -170,8 +217,16 @@ def _check_inputs(train: ImageSet, test: ImageSet, hash_threshold: int | None, h
         raise ValueError(f"max_tries_factor must be >= 1, got {max_tries_factor}")
 
 
+class Screen(Protocol):
+    """What draw_label redraws past: HashScreen, or generate's ExitScreen."""
+
+    def passes(self, batch: np.ndarray) -> np.ndarray: ...
+
+    def shortfall(self) -> str: ...
+
+
 def draw_label(sample: Sampler, label: str, target: int, rng: np.random.Generator, *, shape: tuple[int, int, int],
-               screen: HashScreen | None, max_tries_factor: float, batch_size: int,
+               screen: Screen | None, max_tries_factor: float, batch_size: int,
                tally: dict) -> Iterator[np.ndarray]:
     """Yield uint8 batches of `label` from `sample` until `target` images passed the screen (all pass without
     one), redrawing what it rejects; more than max_tries_factor x target drawn stops with a line naming the
@@ -179,10 +234,8 @@ def draw_label(sample: Sampler, label: str, target: int, rng: np.random.Generato
     cap, drawn, kept = math.ceil(max_tries_factor * target), 0, 0
     while kept < target:
         if screen and drawn >= cap:
-            raise ValueError(
-                f"hash screen: label {label!r} got {kept} of {target} images after {drawn} drawn "
-                f"(cap {max_tries_factor} x {target}) at hash_threshold={screen.threshold} bits; raise "
-                f"hash_threshold, train the GAN longer, or switch hash_screen off")
+            raise ValueError(f"label {label!r} got {kept} of {target} images after {drawn} drawn "
+                             f"(cap {max_tries_factor} x {target}): {screen.shortfall()}")
         # enough draws to fill the rest at the acceptance rate seen so far
         need = math.ceil((target - kept) * (drawn + 1) / (kept + 1))
         n = min(batch_size, need, cap - drawn) if screen else min(batch_size, target - kept)
@@ -199,13 +252,15 @@ def draw_label(sample: Sampler, label: str, target: int, rng: np.random.Generato
         yield take
 
 
-def _draw(sample: Sampler, train: ImageSet, out: Path, screen: HashScreen | None, *, resolution: int,
-          max_tries_factor: float, batch_size: int, draws: int, rng: np.random.Generator) -> dict:
+def _draw(sample: Sampler, train: ImageSet, out: Path, screen: HashScreen | None, near: NearCopyScreen, *,
+          resolution: int, max_tries_factor: float, batch_size: int, draws: int, rng: np.random.Generator) -> dict:
     """Write `draws` independent synthetic copies of the training set (column `draw`: fresh latents each),
-    label by label, redrawing what the hash screen rejects; per-label counts summed over the draws."""
+    label by label, redrawing what the hash screen rejects and marking near copies (column NEAR_COPY: kept, so the
+    evidence sees what the generator makes); per-label counts summed over the draws."""
     counts = train.meta["label"].value_counts().sort_index()
     constants = _label_constants(train.meta)
-    per_label, written = {label: {"images": 0, "drawn": 0, "rejected": 0} for label in counts.index}, 0
+    per_label = {label: {"images": 0, "drawn": 0, "rejected": 0, "near_copies": 0} for label in counts.index}
+    written = 0
     shape = (resolution, resolution, train.shape[2])
     jobs = [(draw, label, target) for draw in range(draws) for label, target in counts.items()]
     with ImageSetWriter(out, shape) as writer, tqdm(total=draws * len(train), desc="synthesize", unit="img") as bar:
@@ -213,8 +268,10 @@ def _draw(sample: Sampler, train: ImageSet, out: Path, screen: HashScreen | None
             row = {"label": label, "source": "synthetic", **constants.loc[label].to_dict(), "draw": draw}
             for batch in draw_label(sample, label, int(target), rng, shape=shape, screen=screen,
                                     max_tries_factor=max_tries_factor, batch_size=batch_size, tally=per_label[label]):
-                for image in batch:
-                    writer.add(image, image_id=f"syn-{written:06d}", **row)
+                copies = near.near_copies(batch)
+                per_label[label]["near_copies"] += int(copies.sum())
+                for image, copy in zip(batch, copies):
+                    writer.add(image, image_id=f"syn-{written:06d}", **row, **{NEAR_COPY: int(copy)})
                     written += 1
                 bar.update(len(batch))
             per_label[label]["images"] += int(target)
@@ -225,27 +282,31 @@ def _evidence(train: ImageSet, test: ImageSet, synthetic: ImageSet, train_featur
               test_features: dict[str, np.ndarray], spaces: dict[str, Space], *, images: int, k: int, cells: int,
               resolution: int, batch_size: int, seed: int, figure_path: Path) -> dict:
     """evidence.assess in every space on seeded samples of `images` synthetic and held-out real images against
-    all training images; draws the closest pairs per space; returns the metrics' `evidence` block."""
+    all training images, and the verdict's false-positive rate on those held-out images; draws the closest pairs
+    per space; returns the metrics' `evidence` block."""
     rng = np.random.default_rng([seed, 1])
     n = min(images, len(synthetic), len(test))
     syn_idx, test_idx = (np.sort(rng.choice(len(ds), n, replace=False)) for ds in (synthetic, test))
     syn_features = _features(synthetic, spaces, resolution, batch_size, syn_idx)
     labels = (train.meta["label"].to_numpy(), test.meta["label"].to_numpy()[test_idx],
               synthetic.meta["label"].to_numpy()[syn_idx])
-    groups = train.meta[GROUP_COLUMN].to_numpy()
-    out, pairs, near_copy = {}, {}, np.zeros(n, bool)
-    for name, space in spaces.items():
-        found = assess(train_features[name], groups, test_features[name][test_idx], syn_features[name], labels=labels,
-                       k=k, cells=cells, seed=seed)
-        out[name] = found.metrics
-        nb = found.synthetic
+    groups, test_groups = train.meta[GROUP_COLUMN].to_numpy(), test.meta[GROUP_COLUMN].to_numpy()[test_idx]
+    found, pairs, near_copy = {}, {}, np.zeros(n, bool)
+    for name in spaces:
+        found[name] = assess(train_features[name], groups, test_features[name][test_idx], syn_features[name],
+                             heldout_groups=test_groups, labels=labels, k=k, cells=cells, seed=seed)
+        nb = found[name].synthetic
         pairs[name] = [(int(syn_idx[i]), int(nb.index[i]), float(nb.distance[i]))
                        for i in np.argsort(nb.distance, kind="stable")[:FIGURE_PAIRS]]
         near_copy |= nb.near_copy
     _save_pairs_figure(figure_path, synthetic, train, pairs)
-    return {**out, "copying": any(m["copying"] for m in out.values()), "rule": RULE,
+    marked = synthetic.meta[NEAR_COPY].astype(bool)
+    return {**{name: f.metrics for name, f in found.items()},
+            "copying": any(f.metrics["copying"] for f in found.values()),
+            "rule": RULE, "alpha": ALPHA, "false_positive_rate": false_positive_rate(found, test_groups, seed=seed),
             "images": {"synthetic": int(n), "heldout": int(n), "train": int(len(train))},
-            "near_duplicates": int(near_copy.sum())}
+            "near_duplicates": int(near_copy.sum()),
+            "screen": {"images": int(len(synthetic)), "near_copies": int(marked.sum()), "spaces": list(spaces)}}
 
 
 def synthesize(sample: Sampler, real_train: Path, real_val: Path, real_test: Path, out: Path, *, resolution: int,
@@ -259,26 +320,23 @@ def synthesize(sample: Sampler, real_train: Path, real_val: Path, real_test: Pat
 
     hash_threshold None calibrates it: the hash_quantile of real_val's nearest Hamming distances to the
     training hashes (held-out patients of the training side: the test side never shapes the synthetic set; it only
-    judges it, in the evidence and the real rejection rate). The evidence spaces: pixels (PCA of `evidence_side` px pixels, `pca_dims` axes fitted on
-    up to `evidence_images` training images) and features (`feature_space`, e.g. evidence.feature_net_space)."""
+    judges it, in the evidence and the real rejection rate). The evidence spaces: evidence_spaces (pixels: PCA of
+    `evidence_side` px pixels, `pca_dims` axes fitted on up to `evidence_images` training images; features:
+    `feature_space`, e.g. evidence.feature_net_space; hash: the average hash)."""
     train, test = ImageSet(real_train), ImageSet(real_test)
     _check_inputs(train, test, hash_threshold, hash_quantile, hash_size, max_tries_factor)
-    fit_idx = np.sort(np.random.default_rng([seed, 2]).choice(len(train), min(evidence_images, len(train)),
-                                                                replace=False))
-    side = min(evidence_side, resolution)
-    thumbs = [F.interpolate(x, size=side, mode="area") for x in _read(train, resolution, batch_size, fit_idx)]
-    spaces = {"pixels": pixel_pca(torch.cat(thumbs), side, pca_dims, seed), "features": feature_space}
-    # the hash is one more per-image feature of the real sets
-    hashed = {**spaces, "hash": hash_space(hash_size)}
-    train_features, test_features = (_features(ds, hashed, resolution, batch_size) for ds in (train, test))
-    train_hash, test_hash = train_features.pop("hash"), test_features.pop("hash")
+    spaces = evidence_spaces(train, feature_space, resolution=resolution, side=evidence_side, pca_dims=pca_dims,
+                             fit_images=evidence_images, hash_size=hash_size, seed=seed, batch_size=batch_size)
+    near = NearCopyScreen.of(train, spaces, resolution, batch_size)
+    train_features, test_features = near.train_features, _features(test, spaces, resolution, batch_size)
+    train_hash, test_hash = train_features["hash"], test_features["hash"]
     source = "params" if hash_threshold is not None else "calibrated on val"
     if hash_threshold is None:
         val_hash = set_hashes(ImageSet(real_val), resolution, hash_size, batch_size)
         hash_threshold = calibrate_hash_threshold(val_hash, train_hash, hash_quantile)
 
     screen = HashScreen(train_hash, hash_threshold, hash_size) if hash_screen else None
-    per_label = _draw(sample, train, out, screen, resolution=resolution, max_tries_factor=max_tries_factor,
+    per_label = _draw(sample, train, out, screen, near, resolution=resolution, max_tries_factor=max_tries_factor,
                       batch_size=batch_size, draws=draws, rng=np.random.default_rng(seed))
     evidence = _evidence(train, test, ImageSet(out), train_features, test_features, spaces, images=evidence_images,
                          k=prdc_k, cells=cells, resolution=resolution, batch_size=batch_size, seed=seed,

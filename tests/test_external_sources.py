@@ -34,7 +34,8 @@ def _ingested(project: Path, **xray_source) -> None:
                     ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(PROJECT / "dvc.yaml", project)
     _params(project / "params.yaml", "xray", **xray_source)
-    for name in ("data/raw/xray/.keep", "data/interim/xray/info.json", "metrics/ingest/xray.json"):
+    for name in ("data/raw/xray/.keep", "data/checked/params.txt", "data/interim/xray/info.json",
+                 "metrics/ingest/xray.json"):
         (project / name).parent.mkdir(parents=True, exist_ok=True)
         (project / name).write_text("{}")
     Repo.init(project, no_scm=True).close()

@@ -9,6 +9,7 @@ counts, Table 3 and dvc.lock are written in the shape their stages write them. `
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -199,7 +200,18 @@ def project(tmp_path_factory, one_thread_here):
         "params": {"params.yaml": {"seed": 0, "synthesize": {"checkpoint": "best", "draws": 2}}},
         "outs": [{"path": f"data/synthetic/{NAME}", "hash": "md5", "md5": "11111111111111111111111111111111.dir"}]}}}
     (root / "dvc.lock").write_text(yaml.safe_dump(lock))
+    record_synthesize_metrics(root)
     return root
+
+
+def record_synthesize_metrics(root: Path) -> None:
+    """dvc.lock records synthesize's metrics file as DVC does once the stage has run: the md5 of its bytes."""
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    path = f"metrics/synthesize/{NAME}.json"
+    outs = lock["stages"][f"synthesize@{NAME}"]["outs"]
+    outs[:] = [o for o in outs if o["path"] != path] + [
+        {"path": path, "hash": "md5", "md5": hashlib.md5((root / path).read_bytes()).hexdigest()}]
+    (root / "dvc.lock").write_text(yaml.safe_dump(lock))
 
 
 @pytest.fixture
@@ -268,6 +280,7 @@ def test_a_set_made_of_training_images_is_refused_unless_allowed(project, tmp_pa
     monkeypatch.setattr(train.Synthesizer, "sample", lambda self, label, n, rng: by_label[label][
         rng.integers(0, len(by_label[label]), n)])
     run_ok(["synthesize", "dcgan", "x_norm", "cond"])
+    record_synthesize_metrics(root)
     assert json.loads((root / f"metrics/synthesize/{NAME}.json").read_text())["evidence"]["copying"]
     result = CliRunner().invoke(app, ["export", NAME])
     lines = result.output.strip().splitlines()
@@ -287,6 +300,32 @@ def test_a_set_made_of_training_images_is_refused_unless_allowed(project, tmp_pa
     assert sheet["memorisation"]["exported_despite_verdict"] is True
     assert any("Exported although" in lim for lim in sheet["limits"]) and datasheet.unfilled(sheet) == []
     assert "exported anyway, by explicit override" in (root / "exports" / NAME / "datasheet.md").read_text()
+
+
+def test_a_hand_edited_verdict_is_refused(project, tmp_path, monkeypatch):
+    """The gate reads synthesize's verdict only from the bytes dvc.lock records for its stage: a flagged set's
+    metrics edited to `copying: false` are refused in one line and nothing is written (before, they were exported);
+    so are metrics no run recorded."""
+    root = tmp_path / "edited"
+    shutil.copytree(project, root)
+    monkeypatch.chdir(root)
+    metrics = root / f"metrics/synthesize/{NAME}.json"
+    synth = json.loads(metrics.read_text())
+    synth["evidence"]["copying"] = True  # a flagged run, as its stage wrote it and DVC recorded it
+    write_json(metrics, synth)
+    record_synthesize_metrics(root)
+    assert "flags it as copying training images" in CliRunner().invoke(app, ["export", NAME]).output
+    synth["evidence"]["copying"] = False  # the hand edit
+    write_json(metrics, synth)
+    edited = CliRunner().invoke(app, ["export", NAME])
+    (root / "dvc.lock").unlink()
+    unrecorded = CliRunner().invoke(app, ["export", NAME])
+    for result in (edited, unrecorded):
+        assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+        assert "memorisation verdict cannot be" in result.output and f"dvc repro synthesize@{NAME}" in result.output
+    assert f"is not the file synthesize@{NAME} wrote (its md5 differs from dvc.lock's" in edited.output
+    assert f"records no synthesize@{NAME} run that wrote it" in unrecorded.output
+    assert not (root / "exports").exists()
 
 
 def test_the_stage_exports_the_sets_params_list_and_notes_the_others(at):

@@ -1,7 +1,9 @@
 """Sources outside the project are dependencies: each ingest stage depends on its source's root, wherever it
-is, so `dvc status` sees an external dataset change; a CSV outside that root is refused at params load."""
+is, so `dvc status` sees an external dataset change; a CSV outside that root is refused at params load; manifest
+rows that lead outside the root are skipped and counted unless allowed."""
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -9,7 +11,8 @@ import yaml
 from dvc.repo import Repo
 
 import biomedsynth
-from biomedsynth.params import ParamsError, load_params
+from biomedsynth.params import ParamsError, load_params, set_params
+from test_faults import CLI, ENV, xray_project
 
 # the project of the biomedsynth imported (PYTHONPATH may name another checkout): its dvc.yaml and params.yaml
 PROJECT = Path(biomedsynth.__file__).resolve().parents[2]
@@ -68,3 +71,28 @@ def test_a_csv_outside_its_root_is_refused_naming_the_key_and_the_fix(tmp_path, 
             load_params(_params(tmp_path / "params.yaml", modality, root=str(root), **{key: str(outside)}))
     inside = load_params(_params(tmp_path / "params.yaml", modality, root=str(root), **{key: str(root / "a.csv")}))
     assert getattr(inside.sources, modality).root == root
+
+
+def _ingest_xray(root: Path) -> dict:
+    """`biomedsynth ingest xray` in the project at `root`; its metrics."""
+    subprocess.run(CLI + ["ingest", "xray"], cwd=root, env=ENV, check=True, capture_output=True)
+    return json.loads((root / "metrics/ingest/xray.json").read_text())
+
+
+def test_manifest_rows_outside_the_root_are_skipped_and_counted_unless_allowed(tmp_path):
+    """An absolute path (/etc/passwd), a `../` path and a symlink out of the root are skipped and counted as
+    outside_root, never opened (before: /etc/passwd was opened and counted unreadable, the others ingested);
+    sources.xray.allow_outside_root: true reads them."""
+    root = xray_project(tmp_path, rows=3, distinct=3)
+    scans = root / "data/raw/xray"
+    (scans / "scan1.png").rename(root / "data/raw/up.png")
+    (scans / "scan2.png").rename(root / "data/raw/linked.png")
+    (scans / "link.png").symlink_to(root / "data/raw/linked.png")
+    (scans / "list.csv").write_text("path,patient_id,sex,age,image_id\nscan0.png,p1,F,40,in\n"
+                                    "/etc/passwd,p2,F,40,abs\n../up.png,p3,F,40,up\nlink.png,p4,F,40,link\n")
+    kept = _ingest_xray(root)
+    assert kept["written"] == 1 and kept["skipped_by_reason"] == {"outside_root": 3}, kept["skipped_by_reason"]
+    set_params(["sources.xray.allow_outside_root=true"], root / "params.yaml")
+    allowed = _ingest_xray(root)
+    assert allowed["written"] == 3 and allowed["skipped_by_reason"] == {"unreadable": 1}  # /etc/passwd
+

@@ -105,11 +105,12 @@ def test_manifest_paths_sexes_and_findings(tmp_path):
                   "finding": ["No Finding", "Nodule", "no finding", "No Finding", "No Finding", "No Finding"],
                   "report": ["x"] * 6}).to_csv(csv, index=False)
     records, skipped = manifest_records(csv)
-    assert skipped == {"missing_image": 1, "bad_sex": 1}
+    assert skipped == {"outside_root": 1, "missing_image": 1, "bad_sex": 1}  # the absolute path, outside the root
     assert records == [ScanRecord(export / "p1/a.png", "a", "007", "M", 45, True),
                        ScanRecord(export / "p2/b.tif", "b", "8", "F", 30, False),
-                       ScanRecord(dcm, "IM0001", "9", "F", 71, True),
-                       ScanRecord(absolute, "c", "10", "M", 19, True)]
+                       ScanRecord(dcm, "IM0001", "9", "F", 71, True)]
+    records, skipped = manifest_records(csv, allow_outside_root=True)
+    assert skipped == {"missing_image": 1, "bad_sex": 1} and records[3] == ScanRecord(absolute, "c", "10", "M", 19, True)
 
 
 def test_manifest_root_normal_column_and_default_normal(tmp_path):
@@ -236,7 +237,8 @@ def test_slide_id_matching_no_file_and_bad_knob_values(tmp_path):
     touch(tmp_path / "normal" / "slideA_0.png")
     with pytest.raises(ValueError, match=r"slide_id = 'camelyon16' matches no file name \(e\.g\. 'slideA_0\.png'\)"):
         folder_tiles(tmp_path, slide_id="camelyon16", allow_tile_level_split=False, max_pixels=BUDGET)
-    base = {"format": "tiles", "root": "r", "labels_csv": None, "allow_tile_level_split": False}
+    base = {"format": "tiles", "root": "r", "labels_csv": None, "allow_tile_level_split": False,
+            "allow_outside_root": False}
     assert HistologySource(**base, slide_id="pcam").slide_id == "pcam"
     for bad, why in (("camelyon17", "group named 'slide'"), ("(?P<slide>[", "nor a regex")):
         with pytest.raises(ValueError, match=why):

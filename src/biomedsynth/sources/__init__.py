@@ -2,6 +2,7 @@
 the ingest stages turn records into image sets (see store.py)."""
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import NamedTuple
@@ -58,3 +59,9 @@ def slide_id_pattern(rule: str) -> re.Pattern:
     if "slide" not in pattern.groupindex:
         raise ValueError(f"slide_id {rule!r}: the regex needs a group named 'slide', e.g. ^(?P<slide>[^_]+_\\d+)_")
     return pattern
+
+
+def inside(path: Path, root: Path) -> bool:
+    """Whether `path` lies inside `root` once `..` and symlinks are resolved: a link out of the root is outside."""
+    return Path(os.path.realpath(path)).is_relative_to(os.path.realpath(root))
+

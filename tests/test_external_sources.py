@@ -1,9 +1,12 @@
 """Sources outside the project are dependencies: each ingest stage depends on its source's root, wherever it
 is, so `dvc status` sees an external dataset change; a CSV outside that root is refused at params load; manifest
-rows that lead outside the root are skipped and counted unless allowed."""
+rows that lead outside the root are skipped and counted unless allowed; symlink loops in a root are skipped and
+counted, and listed in .dvcignore so DVC runs on."""
 import json
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -96,3 +99,26 @@ def test_manifest_rows_outside_the_root_are_skipped_and_counted_unless_allowed(t
     allowed = _ingest_xray(root)
     assert allowed["written"] == 3 and allowed["skipped_by_reason"] == {"unreadable": 1}  # /etc/passwd
 
+
+def test_a_symlink_loop_in_a_source_root_is_skipped_and_counted_and_dvc_runs_on(tmp_path):
+    """Two links to each other in data/raw/xray stop `dvc status` (exit 255: DVC, hashing the root, cannot stat
+    them); check-params lists them in .dvcignore, after which `dvc repro ingest@xray` runs and ingest counts them
+    (symlink_loop) beside the scans it writes."""
+    root = xray_project(tmp_path, rows=2, distinct=2)
+    scans = root / "data/raw/xray"
+    (scans / "a.png").symlink_to("b.png")
+    (scans / "b.png").symlink_to("a.png")
+    shutil.copy(PROJECT / "dvc.yaml", root)
+    shutil.copytree(PROJECT / "src/biomedsynth", root / "src/biomedsynth", ignore=shutil.ignore_patterns("__pycache__"))
+    env = {**ENV, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    dvc = [sys.executable, "-m", "dvc"]
+    subprocess.run(dvc + ["init", "--no-scm", "-q"], cwd=root, env=env, check=True)
+    stopped = subprocess.run(dvc + ["status", "ingest@xray"], cwd=root, env=env, capture_output=True, text=True)
+    assert stopped.returncode == 255 and "Too many levels of symbolic links" in stopped.stderr  # the fault
+    checked = subprocess.run(CLI + ["check-params"], cwd=root, env=env, capture_output=True, text=True)
+    assert checked.returncode == 0 and "2 symlink loop(s) in the source roots listed in .dvcignore" in checked.stdout
+    assert "/data/raw/xray/a.png\n/data/raw/xray/b.png\n" in (root / ".dvcignore").read_text()
+    run = subprocess.run(dvc + ["repro", "ingest@xray"], cwd=root, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    metrics = json.loads((root / "metrics/ingest/xray.json").read_text())
+    assert metrics["written"] == 2 and metrics["skipped_by_reason"] == {"symlink_loop": 2}

@@ -141,9 +141,20 @@ def _passed(check: str) -> None:
 @app.command("check-params")
 def check_params(params: Path = ParamsOpt):
     """check_params, the first stage, which every stage depends on: the whole params file (and export.sets against
-    dvc.yaml's sets) checked before DVC clears any stage's outputs, so a refused knob costs no output."""
+    dvc.yaml's sets) checked before DVC clears any stage's outputs, so a refused knob costs no output. Symlink loops
+    in the source roots, on which DVC stops, are listed in .dvcignore: run it when `dvc status` stops on one."""
+    from biomedsynth.sources import dvcignore_loops, symlink_loops
+
     p = _params(params)
     _export_sets(p, _gan_stage_names())
+    loops = [loop for src in (p.sources.xray, p.sources.histology) for loop in _run(symlink_loops, src.root)]
+    unreached = _run(dvcignore_loops, loops, Path(".dvcignore"))
+    if loops:
+        typer.echo(f"check_params: {len(loops) - len(unreached)} symlink loop(s) in the source roots listed in "
+                   ".dvcignore; ingest skips and counts them (symlink_loop)")
+    for loop in unreached:
+        typer.echo(f"WARNING check_params: {loop} is a symlink loop outside the project, where no .dvcignore "
+                   "reaches, so DVC stops on it: remove it", err=True)
     _passed("params")
 
 

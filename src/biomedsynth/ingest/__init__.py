@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from biomedsynth.params import Params
+from biomedsynth.sources import symlink_loops
 from biomedsynth.store import write_json
 
 
@@ -85,6 +86,9 @@ def ingest(modality: str, p: Params, out: Path, summary_path: Path) -> dict:
         summary["unsupported_files"] = unsupported
     else:
         raise ValueError(f"unknown modality '{modality}' (allowed: xray, histology)")
+    # a symlink loop in the root: never followed, counted (and dvcignored by check-params, else DVC stops on it)
+    if loops := symlink_loops(src.root):
+        listing_skipped = {**listing_skipped, "symlink_loop": len(loops)}
     # timings differ run to run: printed, not written, so the metrics file (and dvc.lock) change only
     # when the results do
     timing = {k: summary.pop(k) for k in ("seconds", "scans_per_s", "tiles_per_s") if k in summary}

@@ -13,6 +13,7 @@ from biomedsynth.sources.folder import folder_tiles
 from biomedsynth.sources.manifest import manifest_records, parse_age
 from biomedsynth.sources.nih import nih_records
 from biomedsynth.sources.pcam import pcam_tiles
+from biomedsynth.sources.wsi import list_slides
 from test_scans import BUDGET
 
 
@@ -231,6 +232,26 @@ def test_slide_id_presets_and_regex_read_the_file_name(tmp_path, rule, names, sl
         touch(tmp_path / name)
     tiles, skipped = folder_tiles(tmp_path, slide_id=rule, allow_tile_level_split=False, max_pixels=BUDGET)
     assert sorted((t.source, t.slide_id) for t in tiles) == sorted(zip(names, slides)) and skipped == {}
+
+
+def test_tiles_and_slides_linked_out_of_the_root_are_left_out_unless_allowed(tmp_path):
+    """sources.histology.allow_outside_root false: a tile or slide that is a link out of the root is skipped
+    unread and counted (outside_root); true: read like the others."""
+    rgb = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3)
+    tiles_root, slides_root, elsewhere = tmp_path / "tiles", tmp_path / "slides", tmp_path / "elsewhere"
+    touch(tiles_root / "normal" / "s1_0.png", rgb)
+    (tiles_root / "normal" / "s2_0.png").symlink_to(touch(elsewhere / "s2_0.png", rgb))
+    rule = dict(slide_id=r"^(?P<slide>s\d+)_", allow_tile_level_split=False, max_pixels=BUDGET)
+    tiles, skipped = folder_tiles(tiles_root, **rule)
+    assert [t.source for t in tiles] == ["normal/s1_0.png"] and skipped == {"outside_root": 1}
+    tiles, skipped = folder_tiles(tiles_root, **rule, allow_outside_root=True)
+    assert [t.source for t in tiles] == ["normal/s1_0.png", "normal/s2_0.png"] and skipped == {}
+    touch(slides_root / "normal_001.tif")
+    (slides_root / "tumor_002.tif").symlink_to(touch(elsewhere / "tumor_002.tif", rgb))
+    outside: list[Path] = []
+    assert [r.slide_id for r in list_slides(slides_root, outside=outside)] == ["normal_001"]
+    assert outside == [slides_root / "tumor_002.tif"]
+    assert [r.slide_id for r in list_slides(slides_root)] == ["normal_001", "tumor_002"]
 
 
 def test_slide_id_matching_no_file_and_bad_knob_values(tmp_path):

@@ -9,6 +9,7 @@ counts, Table 3 and dvc.lock are written in the shape their stages write them. `
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -199,7 +200,18 @@ def project(tmp_path_factory, one_thread_here):
         "params": {"params.yaml": {"seed": 0, "synthesize": {"checkpoint": "best", "draws": 2}}},
         "outs": [{"path": f"data/synthetic/{NAME}", "hash": "md5", "md5": "11111111111111111111111111111111.dir"}]}}}
     (root / "dvc.lock").write_text(yaml.safe_dump(lock))
+    record_synthesize_metrics(root)
     return root
+
+
+def record_synthesize_metrics(root: Path) -> None:
+    """dvc.lock records synthesize's metrics file as DVC does once the stage has run: the md5 of its bytes."""
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    path = f"metrics/synthesize/{NAME}.json"
+    outs = lock["stages"][f"synthesize@{NAME}"]["outs"]
+    outs[:] = [o for o in outs if o["path"] != path] + [
+        {"path": path, "hash": "md5", "md5": hashlib.md5((root / path).read_bytes()).hexdigest()}]
+    (root / "dvc.lock").write_text(yaml.safe_dump(lock))
 
 
 @pytest.fixture
@@ -290,6 +302,7 @@ def copying(project, tmp_path_factory):
         mp.setenv("BIOMEDSYNTH_DEVICE", "cpu")
         planted(root, mp, half_copies)
         run_ok(["synthesize", "dcgan", "x_norm", "cond"])
+    record_synthesize_metrics(root)
     return root
 
 
@@ -400,6 +413,7 @@ def test_a_set_that_passes_still_leaves_without_its_near_copies(project, tmp_pat
 
     planted(root, monkeypatch, one_copy)
     run_ok(["synthesize", "dcgan", "x_norm", "cond"])
+    record_synthesize_metrics(root)
     synth = json.loads((root / f"metrics/synthesize/{NAME}.json").read_text())
     meta = ImageSet(root / "data/synthetic" / NAME).meta
     marked = meta["near_copy"].to_numpy().astype(bool)
@@ -417,6 +431,32 @@ def test_a_set_that_passes_still_leaves_without_its_near_copies(project, tmp_pat
     first = np.asarray(ImageSet(root / "data/studygroups/x_norm/train")[0])[..., 0]
     for png in (tmp_path / "g" / "images" / LABELS[0]).iterdir():
         assert not np.array_equal(np.asarray(Image.open(png)), first)
+
+
+def test_a_hand_edited_verdict_is_refused(project, tmp_path, monkeypatch):
+    """The gate reads synthesize's verdict only from the bytes dvc.lock records for its stage: a flagged set's
+    metrics edited to `copying: false` are refused in one line and nothing is written (before, they were exported);
+    so are metrics no run recorded."""
+    root = tmp_path / "edited"
+    shutil.copytree(project, root)
+    monkeypatch.chdir(root)
+    metrics = root / f"metrics/synthesize/{NAME}.json"
+    synth = json.loads(metrics.read_text())
+    synth["evidence"]["copying"] = True  # a flagged run, as its stage wrote it and DVC recorded it
+    write_json(metrics, synth)
+    record_synthesize_metrics(root)
+    assert "flags it as copying training images" in CliRunner().invoke(app, ["export", NAME]).output
+    synth["evidence"]["copying"] = False  # the hand edit
+    write_json(metrics, synth)
+    edited = CliRunner().invoke(app, ["export", NAME])
+    (root / "dvc.lock").unlink()
+    unrecorded = CliRunner().invoke(app, ["export", NAME])
+    for result in (edited, unrecorded):
+        assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+        assert "memorisation verdict cannot be" in result.output and f"dvc repro synthesize@{NAME}" in result.output
+    assert f"is not the file synthesize@{NAME} wrote (its md5 differs from dvc.lock's" in edited.output
+    assert f"records no synthesize@{NAME} run that wrote it" in unrecorded.output
+    assert not (root / "exports").exists()
 
 
 def test_the_stage_exports_the_sets_params_list_and_notes_the_others(at):

@@ -57,7 +57,8 @@ def xray_project(root: Path, rows: int, distinct: int = 1) -> Path:
         img = chest + rng.normal(0, 0.02, chest.shape)
         Image.fromarray((img * 4000).clip(0, 65535).astype(np.uint16)).save(scans / f"scan{i}.png")
     write_manifest(scans, rows, distinct)
-    params(root, **{"sources.xray": {"format": "manifest", "root": "data/raw/xray", "csv": "data/raw/xray/list.csv"},
+    params(root, **{"sources.xray": {"format": "manifest", "root": "data/raw/xray", "csv": "data/raw/xray/list.csv",
+                                     "allow_outside_root": False},
                     "ingest.workers": 2, "ingest.xray.image_size": 32})
     return root
 

@@ -13,6 +13,7 @@ from biomedsynth.sources.folder import folder_tiles
 from biomedsynth.sources.manifest import manifest_records, parse_age
 from biomedsynth.sources.nih import nih_records
 from biomedsynth.sources.pcam import pcam_tiles
+from biomedsynth.sources.wsi import list_slides
 from test_scans import BUDGET
 
 
@@ -105,11 +106,12 @@ def test_manifest_paths_sexes_and_findings(tmp_path):
                   "finding": ["No Finding", "Nodule", "no finding", "No Finding", "No Finding", "No Finding"],
                   "report": ["x"] * 6}).to_csv(csv, index=False)
     records, skipped = manifest_records(csv)
-    assert skipped == {"missing_image": 1, "bad_sex": 1}
+    assert skipped == {"outside_root": 1, "missing_image": 1, "bad_sex": 1}  # the absolute path, outside the root
     assert records == [ScanRecord(export / "p1/a.png", "a", "007", "M", 45, True),
                        ScanRecord(export / "p2/b.tif", "b", "8", "F", 30, False),
-                       ScanRecord(dcm, "IM0001", "9", "F", 71, True),
-                       ScanRecord(absolute, "c", "10", "M", 19, True)]
+                       ScanRecord(dcm, "IM0001", "9", "F", 71, True)]
+    records, skipped = manifest_records(csv, allow_outside_root=True)
+    assert skipped == {"missing_image": 1, "bad_sex": 1} and records[3] == ScanRecord(absolute, "c", "10", "M", 19, True)
 
 
 def test_manifest_root_normal_column_and_default_normal(tmp_path):
@@ -232,11 +234,32 @@ def test_slide_id_presets_and_regex_read_the_file_name(tmp_path, rule, names, sl
     assert sorted((t.source, t.slide_id) for t in tiles) == sorted(zip(names, slides)) and skipped == {}
 
 
+def test_tiles_and_slides_linked_out_of_the_root_are_left_out_unless_allowed(tmp_path):
+    """sources.histology.allow_outside_root false: a tile or slide that is a link out of the root is skipped
+    unread and counted (outside_root); true: read like the others."""
+    rgb = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3)
+    tiles_root, slides_root, elsewhere = tmp_path / "tiles", tmp_path / "slides", tmp_path / "elsewhere"
+    touch(tiles_root / "normal" / "s1_0.png", rgb)
+    (tiles_root / "normal" / "s2_0.png").symlink_to(touch(elsewhere / "s2_0.png", rgb))
+    rule = dict(slide_id=r"^(?P<slide>s\d+)_", allow_tile_level_split=False, max_pixels=BUDGET)
+    tiles, skipped = folder_tiles(tiles_root, **rule)
+    assert [t.source for t in tiles] == ["normal/s1_0.png"] and skipped == {"outside_root": 1}
+    tiles, skipped = folder_tiles(tiles_root, **rule, allow_outside_root=True)
+    assert [t.source for t in tiles] == ["normal/s1_0.png", "normal/s2_0.png"] and skipped == {}
+    touch(slides_root / "normal_001.tif")
+    (slides_root / "tumor_002.tif").symlink_to(touch(elsewhere / "tumor_002.tif", rgb))
+    outside: list[Path] = []
+    assert [r.slide_id for r in list_slides(slides_root, outside=outside)] == ["normal_001"]
+    assert outside == [slides_root / "tumor_002.tif"]
+    assert [r.slide_id for r in list_slides(slides_root)] == ["normal_001", "tumor_002"]
+
+
 def test_slide_id_matching_no_file_and_bad_knob_values(tmp_path):
     touch(tmp_path / "normal" / "slideA_0.png")
     with pytest.raises(ValueError, match=r"slide_id = 'camelyon16' matches no file name \(e\.g\. 'slideA_0\.png'\)"):
         folder_tiles(tmp_path, slide_id="camelyon16", allow_tile_level_split=False, max_pixels=BUDGET)
-    base = {"format": "tiles", "root": "r", "labels_csv": None, "allow_tile_level_split": False}
+    base = {"format": "tiles", "root": "r", "labels_csv": None, "allow_tile_level_split": False,
+            "allow_outside_root": False}
     assert HistologySource(**base, slide_id="pcam").slide_id == "pcam"
     for bad, why in (("camelyon17", "group named 'slide'"), ("(?P<slide>[", "nor a regex")):
         with pytest.raises(ValueError, match=why):

@@ -126,6 +126,38 @@ def set_cmd(assignments: list[str] = typer.Argument(..., help="key=value, e.g. s
     _change_params(params, "", lambda: set_params(assignments, params))
 
 
+CHECKED = Path("data/checked")  # the check stages' outputs
+
+
+def _passed(check: str) -> None:
+    """Write data/checked/<check>.txt, the same bytes whenever the check passes: the stages after it depend on
+    it, and a check that passes again leaves them as they were."""
+    from biomedsynth.store import atomic_write_text
+
+    _run(atomic_write_text, CHECKED / f"{check}.txt", f"check_{check}: passed\n")
+    typer.echo(f"check_{check}: passed")
+
+
+@app.command("check-params")
+def check_params(params: Path = ParamsOpt):
+    """check_params, the first stage, which every stage depends on: the whole params file (and export.sets against
+    dvc.yaml's sets) checked before DVC clears any stage's outputs, so a refused knob costs no output. Symlink loops
+    in the source roots, on which DVC stops, are listed in .dvcignore: run it when `dvc status` stops on one."""
+    from biomedsynth.sources import dvcignore_loops, symlink_loops
+
+    p = _params(params)
+    _export_sets(p, _gan_stage_names())
+    loops = [loop for src in (p.sources.xray, p.sources.histology) for loop in _run(symlink_loops, src.root)]
+    unreached = _run(dvcignore_loops, loops, Path(".dvcignore"))
+    if loops:
+        typer.echo(f"check_params: {len(loops) - len(unreached)} symlink loop(s) in the source roots listed in "
+                   ".dvcignore; ingest skips and counts them (symlink_loop)")
+    for loop in unreached:
+        typer.echo(f"WARNING check_params: {loop} is a symlink loop outside the project, where no .dvcignore "
+                   "reaches, so DVC stops on it: remove it", err=True)
+    _passed("params")
+
+
 @app.command()
 def ingest(modality: str = typer.Argument(..., help="xray | histology"), params: Path = ParamsOpt):
     """ingest@<modality>: decode and preprocess the raw data into data/interim/<modality>."""
@@ -203,6 +235,33 @@ def feature_net(modality: str = typer.Argument(..., help="xray | histology"), pa
                    Path("metrics/feature_net") / f"{modality}.json", _run(pick_device))
     _stamp(p, Path("metrics/feature_net") / f"{modality}.json")
     _print_summary(f"feature_net@{modality}", summary)
+
+
+@app.command("check-gan")
+def check_gan(params: Path = ParamsOpt):
+    """check_gan: what each train_gan stage would refuse in its data, feature net or resume state (a batch larger
+    than a model's images, PGGAN's growth past its epochs, ...), checked before DVC clears any GAN model."""
+    from biomedsynth.gan.train import check_run, stage_options
+    from biomedsynth.left_out import reason_left_out
+
+    p = _params(params)
+    processes = p.launch.nproc_per_node * p.launch.nnodes
+
+    def check(name: str, stage: dict) -> None:
+        train_set = Path("data/studygroups") / stage["group"] / "train"
+        try:
+            opt = stage_options(p, stage["arch"], stage["modality"], stage["setup"], train_set, processes)
+            check_run(opt, train_set, train_set.with_name("val"), FEATURE_NETS / f"{stage['modality']}.pt",
+                      GAN_STATES / name, processes)
+        except ValueError as e:
+            raise ValueError(f"train_gan@{name}: {e}") from None
+
+    for name, stage in _gan_stages().items():
+        if not reason_left_out(p, name):
+            _run(check, name, stage)
+    _passed("gan")
+
+
 ArchArg = typer.Argument(..., help="dcgan | pggan | sg2ada")
 GroupArg = typer.Argument(..., help="x_norm | x_norm_l | h_norm | h_tumor")
 SetupArg = typer.Argument(..., help="uncond (one model per label) | cond (one model fed the label)")
@@ -235,16 +294,9 @@ def train_gan(arch: str = ArchArg, group: str = GroupArg, setup: str = SetupArg,
         _stamp(p, metrics / f"{name}.json")
         typer.echo(f"train_gan@{name}: {reason}")
         return
-    from biomedsynth.gan.train import Options, stage_world, train_gan as run_train_gan
-    from biomedsynth.store import ImageSet
+    from biomedsynth.gan.train import stage_options, train_gan as run_train_gan
 
-    def options():
-        real = ImageSet(train_set)
-        labels = tuple(sorted(real.meta["label"].unique()))
-        world = stage_world(1 if setup == "cond" else len(labels), p.launch.nproc_per_node * p.launch.nnodes)
-        return Options.from_params(p, arch, modality, setup, labels, real.shape[2], world)
-
-    opt = _run(options)
+    opt = _run(stage_options, p, arch, modality, setup, train_set, p.launch.nproc_per_node * p.launch.nnodes)
     _in_workers(p, ["train-gan", arch, group, setup, "--params", str(params)])
     tracked = {"seed": p.seed, "gan": {modality: getattr(p.gan, modality).model_dump(),
                                        arch: getattr(p.gan, arch).model_dump(), "score": p.gan.score.model_dump(),

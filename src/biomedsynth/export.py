@@ -17,8 +17,10 @@ set's own, the columns are the label's parts, the source data appears as counts.
 
 What leaves passes the privacy gate (gate.py): a set the memorisation test (evidence.py) flags as copying training
 images is refused unless the caller allows it (the datasheet then records the override), and the images synthesize
-marked as near copies of training images are left out, counted in the datasheet. Everything is written beside the
-output folder and renamed into place, so an interrupted export leaves the previous one whole.
+marked as near copies of training images are left out, counted in the datasheet. The verdict is read from
+synthesize's metrics only when they are the bytes dvc.lock records for its stage, so a hand-edited verdict is
+refused. Everything is written beside the output folder and renamed into place, so an interrupted export leaves
+the previous one whole.
 """
 from __future__ import annotations
 
@@ -236,10 +238,32 @@ class RunFiles:
                    root / "metrics/summary.json", root / "dvc.lock")
 
 
-def _json(path: Path) -> dict:
+def _bytes(path: Path) -> bytes:
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path} is missing; run the stage that writes it (dvc repro)")
-    return json.loads(Path(path).read_text())
+    return Path(path).read_bytes()
+
+
+def _json(path: Path) -> dict:
+    return json.loads(_bytes(path))
+
+
+def recorded_metrics(name: str, run: RunFiles, lock: dict | None) -> dict:
+    """synthesize's metrics of set `name`, the export gate's evidence, read only when their bytes are those its
+    stage recorded in dvc.lock (DVC's md5): a hand edit (`copying: false`) or a run outside DVC cannot pass the gate.
+    ValueError, one line, otherwise."""
+    path, stage = run.synthesize_metrics, f"synthesize@{name}"
+    outs = ((lock or {}).get("stages") or {}).get(stage, {}).get("outs", [])
+    where = os.path.abspath(path)
+    recorded = next((o.get("md5") for o in outs if os.path.abspath(run.dvc_lock.parent / o["path"]) == where), None)
+    if recorded is None:
+        raise ValueError(f"{path}: {run.dvc_lock} records no {stage} run that wrote it, so its memorisation verdict "
+                         f"cannot be checked; run `dvc repro {stage}`")
+    data = _bytes(path)
+    if hashlib.md5(data).hexdigest() != recorded:
+        raise ValueError(f"{path} is not the file {stage} wrote (its md5 differs from dvc.lock's {recorded}), so its "
+                         f"memorisation verdict cannot be trusted; run `dvc repro {stage}` to measure it again")
+    return json.loads(data)
 
 
 def generator_names(arch: str, setup: str, epochs: dict[str, int], labels: list[str]) -> dict[str, str]:
@@ -254,8 +278,10 @@ def export_set(name: str, run: RunFiles, out: Path, *, modality: str, group: str
                intended_use: str, allow_flagged: bool = False, with_generator: bool = False) -> dict:
     """Write the export of synthetic set `name` (an arch-group-setup stage) at `out`, less the images marked as near
     copies; return a short summary. ValueError, before anything is written, when the set was not drawn, is flagged
-    as copying and not allowed, or has no near-copy marks."""
-    synth = _json(run.synthesize_metrics)
+    as copying and not allowed, has no near-copy marks, or its memorisation evidence is not what its stage recorded
+    in dvc.lock."""
+    lock = yaml.safe_load(run.dvc_lock.read_text()) if run.dvc_lock.is_file() else None
+    synth = recorded_metrics(name, run, lock)
     if synth.get("synthesized") is False:
         raise ValueError(f"{name}: no synthetic set to export ({synth['reason']})")
     passed = gate.admit(name, gate.verdict(synth), allow_flagged=allow_flagged,
@@ -273,7 +299,6 @@ def export_set(name: str, run: RunFiles, out: Path, *, modality: str, group: str
     epochs = synth["checkpoint_epochs"]
     logs = {model: next(r for r in read_log(run.model_root / model) if r["epoch"] == e) for model, e in epochs.items()}
     studygroups, summary, gan = _json(run.studygroups_metrics), _json(run.summary), _json(run.gan_metrics)
-    lock = yaml.safe_load(run.dvc_lock.read_text()) if run.dvc_lock.is_file() else None
     meta = images.meta.assign(draw=images.meta["draw"] if "draw" in images.meta else 0).iloc[shipped]
     labels = sorted(meta["label"].unique())
     generators = generator_names(options["arch"], options["setup"], epochs, labels)

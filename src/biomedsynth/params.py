@@ -83,6 +83,7 @@ class XraySource(Strict):
     format: Literal["nih", "manifest"]
     root: Path  # anywhere (the ingest stage depends on it); its CSV must lie inside it
     csv: SourceCsv  # nih: Data_Entry*.csv found in root when null; manifest: required
+    allow_outside_root: bool  # manifest rows whose path leads outside root: read (true) or skipped and counted
 
     @model_validator(mode="after")
     def _manifest_needs_csv(self):
@@ -97,6 +98,7 @@ class HistologySource(Strict):
     labels_csv: SourceCsv    # slides: `slide,label` CSV instead of Camelyon16 file names
     slide_id: str | None     # tiles: slide from the file name, camelyon16 | pcam | a regex with a group 'slide'
     allow_tile_level_split: bool  # tiles/pcam without slide ids: split by tile (else refused)
+    allow_outside_root: bool  # tiles and slides that are links out of root: read (true) or skipped and counted
 
     @model_validator(mode="after")
     def _slide_id_for_tile_folders(self):

@@ -792,6 +792,35 @@ def _prune(stage_states: Path, kept: Path) -> None:
             shutil.rmtree(d)
 
 
+def stage_options(p, arch: str, modality: str, setup: str, train_set: Path, processes: int) -> Options:
+    """The options of a train_gan stage from the params models and its training set (labels, channels), run by
+    `processes` processes; ValueError, one line, for a setting Options refuses."""
+    real = ImageSet(train_set)
+    labels = tuple(sorted(real.meta["label"].unique()))
+    world = stage_world(1 if setup == "cond" else len(labels), processes)
+    return Options.from_params(p, arch, modality, setup, labels, real.shape[2], world)
+
+
+def check_run(opt: Options, train_set: Path, val_set: Path, feature_net: Path, stage_states: Path,
+              processes: int) -> tuple[Options, list[ModelData], dict[str, ModelPlan]]:
+    """Everything the data, the feature net or a resume state can refuse in a stage's run (a ValueError, one
+    line), checked before anything is written: train_gan runs it, and so does the check_gan stage for every GAN
+    stage before DVC clears any of their outputs. Returns the options stamped with the feature net and the
+    processes sharing each batch, the stage's models and their plans."""
+    images, val = ImageSet(train_set), ImageSet(val_set)
+    if images.shape[2] != opt.channels:
+        raise ValueError(f"{train_set}: images have {images.shape[2]} channel(s), the GAN expects {opt.channels}")
+    resolution = score.load_feature_net(feature_net).info.get("resolution")
+    if resolution != opt.resolution:
+        raise ValueError(f"{feature_net} was trained on {resolution} px images, the GAN draws "
+                         f"{opt.resolution} px; run its feature_net stage again")
+    models = model_data(images.meta, val.meta, opt)
+    opt = replace(opt, feature_net=fingerprint(feature_net), world=stage_world(len(models), processes))
+    plans = {data.name: plan_epochs(opt, data) for data in models}
+    check_world(stage_states, opt)
+    return opt, models, plans
+
+
 def train_gan(opt: Options, train_set: Path, val_set: Path, feature_net: Path, out: Path, metrics_path: Path,
               scores_path: Path, losses_path: Path, stage_states: Path, trend_tail: float = 0.2,
               stage: str = "train_gan", tracking_params: dict | None = None, models_per_device: int = 1,
@@ -810,17 +839,7 @@ def train_gan(opt: Options, train_set: Path, val_set: Path, feature_net: Path, o
     device = pick_device(rank)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes per growth phase: autotuned convolutions pay
-    images, val = ImageSet(train_set), ImageSet(val_set)
-    if images.shape[2] != opt.channels:
-        raise ValueError(f"{train_set}: images have {images.shape[2]} channel(s), the GAN expects {opt.channels}")
-    net = score.load_feature_net(feature_net, device)
-    if net.info.get("resolution") != opt.resolution:
-        raise ValueError(f"{feature_net} was trained on {net.info.get('resolution')} px images, the GAN draws "
-                         f"{opt.resolution} px; run its feature_net stage again")
-    models = model_data(images.meta, val.meta, opt)
-    opt = replace(opt, feature_net=fingerprint(feature_net), world=stage_world(len(models), world))
-    plans = {data.name: plan_epochs(opt, data) for data in models}
-    check_world(stage_states, opt)
+    opt, models, plans = check_run(opt, train_set, val_set, feature_net, stage_states, world)
     state = stage_states / run_key(opt)
     if rank == 0:
         write_json(state / "options.json", opt.to_json())  # its time says which state was used last (_prune)

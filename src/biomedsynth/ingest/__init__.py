@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from biomedsynth.params import Params
+from biomedsynth.sources import symlink_loops
 from biomedsynth.store import write_json
 
 
@@ -55,7 +56,7 @@ def ingest(modality: str, p: Params, out: Path, summary_path: Path) -> dict:
 
         src, cfg = p.sources.xray, p.ingest.xray
         records, listing_skipped = (nih_records(src.root, src.csv) if src.format == "nih"
-                                    else manifest_records(src.csv, src.root))
+                                    else manifest_records(src.csv, src.root, src.allow_outside_root))
         summary = ingest_xray(records, out, size=cfg.image_size, normal_only=cfg.normal_only,
                               on_no_lungs=cfg.on_no_lungs, lo_pct=cfg.percentiles[0],
                               hi_pct=cfg.percentiles[1], fit=cfg.fit, workers=p.ingest.workers,
@@ -68,12 +69,14 @@ def ingest(modality: str, p: Params, out: Path, summary_path: Path) -> dict:
         unsupported: list[str] = []  # "path: why" of .dcm files that are no part of a DICOM whole-slide image
         if src.format == "slides":
             from biomedsynth.sources.wsi import list_slides
-            slides = list_slides(src.root, src.labels_csv, unsupported)
-            listing_skipped = {"unsupported": len(unsupported)} if unsupported else {}
+            outside: list[Path] | None = None if src.allow_outside_root else []
+            slides = list_slides(src.root, src.labels_csv, unsupported, outside)
+            listing_skipped = {k: n for k, n in (("unsupported", len(unsupported)),
+                                                 ("outside_root", len(outside or []))) if n}
         elif src.format == "tiles":
             from biomedsynth.sources.folder import folder_tiles
             tiles, listing_skipped = folder_tiles(src.root, src.slide_id, src.allow_tile_level_split,
-                                                  p.ingest.max_pixels)
+                                                  p.ingest.max_pixels, src.allow_outside_root)
         else:
             from biomedsynth.sources.pcam import pcam_tiles
             tiles, listing_skipped = pcam_tiles(src.root, src.allow_tile_level_split, p.ingest.max_pixels)
@@ -83,6 +86,9 @@ def ingest(modality: str, p: Params, out: Path, summary_path: Path) -> dict:
         summary["unsupported_files"] = unsupported
     else:
         raise ValueError(f"unknown modality '{modality}' (allowed: xray, histology)")
+    # a symlink loop in the root: never followed, counted (and dvcignored by check-params, else DVC stops on it)
+    if loops := symlink_loops(src.root):
+        listing_skipped = {**listing_skipped, "symlink_loop": len(loops)}
     # timings differ run to run: printed, not written, so the metrics file (and dvc.lock) change only
     # when the results do
     timing = {k: summary.pop(k) for k in ("seconds", "scans_per_s", "tiles_per_s") if k in summary}

@@ -56,6 +56,7 @@ TRIES = 3                 # candidate core sets grown at most
 ON_NO_LUNGS = ("skip", "central")
 FITS = ("stretch", "crop", "pad")
 SCAN_CHUNK = 16           # scans per task sent to a worker
+NORMALISE_ROWS = 256      # rows normalised at once (8192 px wide: 8 MiB of float32)
 
 
 def _shrink(img: np.ndarray) -> np.ndarray:
@@ -203,10 +204,17 @@ def normalise(img: np.ndarray, region_mask: np.ndarray, lo_pct: float = 5.0, hi_
     _check_percentiles(lo_pct, hi_pct)
     if region_mask.shape != img.shape or not region_mask.any():
         raise ValueError(f"region mask {region_mask.shape} must match the image {img.shape} and be non-empty")
-    lo, hi = (float(v) for v in np.percentile(img[region_mask], [lo_pct, hi_pct]))
+    # overwrite_input: the region's pixels are a copy of our own, so percentile need not copy them again
+    lo, hi = (float(v) for v in np.percentile(img[region_mask], [lo_pct, hi_pct], overwrite_input=True))
     if hi <= lo:  # a flat region: split at its value
         return np.where(img > lo, 255, 0).astype(np.uint8)
-    return np.rint(np.clip((img - lo) * (255.0 / (hi - lo)), 0, 255)).astype(np.uint8)
+    # in row blocks: whole-image temporaries would hold three float copies of a scan at the pixel budget at once
+    out, scale = np.empty(img.shape, np.uint8), 255.0 / (hi - lo)
+    for y in range(0, img.shape[0], NORMALISE_ROWS):
+        block = img[y:y + NORMALISE_ROWS] - lo
+        block *= scale
+        out[y:y + NORMALISE_ROWS] = np.rint(np.clip(block, 0, 255, out=block), out=block)
+    return out
 
 
 def fit_square(img: np.ndarray, fit: str) -> np.ndarray:
@@ -268,11 +276,14 @@ def _process_chunk(records: list[ScanRecord], size: int, on_no_lungs: str, lo_pc
                    fit: str, max_pixels: int) -> list[tuple[np.ndarray | None, str, str, bytes | None]]:
     """Decode and preprocess a chunk of scans in a worker: (image, status, why not decoded, pixel digest of
     the decoded scan) per scan; status "unreadable" or "over_pixel_budget" for a scan not decoded."""
+    def one(path: Path) -> tuple[np.ndarray | None, str, str, bytes | None]:  # its scan is freed before the next
+        scan = read_scan(path, max_pixels)
+        return *preprocess_scan(scan, size, on_no_lungs, lo_pct, hi_pct, fit=fit), "", pixel_digest(scan)
+
     out = []
     for r in records:
         try:
-            scan = read_scan(r.path, max_pixels)
-            out.append((*preprocess_scan(scan, size, on_no_lungs, lo_pct, hi_pct, fit=fit), "", pixel_digest(scan)))
+            out.append(one(r.path))
         except UnreadableInput as e:
             out.append((None, e.reason, str(e), None))
     return out

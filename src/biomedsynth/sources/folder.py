@@ -25,7 +25,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
-from biomedsynth.sources import Tile, UnreadableInput, slide_id_pattern
+from biomedsynth.sources import Tile, UnreadableInput, inside, slide_id_pattern
 from biomedsynth.sources.budget import pil_budget
 from biomedsynth.sources.manifest import read_table, skip
 
@@ -56,11 +56,12 @@ def slide_table(csv: Path) -> dict[str, str]:
     return dict(zip(files, slides))
 
 
-def folder_tiles(root: Path, slide_id: str | None, allow_tile_level_split: bool, max_pixels: int
-                 ) -> tuple[Iterator[Tile], dict[str, int]]:
+def folder_tiles(root: Path, slide_id: str | None, allow_tile_level_split: bool, max_pixels: int,
+                 allow_outside_root: bool = False) -> tuple[Iterator[Tile], dict[str, int]]:
     """(tiles, skipped): the layout and the slide ids are checked now; tiles are decoded as the iterator is
     consumed, and `skipped` (reason -> count: unsupported_format, unreadable, over_pixel_budget,
-    not_in_slides_csv, no_slide_id) fills up meanwhile."""
+    not_in_slides_csv, no_slide_id, outside_root: a symlink out of the root, unless allow_outside_root) fills up
+    meanwhile."""
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"{root}: tile folder not found")
@@ -73,7 +74,7 @@ def folder_tiles(root: Path, slide_id: str | None, allow_tile_level_split: bool,
              if f.is_file() and not f.name.startswith(".")]
     rule = _slide_rule(root, files, slide_id, allow_tile_level_split)
     skipped: Counter = Counter()
-    return _tiles(root, files, rule, skipped, max_pixels), skipped
+    return _tiles(root, files, rule, skipped, max_pixels, allow_outside_root), skipped
 
 
 class SlideRule(NamedTuple):
@@ -111,9 +112,12 @@ def _match(pattern: re.Pattern, name: str) -> str | None:
 
 
 def _tiles(root: Path, files: list[tuple[Path, str]], rule: SlideRule, skipped: Counter,
-           max_pixels: int) -> Iterator[Tile]:
+           max_pixels: int, allow_outside_root: bool) -> Iterator[Tile]:
     for f, label in files:
         rel = f.relative_to(root).as_posix()
+        if not allow_outside_root and not inside(f, root):
+            skip(skipped, "outside_root", f"{rel}: a link out of the source's root")
+            continue
         if f.suffix.lower() not in SUFFIXES:
             skip(skipped, "unsupported_format", rel)
             continue

@@ -2,8 +2,10 @@
 
 Manifest columns: `path, patient_id, sex, age` (required), `image_id`, `normal` or `finding` (optional);
 other columns are ignored. Paths are relative to `root`, or to the CSV's folder when no root is given,
-or absolute. Any format read_scan decodes (PNG/JPEG/TIFF/DICOM, with or without .dcm) may be listed:
-decoding, and skipping what cannot be decoded, happens at ingest.
+or absolute; a path that leads outside that folder (`..`, an absolute path, a symlink) is skipped unopened and
+counted (outside_root) unless allow_outside_root (sources.xray.allow_outside_root). Any format read_scan decodes
+(PNG/JPEG/TIFF/DICOM, with or without .dcm) may be listed: decoding, and skipping what cannot be decoded, happens
+at ingest.
 
 Bad rows (unknown sex, unparseable age, missing image, ...) are skipped and counted, not fatal: a few bad
 rows in a 100k-row export should not stop a run. The first row skipped for each reason is logged
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from biomedsynth.sources import ScanRecord
+from biomedsynth.sources import ScanRecord, inside
 
 log = logging.getLogger(__name__)
 
@@ -66,15 +68,20 @@ def parse_age(value: str) -> int | None:
     return years if years <= MAX_AGE else None
 
 
-def scan_records(table: pd.DataFrame, csv: Path, id_hint: str = "") -> tuple[list[ScanRecord], dict[str, int]]:
+def scan_records(table: pd.DataFrame, csv: Path, id_hint: str = "", outside: list[bool] | None = None
+                 ) -> tuple[list[ScanRecord], dict[str, int]]:
     """Check rows already mapped to ScanRecord's fields as raw values: `path` (Path, or None when no file
-    was found), `image_id`, `patient_id`, `sex`, `age` (strings), `normal` (bool, or None when unparseable).
-    Returns the good rows as records and the skipped ones counted by reason."""
+    was found), `image_id`, `patient_id`, `sex`, `age` (strings), `normal` (bool, or None when unparseable);
+    `outside`, per row, whether its path leads outside the source's root (never opened). Returns the good rows
+    as records and the skipped ones counted by reason."""
     records, skipped, rows_of = [], Counter(), defaultdict(list)
     for i, r in enumerate(table[list(ScanRecord._fields)].itertuples(index=False), 1):
         where = f"{csv} row {i}"
         sex, age, image_id, patient_id = parse_sex(r.sex), parse_age(r.age), r.image_id.strip(), r.patient_id.strip()
-        if r.path is None:
+        if outside is not None and outside[i - 1]:
+            skip(skipped, "outside_root", f"{where}: {r.path} lies outside the source's root (to read it, set "
+                                          "sources.xray.allow_outside_root: true)")
+        elif r.path is None:
             skip(skipped, "missing_image", f"{where}: no image file for {image_id!r}")
         elif not image_id:
             skip(skipped, "bad_image_id", f"{where}: empty image id")
@@ -117,16 +124,19 @@ def _normal(table: pd.DataFrame, csv: Path) -> list[bool | None]:
     return [True] * len(table)
 
 
-def manifest_records(csv: Path, root: Path | None = None) -> tuple[list[ScanRecord], dict[str, int]]:
+def manifest_records(csv: Path, root: Path | None = None, allow_outside_root: bool = False
+                     ) -> tuple[list[ScanRecord], dict[str, int]]:
     """Scans listed in a manifest CSV; returns (records in CSV order, skipped rows counted by reason)."""
     csv = Path(csv)
     table = read_table(csv, ["path", "patient_id", "sex", "age"])
     base = Path(root) if root is not None else csv.parent
     paths = [base / p.strip() if p.strip() else None for p in table["path"]]
+    outside = [p is not None and not allow_outside_root and not inside(p, base) for p in paths]
     has_ids = "image_id" in table.columns
     return scan_records(pd.DataFrame({
-        "path": pd.Series([p if p is not None and p.is_file() else None for p in paths], dtype=object),
+        "path": pd.Series([p if p is not None and (out or p.is_file()) else None for p, out in zip(paths, outside)],
+                          dtype=object),
         "image_id": table["image_id"] if has_ids else [p.stem if p is not None else "" for p in paths],
         "patient_id": table["patient_id"], "sex": table["sex"], "age": table["age"],
         "normal": pd.Series(_normal(table, csv), dtype=object),
-    }), csv, id_hint="" if has_ids else " (ids are the file names without extension)")
+    }), csv, id_hint="" if has_ids else " (ids are the file names without extension)", outside=outside)

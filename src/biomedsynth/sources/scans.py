@@ -135,9 +135,10 @@ def _read_tiff(path: Path, max_pixels: int) -> np.ndarray:
 def _read_pil(path: Path) -> np.ndarray:
     with Image.open(path) as im:
         im.load()
-        if im.mode in ("L", "LA", "I", "F") or im.mode.startswith("I;16"):  # gray: keep the full depth
-            return _to_gray(np.asarray(im)).astype(np.float32)
-        return np.asarray(im.convert("L"), np.float32)  # palette, RGB(A), CMYK, YCbCr, 1-bit
+        if not (im.mode in ("L", "LA", "I", "F") or im.mode.startswith("I;16")):
+            return np.asarray(im.convert("L"), np.float32)  # palette, RGB(A), CMYK, YCbCr, 1-bit
+        a = np.asarray(im)
+    return _to_gray(a).astype(np.float32)  # gray, at full depth: converted once PIL has let its copy go
 
 
 def read_scan(path: Path, max_pixels: int) -> np.ndarray:

@@ -27,7 +27,7 @@ from matplotlib.path import Path as PolyPath
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-from biomedsynth.sources import SlideRecord
+from biomedsynth.sources import SlideRecord, inside
 from biomedsynth.sources.manifest import read_table
 
 SLIDE_SUFFIXES = {".tif", ".tiff", ".svs", ".ndpi", ".mrxs"}
@@ -97,9 +97,15 @@ def _csv_labels(csv: Path) -> dict[str, str]:
     return labels
 
 
-def _visible_files(root: Path, suffixes: set[str]) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in suffixes and p.is_file()
-                  and not any(part.startswith(".") for part in p.relative_to(root).parts))
+def _visible_files(root: Path, suffixes: set[str], outside: list[Path] | None) -> list[Path]:
+    """The files of these suffixes under `root`, hidden ones left out; when `outside` is a list, links out of the
+    root are left out too and added to it."""
+    found = sorted(p for p in root.rglob("*") if p.suffix.lower() in suffixes and p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    if outside is None:
+        return found
+    outside += [p for p in found if not inside(p, root)]
+    return [p for p in found if inside(p, root)]
 
 
 def _dicom_slides(files: list[Path], unsupported: list[str]) -> list[Path]:
@@ -155,11 +161,12 @@ def _check_distinct_files(records: list[SlideRecord]) -> None:
                                  f"{r.path}); remove the copy")
 
 
-def list_slides(root: Path, labels_csv: Path | None = None, unsupported: list[str] | None = None
-                ) -> list[SlideRecord]:
+def list_slides(root: Path, labels_csv: Path | None = None, unsupported: list[str] | None = None,
+                outside: list[Path] | None = None) -> list[SlideRecord]:
     """Slides (*.tif, *.tiff, *.svs, *.ndpi, *.mrxs, DICOM folders) under `root`, subfolders included,
     sorted by path. .dcm files that are no part of a DICOM whole-slide image are left out and named in
-    `unsupported` ("path: why"), when a list is given.
+    `unsupported` ("path: why"), when a list is given; so are files that are links out of the root, in
+    `outside`, when a list is given (none is: sources.histology.allow_outside_root).
 
     Label from `labels_csv` (columns slide,label; slide = file name or stem) when it lists the slide,
     else from the Camelyon16 name (normal_001.tif, tumor_001.tif). A slide with neither is an error, not
@@ -171,8 +178,8 @@ def list_slides(root: Path, labels_csv: Path | None = None, unsupported: list[st
     if not root.is_dir():
         raise ValueError(f"{root}: slide folder not found")
     csv = _csv_labels(Path(labels_csv)) if labels_csv is not None else {}
-    dicom = _dicom_slides(_visible_files(root, {".dcm"}), unsupported if unsupported is not None else [])
-    found = sorted([(p, p.stem, [p.parent]) for p in _visible_files(root, SLIDE_SUFFIXES)]
+    dicom = _dicom_slides(_visible_files(root, {".dcm"}, outside), unsupported if unsupported is not None else [])
+    found = sorted([(p, p.stem, [p.parent]) for p in _visible_files(root, SLIDE_SUFFIXES, outside)]
                    + [(p, p.parent.name, [p.parent, p.parent.parent]) for p in dicom])
     if not found:
         raise ValueError(f"{root}: no slides ({', '.join(sorted(SLIDE_SUFFIXES))} or DICOM) found")

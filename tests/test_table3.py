@@ -165,7 +165,7 @@ def test_cells_of_different_precision_are_refused(tmp_path):
 def test_few_slides_get_a_t_interval_and_say_so(tmp_path):
     plant(tmp_path, HOLDS, patients=12, scans=10)  # 6 clusters per class
     c = summarise(tmp_path, STAGES, n_boot=300)["claims"]
-    assert c["chance_normalised"]["interval"].startswith("cluster t interval, df 10 (a class has 6 clusters")
+    assert c["chance_normalised"]["interval"].startswith("cluster t interval, df 10 (the smallest one-class stratum holds 6 clusters")
     assert "cluster t interval" in c["sentence"]
 
 

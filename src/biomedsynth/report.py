@@ -221,9 +221,9 @@ def _claim(claims: dict) -> list:
              "n/a" if claims[kind]["difference"] is None else _ci(claims[kind]["difference"], True),
              claims[kind]["tasks_used"], claims[kind]["cells_used"]] for kind in DROPS]
     sens = claims["sensitivity"]
-    sensitivity = (f"Sensitivity, not the verdict: {sens['rule']} ({len(sens['cells_also_left_out'])} more cells: "
-                   f"{', '.join(sens['cells_also_left_out']) or 'none'}) gives "
-                   + ("no answer" if sens["difference"] is None else
+    sensitivity = (f"Sensitivity, not the verdict: {sens['rule']} leaves out {len(sens['cells_also_left_out'])} more "
+                   f"cells ({', '.join(sens['cells_also_left_out']) or 'none'}) and gives "
+                   + ("no answer (no task keeps a deep and an LBP cell)" if sens["difference"] is None else
                       f"{sens['verdict']}, {_ci(sens['difference'], True)}") + f" over {sens['cells_used']} cells.")
     return [("h2", "The study's claim"),
             ("p", claims["sentence"]),

@@ -138,8 +138,8 @@ def describe(rule: dict) -> str:
     """The interval's method in words, for the report and the summary."""
     if rule["method"] == "percentile":
         return f"percentile bootstrap ({rule['fewest_clusters']}+ clusters per class)"
-    return (f"cluster t interval, df {rule['df']} (a class has {rule['fewest_clusters']} clusters, "
-            f"under the {FEW_CLUSTERS} a percentile bootstrap needs)")
+    return (f"cluster t interval, df {rule['df']} (the smallest one-class stratum holds {rule['fewest_clusters']} "
+            f"clusters, under the {FEW_CLUSTERS} a percentile bootstrap needs)")
 
 
 def interval(samples: np.ndarray, alpha: float = 0.05, rule: dict | None = None,

@@ -9,7 +9,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 # dvc.yaml's commands call `biomedsynth`, so the venv's bin goes first on PATH.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: repro test smoke install sample bench clean
+.PHONY: repro test test-e2e smoke install sample bench clean
 
 $(BIN)/biomedsynth: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,6 +29,10 @@ repro: install data/raw
 
 test: install
 	$(BIN)/pytest
+
+# Tests that run the pipeline under `dvc repro` on a fixture (the privacy scan): minutes, so apart from `make test`.
+test-e2e: install
+	$(BIN)/pytest -m e2e
 
 # The smoke profile end to end in a scratch copy of the project (CI runs this after `make test`).
 smoke: install

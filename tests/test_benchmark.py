@@ -52,7 +52,8 @@ def test_lbp_model_is_saved_and_reproduces_the_scored_predictions(tmp_path, cfg,
     tasks, feats = _task(tmp_path / "tasks", tmp_path / "features", np.random.default_rng(0), sets)
     out = tmp_path / "models"
     (out / "stale").mkdir(parents=True)  # left by an earlier run: must not survive
-    r = classify("t", model, cfg, tasks, feats, out, tmp_path / "m.json", tmp_path / "plots", log=lambda _: None)
+    r = classify("t", model, cfg, tasks, feats, out, tmp_path / "m.json", tmp_path / "plots",
+                 tmp_path / "predictions.csv", log=lambda _: None)
     # replicate r: the real set, synthetic draw r and real + draw r, each with seed r; draw 2 is not needed
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["real-seed0.joblib", "synthetic-seed0.joblib", "real_synthetic-seed0.joblib",
@@ -64,7 +65,7 @@ def test_lbp_model_is_saved_and_reproduces_the_scored_predictions(tmp_path, cfg,
     assert r["bootstrap"]["unit"] == "patient" and r["interval"]["method"] == "cluster t"  # 6 patients per class
     assert r["test_clusters"] == {"0": 6, "1": 6}  # p0..p11: even ids hold class 0
     assert not r["real"]["degenerate"] and set(r["drop"]) == {"relative", "chance_normalised"}
-    p = pd.read_csv(tmp_path / "plots" / "predictions.csv")
+    p = pd.read_csv(tmp_path / "predictions.csv")
     assert len(p) == 24 * 6 and set(p["arm"]) == {"real", "synthetic", "real_synthetic"}
     assert sorted(set(zip(p["set"], p["replicate"]))) == sorted(
         [("real", 0), ("real", 1), ("synthetic", 0), ("synthetic_d1", 1), ("real_synthetic", 0),
@@ -83,7 +84,8 @@ def test_vgg16_checkpoints_are_the_models_output(tmp_path, cfg, monkeypatch):
     cfg = cfg.model_copy(update={"replicates": 1, "vgg16": cfg.vgg16.model_copy(
         update={"input_side": 32, "epochs": 1, "batch_size": 8, "val_fraction": 0.25, "real_synthetic": False})})
     out = tmp_path / "models"
-    r = classify("t", "vgg16", cfg, tasks, feats, out, tmp_path / "m.json", tmp_path / "plots", log=lambda _: None)
+    r = classify("t", "vgg16", cfg, tasks, feats, out, tmp_path / "m.json", tmp_path / "plots",
+                 tmp_path / "predictions.csv", log=lambda _: None)
     assert sorted(p.name for p in out.iterdir()) == ["real-seed0.pt", "synthetic-seed0.pt"]
     ck = torch.load(out / "real-seed0.pt", weights_only=False)
     assert ck["channels"] == 1 and ck["input_size"] == 32 and r["real"]["best_epoch"] == 1
@@ -97,7 +99,8 @@ def test_more_replicates_than_draws_is_refused_before_anything_is_removed(tmp_pa
     out = tmp_path / "models"
     (out / "kept").mkdir(parents=True)
     with pytest.raises(ValueError, match="classify.replicates is 2 but .* holds 1 synthetic draw"):
-        classify("t", "knn", cfg, tasks, feats, out, tmp_path / "m.json", tmp_path / "plots", log=lambda _: None)
+        classify("t", "knn", cfg, tasks, feats, out, tmp_path / "m.json", tmp_path / "plots",
+                 tmp_path / "predictions.csv", log=lambda _: None)
     assert (out / "kept").is_dir()
 
 
@@ -110,11 +113,12 @@ def test_vgg16_trains_the_real_synthetic_arm_only_when_params_say_so(tmp_path, c
         update={"input_side": 32, "epochs": 1, "batch_size": 8, "val_fraction": 0.25,
                 "real_synthetic": real_synthetic})})
     out = tmp_path / "models"
-    r = classify("t", "vgg16", cfg, tasks, feats, out, tmp_path / "m.json", tmp_path / "plots", log=lambda _: None)
+    r = classify("t", "vgg16", cfg, tasks, feats, out, tmp_path / "m.json", tmp_path / "plots",
+                 tmp_path / "predictions.csv", log=lambda _: None)
     trained = ["real-seed0.pt", "synthetic-seed0.pt"] + (["real_synthetic-seed0.pt"] if real_synthetic else [])
     assert sorted(p.name for p in out.iterdir()) == sorted(trained)
     assert ("real_synthetic" in r) == real_synthetic and ("real_synthetic_drop" in r) == real_synthetic
-    assert set(pd.read_csv(tmp_path / "plots" / "predictions.csv")["arm"]) == set(sets[:2 + real_synthetic])
+    assert set(pd.read_csv(tmp_path / "predictions.csv")["arm"]) == set(sets[:2 + real_synthetic])
     if not real_synthetic:  # the cell says why the arm is missing; dvc.yaml's plots of the arm exist, without rows
         assert r["not_trained"] == {"real_synthetic": "not trained: classify.vgg16.real_synthetic is false"}
         assert (tmp_path / "plots" / "confusion-real_synthetic.csv").read_text() == "actual,predicted\n"
@@ -142,3 +146,96 @@ def test_launch_two_cpu_processes_train_vgg16_with_rank_0_writing(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["real-seed0.pt", "synthetic-seed0.pt"]
     r = json.loads((tmp_path / "metrics/xray_sex/vgg16.json").read_text())
     assert r["test_images"] == 24 and 0 <= r["real"]["accuracy"]["value"] <= 1
+
+
+
+def _one_slide_tumour_task(tasks: Path, features: Path, rng) -> None:
+    """A two-replicate task in which every tumour image of the real arm's sets comes from one slide (as a
+    cohort with few tumour slides gives): LBP CV then cannot group by slide and uses cv_folds as they are."""
+    _task(tasks, features, rng, ("synthetic", "synthetic_d1", "test"))
+    for name in ("real", "real_synthetic", "real_synthetic_d1"):
+        with ImageSetWriter(tasks / name, (16, 16, 1)) as w:
+            for i in range(24):
+                w.add(_texture(rng, i % 2), image_id=f"{name}{i}", y=i % 2, group="slide_t" if i % 2 else f"p{i}")
+        write_features(tasks / name, features / name, radii=[1, 2])
+
+
+def test_check_cell_refuses_what_classify_would_and_passes_what_it_trains(tmp_path, cfg):
+    """check_classify's function, against known answers: each refusal names the set and replicate."""
+    from biomedsynth.classify.benchmark import check_cell
+
+    tasks, feats = _task(tmp_path / "tasks", tmp_path / "feats", np.random.default_rng(0),
+                         ("real", "synthetic", "synthetic_d1", "real_synthetic", "real_synthetic_d1", "test"))
+    for model in ("knn", "vgg16"):
+        check_cell(tasks, model, cfg)
+    few_ids = cfg.model_copy(update={"vgg16": cfg.vgg16.model_copy(update={"val_fraction": 0.05})})
+    with pytest.raises(ValueError, match=r"tasks/real \(replicate 0\): groups: 12 distinct ids, a validation "
+                                         r"fraction of 0.05 splits by id into 20 parts"):
+        check_cell(tasks, "vgg16", few_ids)
+    check_cell(tasks, "knn", few_ids)  # the LBP models have no validation split
+    with pytest.raises(ValueError, match="classify.replicates is 3 but .* holds 2 synthetic draw"):
+        check_cell(tasks, "rf", cfg.model_copy(update={"replicates": 3}))
+    _one_slide_tumour_task(tmp_path / "one", tmp_path / "one_feats", np.random.default_rng(1))
+    check_cell(tmp_path / "one", "knn", cfg)
+    with pytest.raises(ValueError, match=r"one/real \(replicate 0\): class 0 has 12 training samples, fewer than "
+                                         r"folds=13"):
+        check_cell(tmp_path / "one", "knn", cfg.model_copy(update={"cv_folds": 13}))
+
+
+def test_classify_waits_for_check_classify_under_dvc():
+    """dvc.yaml: every classify stage depends on check_classify's output, which reads the classify params and the
+    task sets, so a knob the data cannot serve stops `dvc repro` before DVC clears a trained classifier."""
+    import yaml
+
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert "data/checked/classify.txt" in stages["classify"]["deps"]
+    check = stages["check_classify"]
+    assert check["outs"] == ["data/checked/classify.txt"] and "classify" in check["params"]
+    assert {"data/tasks", "src/biomedsynth/classify"} <= set(check["deps"])
+
+
+def test_a_knob_the_task_sets_cannot_serve_stops_dvc_repro_before_it_clears_the_classifier(tmp_path):
+    """Reproduced first: with classify depending on check_params alone, cv_folds=13 on a task whose tumour images
+    come from one slide made DVC clear models/classify/histology/knn, then `classify` refused. Now check_classify
+    stops `dvc repro` first, in one line, and the trained models stay."""
+    import shutil
+    import yaml
+
+    root = tmp_path / "project"
+    for task in ("histology", "xray_sex", "xray_age"):  # check_classify reads every task
+        _one_slide_tumour_task(root / "data/tasks" / task, root / "data/features" / task, np.random.default_rng(2))
+    shutil.copy(ROOT / "params.yaml", root / "params.yaml")
+    cli = [sys.executable, "-c", "from biomedsynth.cli import app; app()"]
+    subprocess.run(cli + ["profile", "smoke"], cwd=root, check=True, capture_output=True)
+    subprocess.run(cli + ["set", "export.sets=table3"], cwd=root, check=True, capture_output=True)
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    stages = {"check_params": stages["check_params"], "check_classify": stages["check_classify"],
+              "classify": {**stages["classify"], "matrix": {"task": ["histology"], "model": ["knn"]}},
+              "train_gan": stages["train_gan"]}  # check-params reads its set names; `dvc repro classify` skips it
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    for stage in (stages["check_params"], stages["check_classify"], stages["classify"]):
+        for dep in stage["deps"]:
+            if dep.startswith("src/"):
+                subprocess.run(["cp", "-r", "--parents", dep, str(root)], cwd=ROOT, check=True)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONPATH": PYTHONPATH, "BIOMEDSYNTH_MLFLOW": "0"}
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"]):
+        subprocess.run(cmd, cwd=root, env=env, check=True)
+
+    def repro(*knobs):
+        if knobs:
+            subprocess.run(cli + ["set", *knobs], cwd=root, env=env, check=True, capture_output=True)
+        return subprocess.run(["dvc", "repro", "classify"], cwd=root, env=env, capture_output=True, text=True)
+
+    first = repro()
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    models = root / "models/classify/histology/knn"
+    trained = {p.name: p.read_bytes() for p in models.iterdir()}
+    assert sorted(trained) == sorted(["real-seed0.joblib", "real-seed1.joblib", "synthetic-seed0.joblib",
+                                      "synthetic_d1-seed1.joblib", "real_synthetic-seed0.joblib",
+                                      "real_synthetic_d1-seed1.joblib"])
+    refused = repro("classify.cv_folds=13")
+    assert refused.returncode != 0 and "Running stage 'classify@" not in refused.stdout
+    assert "biomedsynth: classify@histology-knn: data/tasks/histology/real (replicate 0): class 0 has 12 training " \
+           "samples, fewer than folds=13\n" in refused.stderr, refused.stderr[-2000:]
+    assert {p.name: p.read_bytes() for p in models.iterdir()} == trained

@@ -259,7 +259,9 @@ def test_cli_refuses_tiles_without_slide_ids_in_one_line_then_splits_by_tile_whe
     assert CliRunner().invoke(app, ["ingest", "histology", "--params", str(params)]).exit_code == 0
     metrics = json.loads((tmp_path / "metrics" / "ingest" / "histology.json").read_text())
     assert metrics["split_unit"] == "slide" and metrics["warnings"] == []
-    assert metrics["per_slide"] == {"normal_001": {"kept": 2}, "tumor_001": {"kept": 1}, "tumor_002": {"kept": 1}}
+    assert metrics["tiles_kept_per_slide"] == {"slides": 3, "min": 1, "median": 1.0, "max": 2}  # no slide id in git
+    details = json.loads((tmp_path / "data" / "interim" / "histology" / "ingest.json").read_text())
+    assert details["per_slide"] == {"normal_001": {"kept": 2}, "tumor_001": {"kept": 1}, "tumor_002": {"kept": 1}}
 
 
 def test_dicom_slides_are_cut_and_other_dicom_files_counted_by_name(tmp_path):
@@ -275,7 +277,8 @@ def test_dicom_slides_are_cut_and_other_dicom_files_counted_by_name(tmp_path):
     assert s["listing_skipped"] == {"unsupported": 1}
     assert s["unsupported_files"] == [f"{tmp_path / 'raw' / 'sr' / 'report.dcm'}: DICOM of SOP class "
                                       "1.2.840.10008.5.1.4.1.1.7, not a whole-slide image"]
-    assert json.loads((tmp_path / "histology.json").read_text())["unsupported_files"] == s["unsupported_files"]
+    assert json.loads((tmp_path / "set" / "ingest.json").read_text())["unsupported_files"] == s["unsupported_files"]
+    assert json.loads((tmp_path / "histology.json").read_text())["unsupported_files"] == 1  # counted, not named
     ds = ImageSet(tmp_path / "set")
     x, y = int(ds.meta["x"][7]), int(ds.meta["y"][7])
     assert np.array_equal(ds[7], rgb[y:y + 64, x:x + 64])  # uncompressed DICOM: the very pixels

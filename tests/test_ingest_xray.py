@@ -271,4 +271,4 @@ def test_tiff_bomb_is_skipped_undecoded_at_the_default_budget_and_the_other_scan
     summary = json.loads(Path("xray.json").read_text())
     assert summary["skipped_by_reason"] == {"over_pixel_budget": 1} and summary["written"] == 2
     assert f"{RAW / 'bomb.tif'}: 30000 x 30000 = 900,000,000 pixels, over the pixel budget" in \
-        summary["unreadable_examples"][0]
+        json.loads(Path("data/interim/xray/ingest.json").read_text())["unreadable_examples"][0]

@@ -233,3 +233,13 @@ def test_bad_inputs_are_named():
         binary_metrics([0, 1], [0, 1], [0.1, np.nan])
 
 
+
+
+def test_an_undefined_interval_flags_nothing_and_does_not_crash():
+    """Found on the privacy fixture: a test class of one slide gives a t interval with None bounds, which the
+    chance check compared with 0.5 (TypeError). Undefined tells neither way; the one-class rule still applies."""
+    undefined = {"value": 0.7, "low": None, "high": None}
+    rng = np.random.default_rng(3)
+    assert degenerate([(np.r_[np.zeros(30, int), np.ones(70, int)], rng.random(100))], undefined) == []
+    constant = (np.ones(100, int), rng.random(100))
+    assert degenerate([constant], undefined) == ["predicts one class for 100% of test images"]

@@ -73,7 +73,8 @@ def test_a_gan_stage_table3_does_not_use_says_so_and_keeps_what_it_holds(tmp_pat
     result = run(app, ["synthesize", "dcgan", "x_norm_l", "uncond"])
     assert result.exit_code == 0 and "not drawn" in result.output
     assert json.loads(Path("metrics/synthesize/dcgan-x_norm_l-uncond.json").read_text())["synthesized"] is False
-    assert Path("data/synthetic/dcgan-x_norm_l-uncond").is_dir() and Path("metrics/synthesize/dcgan-x_norm_l-uncond").is_dir()
+    assert Path("data/synthetic/dcgan-x_norm_l-uncond").is_dir()
+    assert Path("data/evidence/dcgan-x_norm_l-uncond").is_dir()
 
 
 def test_synthesize_warns_when_its_gan_learnt_nothing(tmp_path, monkeypatch, capsys):

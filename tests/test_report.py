@@ -42,12 +42,13 @@ def test_sample_pairs_match_labels_and_cover_them(tmp_path):
 
 @pytest.fixture
 def tree(tmp_path):
-    m, models, groups, synthetic = (tmp_path / d for d in ("metrics", "models", "groups", "synthetic"))
+    m, models, groups, synthetic, evidence = (tmp_path / d for d in ("metrics", "models", "groups", "synthetic",
+                                                                       "evidence"))
     plant(m, HOLDS, patients=60)
     (m / "ingest").mkdir()
     (m / "ingest" / "histology.json").write_text(json.dumps(
         {"split_unit": "tile", "warnings": ["split by tile: slides may leak between train and test"]}))
-    write_table3(m, STAGES, m / "summary.json", m / "table3.json", 200)
+    write_table3(m, m / "predictions", STAGES, m / "summary.json", m / "table3.json", 200)
     (m / "tasks.json").write_text(json.dumps({t: {k: {"images": 10, "side": 8} for k in ("real", "synthetic", "test")}
                                               for t in TASKS}))
     write_images(groups / "xg" / "train", ["A", "B"] * 4, 16)
@@ -68,8 +69,8 @@ def tree(tmp_path):
             "hash_threshold": 31, "hash_threshold_source": "calibrated", "real_rejection_rate": 0.0,
             "evidence": {"pixels": space, "features": space, "copying": name.startswith("pggan"),
                          "near_duplicates": 3, "images": {"synthetic": 6}}}))
-        (m / "synthesize" / name).mkdir()
-        Image.new("L", (20, 10), 128).save(m / "synthesize" / name / "closest.png")
+        (evidence / name).mkdir(parents=True)
+        Image.new("L", (20, 10), 128).save(evidence / name / "closest.png")
         for model in ("A", "B"):
             sides = (4, 4, 8) if name.startswith("pggan") else (None,) * 3
             rows = [{"epoch": e, "swd": 0.1, "snapshot": True, **({"side": s} if s else {})} for e, s in enumerate(sides, 1)]
@@ -77,7 +78,7 @@ def tree(tmp_path):
             (models / name / model / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
             for e in range(1, 4):
                 Image.new("L", (40, 20), 60 * e).save(models / name / model / "grids" / f"{e:03d}.png")
-    return m, models, groups, synthetic
+    return m, models, groups, synthetic, evidence
 
 
 def test_write_report(tree, tmp_path):
@@ -114,8 +115,8 @@ def test_write_report(tree, tmp_path):
 def test_architectures_of_one_set_side_by_side(tree, tmp_path):
     """A set trained by two architectures (dcgan-xg-cond and an sg2ada copy of it) gets one table row each and one
     figure: real images above each architecture's images of the same labels; a set trained once gets none."""
-    m, models, groups, synthetic = tree
-    for path in (m / "gan", m / "synthesize", models, synthetic):
+    m, models, groups, synthetic, evidence = tree
+    for path in (m / "gan", m / "synthesize", models, synthetic, evidence):
         for src in path.glob("dcgan-xg-cond*"):
             dst = src.with_name(src.name.replace("dcgan", "sg2ada"))
             shutil.copytree(src, dst) if src.is_dir() else shutil.copy(src, dst)
@@ -141,6 +142,6 @@ def test_architectures_of_one_set_side_by_side(tree, tmp_path):
 
 
 def test_write_report_needs_every_closest_figure(tree, tmp_path):
-    (tree[0] / "synthesize" / "dcgan-xg-cond" / "closest.png").unlink()
+    (tree[4] / "dcgan-xg-cond" / "closest.png").unlink()
     with pytest.raises(FileNotFoundError, match="dcgan-xg-cond/closest.png"):
         write_report(*tree, list(GANS), tmp_path / "out")

@@ -48,7 +48,8 @@ def repo(tmp_path, monkeypatch):
 def test_review_leads_with_table3_then_what_else_changed_and_the_smoke_table(repo):
     _project(repo, 0.001, 0.75, verdict=0)  # the pull request: a new learning rate and the metrics it produced
     plant(repo.parent / "smoke", HOLDS, patients=40)
-    write_table3(repo.parent / "smoke", STAGES, repo.parent / "summary.json", repo.parent / "table3.json", 100)
+    smoke = repo.parent / "smoke"
+    write_table3(smoke, smoke / "predictions", STAGES, repo.parent / "summary.json", repo.parent / "table3.json", 100)
     text = review_markdown("main", repo.parent / "summary.json", repo)
     lines = text.splitlines()
     assert lines[0] == MARKER

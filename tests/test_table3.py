@@ -27,7 +27,7 @@ def _model(rng, y, accuracy, patients):
 def plant(root: Path, accuracies: dict, patients: int = 200, scans: int = 2, seed: int = 0,
           constant: tuple = (), not_learnt: tuple = (), copying: tuple = (), replicates: int = 1,
           replicated: dict | None = None, precision: dict | None = None) -> None:
-    """metrics/<task>/<model>.json + predictions.csv as the classify stage writes them, for planted accuracies
+    """metrics/<task>/<model>.json + predictions/<task>/<model>.csv as the classify stage writes them, for planted accuracies
     {model: (real, synthetic)} in each of `replicates` replicates; `replicated` {model: [(real, synthetic), ...]}
     plants those models' replicates one by one instead; `constant` names (task, model) cells whose synthetic
     model predicts class 1; metrics/gan/<stage>.json with learnt false for the stages in `not_learnt`;
@@ -53,9 +53,9 @@ def plant(root: Path, accuracies: dict, patients: int = 200, scans: int = 2, see
             result["provenance"] = {"data": "abc.dir", "sources": {"xray": {"format": "nih"}}, "commit": "c0ffee"}
             if model == "vgg16":
                 result["precision"] = (precision or {}).get(task, "fp32")
-            (root / task / model).mkdir(parents=True, exist_ok=True)
+            (root / "predictions" / task).mkdir(parents=True, exist_ok=True)
             write_json(root / task / f"{model}.json", result)
-            predictions.to_csv(root / task / model / "predictions.csv", index=False)
+            predictions.to_csv(root / "predictions" / task / f"{model}.csv", index=False)
 
 
 HOLDS = {"vgg16": (0.90, 0.89), "knn": (0.85, 0.70), "svm": (0.85, 0.68), "rf": (0.85, 0.72)}
@@ -64,7 +64,7 @@ FAILS = {"vgg16": (0.90, 0.62), "knn": (0.85, 0.84), "svm": (0.85, 0.83), "rf": 
 
 def test_a_planted_claim_holds(tmp_path):
     plant(tmp_path, HOLDS)
-    s = summarise(tmp_path, STAGES, n_boot=300)
+    s = summarise(tmp_path, tmp_path / "predictions", STAGES, n_boot=300)
     c = s["claims"]
     assert c["verdict"] == "holds" and c["chance_normalised"]["cells_used"] == 12 and c["cells_left_out"] == {}
     assert c["chance_normalised"]["difference"]["low"] > 0
@@ -81,7 +81,7 @@ def test_tasks_weigh_alike_and_each_task_has_its_contrast(tmp_path):
     """The verdict is the mean of the tasks' (mean LBP drop - VGG16 drop), not the mean over cells: a task that
     lost two LBP cells to a GAN weighs as much as the others."""
     plant(tmp_path, HOLDS)
-    s = summarise(tmp_path, STAGES, n_boot=300)
+    s = summarise(tmp_path, tmp_path / "predictions", STAGES, n_boot=300)
     v = s["claims"]["chance_normalised"]
     drop = lambda t, m: s[t][m]["drop_chance_normalised"]["value"]  # noqa: E731
     for task in TASKS:
@@ -101,7 +101,7 @@ def test_every_synthetic_lbp_arm_at_chance_is_the_cost_and_the_claim_holds(tmp_p
     constant = tuple((t, m) for t in TASKS for m in ("knn", "svm", "rf"))
     plant(tmp_path, {"vgg16": (0.90, 0.85), "knn": (0.85, 0.80), "svm": (0.85, 0.80), "rf": (0.85, 0.80)},
           constant=constant)
-    s = summarise(tmp_path, STAGES, n_boot=300)
+    s = summarise(tmp_path, tmp_path / "predictions", STAGES, n_boot=300)
     c = s["claims"]
     assert s["xray_age"]["svm"]["degenerate"] and s["xray_age"]["svm"]["synthetic"]["value"] == 0.5
     assert s["xray_age"]["svm"]["degenerate_reasons"]["synthetic"][0] == "predicts one class for 100% of test images"
@@ -114,7 +114,7 @@ def test_every_synthetic_lbp_arm_at_chance_is_the_cost_and_the_claim_holds(tmp_p
 
 def test_a_real_arm_that_cannot_learn_leaves_its_cell_out(tmp_path):
     plant(tmp_path, {**HOLDS, "svm": (0.50, 0.50)}, constant=(("xray_sex", "svm"),))
-    c = summarise(tmp_path, STAGES, n_boot=300)["claims"]
+    c = summarise(tmp_path, tmp_path / "predictions", STAGES, n_boot=300)["claims"]
     assert sorted(c["cells_left_out"]) == [f"{t}/svm" for t in sorted(TASKS)]
     assert c["cells_left_out"]["histology/svm"].startswith("real arm: ")
     assert c["chance_normalised"]["cells_used"] == 9 and c["chance_normalised"]["per_task"]["xray_age"]["lbp_cells"] == 2
@@ -125,7 +125,7 @@ def test_replicates_that_disagree_widen_the_cells_and_the_verdict(tmp_path):
     cell swung between 0.94 and 0.63): Table 3 and the verdict see both replicates, not the first."""
     plant(tmp_path / "agree", HOLDS, replicates=2)
     plant(tmp_path / "differ", HOLDS, replicates=2, replicated={"vgg16": [(0.90, 0.89), (0.90, 0.62)]})
-    agree, differ = (summarise(tmp_path / d, STAGES, n_boot=300) for d in ("agree", "differ"))
+    agree, differ = (summarise(tmp_path / d, tmp_path / d / "predictions", STAGES, n_boot=300) for d in ("agree", "differ"))
     for task in TASKS:
         c1, c2 = agree[task]["vgg16"]["synthetic"], differ[task]["vgg16"]["synthetic"]
         assert c2["value"] < c1["value"] - 0.1 and c2["high"] - c2["low"] > 2 * (c1["high"] - c1["low"])
@@ -137,7 +137,7 @@ def test_replicates_that_disagree_widen_the_cells_and_the_verdict(tmp_path):
 
 def test_one_replicate_reports_its_variance_as_not_measured(tmp_path):
     plant(tmp_path, HOLDS)
-    s = summarise(tmp_path, STAGES, n_boot=300)
+    s = summarise(tmp_path, tmp_path / "predictions", STAGES, n_boot=300)
     assert s["claims"]["replicates"] == 1
     assert s["claims"]["replicate_variance"] == "seed and draw variance not measured (1 replicate)"
     assert "seed and draw variance not measured" in s["claims"]["sentence"]
@@ -146,32 +146,32 @@ def test_one_replicate_reports_its_variance_as_not_measured(tmp_path):
 
 def test_the_order_of_the_rows_cannot_change_which_runs_count(tmp_path):
     plant(tmp_path, HOLDS, replicates=3, replicated={"vgg16": [(0.9, 0.89), (0.9, 0.62), (0.9, 0.8)]}, patients=60)
-    before = summarise(tmp_path, STAGES, n_boot=200)
+    before = summarise(tmp_path, tmp_path / "predictions", STAGES, n_boot=200)
     for task in TASKS:
         for model in MODELS:
-            path = tmp_path / task / model / "predictions.csv"
+            path = tmp_path / "predictions" / task / f"{model}.csv"
             pd.read_csv(path).sample(frac=1, random_state=1).to_csv(path, index=False)
-    assert summarise(tmp_path, STAGES, n_boot=200) == before
+    assert summarise(tmp_path, tmp_path / "predictions", STAGES, n_boot=200) == before
 
 
 def test_cells_of_different_precision_are_refused(tmp_path):
     plant(tmp_path, HOLDS, patients=20, precision={"xray_age": "bf16"})
     with pytest.raises(ValueError, match="VGG16 cells trained in different precisions .*xray_age/vgg16 bf16"):
-        summarise(tmp_path, STAGES, n_boot=100)
+        summarise(tmp_path, tmp_path / "predictions", STAGES, n_boot=100)
     plant(tmp_path, HOLDS, patients=20)
-    assert summarise(tmp_path, STAGES, n_boot=100)["claims"]["precision"] == {"vgg16": "fp32"}
+    assert summarise(tmp_path, tmp_path / "predictions", STAGES, n_boot=100)["claims"]["precision"] == {"vgg16": "fp32"}
 
 
 def test_few_slides_get_a_t_interval_and_say_so(tmp_path):
     plant(tmp_path, HOLDS, patients=12, scans=10)  # 6 clusters per class
-    c = summarise(tmp_path, STAGES, n_boot=300)["claims"]
+    c = summarise(tmp_path, tmp_path / "predictions", STAGES, n_boot=300)["claims"]
     assert c["chance_normalised"]["interval"].startswith("cluster t interval, df 10 (the smallest one-class stratum holds 6 clusters")
     assert "cluster t interval" in c["sentence"]
 
 
 def test_a_planted_claim_fails(tmp_path):
     plant(tmp_path, FAILS)
-    c = summarise(tmp_path, STAGES, n_boot=300)["claims"]
+    c = summarise(tmp_path, tmp_path / "predictions", STAGES, n_boot=300)["claims"]
     assert c["verdict"] == "fails" and c["chance_normalised"]["difference"]["high"] < 0
     assert c["relative"]["verdict"] == "fails"
 
@@ -179,7 +179,7 @@ def test_a_planted_claim_fails(tmp_path):
 def test_equal_drops_on_small_test_sets_are_inconclusive(tmp_path):
     same = {m: (0.80, 0.74) for m in MODELS}
     plant(tmp_path, same, patients=30)
-    c = summarise(tmp_path, STAGES, n_boot=300)["claims"]
+    c = summarise(tmp_path, tmp_path / "predictions", STAGES, n_boot=300)["claims"]
     assert c["verdict"] == "inconclusive"
     d = c["chance_normalised"]["difference"]
     assert d["low"] < 0 < d["high"]
@@ -187,7 +187,7 @@ def test_equal_drops_on_small_test_sets_are_inconclusive(tmp_path):
 
 def test_no_usable_deep_cell_is_inconclusive(tmp_path):
     plant(tmp_path, {**HOLDS, "vgg16": (0.52, 0.50)}, patients=40)
-    s = summarise(tmp_path, STAGES, n_boot=300)
+    s = summarise(tmp_path, tmp_path / "predictions", STAGES, n_boot=300)
     assert all(s[t]["vgg16"]["degenerate"] for t in TASKS)
     v = s["claims"]["chance_normalised"]
     assert s["claims"]["verdict"] == "inconclusive" and v["reason"] == "no task has a usable deep and LBP cell"
@@ -196,7 +196,7 @@ def test_no_usable_deep_cell_is_inconclusive(tmp_path):
 
 def test_flat_file_and_forest_rows(tmp_path):
     plant(tmp_path, HOLDS, patients=60)
-    write_table3(tmp_path, STAGES, tmp_path / "summary.json", tmp_path / "table3.json", 200, tmp_path / "forest.csv")
+    write_table3(tmp_path, tmp_path / "predictions", STAGES, tmp_path / "summary.json", tmp_path / "table3.json", 200, tmp_path / "forest.csv")
     f = json.loads((tmp_path / "table3.json").read_text())
     assert all(isinstance(v, (int, float)) for v in f.values())
     assert {"histology.vgg16.real", "histology.vgg16.synthetic", "histology.vgg16.real_synthetic",
@@ -212,29 +212,29 @@ def test_flat_file_and_forest_rows(tmp_path):
     assert (forest["low"] <= forest["value"]).all() and (forest["value"] <= forest["high"]).all()
 def test_missing_predictions_are_named(tmp_path):
     plant(tmp_path, HOLDS, patients=20)
-    (tmp_path / "xray_age" / "rf" / "predictions.csv").unlink()
-    with pytest.raises(FileNotFoundError, match="xray_age/rf/predictions.csv is missing"):
-        summarise(tmp_path, STAGES, n_boot=100)
+    (tmp_path / "predictions" / "xray_age" / "rf.csv").unlink()
+    with pytest.raises(FileNotFoundError, match="predictions/xray_age/rf.csv is missing"):
+        summarise(tmp_path, tmp_path / "predictions", STAGES, n_boot=100)
 
 
 def test_results_name_their_data_and_cells_of_other_data_are_refused(tmp_path):
     plant(tmp_path, HOLDS, patients=20)
-    s = summarise(tmp_path, STAGES, n_boot=100)
+    s = summarise(tmp_path, tmp_path / "predictions", STAGES, n_boot=100)
     assert s["provenance"] == {"data": "abc.dir", "sources": {"xray": {"format": "nih"}}, "commits": ["c0ffee"]}
     stale = json.loads((tmp_path / "xray_age" / "rf.json").read_text())
     stale["provenance"]["data"] = "phantom.dir"  # a cell left over from another dataset
     write_json(tmp_path / "xray_age" / "rf.json", stale)
     with pytest.raises(ValueError, match="xray_age/rf came from other data than histology/knn"):
-        summarise(tmp_path, STAGES, n_boot=100)
+        summarise(tmp_path, tmp_path / "predictions", STAGES, n_boot=100)
 
 
 def test_cells_built_on_a_copying_set_are_shown_and_left_out(tmp_path):
     """A set the memorisation test flags holds training images, not synthetic ones: its cells are no answer."""
     plant(tmp_path, FAILS)
-    before = summarise(tmp_path, STAGES, n_boot=300)["claims"]
+    before = summarise(tmp_path, tmp_path / "predictions", STAGES, n_boot=300)["claims"]
     assert before["cells_left_out"] == {} and before["chance_normalised"]["cells_used"] == 12
     plant(tmp_path, FAILS, copying=("pggan-x_norm-cond",))
-    s = summarise(tmp_path, STAGES, n_boot=300)
+    s = summarise(tmp_path, tmp_path / "predictions", STAGES, n_boot=300)
     assert s["xray_age"]["knn"]["gan"]["copying"] == ["pggan-x_norm-cond"] and s["histology"]["knn"]["gan"]["copying"] == []
     left = s["claims"]["cells_left_out"]
     assert sorted(left) == sorted(f"{t}/{m}" for t in ("xray_sex", "xray_age") for m in MODELS)
@@ -246,7 +246,7 @@ def test_cells_built_on_a_copying_set_are_shown_and_left_out(tmp_path):
 def test_cells_whose_gan_learnt_nothing_are_shown_and_left_out(tmp_path):
     """A GAN that draws noise makes its synthetic arm's drop a measure of noise: visible, never in the verdict."""
     plant(tmp_path, FAILS, not_learnt=("dcgan-h_tumor-uncond",))
-    s = summarise(tmp_path, STAGES, n_boot=300)
+    s = summarise(tmp_path, tmp_path / "predictions", STAGES, n_boot=300)
     assert s["histology"]["vgg16"]["gan"]["not_learnt"] == ["dcgan-h_tumor-uncond"]
     assert s["xray_sex"]["vgg16"]["gan"] == {"stages": ["pggan-x_norm-cond"], "learnt": True,
                                              "still_improving": False, "not_learnt": [], "copying": []}

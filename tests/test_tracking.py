@@ -89,6 +89,28 @@ def test_run_logs_params_metrics_artifacts_and_tags(root, db, monkeypatch):
     assert tags["mlflow.source.git.commit"] == "unknown" and "dvc_exp_name" not in tags
 
 
+@pytest.mark.parametrize("opted_in", [False, True])
+def test_artifacts_of_real_images_leave_only_when_opted_in(root, db, opted_in):
+    """tracking.real_images: a model or grid of real images is withheld by default and counted in a tag."""
+    from mlflow import MlflowClient
+
+    (root / "model.pt").write_text("fitted to real scans")
+    (root / "roc.csv").write_text("fpr,tpr\n0,0\n1,1\n")
+    (root / "models").mkdir()
+    (root / "models" / "knn.joblib").write_text("every training feature")
+    with tracking.run("classify@histology-knn", PARAMS, real_images=opted_in) as r:
+        r.log_artifact(root / "roc.csv")
+        r.log_artifact(root / "model.pt", real_images=True)
+        r.log_artifacts(root / "models", "model", real_images=True)
+    got = MlflowClient(f"sqlite:///{db}").get_run(r.run_id)
+    logged = sorted(a.path for a in MlflowClient(f"sqlite:///{db}").list_artifacts(r.run_id))
+    if opted_in:
+        assert logged == ["model", "model.pt", "roc.csv"] and "real_images_withheld" not in got.data.tags
+    else:
+        assert logged == ["roc.csv"] and got.data.tags["real_images_withheld"] == "2"
+    assert got.info.status == "FINISHED"
+
+
 def test_failures_in_the_body_end_the_run_failed_and_propagate(root, db):
     from mlflow import MlflowClient
 

@@ -170,7 +170,9 @@ def ingest(modality: str = typer.Argument(..., help="xray | histology"), params:
     summary = _run(run_ingest, modality, p, Path("data/interim") / modality,
                    Path("metrics/ingest") / f"{modality}.json")
     _stamp(p, Path("metrics/ingest") / f"{modality}.json")
-    _print_summary(f"ingest@{modality}", summary)
+    # the log shows what the metrics show: counts, no slide id or file name (those stay in data/interim)
+    shown = json.loads((Path("metrics/ingest") / f"{modality}.json").read_text())
+    _print_summary(f"ingest@{modality}", {**shown, "timing": summary["timing"]})
 
 
 @app.command()
@@ -304,7 +306,7 @@ def train_gan(arch: str = ArchArg, group: str = GroupArg, setup: str = SetupArg,
     summary = _run(run_train_gan, opt, train_set, train_set.with_name("val"), FEATURE_NETS / f"{modality}.pt",
                    Path("models/gan") / name, metrics / f"{name}.json", metrics / "scores" / f"{name}.csv",
                    metrics / "losses" / f"{name}.csv", GAN_STATES / name, trend_tail=p.gan.score.trend_tail,
-                   stage=f"train_gan@{name}", tracking_params=tracked,
+                   stage=f"train_gan@{name}", tracking_params=tracked, tracking_real_images=p.tracking.real_images,
                    models_per_device=p.launch.models_per_device)
     if summary:  # rank 0
         _stamp(p, metrics / f"{name}.json")
@@ -331,11 +333,11 @@ def synthesize(arch: str = ArchArg, group: str = GroupArg, setup: str = SetupArg
     name = _check_model(arch, group, setup)
     p = _params(params)
     _writes(Path("data/synthetic") / name, Path("metrics/synthesize") / f"{name}.json",
-            Path("metrics/synthesize") / name)
+            Path("data/evidence") / name)
     s = p.synthesize
     if reason := reason_left_out(p, name):
         write_not_drawn(reason, Path("data/synthetic") / name, Path("metrics/synthesize") / f"{name}.json",
-                        Path("metrics/synthesize") / name)
+                        Path("data/evidence") / name)
         _stamp(p, Path("metrics/synthesize") / f"{name}.json")
         typer.echo(f"synthesize@{name}: not drawn ({reason})")
         return
@@ -359,7 +361,7 @@ def synthesize(arch: str = ArchArg, group: str = GroupArg, setup: str = SetupArg
                    hash_quantile=s.hash_quantile, hash_size=s.hash_size, max_tries_factor=s.max_tries_factor,
                    batch_size=s.batch_size, feature_space=features, evidence_images=s.evidence.images,
                    evidence_side=s.evidence.side, pca_dims=s.evidence.pca_dims, prdc_k=s.evidence.k,
-                   cells=s.evidence.cells, seed=p.seed, figure_path=Path("metrics/synthesize") / name / "closest.png",
+                   cells=s.evidence.cells, seed=p.seed, figure_path=Path("data/evidence") / name / "closest.png",
                    draws=s.draws)
     summary["checkpoint_epochs"] = gen.epochs
     summary["checkpoint_rule"] = rule
@@ -410,6 +412,23 @@ def features(task: str = TaskArg, params: Path = ParamsOpt):
         typer.echo(f"features@{task} {name}: {summary['images']} images, dims {summary['dims']}")
 
 
+@app.command("check-classify")
+def check_classify(params: Path = ParamsOpt):
+    """check_classify: what each classify stage would refuse in its task sets (fewer draws than replicates, too few
+    patients/slides for the CV folds or VGG16's validation split), checked before DVC clears any classifier."""
+    from biomedsynth.classify.benchmark import MODELS, check_cell
+    from biomedsynth.tasks import TASKS
+
+    cfg = _params(params).classify
+    for task in TASKS:
+        for model in MODELS:
+            try:
+                check_cell(Path("data/tasks") / task, model, cfg)
+            except (ValueError, FileNotFoundError) as e:
+                _fail(1, f"classify@{task}-{model}: {e}")
+    _passed("classify")
+
+
 @app.command("classify")
 def classify_cmd(task: str = TaskArg, model: str = typer.Argument(..., help="knn | svm | rf | vgg16"),
                  params: Path = ParamsOpt):
@@ -423,7 +442,7 @@ def classify_cmd(task: str = TaskArg, model: str = typer.Argument(..., help="knn
         _fail(2, f"model = {model!r}: allowed {', '.join(MODELS)}")
     p = _params(params)
     _writes(Path("models/classify") / task / model, Path("metrics") / task / model,
-            Path("metrics") / task / f"{model}.json")
+            Path("metrics") / task / f"{model}.json", Path("data/predictions") / task / f"{model}.csv")
     if model == "vgg16":  # the LBP models are fitted in one process
         _in_workers(p, ["classify", task, model, "--params", str(params)])
     cfg = p.classify
@@ -432,16 +451,21 @@ def classify_cmd(task: str = TaskArg, model: str = typer.Argument(..., help="knn
                             if k in ("replicates", "bootstrap", "cv_folds", model)}}
     out = Path("metrics") / task
     rank = int(os.environ.get("RANK", "0"))  # torchrun's; rank 0 alone tracks
-    with tracking.run(f"classify@{task}-{model}", tracked, enabled=rank == 0) as tracker:
+    with tracking.run(f"classify@{task}-{model}", tracked, enabled=rank == 0,
+                      real_images=p.tracking.real_images) as tracker:
         r = _run(classify, task, model, cfg, Path("data/tasks") / task, Path("data/features") / task,
-                 Path("models/classify") / task / model, out / f"{model}.json", out / model, tracker,
+                 Path("models/classify") / task / model, out / f"{model}.json", out / model,
+                 Path("data/predictions") / task / f"{model}.csv", tracker,
                  provenance=fingerprint(p.sources.model_dump(mode="json")))
     if not r:  # a torchrun rank > 0
         return
+    def shown(x, fmt=".3f"):  # an undefined bound (a test class of one patient or slide) reads "?"
+        return "?" if x is None else format(x, fmt)
+
     typer.echo(f"classify@{task}-{model}: " + ", ".join(
-        f"{k} {r[k]['accuracy']['value']:.3f} [{r[k]['accuracy']['low']:.3f}, {r[k]['accuracy']['high']:.3f}]"
+        f"{k} {shown(r[k]['accuracy']['value'])} [{shown(r[k]['accuracy']['low'])}, {shown(r[k]['accuracy']['high'])}]"
         + (" DEGENERATE" if r[k]["degenerate"] else "") for k in ("real", "synthetic", "real_synthetic") if k in r)
-        + f", drop {r['drop']['relative']['accuracy']['value']:+.1%}")
+        + f", drop {shown(r['drop']['relative']['accuracy']['value'], '+.1%')}")
 
 
 @app.command()
@@ -452,8 +476,9 @@ def table3(params: Path = ParamsOpt):
 
     p = _params(params)
     _writes(Path("metrics/summary.json"), Path("metrics/table3.json"), Path("metrics/forest.csv"))
-    summary = _run(write_table3, Path("metrics"), task_gan_stages(p.tasks), Path("metrics/summary.json"),
-                   Path("metrics/table3.json"), p.classify.bootstrap, Path("metrics/forest.csv"))
+    summary = _run(write_table3, Path("metrics"), Path("data/predictions"), task_gan_stages(p.tasks),
+                   Path("metrics/summary.json"), Path("metrics/table3.json"), p.classify.bootstrap,
+                   Path("metrics/forest.csv"))
     typer.echo(f"table3: {summary['claims']['sentence']}")
 
 
@@ -477,7 +502,7 @@ def report(params: Path = ParamsOpt):
     _params(params)
     _writes(Path("reports"))
     _run(write_report, Path("metrics"), Path("models/gan"), Path("data/studygroups"), Path("data/synthetic"),
-         _gan_stage_names(), Path("reports"))
+         Path("data/evidence"), _gan_stage_names(), Path("reports"))
     typer.echo("report: reports/report.html and reports/report.md")
 
 
@@ -609,3 +634,26 @@ def review(base: str = typer.Option("origin/main", help="git revision the pull r
         atomic_write_text(out, text)
     else:
         typer.echo(text, nl=False)
+
+
+@app.command("check-privacy")
+def check_privacy(also: list[Path] = typer.Option([], "--also", help="another file to scan: a review page, a log"),
+                  mlflow: bool = typer.Option(True, help="scan the MLflow store's params, tags and artifacts too")):
+    """Before a commit or a push: scan what `git add -A` would commit (the code folders aside), the --also files
+    and the MLflow store for the ingested data's patient and slide ids, image ids, source paths, file names and
+    images. Exit 1 listing each file and what it holds (never the value); data/interim is read, nothing written."""
+    from biomedsynth import privacy, tracking
+
+    real = _run(privacy.real_data, Path("data/interim"))
+    uri = tracking.tracking_uri() if mlflow else None
+    if uri is not None and uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        uri = None  # no store yet: nothing tracked
+    artifacts = tracking.project_root() / "mlartifacts" if mlflow else None
+    findings, scanned = _run(privacy.check, Path("."), real, also, uri, artifacts)
+    what = (f"{len(real.identifiers)} identifiers ({real.too_short} under {privacy.MIN_ID} characters not scanned) "
+            f"and {len(real.digests)} real images")
+    for finding in findings:
+        typer.echo(f"check-privacy: {finding}", err=True)
+    if findings:
+        _fail(1, f"{len(findings)} of {scanned} files and MLflow records hold {what.split(' (')[0]} or images")
+    typer.echo(f"check-privacy: {scanned} files and MLflow records hold none of {what}, and no image")

@@ -426,6 +426,12 @@ class Launch(Strict):
         return self
 
 
+class Tracking(Strict):
+    # MLflow artifacts fitted to or drawn from real images without the export's privacy gate (classifier
+    # models, GAN generators and their sample grids) go to the store only when true: a team server is a way out
+    real_images: bool = False
+
+
 class Params(Strict):
     profile: Literal["smoke", "default", "paper"]
     seed: NonNegInt
@@ -440,6 +446,7 @@ class Params(Strict):
     tasks: Tasks
     classify: Classify
     export: Export
+    tracking: Tracking = Tracking()
 
     @model_validator(mode="after")
     def _a_draw_per_replicate(self):

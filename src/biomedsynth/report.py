@@ -383,7 +383,7 @@ def _side_by_side(summary: dict, metrics_dir: Path, groups_dir: Path, synthetic_
 
 
 def _stage(name: str, metrics_dir: Path, models_dir: Path, groups_dir: Path, synthetic_dir: Path,
-           samples: int, seed: int) -> list:
+           evidence_dir: Path, samples: int, seed: int) -> list:
     parts = name.split("-")
     if len(parts) != 3:
         raise ValueError(f"GAN stage name must be <arch>-<group>-<setup>, got {name!r}")
@@ -397,7 +397,7 @@ def _stage(name: str, metrics_dir: Path, models_dir: Path, groups_dir: Path, syn
                "SWD and KID of each epoch's checkpoint; dotted: the epoch(s) the synthetic set was drawn from.")]
     if growth := _growth(models_dir / name):
         blocks.append(("img", f"{name}-growth.png", *growth))
-    closest = _existing(metrics_dir / "synthesize" / name / "closest.png").read_bytes()
+    closest = _existing(evidence_dir / name / "closest.png").read_bytes()
     return blocks + [("img", f"{name}-closest.png", closest,
                       "The synthetic images closest to a real training image, in pixel-PCA and in feature space, "
                       "above that training image.")]
@@ -468,12 +468,12 @@ def readme_with_table3(readme: str, summary: dict) -> str:
     return f"{head}{README_START}\n{table3_markdown(summary)}{README_END}{tail}"
 
 
-def write_report(metrics_dir: Path, models_dir: Path, groups_dir: Path, synthetic_dir: Path, gan_names: list[str],
-                 out_dir: Path, *, samples: int = 8, seed: int = 0) -> None:
+def write_report(metrics_dir: Path, models_dir: Path, groups_dir: Path, synthetic_dir: Path, evidence_dir: Path,
+                 gan_names: list[str], out_dir: Path, *, samples: int = 8, seed: int = 0) -> None:
     """Write out_dir/report.md with its PNGs under out_dir/figures/, and a self-contained out_dir/report.html.
     `samples` real and synthetic images per GAN stage are drawn with `seed`."""
-    metrics_dir, models_dir, groups_dir, synthetic_dir, out_dir = map(
-        Path, (metrics_dir, models_dir, groups_dir, synthetic_dir, out_dir))
+    metrics_dir, models_dir, groups_dir, synthetic_dir, evidence_dir, out_dir = map(
+        Path, (metrics_dir, models_dir, groups_dir, synthetic_dir, evidence_dir, out_dir))
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
     summary = _read_json(metrics_dir / "summary.json")
@@ -489,7 +489,7 @@ def write_report(metrics_dir: Path, models_dir: Path, groups_dir: Path, syntheti
     if skipped:
         blocks.append(("p", f"Not trained in this profile ({next(iter(skipped.values()))}): {', '.join(skipped)}."))
     for name in gan_names:
-        blocks += _stage(name, metrics_dir, models_dir, groups_dir, synthetic_dir, samples, seed)
+        blocks += _stage(name, metrics_dir, models_dir, groups_dir, synthetic_dir, evidence_dir, samples, seed)
     for kind, *a in blocks:
         if kind == "img":
             _atomic_write(out_dir / "figures" / a[0], a[1])

@@ -169,10 +169,12 @@ def _check_comparable(table: dict) -> tuple[int, dict]:
     return replicates.pop(), {k.split("/")[1]: v for k, v in precisions.items()}
 
 
-def summarise(metrics_dir: Path, gan_stages: dict[str, list[str]], tasks: tuple[str, ...] = TASKS,
-              models: tuple[str, ...] = MODELS, n_boot: int = 1000, seed: int = 0) -> dict:
+def summarise(metrics_dir: Path, predictions_dir: Path, gan_stages: dict[str, list[str]],
+              tasks: tuple[str, ...] = TASKS, models: tuple[str, ...] = MODELS, n_boot: int = 1000,
+              seed: int = 0) -> dict:
     """Table 3 from metrics/<task>/<model>.json, the GAN stages behind each task's synthetic set
-    (gan_stages, read from metrics/gan/<stage>.json) and the verdict from metrics/<task>/<model>/predictions.csv."""
+    (gan_stages, read from metrics/gan/<stage>.json) and the verdict from data/predictions/<task>/<model>.csv
+    (predictions_dir: every test prediction with its patient or slide id, so DVC-cached and kept out of git)."""
     for name, given, known in (("task", tasks, TASKS), ("model", models, MODELS)):
         if unknown := sorted(set(given) - set(known)):
             raise ValueError(f"unknown {name}(s) {', '.join(unknown)}; known: {', '.join(known)}")
@@ -187,7 +189,7 @@ def summarise(metrics_dir: Path, gan_stages: dict[str, list[str]], tasks: tuple[
             except KeyError as e:
                 raise ValueError(f"{metrics_dir / task / model}.json: no {e.args[0]!r}; rerun its classify stage") \
                     from None
-            path = metrics_dir / task / model / "predictions.csv"
+            path = Path(predictions_dir) / task / f"{model}.csv"
             if not path.is_file():
                 raise FileNotFoundError(f"{path} is missing; run the classify stage that writes it")
             predictions[(task, model)] = pd.read_csv(path)
@@ -312,11 +314,11 @@ def forest_rows(summary: dict) -> pd.DataFrame:
     return pd.DataFrame(rows).round({"value": 4, "low": 4, "high": 4, "study": 4})
 
 
-def write_table3(metrics_dir: Path, gan_stages: dict[str, list[str]], summary_path: Path, flat_path: Path,
-                 n_boot: int, forest_path: Path | None = None) -> dict:
+def write_table3(metrics_dir: Path, predictions_dir: Path, gan_stages: dict[str, list[str]], summary_path: Path,
+                 flat_path: Path, n_boot: int, forest_path: Path | None = None) -> dict:
     """Write metrics/summary.json (Table 3 with intervals, flags, replicates, claims, the data it came from and
     ingest's warnings about that data), the flat metrics/table3.json and the forest plot's rows."""
-    summary = summarise(metrics_dir, gan_stages, n_boot=n_boot)
+    summary = summarise(metrics_dir, predictions_dir, gan_stages, n_boot=n_boot)
     summary["warnings"] = data_warnings(metrics_dir)
     write_json(summary_path, summary)
     write_json(flat_path, flat(summary))

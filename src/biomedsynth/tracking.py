@@ -5,6 +5,11 @@ Where: MLFLOW_TRACKING_URI when set (e.g. a team's `mlflow server`), else sqlite
 its own. Each run is tagged with the git commit, the DVC experiment name and the stage, and logs params
 flattened to dotted keys ("gan.dcgan.lr").
 
+Real images: an artifact fitted to or drawn from real images that no privacy gate screened (a classifier
+model, a GAN generator, its sample grid) is logged with real_images=True and reaches the store only when the
+run opened with real_images=True (params tracking.real_images); otherwise the run's tag
+`real_images_withheld` counts what stayed home, so a team server never receives it by default.
+
 Off: run(..., enabled=False) (non-zero DDP ranks, a params switch) or BIOMEDSYNTH_MLFLOW=0 in the
 environment (CI speed) yield a Run whose calls do nothing and write nothing.
 
@@ -93,8 +98,9 @@ def _end_failed(client, run_id: str) -> bool:
 class Run:
     """An open MLflow run, or a no-op one (tracking off, or lost): the same calls work on both."""
 
-    def __init__(self, uri: str | None = None, client=None, run_id: str | None = None):
+    def __init__(self, uri: str | None = None, client=None, run_id: str | None = None, real_images: bool = False):
         self.uri, self.run_id, self._client = uri, run_id, client
+        self.real_images, self.withheld = real_images, 0
 
     @property
     def active(self) -> bool:
@@ -116,19 +122,31 @@ class Run:
         batch = [Metric(k, float(v), ms, 0 if step is None else int(step)) for k, v in metrics.items()]
         self._call(self._client.log_batch, self.run_id, metrics=batch)
 
-    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+    def _withhold(self, real_images: bool) -> bool:
+        """True (and counted in the run's tags) when an artifact of real images must stay home."""
+        if not real_images or self.real_images:
+            return False
+        self.withheld += 1
+        self._call(self._client.set_tag, self.run_id, "real_images_withheld", str(self.withheld))
+        return True
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None, *,
+                     real_images: bool = False) -> None:
         if not self.active:
             return
         if not Path(path).is_file():
             raise FileNotFoundError(f"artifact {path} is not a file")
-        self._call(self._client.log_artifact, self.run_id, os.fspath(path), artifact_path)
+        if not self._withhold(real_images):
+            self._call(self._client.log_artifact, self.run_id, os.fspath(path), artifact_path)
 
-    def log_artifacts(self, folder: str | os.PathLike, artifact_path: str | None = None) -> None:
+    def log_artifacts(self, folder: str | os.PathLike, artifact_path: str | None = None, *,
+                      real_images: bool = False) -> None:
         if not self.active:
             return
         if not Path(folder).is_dir():
             raise FileNotFoundError(f"artifact folder {folder} is not a folder")
-        self._call(self._client.log_artifacts, self.run_id, os.fspath(folder), artifact_path)
+        if not self._withhold(real_images):
+            self._call(self._client.log_artifacts, self.run_id, os.fspath(folder), artifact_path)
 
     def _end(self, status: str) -> None:
         if self.active:
@@ -196,15 +214,17 @@ def _open(uri: str, experiment: str, stage: str) -> Run:
 
 
 @contextmanager
-def run(stage: str, params: Mapping, *, enabled: bool = True, experiment: str = "biomedsynth") -> Iterator[Run]:
+def run(stage: str, params: Mapping, *, enabled: bool = True, experiment: str = "biomedsynth",
+        real_images: bool = False) -> Iterator[Run]:
     """Open an MLflow run named `stage` (e.g. DVC_STAGE, "train_gan@dcgan-x_norm-cond") with `params`
     logged; it ends FINISHED, FAILED (an exception) or KILLED (Ctrl-C, SIGTERM: lifetime.Terminated), and
-    exceptions pass through."""
+    exceptions pass through. `real_images`: artifacts logged with real_images=True are sent (tracking.real_images)."""
     if not enabled or os.environ.get("BIOMEDSYNTH_MLFLOW") == "0":
         yield Run()
         return
     uri = tracking_uri()
     tracker = Run(uri) if uri in _down else _open(uri, experiment, stage)
+    tracker.real_images = real_images
     try:
         tracker.log_params(params)  # in here: a SIGTERM meanwhile still ends the run KILLED
         yield tracker

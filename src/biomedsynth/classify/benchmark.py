@@ -10,7 +10,8 @@ cluster t interval instead of the percentile one (metrics.interval_rule). The dr
 -> real + synthetic are paired over the same resampled replicates and clusters. An arm whose models predict
 one class, or whose interval contains chance, is flagged `degenerate`. With one replicate the spread between
 training runs is not measured, and the metrics say so (null, never 0). Every test prediction goes to
-predictions.csv, from which the table3 stage pairs all cells over the same resamples.
+data/predictions/<task>/<model>.csv (with patient or slide ids: DVC-cached, never in git), from which the table3
+stage pairs all cells over the same resamples.
 """
 from __future__ import annotations
 
@@ -73,6 +74,38 @@ def arms_not_trained(model: str, cfg: Classify) -> dict[str, str]:
     return {}
 
 
+def _lbp_folds(y: np.ndarray, groups: np.ndarray, folds: int) -> tuple[int, np.ndarray | None, str | None]:
+    """(folds, groups, a note or None) of an LBP model's CV: grouped CV needs `folds` patients/slides per class,
+    so few slides mean fewer folds, and a class of one patient/slide means CV without grouping."""
+    fewest = min(len(np.unique(groups[y == c])) for c in np.unique(y))
+    if fewest >= folds:
+        return folds, groups, None
+    folds, groups = (fewest, groups) if fewest >= 2 else (folds, None)
+    return folds, groups, (f"a class has {fewest} patients/slides, so CV uses {folds} folds"
+                           + ("" if groups is not None else " without grouping"))
+
+
+def check_cell(task_dir: Path, model: str, cfg: Classify) -> None:
+    """What classify@<task>-<model> would refuse in its task sets, found from their labels and patient/slide
+    ids alone (no image read, nothing trained): fewer synthetic draws than replicates, a test set of one class,
+    a training set too small for the CV folds or VGG16's validation split by patient. ValueError naming it."""
+    from biomedsynth.classify.vgg import split_validation
+
+    plan = replicate_plan(task_dir, cfg.replicates, arms_not_trained(model, cfg))
+    if (classes := ImageSet(task_dir / TEST).meta["y"].nunique()) < 2:
+        raise ValueError(f"{task_dir / TEST} holds {classes} class(es); the benchmark tests on two")
+    for seed, train in plan:
+        meta = ImageSet(task_dir / train).meta
+        y, groups = meta["y"].astype(int).to_numpy(), meta["group"].astype(str).to_numpy()
+        try:
+            if model == "vgg16":
+                split_validation(y, groups, cfg.vgg16.val_fraction, seed)
+            else:
+                classic.check_training(y, *_lbp_folds(y, groups, cfg.cv_folds)[:2])
+        except ValueError as e:
+            raise ValueError(f"{task_dir / train} (replicate {seed}): {e}") from None
+
+
 def _fit_predict(model: str, task_dir: Path, features_dir: Path, train: str, cfg: Classify, seed: int,
                  out: Path, log) -> tuple[np.ndarray, np.ndarray, dict] | None:
     """(test predictions, test scores of class 1, details) of `model` trained on the task's `train` set;
@@ -96,13 +129,9 @@ def _fit_predict(model: str, task_dir: Path, features_dir: Path, train: str, cfg
                                                      "epochs": len(history), "precision": best["precision"]}
     _, train_feats = read_features(features_dir / train)
     _, test_feats = read_features(features_dir / TEST)
-    folds = cfg.cv_folds
-    if groups is not None:  # grouped CV needs `folds` patients/slides per class; few slides -> fewer folds
-        fewest = min(len(np.unique(groups[y == c])) for c in (0, 1))
-        if fewest < folds:
-            folds, groups = (fewest, groups) if fewest >= 2 else (folds, None)
-            log(f"{train}: a class has {fewest} patients/slides, so CV uses {folds} folds"
-                + ("" if groups is not None else " without grouping"))
+    folds, groups, note = _lbp_folds(y, groups, cfg.cv_folds)
+    if note:
+        log(f"{train}: {note}")
     # all cores, the same result as one; loky's workers die with this process (else they idle on for minutes)
     with joblib.parallel_config(backend="loky", initializer=die_with_parent, initargs=(os.getpid(),)):
         fits = classic.fit_all_variants(model, train_feats, y, test_feats, getattr(cfg, model), folds=folds,
@@ -219,7 +248,8 @@ def _rank_world(model: str) -> tuple[int, int]:
 
 
 def classify(task: str, model: str, cfg: Classify, task_dir: Path, features_dir: Path, models_out: Path,
-             metrics_path: Path, plots_dir: Path, tracker=None, log=print, provenance: dict | None = None) -> dict:
+             metrics_path: Path, plots_dir: Path, predictions_path: Path, tracker=None, log=print,
+             provenance: dict | None = None) -> dict:
     """Train `model` on every training set of `task` that each replicate uses (replicate_plan); test on the real
     test set. models_out/<set>-seed<r>.{pt,joblib} keeps each trained model: VGG16's best-validation-loss state,
     an LBP model's fitted estimator of the variant chosen by CV. `provenance` (the data and commit it came
@@ -269,12 +299,12 @@ def classify(task: str, model: str, cfg: Classify, task_dir: Path, features_dir:
     for arm in not_trained:  # dvc.yaml's plots of every arm exist: these hold no rows
         atomic_write_text(plots_dir / f"confusion-{arm}.csv", "actual,predicted\n")
         atomic_write_text(plots_dir / f"roc-{arm}.csv", "fpr,tpr\n")
-    atomic_write_text(plots_dir / "predictions.csv", predictions.to_csv(index=False))
+    atomic_write_text(predictions_path, predictions.to_csv(index=False))  # patient/slide ids: DVC-cached, not git
     write_json(metrics_path, result)
     if tracker is not None:
         tracker.log_metrics({f"{arm}.{m}": result[arm][m]["value"] for arm in ARMS if arm in result
                              for m in metrics.SCALARS})
         tracker.log_metrics({f"drop.{m}": result["drop"]["relative"][m]["value"] for m in metrics.SCALARS})
         tracker.log_artifacts(plots_dir, "plots")
-        tracker.log_artifacts(models_out, "model")
+        tracker.log_artifacts(models_out, "model", real_images=True)  # fitted to real images (k-NN keeps them all)
     return result

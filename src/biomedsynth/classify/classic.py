@@ -51,7 +51,7 @@ def cv_splitter(folds: int, seed: int, grouped: bool):
     return kind(n_splits=folds, shuffle=True, random_state=seed)
 
 
-def _check_training(y: np.ndarray, folds: int, groups: np.ndarray | None) -> None:
+def check_training(y: np.ndarray, folds: int, groups: np.ndarray | None) -> None:
     if isinstance(folds, bool) or not isinstance(folds, (int, np.integer)) or folds < 2:
         raise ValueError(f"folds must be an integer >= 2, got {folds!r}")
     classes, counts = np.unique(y, return_counts=True)
@@ -83,7 +83,7 @@ def fit_classic(model: str, X_train, y_train, grid: dict, *, folds: int = 5, see
     if X.ndim != 2 or len(X) != len(y):
         raise ValueError(f"X_train must be (N, D) with one row per label, got shape {X.shape} for {len(y)} labels")
     groups = None if groups is None else np.asarray(groups)
-    _check_training(y, folds, groups)
+    check_training(y, folds, groups)
     estimator = make_estimator(model, seed)
     search = GridSearchCV(estimator, _param_grid(estimator, model, grid), scoring="accuracy",
                           cv=cv_splitter(folds, seed, groups is not None), n_jobs=n_jobs, refit=True,

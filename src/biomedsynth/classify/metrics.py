@@ -212,12 +212,13 @@ def one_class_share(y_pred) -> float:
 
 def degenerate(runs: list[tuple[np.ndarray, np.ndarray]], accuracy: dict) -> list[str]:
     """Why an arm's result says nothing about its training data ([] when it does): some trained model
-    predicts one class for >= 95% of the test images, or the accuracy interval contains chance."""
+    predicts one class for >= 95% of the test images, or the accuracy interval contains chance. An undefined
+    interval (a test class of one patient or slide: None bounds) tells neither way, so it flags nothing."""
     reasons = []
     share = max(one_class_share(pred) for pred, _ in runs)
     if share >= ONE_CLASS_SHARE:
         reasons.append(f"predicts one class for {share:.0%} of test images")
-    if accuracy["low"] <= CHANCE <= accuracy["high"]:
+    if None not in (accuracy["low"], accuracy["high"]) and accuracy["low"] <= CHANCE <= accuracy["high"]:
         reasons.append("accuracy interval contains chance (0.5)")
     return reasons
 

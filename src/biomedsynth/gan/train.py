@@ -823,7 +823,8 @@ def check_run(opt: Options, train_set: Path, val_set: Path, feature_net: Path, s
 
 def train_gan(opt: Options, train_set: Path, val_set: Path, feature_net: Path, out: Path, metrics_path: Path,
               scores_path: Path, losses_path: Path, stage_states: Path, trend_tail: float = 0.2,
-              stage: str = "train_gan", tracking_params: dict | None = None, models_per_device: int = 1,
+              stage: str = "train_gan", tracking_params: dict | None = None, tracking_real_images: bool = False,
+              models_per_device: int = 1,
               log=print) -> dict:
     """Train every model of one stage on `train_set`, scoring its epochs against `val_set` with the
     modality's KID feature net, in its resume state under `stage_states` (one folder per run_key); then write
@@ -846,7 +847,8 @@ def train_gan(opt: Options, train_set: Path, val_set: Path, feature_net: Path, o
     if world > 1:
         dist.barrier()
     mine = models if opt.world > 1 else models[rank::world]
-    with tracking.run(stage, tracking_params or opt.to_json(), enabled=rank == 0) as tracker:
+    with tracking.run(stage, tracking_params or opt.to_json(), enabled=rank == 0,
+                      real_images=tracking_real_images) as tracker:
         trained = _train_models(opt, mine, train_set, val_set, feature_net, state, device, rank,
                                 models_per_device, log, tracker)
         if world > 1 and opt.world == 1:  # divided among the processes: rank 0 writes them all
@@ -863,10 +865,11 @@ def train_gan(opt: Options, train_set: Path, val_set: Path, feature_net: Path, o
             _warn(summary, log)
             tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
             tracker.log_artifact(scores_path)
-            for name, rows in results.items():
-                tracker.log_artifact(out / name / "grids" / f"{opt.total_epochs:03d}.png")
+            for name, rows in results.items():  # drawn from real images, no gate passed: tracking.real_images
+                tracker.log_artifact(out / name / "grids" / f"{opt.total_epochs:03d}.png", real_images=True)
                 # the model: the generator of the epoch `synthesize.checkpoint: best` samples from
-                tracker.log_artifact(out / name / "epochs" / f"{best_epoch(rows):03d}.pt", f"model/{name}")
+                tracker.log_artifact(out / name / "epochs" / f"{best_epoch(rows):03d}.pt", f"model/{name}",
+                                     real_images=True)
     if world > 1:
         dist.barrier()
     return summary if rank == 0 else {}

@@ -47,8 +47,29 @@ class PixelOwners:
         return True
 
 
+# Summary keys that name slides, files or patients: kept in the DVC-cached <out>/ingest.json, counted in the metrics
+NAMING_KEYS = ("per_slide", "skipped_slides", "slides_without_tissue_tiles", "unsupported_files", "unreadable_examples")
+DETAILS = "ingest.json"
+
+
+def shareable(summary: dict, details: Path) -> dict:
+    """The summary as git-tracked metrics may hold it: counts in place of every slide id, file name and path
+    (a pull request of a run on real data publishes the metrics); `details` names the local file with them."""
+    out = {k: v for k, v in summary.items() if k not in NAMING_KEYS}
+    if "per_slide" in summary:
+        kept = np.array([s["kept"] for s in summary["per_slide"].values()])
+        out["tiles_kept_per_slide"] = {"slides": len(kept), "min": int(kept.min()), "median": float(np.median(kept)),
+                                       "max": int(kept.max())} if len(kept) else {"slides": 0}
+    for key in ("slides_without_tissue_tiles", "unsupported_files"):
+        if key in summary:
+            out[key] = len(summary[key])
+    out["details"] = f"{details} (which slides and files: DVC-cached, never in git)"
+    return out
+
+
 def ingest(modality: str, p: Params, out: Path, summary_path: Path) -> dict:
-    """Run ingest@<modality>: data/raw -> data/interim/<modality>, summary to `summary_path`."""
+    """Run ingest@<modality>: data/raw -> data/interim/<modality>, its summary with slide ids and file names to
+    <out>/ingest.json, and the same counted without them to `summary_path` (git-tracked metrics)."""
     if modality == "xray":
         from biomedsynth.ingest.xray import ingest_xray
         from biomedsynth.sources.manifest import manifest_records
@@ -96,8 +117,10 @@ def ingest(modality: str, p: Params, out: Path, summary_path: Path) -> dict:
     # every input skipped, when listed or when read, counted by reason
     skipped = Counter(listing_skipped) + Counter(summary["skipped_by_reason"])
     summary["skipped_by_reason"] = dict(sorted(skipped.items()))
-    write_json(summary_path, summary)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / DETAILS, summary)
+    write_json(summary_path, shareable(summary, out / DETAILS))
     summary["timing"] = timing
     if summary["written"] == 0:
-        raise ValueError(f"ingest@{modality}: no usable input in {src.root}; see {summary_path} for what was skipped")
+        raise ValueError(f"ingest@{modality}: no usable input in {src.root}; see {out / DETAILS} for what was skipped")
     return summary

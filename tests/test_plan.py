@@ -61,7 +61,35 @@ def test_plan_counts_gan_steps_and_names_a_model_smaller_than_a_batch():
     plan = make_plan(*data, params("all", batch_size=200, epochs_uncond=10), STAGES)  # ~80 scans a label
     models = plan["gans"]["dcgan-x_norm-uncond"]
     assert len(models) == 4 and all(0 < v["images"] < 200 and v["steps_per_epoch"] == 0 for v in models.values())
-    assert all(any(f"model {m}: {v['images']} images, fewer than one batch of 200: lower gan.xray.batch_size" in line
+    assert all(any(f"model {m}: {v['images']} images, fewer than one batch of 200: biomedsynth set "
+                   f"gan.xray.batch_size={1 << (v['images'].bit_length() - 1)}" in line
                    for line in plan["advice"]) for m, v in models.items())
     age = plan["tasks"]["xray_age"]["test"]
     assert set(age["clusters_per_class"]) == {"0", "1"} and age["images"] <= age["requested"]
+
+
+def test_every_set_line_the_plan_advises_is_accepted_by_set(tmp_path, monkeypatch):
+    """A cohort short everywhere (few young patients, an X-ray batch larger than a model, tasks larger than the
+    groups): each advice line ends in a `biomedsynth set` line, and `set` takes every one. The tasks' lines once
+    named tasks.xray_sex, which `set` rejects (the key is tasks.xray.sex)."""
+    import shutil
+    import shlex
+
+    from typer.testing import CliRunner
+
+    from biomedsynth.cli import app
+
+    d = yaml.safe_load((ROOT / "params.yaml").read_text())
+    d["tasks"]["xray"]["sex"].update(train=4000, test=900)
+    d["tasks"]["histology"].update(train=5000, test=3000)
+    p = Params.model_validate({**d, "gan": {**d["gan"], "xray": {**d["gan"]["xray"], "batch_size": 1024}}})
+    plan = make_plan(scans(np.random.default_rng(0), n_old=120, n_young=30), slides(), p, STAGES)
+    advised = [line.split("biomedsynth set ", 1)[1].split(", or")[0] for line in plan["advice"]
+               if "biomedsynth set " in line]
+    assert {a.split("=")[0] for a in advised} >= {"studygroups.xray.x_norm.train", "gan.xray.batch_size",
+                                                 "tasks.xray.sex.train", "tasks.histology.test"}, plan["advice"]
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(ROOT / "params.yaml", "params.yaml")
+    for assignment in advised:
+        result = CliRunner().invoke(app, ["set", *shlex.split(assignment)])
+        assert result.exit_code == 0, (assignment, result.output)

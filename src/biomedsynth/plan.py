@@ -5,7 +5,8 @@ It draws the study groups exactly as the studygroups stage would (same seed, sam
 then counts, without writing images: per group and side the images reached vs asked; per GAN model the
 profile trains its images, steps per epoch and steps in all; per task the class sizes its sets can reach
 and the test set's patients / slides per class (the clusters its intervals resample; the tasks stage's own
-draw may differ by a few). `advice` holds one line per shortfall, naming the knob to change.
+draw may differ by a few). `advice` holds one line per shortfall, ending in the `biomedsynth set` line
+that fixes it (keys as `set` names them).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pandas as pd
 
 from biomedsynth.left_out import trains
 from biomedsynth.params import GROUP_MODALITY, Params
-from biomedsynth.studygroups import Groups, choose_groups, summarise_groups
+from biomedsynth.studygroups import Groups, choose_groups, summarise_groups, val_size
 from biomedsynth.tasks import TASKS, draw_balanced, task_classes
 
 FEW_CLUSTERS = 6  # fewer test patients / slides per class than this: intervals too wide to decide
@@ -59,31 +60,60 @@ def task_sets(task: str, chosen: Groups, p: Params) -> dict:
     return out
 
 
+TASK_SIZES = {"histology": "tasks.histology", "xray_sex": "tasks.xray.sex", "xray_age": "tasks.xray.age"}
+
+
+def _set(key: str, value) -> str:
+    """The command line that sets `key` (as `biomedsynth set` names it) to `value`."""
+    return f"biomedsynth set {key}={value}"
+
+
+def _largest_train(train: int, val_fraction: float, val_reached: int) -> int:
+    """The largest training size whose validation request (studygroups.val_size) the data reaches."""
+    return next((t for t in range(train, 0, -1) if val_size(t, val_fraction) <= val_reached), 1)
+
+
 def _advice(groups: dict, gans: dict, tasks: dict, p: Params) -> list[str]:
+    """One line per shortfall, ending in the `biomedsynth set` line that fixes it where lowering a size does."""
     lines = []
     for name, sides in groups.items():
+        modality = GROUP_MODALITY[name]
+        cfg = getattr(p.studygroups, modality)
         for side, s in sides.items():
-            if s["images"] < s["requested"]:
-                fewest = min(s["per_label"].items(), key=lambda kv: kv[1], default=("none", 0))
-                knob = f"studygroups.{GROUP_MODALITY[name]}.{name}.{'train' if side == 'val' else side}"
-                lines.append(f"studygroups {name} {side}: {s['images']}/{s['requested']} images, smallest label "
-                             f"{fewest[0]} {fewest[1]}: lower {knob}" + (", widen its age_bins" if name.startswith("x")
-                                                                          else "") + " or add data")
+            if s["images"] >= s["requested"]:
+                continue
+            fewest = min(s["per_label"].items(), key=lambda kv: kv[1], default=("none", 0))
+            what = f"studygroups {name} {side}: {s['images']}/{s['requested']} images, smallest label {fewest[0]} " \
+                   f"{fewest[1]}"
+            key = f"studygroups.{modality}.{name}.{'train' if side == 'val' else side}"
+            if side == "val":
+                fix = _set(key, _largest_train(getattr(cfg, name).train, cfg.val_fraction, s["images"]))
+            else:
+                fix = _set(key, s["images"]) if s["images"] else "add data"
+            bins = f", or widen studygroups.{modality}.{name}.age_bins" if modality == "xray" else ""
+            lines.append(f"{what}: {fix}{bins}")
     for stage, models in gans.items():
         modality = GROUP_MODALITY[stage.split("-")[1]]
         for model, m in models.items():
             if m["steps_per_epoch"] == 0:
+                fits = 1 << (max(m["images"], 1).bit_length() - 1)  # the largest power of two within the images
                 lines.append(f"train_gan@{stage} model {model}: {m['images']} images, fewer than one batch of "
-                             f"{m['batch_size']}: lower gan.{modality}.batch_size or enlarge the group")
+                             f"{m['batch_size']}: {_set(f'gan.{modality}.batch_size', fits)}, or enlarge the group")
     for task, sets in tasks.items():
+        modality = "histology" if task == "histology" else "xray"
         for name, s in sets.items():
+            side = "train" if name == "real" else "test"
             if "error" in s:
-                lines.append(f"tasks {task} {name}: {s['error']}; check tasks.xray.age ranges against the age_bins")
+                lines.append(f"tasks {task} {name}: {s['error']}; compare tasks.xray.age.young and .mature with "
+                             "the groups' age_bins")
             elif s["images"] < s["requested"]:
-                lines.append(f"tasks {task} {name}: {s['images']}/{s['requested']} images: lower tasks.{task} sizes")
+                lines.append(f"tasks {task} {name}: {s['images']}/{s['requested']} images: "
+                             f"{_set(f'{TASK_SIZES[task]}.{side}', s['images'])}")
             if name == "test" and "clusters_per_class" in s and min(s["clusters_per_class"].values()) < FEW_CLUSTERS:
+                fraction = getattr(p.studygroups, modality).test_fraction
                 lines.append(f"tasks {task} test: {s['clusters_per_class']} patients/slides per class; intervals "
-                             f"over fewer than {FEW_CLUSTERS} cannot decide: add data or raise test_fraction")
+                             f"over fewer than {FEW_CLUSTERS} cannot decide: add data, or "
+                             f"{_set(f'studygroups.{modality}.test_fraction', round(min(0.5, fraction + 0.1), 2))}")
     return lines
 
 

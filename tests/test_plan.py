@@ -93,3 +93,27 @@ def test_every_set_line_the_plan_advises_is_accepted_by_set(tmp_path, monkeypatc
     for assignment in advised:
         result = CliRunner().invoke(app, ["set", *shlex.split(assignment)])
         assert result.exit_code == 0, (assignment, result.output)
+
+
+def test_plan_lists_every_side_the_data_cannot_make_with_its_cause_in_one_run():
+    """A cohort of ~200 patients whose young women are 2 (the issue's: the default young bin held 3): `plan` once
+    stopped at the first empty label and advised val_fraction where the bins were the cause. Now it lists every
+    such side, says the bins are the cause, and puts the groups this profile trains and tests on first; the
+    studygroups stage itself still stops at the first."""
+    rng = np.random.default_rng(4)
+    ages = np.r_[rng.integers(41, 78, 180), [20, 25], rng.integers(18, 38, 10)]
+    sexes = np.r_[rng.choice(["F", "M"], 180), ["F", "F"], ["M"] * 10]
+    cohort = pd.DataFrame({"patient_id": [f"p{i}" for i in range(len(ages))], "age": ages, "sex": sexes,
+                           "normal": True})
+    p = params()
+    plan = make_plan(cohort, slides(), p, STAGES)
+    assert plan["advice"][0] == "x_norm val: no normal scans for label(s) F_18-38; the age bins are the cause: in " \
+                                "the whole cohort F_18-38 2 patients, and train, val and test each need one: widen " \
+                                "studygroups.xray.x_norm.age_bins"
+    assert any(line.startswith("x_norm_l val: no images of label(s) F_18-30") and "F_18-30 2 patients" in line
+               and "val_fraction" not in line for line in plan["advice"])  # once: "raise ...val_fraction"
+    marked = [i for i, line in enumerate(plan["advice"]) if line.endswith("[a group no stage of this profile uses]")]
+    assert marked and all("x_norm_l" in plan["advice"][i].split(":")[0] for i in marked)  # gan.stages: table3
+    assert marked == list(range(len(plan["advice"]) - len(marked), len(plan["advice"])))  # after the used ones
+    with pytest.raises(GroupError, match="no normal scans for label"):
+        choose_groups(cohort, slides(), p.studygroups, p.seed)

@@ -80,7 +80,7 @@ def _advice(groups: dict, gans: dict, tasks: dict, p: Params) -> list[str]:
         modality = GROUP_MODALITY[name]
         cfg = getattr(p.studygroups, modality)
         for side, s in sides.items():
-            if s["images"] >= s["requested"]:
+            if s["images"] >= s["requested"] or s["images"] == 0:  # an empty side: its problem line says why
                 continue
             fewest = min(s["per_label"].items(), key=lambda kv: kv[1], default=("none", 0))
             what = f"studygroups {name} {side}: {s['images']}/{s['requested']} images, smallest label {fewest[0]} " \
@@ -120,12 +120,25 @@ def _advice(groups: dict, gans: dict, tasks: dict, p: Params) -> list[str]:
 def make_plan(xray_meta: pd.DataFrame, histology_meta: pd.DataFrame, p: Params, gan_stages: list[str]) -> dict:
     """{groups, gans, tasks, advice} for the ingested metadata under params `p`; `gan_stages` are dvc.yaml's
     GAN stages, of which gan.stages may train only some (left_out.trains)."""
-    chosen, requested = choose_groups(xray_meta, histology_meta, p.studygroups, p.seed)
+    problems: list[str] = []  # every side the data cannot make, each with its cause: all of them in one run
+    chosen, requested = choose_groups(xray_meta, histology_meta, p.studygroups, p.seed, problems)
     groups = summarise_groups(chosen, requested)
     trained = [s for s in gan_stages if trains(p, s)]
     gans = {name: gan_models(name, chosen[name.split("-")[1]]["train"], p) for name in trained}
     tasks = {task: task_sets(task, chosen, p) for task in TASKS}
-    return {"groups": groups, "gans": gans, "tasks": tasks, "advice": _advice(groups, gans, tasks, p)}
+    used = {s.split("-")[1] for s in trained} | {p.tasks.xray.group, "h_norm", "h_tumor"}
+    advice = [_marked(line, used) for line in problems + _advice(groups, gans, tasks, p)]
+    advice.sort(key=lambda line: line.endswith(UNUSED))  # what this profile trains and tests on first
+    return {"groups": groups, "gans": gans, "tasks": tasks, "advice": advice}
+
+
+UNUSED = " [a group no stage of this profile uses]"
+
+
+def _marked(line: str, used: set[str]) -> str:
+    """An advice line about a study group no stage of the profile uses, marked as such."""
+    group = line.split()[1] if line.startswith("studygroups ") else line.split()[0]
+    return line + UNUSED if group in GROUP_MODALITY and group not in used else line
 
 
 def plan_lines(plan: dict) -> list[str]:

@@ -138,23 +138,58 @@ def _requested(group, side: str, val_fraction: float) -> int:
 Groups = dict[str, dict[str, pd.DataFrame]]  # group -> side -> the chosen rows of the ingested metadata
 
 
-def choose_xray_groups(meta: pd.DataFrame, cfg: XrayGroups, rng: np.random.Generator) -> tuple[Groups, dict]:
+def _or_note(problems: list[str] | None, choose, empty: pd.DataFrame, cause=None):
+    """choose() as it is; where it raises GroupError, the message gets its cause (which replaces the generic
+    advice after ';'): raised again for the studygroups stage (problems None), or noted in `problems` with
+    `empty` standing in, so `plan` lists every shortfall in one run."""
+    try:
+        return choose()
+    except GroupError as e:
+        message = f"{str(e).split(';')[0]}; {cause()}" if cause is not None else str(e)
+        if problems is None:
+            raise GroupError(message) from None
+        problems.append(message)
+        return empty
+
+
+def _xray_cause(meta: pd.DataFrame, group: XrayGroup, name: str) -> str:
+    """Why a sex x age-bin label is empty on a side: its bin holds too few patients in the whole cohort to reach
+    every side (widen the bins), or the split's fractions left none on this side (raise them)."""
+    bins = assign_age_bins(meta["age"], group.age_bins)
+    patients = meta.assign(label=meta["sex"] + "_" + bins.astype(str)).groupby("label")["patient_id"].nunique()
+    labels = [f"{sex}_{b}" for b in age_bin_names(group.age_bins) for sex in ("F", "M")]
+    thin = {label: int(patients.get(label, 0)) for label in labels if patients.get(label, 0) < len(SIDES)}
+    if thin:
+        shown = ", ".join(f"{k} {v}" for k, v in thin.items())
+        return f"the age bins are the cause: in the whole cohort {shown} patients, and train, val and test each " \
+               f"need one: widen studygroups.xray.{name}.age_bins"
+    return "the split is the cause: every label has 3+ patients but none fell on this side: raise " \
+           "studygroups.xray.val_fraction or studygroups.xray.test_fraction"
+
+
+def choose_xray_groups(meta: pd.DataFrame, cfg: XrayGroups, rng: np.random.Generator,
+                       problems: list[str] | None = None) -> tuple[Groups, dict]:
     """(rows per group and side, images requested per group and side) of X-Norm and X-Norm-L."""
     meta = meta[meta["normal"].astype(str) == "True"] if "normal" in meta else meta
     patients = meta.groupby("patient_id").agg(sex=("sex", "first"), age=("age", "min"))
     side_of = meta["patient_id"].map(split_sides(patients["sex"] + (patients["age"] // 10).astype(str), cfg, rng))
+    empty = meta.iloc[:0].assign(age_bin=pd.Series(dtype=object), label=pd.Series(dtype=object))
     chosen, requested = {}, {}
     for name in ("x_norm", "x_norm_l"):
         group: XrayGroup = getattr(cfg, name)
         requested[name] = {side: _requested(group, side, cfg.val_fraction) for side in SIDES}
-        chosen[name] = {side: balance_xray(meta[side_of == side], group, requested[name][side], rng, f"{name} {side}")
+        chosen[name] = {side: _or_note(problems, lambda: balance_xray(meta[side_of == side], group,
+                                                                      requested[name][side], rng, f"{name} {side}"),
+                                       empty, lambda: _xray_cause(meta, group, name))
                         for side in SIDES}
         _check_disjoint(chosen[name], name)
-        _check_val_labels(chosen[name], name, "studygroups.xray.val_fraction")
+        _or_note(problems, lambda: _check_val_labels(chosen[name], name, "studygroups.xray.val_fraction"), None,
+                 lambda: _xray_cause(meta, group, name))
     return chosen, requested
 
 
-def choose_histology_groups(meta: pd.DataFrame, cfg: HistologyGroups, rng: np.random.Generator) -> tuple[Groups, dict]:
+def choose_histology_groups(meta: pd.DataFrame, cfg: HistologyGroups, rng: np.random.Generator,
+                            problems: list[str] | None = None) -> tuple[Groups, dict]:
     """(rows per group and side, images requested per group and side) of H-Norm and H-Tumor."""
     side_of = meta["patient_id"].map(split_sides(meta.groupby("patient_id")["slide_label"].first(), cfg, rng))
     chosen, requested = {}, {}
@@ -164,20 +199,24 @@ def choose_histology_groups(meta: pd.DataFrame, cfg: HistologyGroups, rng: np.ra
         chosen[name] = {}
         for side in SIDES:
             pool = meta.index[(meta["label"] == label) & (side_of == side)].to_numpy()
-            if len(pool) == 0:
-                raise GroupError(f"{name} {side}: no '{label}' tiles on this side of the slide split; "
-                                 "add slides or tiles_per_slide")
-            chosen[name][side] = meta.loc[np.sort(_take(pool, requested[name][side], rng))]
+
+            def take():
+                if len(pool) == 0:
+                    raise GroupError(f"{name} {side}: no '{label}' tiles on this side of the slide split; "
+                                     "add slides or tiles_per_slide")
+                return meta.loc[np.sort(_take(pool, requested[name][side], rng))]
+            chosen[name][side] = _or_note(problems, take, meta.iloc[:0])
         _check_disjoint(chosen[name], name)
     return chosen, requested
 
 
 def choose_groups(xray_meta: pd.DataFrame, histology_meta: pd.DataFrame, cfg: StudyGroups,
-                  seed: int) -> tuple[Groups, dict]:
-    """Every group's rows and requested sizes, exactly as the studygroups stage draws them for `seed`."""
+                  seed: int, problems: list[str] | None = None) -> tuple[Groups, dict]:
+    """Every group's rows and requested sizes, exactly as the studygroups stage draws them for `seed`. With a
+    `problems` list (plan) a side the data cannot make is noted there and left empty instead of stopping."""
     rng = np.random.default_rng(seed)
-    xray, xray_asked = choose_xray_groups(xray_meta, cfg.xray, rng)
-    histology, histology_asked = choose_histology_groups(histology_meta, cfg.histology, rng)
+    xray, xray_asked = choose_xray_groups(xray_meta, cfg.xray, rng, problems)
+    histology, histology_asked = choose_histology_groups(histology_meta, cfg.histology, rng, problems)
     return {**xray, **histology}, {**xray_asked, **histology_asked}
 
 

@@ -82,10 +82,14 @@ def test_synthesize_warns_when_its_gan_learnt_nothing(tmp_path, monkeypatch, cap
     from biomedsynth.cli import _warn_not_learnt
 
     monkeypatch.chdir(tmp_path)
-    model = {"swd_best": 0.9, "swd_floor": 0.1, "swd_baseline": 0.8}
+    # the issue's numbers: SWD 0.2724 is nearer real images' 0.0323 than noise's 0.4526, yet 57% of the way to it;
+    # the line once said "not nearer real images than noise", which misstated the rule (more than halfway)
+    model = {"swd_best": 0.2724, "swd_floor": 0.0323, "swd_baseline": 0.4526, "swd_relative": 0.571}
     Path("metrics/gan").mkdir(parents=True)
     Path("metrics/gan/g.json").write_text(json.dumps({"learnt": False, "per_model": {
         "F_18-38": {**model, "learnt": False}, "M_18-38": {**model, "swd_best": 0.2, "learnt": True}}}))
     assert _warn_not_learnt("g") is False
     err = capsys.readouterr().err
-    assert "WARNING synthesize@g: model F_18-38 learnt nothing" in err and "M_18-38" not in err
+    assert "WARNING synthesize@g: model F_18-38 learnt nothing (its best SWD 0.2724 lies 57% of the way from real " \
+           "images' 0.0323 toward noise or blur's 0.4526; a model that learnt lies under 50%)" in err
+    assert "M_18-38" not in err

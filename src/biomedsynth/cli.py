@@ -315,11 +315,12 @@ def train_gan(arch: str = ArchArg, group: str = GroupArg, setup: str = SetupArg,
 
 def _warn_not_learnt(name: str) -> bool:
     """Whether every model of GAN stage `name` learnt (metrics/gan/<name>.json); a WARNING line for each that did not."""
+    from biomedsynth.gan.train import not_learnt_rule
+
     gan = json.loads((Path("metrics/gan") / f"{name}.json").read_text())
     for model, m in gan["per_model"].items():
         if not m["learnt"]:
-            typer.echo(f"WARNING synthesize@{name}: model {model} learnt nothing (SWD {m['swd_best']:.4f}, no nearer "
-                       f"real images' {m['swd_floor']:.4f} than noise or blur's {m['swd_baseline']:.4f}); its images "
+            typer.echo(f"WARNING synthesize@{name}: model {model} learnt nothing ({not_learnt_rule(m)}); its images "
                        "are drawn anyway and Table 3 leaves out the cells trained on them", err=True)
     return bool(gan["learnt"])
 

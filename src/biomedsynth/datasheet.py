@@ -221,8 +221,8 @@ def _limits(modality: str, setup: str, side: int, synth: dict, gan: dict, fideli
     for model, m in gan.get("per_model", {}).items():
         which = "The conditional generator" if setup == "cond" else f"The generator of label {model}"
         if not m["learnt"]:
-            out.append(f"{which} learnt nothing by SWD (its best is no nearer real images than noise or blur): "
-                       f"its images are not realistic.")
+            out.append(f"{which} learnt nothing by SWD (its best SWD lies {m['swd_relative']:.0%} of the way from "
+                       "real images' toward noise or blur's, half the way or more): its images are not realistic.")
         if m["still_improving"]:
             out.append(f"{which} was still improving at its last epoch: longer training may give better images.")
     for space, f in fidelity["prdc"].items():

@@ -981,12 +981,19 @@ def summarise(results: dict[str, list[dict]], refs: dict[str, dict], plans: dict
             "per_model": per_model}
 
 
+def not_learnt_rule(m: dict) -> str:
+    """The `learnt` rule in words and this model's numbers: its best SWD lies more than LEARNT_BELOW of the way
+    from real images' SWD toward noise or blur's (swd_relative)."""
+    return (f"its best SWD {m['swd_best']:.4f} lies {m['swd_relative']:.0%} of the way from real images' "
+            f"{m['swd_floor']:.4f} toward noise or blur's {m['swd_baseline']:.4f}; a model that learnt lies under "
+            f"{LEARNT_BELOW:.0%}")
+
+
 def _warn(summary: dict, log) -> None:
     """One line per model that learnt nothing or was still improving at its last epoch."""
     for name, m in summary["per_model"].items():
         if not m["learnt"]:
-            log(f"WARNING {name} learnt nothing: its best SWD {m['swd_best']:.4f} (epoch {m['best_epoch']}) is not "
-                f"nearer real images' {m['swd_floor']:.4f} than noise or blurred images' {m['swd_baseline']:.4f}")
+            log(f"WARNING {name} learnt nothing (best epoch {m['best_epoch']}): {not_learnt_rule(m)}")
         if m["still_improving"]:
             log(f"WARNING {name} was still improving at its last epoch (best epoch {m['best_epoch']} of "
                 f"{summary['epochs']}, SWD falling {-m['swd_tail_slope']:.4f} per epoch); train it longer")

@@ -251,7 +251,8 @@ def test_cli_refuses_tiles_without_slide_ids_in_one_line_then_splits_by_tile_whe
     assert not (tmp_path / "metrics").exists()
 
     set_params(["sources.histology.allow_tile_level_split=true"], params)
-    assert CliRunner().invoke(app, ["ingest", "histology", "--params", str(params)]).exit_code == 0
+    result = CliRunner().invoke(app, ["ingest", "histology", "--params", str(params)])
+    assert result.exit_code == 0 and f"WARNING ingest@histology: {TILE_LEVEL_WARNING}\n" in result.output  # console
     metrics = json.loads((tmp_path / "metrics" / "ingest" / "histology.json").read_text())
     assert metrics["split_unit"] == "tile" and metrics["warnings"] == [TILE_LEVEL_WARNING]
 

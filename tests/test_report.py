@@ -98,6 +98,12 @@ def test_write_report(tree, tmp_path):
     assert html.escape(summary["claims"]["sentence"]) in page and "real + synthetic" in page
     assert summary["warnings"] == ["histology: split by tile: slides may leak between train and test"]
     assert "WARNING: histology: split by tile: slides may leak" in page
+    # the run's warnings in one list, near the top and returned for `report` to print at the end of dvc repro
+    warnings = write_report(*tree, list(GANS), tmp_path / "again")
+    assert "data: histology: split by tile: slides may leak between train and test" in warnings
+    assert "GAN dcgan-xg-cond: 1 of 2 model(s) learnt nothing" in warnings
+    assert "synthetic set pggan-xg-uncond: flagged as copying training images (the export refuses it)" in warnings
+    assert page.index(f"{len(warnings)} warning(s): ") < page.index("Data: data.dvc")
     md = (out / "report.md").read_text()
     assert "| dcgan-xg-cond | 0.1000 (0.0500) | 0.0200 (0.0100) | 1/2 NOT LEARNT |" in md
     assert ("| pggan-xg-uncond | 0.70 (0.90) | 0.05 (0.80) | -4.2 / -4.2 | 0.10 (0.60) | 3 of 6 | "

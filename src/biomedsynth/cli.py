@@ -170,6 +170,8 @@ def ingest(modality: str = typer.Argument(..., help="xray | histology"), params:
     summary = _run(run_ingest, modality, p, Path("data/interim") / modality,
                    Path("metrics/ingest") / f"{modality}.json")
     _stamp(p, Path("metrics/ingest") / f"{modality}.json")
+    for warning in summary.get("warnings", []):  # on the console, not only inside the JSON
+        typer.echo(f"WARNING ingest@{modality}: {warning}", err=True)
     # the log shows what the metrics show: counts, no slide id or file name (those stay in data/interim)
     shown = json.loads((Path("metrics/ingest") / f"{modality}.json").read_text())
     _print_summary(f"ingest@{modality}", {**shown, "timing": summary["timing"]})
@@ -502,9 +504,11 @@ def report(params: Path = ParamsOpt):
 
     _params(params)
     _writes(Path("reports"))
-    _run(write_report, Path("metrics"), Path("models/gan"), Path("data/studygroups"), Path("data/synthetic"),
-         Path("data/evidence"), _gan_stage_names(), Path("reports"))
-    typer.echo("report: reports/report.html and reports/report.md")
+    warnings = _run(write_report, Path("metrics"), Path("models/gan"), Path("data/studygroups"),
+                    Path("data/synthetic"), Path("data/evidence"), _gan_stage_names(), Path("reports"))
+    for line in warnings:  # the last stage of `dvc repro`: what the stages warned about, once more, in one place
+        typer.echo(f"WARNING {line}", err=True)
+    typer.echo(f"report: reports/report.html and reports/report.md ({len(warnings)} warning(s))")
 
 
 def _export_sets(p, stages: list[str]) -> list[str]:

@@ -468,8 +468,35 @@ def readme_with_table3(readme: str, summary: dict) -> str:
     return f"{head}{README_START}\n{table3_markdown(summary)}{README_END}{tail}"
 
 
+def run_warnings(summary: dict, metrics_dir: Path, gan_names: list[str]) -> list[str]:
+    """What a reader of this run must know before its numbers, one short line each: ingest's warnings about the
+    data, Table 3's left-out cells and degenerate arms, unmeasured replicate variance, GANs that learnt nothing or
+    were still improving, sets flagged as copying. The report leads with them and `report` prints them, so the end
+    of `dvc repro` repeats what each stage warned about on its way."""
+    lines = [f"data: {w}" for w in summary.get("warnings", [])]
+    claims = summary["claims"]
+    lines += [f"Table 3 leaves out {cell}: {why}" for cell, why in claims.get("cells_left_out", {}).items()]
+    if claims.get("replicate_variance") != "measured":
+        lines.append("seed and draw variance not measured: one replicate (classify.replicates)")
+    for task, model, cell in _cells(summary):
+        lines += [f"{TASK_NAMES[task]} {MODEL_NAMES[model]} {arm} arm degenerate: {'; '.join(why)}"
+                  for arm, why in cell.get("degenerate_reasons", {}).items()]
+    for name in gan_names:
+        g = _read_json(metrics_dir / "gan" / f"{name}.json")
+        if not g.get("trained", True):
+            continue
+        if not g["learnt"]:
+            lines.append(f"GAN {name}: {g['models'] - g['models_learnt']} of {g['models']} model(s) learnt nothing")
+        if g.get("still_improving"):
+            lines.append(f"GAN {name}: still improving at its last epoch (train it longer)")
+        evidence = _read_json(metrics_dir / "synthesize" / f"{name}.json").get("evidence", {})
+        if evidence.get("copying"):
+            lines.append(f"synthetic set {name}: flagged as copying training images (the export refuses it)")
+    return lines
+
+
 def write_report(metrics_dir: Path, models_dir: Path, groups_dir: Path, synthetic_dir: Path, evidence_dir: Path,
-                 gan_names: list[str], out_dir: Path, *, samples: int = 8, seed: int = 0) -> None:
+                 gan_names: list[str], out_dir: Path, *, samples: int = 8, seed: int = 0) -> list[str]:
     """Write out_dir/report.md with its PNGs under out_dir/figures/, and a self-contained out_dir/report.html.
     `samples` real and synthetic images per GAN stage are drawn with `seed`."""
     metrics_dir, models_dir, groups_dir, synthetic_dir, evidence_dir, out_dir = map(
@@ -483,7 +510,10 @@ def write_report(metrics_dir: Path, models_dir: Path, groups_dir: Path, syntheti
               "Each cell's chance-normalised drop, each task's LBP - deep contrast and the verdict (their mean), with "
               "95% intervals; hollow: left out of the verdict; grey ticks: the study's values; the verdict holds "
               "when its interval lies right of 0.")
-    blocks = [("h1", TITLE), forest, *_claim(summary["claims"]), *_provenance(summary), *_table3(summary),
+    warnings = run_warnings(summary, metrics_dir, gan_names)
+    blocks = [("h1", TITLE), forest, *_claim(summary["claims"]),
+              ("p", f"{len(warnings)} warning(s): " + " / ".join(warnings) if warnings else "No warnings."),
+              *_provenance(summary), *_table3(summary),
               *_task_sets(metrics_dir / "tasks.json"), *_gan_table(metrics_dir, gan_names),
               *_side_by_side(summary, metrics_dir, groups_dir, synthetic_dir, gan_names, samples, seed)]
     if skipped:
@@ -495,3 +525,4 @@ def write_report(metrics_dir: Path, models_dir: Path, groups_dir: Path, syntheti
             _atomic_write(out_dir / "figures" / a[0], a[1])
     _atomic_write(out_dir / "report.md", _markdown(blocks).encode())
     _atomic_write(out_dir / "report.html", _html(blocks).encode())
+    return warnings

@@ -167,7 +167,8 @@ def project(tmp_path_factory, one_thread_here):
         shutil.copy(ROOT / f, root / f)
     apply_profile("smoke", root / "params.yaml")
     set_params(["tasks.xray.arch=dcgan", "tasks.xray.group=x_norm", "tasks.xray.setup=cond", "gan.xray.epochs_cond=2",
-                "synthesize.checkpoint=best", "export.sets=table3", "export.with_generator=false"],
+                "synthesize.checkpoint=best", "export.sets=table3", "export.with_generator=false",
+                f"export.allow_unlearnt=[{NAME}]"],  # 2 epochs on 48 images: the GAN has not learnt yet
                root / "params.yaml")
     groups = root / "data/studygroups/x_norm"
     for side, n, seed in (("train", 48, 0), ("val", 16, 1), ("test", 40, 2)):
@@ -457,6 +458,26 @@ def test_a_hand_edited_verdict_is_refused(project, tmp_path, monkeypatch):
     assert f"is not the file synthesize@{NAME} wrote (its md5 differs from dvc.lock's" in edited.output
     assert f"records no synthesize@{NAME} run that wrote it" in unrecorded.output
     assert not (root / "exports").exists()
+
+
+def test_a_set_whose_gan_learnt_nothing_is_not_exported_unless_asked(project, tmp_path, monkeypatch):
+    """A real cohort's two histology sets whose GANs learnt nothing were exported, datasheet and all, as if usable.
+    Now export refuses in one line, the stage writes a note, and the override ships it with the datasheet saying so."""
+    at = tmp_path / "project"
+    shutil.copytree(project, at)
+    monkeypatch.chdir(at)
+    monkeypatch.setenv("BIOMEDSYNTH_DEVICE", "cpu")
+    assert json.loads((at / f"metrics/synthesize/{NAME}.json").read_text())["gan_learnt"] is False
+    set_params(["export.allow_unlearnt=[]", f"export.sets=[{NAME}]"], at / "params.yaml")
+    result = CliRunner().invoke(app, ["export", NAME])
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
+    assert "learnt nothing" in result.output and "--allow-unlearnt" in result.output
+    assert not (at / "exports" / NAME).exists()
+    result = run_ok(["export-sets"])
+    note = json.loads((at / "exports" / NAME / "not_exported.json").read_text())
+    assert "learnt nothing" in note["reason"] and "export.allow_unlearnt" in note["reason"]
+    run_ok(["export", NAME, "--allow-unlearnt"])
+    assert "learnt nothing by SWD" in (at / "exports" / NAME / "datasheet.md").read_text()
 
 
 def test_the_stage_exports_the_sets_params_list_and_notes_the_others(at):

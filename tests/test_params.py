@@ -172,3 +172,14 @@ def test_x_norm_age_bins_follow_the_age_task_unless_set(tmp_path):
     assert p.studygroups.xray.x_norm_l.age_bins == [(18, 30), (31, 47), (48, 77)]  # set explicitly: kept
     with pytest.raises(ParamsError, match="young must end before mature starts"):
         set_params(["tasks.xray.age.mature=[30, 70]"], path)
+
+
+def test_set_writes_a_list_emptied_again_as_valid_yaml(tmp_path):
+    """Reproduced first: after the smoke profile filled export.allow_unlearnt, `set export.allow_unlearnt=[]` wrote a
+    bare `[]` under the commented key (a YAML scanner error and a traceback). Lists are now written in flow style."""
+    params = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", params)
+    set_params(["export.allow_unlearnt=[pggan-x_norm-cond]"], params)
+    set_params(["export.allow_unlearnt=[]"], params)
+    assert load_params(params).export.allow_unlearnt == []
+    assert "  allow_unlearnt: []" in params.read_text()

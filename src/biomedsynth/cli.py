@@ -530,6 +530,8 @@ def export_cmd(name: str = typer.Argument(..., help="a synthetic set, <arch>-<gr
                out: Path = typer.Option(None, help="folder to write (default exports/NAME)"),
                allow_flagged: bool = typer.Option(False, "--allow-flagged", help="export a set the memorisation "
                                                   "test flags as copying (the datasheet records it)"),
+               allow_unlearnt: bool = typer.Option(False, "--allow-unlearnt", help="export a set whose GAN learnt "
+                                                   "nothing (the datasheet says so)"),
                with_generator: bool = typer.Option(False, "--with-generator", help="also ship the chosen sampling "
                                                    "generator (bf16) and a model card, for `generate --generator`"),
                params: Path = ParamsOpt):
@@ -541,25 +543,30 @@ def export_cmd(name: str = typer.Argument(..., help="a synthetic set, <arch>-<gr
     p = _params(params)
     out = out or Path("exports") / name
     _writes(out)
-    _print_summary(f"export {name}", _export_one(p, name, stages[name], out, allow_flagged, with_generator))
+    _print_summary(f"export {name}", _export_one(p, name, stages[name], out, allow_flagged, allow_unlearnt,
+                                                 with_generator))
 
 
-def _export_one(p, name: str, stage: dict, out: Path, allow_flagged: bool, with_generator: bool) -> dict:
+def _export_one(p, name: str, stage: dict, out: Path, allow_flagged: bool, allow_unlearnt: bool,
+                with_generator: bool) -> dict:
     from biomedsynth.export import RunFiles, export_set
 
     e = p.export
     return _run(export_set, name, RunFiles.of(name), out, modality=stage["modality"], group=stage["group"],
                 license=e.license, version=e.version, intended_use=e.intended_use,
-                allow_flagged=allow_flagged or name in e.allow_flagged, with_generator=with_generator or e.with_generator)
+                allow_flagged=allow_flagged or name in e.allow_flagged,
+                allow_unlearnt=allow_unlearnt or name in e.allow_unlearnt,
+                with_generator=with_generator or e.with_generator)
 
 
 @app.command("export-sets")
 def export_sets(params: Path = ParamsOpt):
     """export: exports/<name> for every set of dvc.yaml, in one stage (one per set cost ~2 s of DVC's each):
     the sets params export.sets lists as `export NAME` writes them; the others, and a listed set the memorisation
-    test flags as copying (unless export.allow_flagged names it), a note saying why, so the pipeline runs on."""
+    test flags as copying (unless export.allow_flagged names it) or whose GAN learnt nothing (unless
+    export.allow_unlearnt names it), a note saying why, so the pipeline runs on."""
     from biomedsynth import gate
-    from biomedsynth.export import write_not_exported
+    from biomedsynth.export import unlearnt, write_not_exported
 
     stages = _gan_stages()
     p = _params(params)
@@ -577,11 +584,14 @@ def export_sets(params: Path = ParamsOpt):
         elif (reason is None and synth.get("synthesized") is not False  # a listed set not drawn: export_set says so
               and (refusal := gate.refusal(_run(gate.verdict, synth))) and name not in e.allow_flagged):
             reason = f"not exported: {refusal}; list it in export.allow_flagged to export it anyway"
+        elif reason is None and synth.get("synthesized") is not False and name not in e.allow_unlearnt \
+                and (why := unlearnt(name, synth)):
+            reason = f"not exported: {why.split(': ', 1)[1]}"
         if reason:
             _run(write_not_exported, out, reason)
             typer.echo(f"export {name}: {reason}")
         else:
-            _print_summary(f"export {name}", _export_one(p, name, stage, out, False, False))
+            _print_summary(f"export {name}", _export_one(p, name, stage, out, False, False, False))
 
 
 @app.command()

@@ -274,8 +274,18 @@ def generator_names(arch: str, setup: str, epochs: dict[str, int], labels: list[
     return {label: f"{arch} {setup}, model {model(label)}, epoch {epochs[model(label)]}" for label in labels}
 
 
+def unlearnt(name: str, synth: dict) -> str | None:
+    """Why set `name` is not worth sharing when a GAN behind it learnt nothing (its synthesize metrics say so), with
+    the override; None when every GAN learnt."""
+    if synth.get("gan_learnt", True):
+        return None
+    return (f"{name}: a GAN behind it learnt nothing (metrics/gan/{name}.json): its images are not realistic; "
+            "list it in export.allow_unlearnt (or pass --allow-unlearnt) to export it anyway")
+
+
 def export_set(name: str, run: RunFiles, out: Path, *, modality: str, group: str, license: str, version: str,
-               intended_use: str, allow_flagged: bool = False, with_generator: bool = False) -> dict:
+               intended_use: str, allow_flagged: bool = False, allow_unlearnt: bool = False,
+               with_generator: bool = False) -> dict:
     """Write the export of synthetic set `name` (an arch-group-setup stage) at `out`, less the images marked as near
     copies; return a short summary. ValueError, before anything is written, when the set was not drawn, is flagged
     as copying and not allowed, has no near-copy marks, or its memorisation evidence is not what its stage recorded
@@ -284,6 +294,8 @@ def export_set(name: str, run: RunFiles, out: Path, *, modality: str, group: str
     synth = recorded_metrics(name, run, lock)
     if synth.get("synthesized") is False:
         raise ValueError(f"{name}: no synthetic set to export ({synth['reason']})")
+    if (why := unlearnt(name, synth)) and not allow_unlearnt:
+        raise ValueError(why)
     passed = gate.admit(name, gate.verdict(synth), allow_flagged=allow_flagged,
                         action="export it" + (" with its generator" if with_generator else ""))
     images = ImageSet(run.synthetic)

@@ -17,6 +17,7 @@ import yaml
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
                       model_validator)
 from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedSeq
 
 from biomedsynth.sources import slide_id_pattern
 from biomedsynth.store import atomic_write_text
@@ -387,6 +388,7 @@ SetName = Annotated[str, Field(pattern=r"^[a-z0-9]+-(x_norm|x_norm_l|h_norm|h_tu
 class Export(Strict):
     sets: Literal["table3", "all"] | Annotated[list[SetName], Field(min_length=1)]  # table3: the sets Table 3 trains on
     allow_flagged: list[SetName]  # exported although the memorisation test flags them as copying (the datasheet says so)
+    allow_unlearnt: list[SetName] = []  # exported although a GAN behind them learnt nothing (the datasheet says so)
     with_generator: bool          # also ship the chosen sampling generator (bf16) and its model card
     license: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9.+-]*$")]  # an SPDX id (or LicenseRef-...)
     version: Annotated[str, Field(pattern=r"^(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)$")]  # MAJOR.MINOR.PATCH
@@ -563,8 +565,9 @@ def _overlay(overlay: dict, params_path: Path, source: str) -> list[str]:
             if isinstance(value, dict):
                 merge(node[key], value, dotted + ".")
             elif node[key] != value:
-                if isinstance(value, list) and hasattr(node[key], "fa"):
-                    node[key][:] = value  # keep the sequence's flow style
+                if isinstance(value, list):  # in flow style, as params.yaml writes every list: a sequence
+                    node[key] = CommentedSeq(value)  # loaded from `[]` would dump in block style, and emptied
+                    node[key].fa.set_flow_style()    # again, as a bare `[]` under its commented key (invalid YAML)
                 else:
                     node[key] = value
                 changed.append(dotted)

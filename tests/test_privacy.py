@@ -48,6 +48,7 @@ def test_the_check_finds_ids_file_names_and_real_images_and_nothing_else(tmp_pat
     assert scan_bytes(f'{{"rows": 3, "slide": "{MARK}-P2"}}'.encode(), real) == ["patient or slide ids"]
     assert scan_bytes(f"see raw/scans/{MARK}-scan-1.png".encode(), real) == ["file names", "image ids", "source paths"]
     assert scan_bytes(b'{"accuracy": 0.93, "patients": 17}', real) == []
+    assert scan_bytes(b"\x80\x02weights" + f"{MARK}-P2".encode(), real) == []  # binary, not text: not read for ids
     assert scan_bytes(_png(images[1, :, :, 0]), real) == ["a real image"]
     assert scan_bytes(_png(255 - images[1, :, :, 0]), real) == ["an image"]  # git-tracked outputs hold no image
     page = b'<img src="data:image/png;base64,' + base64.b64encode(_png(images[2, :, :, 0])) + b'">'

@@ -670,5 +670,6 @@ def check_privacy(also: list[Path] = typer.Option([], "--also", help="another fi
     for finding in findings:
         typer.echo(f"check-privacy: {finding}", err=True)
     if findings:
-        _fail(1, f"{len(findings)} of {scanned} files and MLflow records hold {what.split(' (')[0]} or images")
+        _fail(1, f"{len(findings)} of {scanned} files and MLflow records hold an identifier of the real data or an "
+                 "image; keep them out of git and the tracking store")
     typer.echo(f"check-privacy: {scanned} files and MLflow records hold none of {what}, and no image")

@@ -4,6 +4,7 @@ What it looks for, read from the ingested real data (data/interim/<modality>: me
 - identifiers: every patient or slide id, image id, source path and file name of at least MIN_ID characters
   (shorter ones, such as NIH's numeric patient ids, cannot be told from other text: counted as not scanned);
 - real images: the pixels of every ingested image (ingest.pixel_digest), against every image found.
+Binary files that are not images (weights, databases) are not read for ids: nothing writes an id into them as text.
 
 Where: the files `git add -A` would commit (tracked, or untracked and not ignored; the project's own code
 folders and docs aside), any extra file given (the pull-request review page, a captured log), and the MLflow store's
@@ -102,7 +103,11 @@ def scan_bytes(data: bytes, real: RealData) -> list[str]:
     """What one file's bytes hold: identifier kinds, an image file, embedded images."""
     if any(data[at:at + len(magic)] == magic for at, magic in MAGIC):
         return [_image_kind(data, real)]
-    found = [f"{kind}s" for kind in sorted(real.kinds_in(data.decode("latin-1")))]
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:  # weights, a database: no id is written as text there (and a byte-by-byte
+        return []               # scan of a 0.5 GB VGG16 checkpoint takes minutes)
+    found = [f"{kind}s" for kind in sorted(real.kinds_in(text))]
     found += [f"{_image_kind(base64.b64decode(m.group(1)), real)} (embedded)" for m in DATA_URI.finditer(data)]
     return found
 

@@ -239,3 +239,32 @@ def test_a_knob_the_task_sets_cannot_serve_stops_dvc_repro_before_it_clears_the_
     assert "biomedsynth: classify@histology-knn: data/tasks/histology/real (replicate 0): class 0 has 12 training " \
            "samples, fewer than folds=13\n" in refused.stderr, refused.stderr[-2000:]
     assert {p.name: p.read_bytes() for p in models.iterdir()} == trained
+
+
+def test_mlflow_gets_the_plots_this_stage_wrote_and_no_stale_file_beside_them(tmp_path, cfg):
+    """Found on the default run: classify logged its whole plots folder to MLflow, where an older layout's
+    predictions.csv (with slide ids) still sat. Now it logs the confusion and ROC files it wrote, one by one."""
+    class Tracker:
+        def __init__(self):
+            self.files = []
+
+        def log_metrics(self, *_a, **_k):
+            pass
+
+        def log_artifact(self, path, artifact_path=None, real_images=False):
+            self.files.append((Path(path).name, real_images))
+
+        def log_artifacts(self, folder, artifact_path=None, real_images=False):
+            self.files += [(p.name, real_images) for p in Path(folder).iterdir()]
+
+    tasks, feats = _task(tmp_path / "tasks", tmp_path / "feats", np.random.default_rng(5),
+                         ("real", "synthetic", "synthetic_d1", "real_synthetic", "real_synthetic_d1", "test"))
+    (tmp_path / "plots").mkdir()
+    (tmp_path / "plots" / "predictions.csv").write_text("set,arm,replicate,image,group\nreal,real,0,0,slide_007\n")
+    tracker = Tracker()
+    classify("t", "knn", cfg, tasks, feats, tmp_path / "models", tmp_path / "m.json", tmp_path / "plots",
+             tmp_path / "predictions.csv", tracker, log=lambda _: None)
+    plots = sorted(name for name, real in tracker.files if not real)
+    assert plots == sorted(f"{kind}-{arm}.csv" for kind in ("confusion", "roc")
+                           for arm in ("real", "synthetic", "real_synthetic"))
+    assert all(real for name, real in tracker.files if name.endswith(".joblib"))  # models: tracking.real_images

@@ -305,6 +305,9 @@ def classify(task: str, model: str, cfg: Classify, task_dir: Path, features_dir:
         tracker.log_metrics({f"{arm}.{m}": result[arm][m]["value"] for arm in ARMS if arm in result
                              for m in metrics.SCALARS})
         tracker.log_metrics({f"drop.{m}": result["drop"]["relative"][m]["value"] for m in metrics.SCALARS})
-        tracker.log_artifacts(plots_dir, "plots")
+        for arm in ARMS:  # the files this stage wrote, not the folder: an older layout's predictions.csv (patient ids)
+            for kind in ("confusion", "roc"):  # sat there and went to MLflow with it
+                if (plots_dir / f"{kind}-{arm}.csv").is_file():
+                    tracker.log_artifact(plots_dir / f"{kind}-{arm}.csv", "plots")
         tracker.log_artifacts(models_out, "model", real_images=True)  # fitted to real images (k-NN keeps them all)
     return result

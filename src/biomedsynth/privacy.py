@@ -39,8 +39,12 @@ DATA_URI = re.compile(rb"data:image/[a-z+]+;base64,([A-Za-z0-9+/=]{16,})")
 class RealData:
     """What identifies the real data: {identifier: its kind}, how many were too short to scan, image digests."""
     identifiers: dict[str, str] = field(default_factory=dict)
-    too_short: int = 0
+    short: set[str] = field(default_factory=set)  # distinct values too short to scan (an id repeats over rows)
     digests: set[bytes] = field(default_factory=set)
+
+    @property
+    def too_short(self) -> int:
+        return len(self.short)
 
     def __post_init__(self):
         self._by_prefix: dict[str, list[str]] | None = None
@@ -50,7 +54,7 @@ class RealData:
         if not value:
             return
         if len(value) < MIN_ID:
-            self.too_short += 1
+            self.short.add(value)
         else:
             self.identifiers.setdefault(value, kind)
             self._by_prefix = None

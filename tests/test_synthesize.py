@@ -1,4 +1,8 @@
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -7,7 +11,7 @@ import pytest
 from biomedsynth.evidence import feature_net_space
 from biomedsynth.gan import score
 from biomedsynth.store import ImageSet, ImageSetWriter
-from biomedsynth.synthesize import average_hash, calibrate_hash_threshold, nearest_hamming, synthesize
+from biomedsynth.synthesize import average_hash, calibrate_hash_threshold, check_sets, nearest_hamming, synthesize
 
 SIDE = 32
 THRESHOLD = 45
@@ -277,3 +281,71 @@ def test_the_test_side_never_shapes_the_synthetic_set(real, tmp_path):
     for f in sorted(p.name for p in (tmp_path / "a").iterdir()):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
     assert a["real_rejection_rate"] != b["real_rejection_rate"] or a["evidence"] != b["evidence"]
+
+
+def test_check_sets_refuses_before_a_single_image_is_drawn(real, tmp_path):
+    """What the evidence once refused after the whole set was drawn (PRDC's k against the sample sizes, held-out
+    images of one patient) check_sets refuses from labels and ids alone, and synthesize refuses it before it writes."""
+    root = real[0]
+    test = ImageSet(root / "test")
+    one_patient = tmp_path / "one_patient"
+    with ImageSetWriter(one_patient, test.shape) as w:
+        for i in range(len(test)):
+            w.add(test[i], image_id=f"t{i}", patient_id="p0", label=test.meta["label"][i])
+    knobs = dict(hash_threshold=THRESHOLD, hash_quantile=0.99, hash_size=16, max_tries_factor=4.0, draws=1,
+                 evidence_images=100, prdc_k=5, seed=0)
+    sets = [ImageSet(root / name) for name in ("train", "val", "test")]
+    check_sets(*sets, **knobs)  # the fixture's sets pass
+    for change, error in ((dict(prdc_k=48), r"compares 48 images per set \(synthesize.evidence.images, the training "
+                                            r"and .* sizes\), too few for PRDC with k=48"),
+                          (dict(test=one_patient), "come from 1 patient or slide; its false-positive rate needs 2")):
+        test_set = ImageSet(change.get("test", root / "test"))
+        with pytest.raises(ValueError, match=error):
+            check_sets(*sets[:2], test_set, **{**knobs, **{k: v for k, v in change.items() if k != "test"}})
+        with pytest.raises(ValueError, match=error):
+            run(real, tmp_path, fresh, name="refused", **change)
+        assert not (tmp_path / "refused").exists()
+    check_sets(*sets, **{**knobs, "prdc_k": 47})  # 48 images per set serve k = 47
+
+
+def test_a_checkpoint_the_gan_did_not_keep_stops_dvc_repro_before_it_clears_the_synthetic_set(tmp_path):
+    """Reproduced first: with synthesize depending on check_params alone, synthesize.checkpoint=epoch_5 on a 2-epoch
+    GAN made DVC clear data/synthetic/<name>, then `synthesize` refused. Now check_synthesize stops `dvc repro`
+    first, in one line, and the drawn set stays."""
+    import yaml
+    from test_gan_train import CLI, PYTHONPATH as CHILD_PATH, ROOT as PROJECT, smoke_project, tiny_group
+
+    root = smoke_project(tmp_path / "project")
+    tiny_group(root / "data/studygroups/x_norm/test", n=32, seed=2)
+    name = "pggan-x_norm-cond"
+    stages = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
+    one = {name: stages["train_gan"]["foreach"][name]}
+    stages = {"check_params": stages["check_params"], "check_synthesize": stages["check_synthesize"],
+              "check_gan": {**stages["check_gan"], "deps": [d for d in stages["check_gan"]["deps"]
+                                                            if "feature_net/histology" not in d]},
+              "train_gan": {**stages["train_gan"], "foreach": one}, "synthesize": {**stages["synthesize"], "foreach": one}}
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    for stage in stages.values():
+        for dep in stage.get("deps", stage.get("do", {}).get("deps", [])):
+            if dep.startswith("src/"):
+                subprocess.run(["cp", "-r", "--parents", dep, str(root)], cwd=PROJECT, check=True)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONPATH": CHILD_PATH, "BIOMEDSYNTH_MLFLOW": "0"}
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"]):
+        subprocess.run(cmd, cwd=root, env=env, check=True)
+
+    def repro(*knobs):
+        if knobs:
+            subprocess.run(CLI + ["set", *knobs], cwd=root, env=env, check=True, capture_output=True)
+        return subprocess.run(["dvc", "repro", f"synthesize@{name}"], cwd=root, env=env, capture_output=True, text=True)
+
+    first = repro()
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    synthetic = root / "data/synthetic" / name
+    drawn = {p.name: p.read_bytes() for p in synthetic.iterdir()}
+    assert "meta.csv" in drawn
+    refused = repro("synthesize.checkpoint=epoch_5")
+    assert refused.returncode != 0 and f"Running stage 'synthesize@" not in refused.stdout
+    assert f"biomedsynth: synthesize@{name}: checkpoint = 'epoch_5': models/gan/{name}/conditional keeps the " \
+           "generators of epochs " in refused.stderr, refused.stderr[-2000:]
+    assert {p.name: p.read_bytes() for p in synthetic.iterdir()} == drawn

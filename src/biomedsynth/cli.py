@@ -374,6 +374,36 @@ def synthesize(arch: str = ArchArg, group: str = GroupArg, setup: str = SetupArg
     _print_summary(f"synthesize@{name}", summary)
 
 
+@app.command("check-synthesize")
+def check_synthesize(params: Path = ParamsOpt):
+    """check_synthesize: what each synthesize stage would refuse (a checkpoint epoch its GAN did not keep, too few
+    held-out patients or images for the evidence), checked before DVC clears any synthetic set."""
+    from biomedsynth.gan.train import checkpoint_epochs
+    from biomedsynth.left_out import reason_left_out
+    from biomedsynth.store import ImageSet
+    from biomedsynth.synthesize import check_sets
+
+    p = _params(params)
+    s = p.synthesize
+
+    def check(name: str, group: str) -> None:
+        sets = Path("data/studygroups") / group
+        try:
+            if s.checkpoint != "utility":  # utility picks among the epochs kept
+                checkpoint_epochs(Path("models/gan") / name, s.checkpoint)
+            check_sets(ImageSet(sets / "train"), ImageSet(sets / "val"), ImageSet(sets / "test"),
+                       hash_threshold=s.hash_threshold, hash_quantile=s.hash_quantile, hash_size=s.hash_size,
+                       max_tries_factor=s.max_tries_factor, draws=s.draws, evidence_images=s.evidence.images,
+                       prdc_k=s.evidence.k, seed=p.seed)
+        except (ValueError, FileNotFoundError) as e:
+            raise ValueError(f"synthesize@{name}: {e}") from None
+
+    for name, stage in _gan_stages().items():
+        if not reason_left_out(p, name):
+            _run(check, name, stage["group"])
+    _passed("synthesize")
+
+
 @app.command()
 def tasks(params: Path = ParamsOpt):
     """tasks: the benchmark's real / synthetic training sets and real test set of each task."""

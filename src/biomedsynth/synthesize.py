@@ -199,10 +199,15 @@ def _save_pairs_figure(path: Path, synthetic: ImageSet, real: ImageSet,
     os.replace(tmp, path)
 
 
-def _check_inputs(train: ImageSet, test: ImageSet, hash_threshold: int | None, hash_quantile: float,
-                  hash_size: int, max_tries_factor: float) -> None:
+def check_sets(train: ImageSet, val: ImageSet, test: ImageSet, *, hash_threshold: int | None, hash_quantile: float,
+               hash_size: int, max_tries_factor: float, draws: int, evidence_images: int, prdc_k: int,
+               seed: int) -> None:
+    """What `synthesize` would refuse in its sets and knobs, from their labels and ids alone (no image read): the
+    check_synthesize stage runs it on every set before DVC clears any synthetic set, and synthesize runs it first."""
     if not len(train) or not len(test):
         raise ValueError(f"{train.path if not len(train) else test.path} has no images")
+    if hash_threshold is None and not len(val):
+        raise ValueError(f"{val.path} has no images to calibrate hash_threshold on; set synthesize.hash_threshold")
     if test.shape[2] != train.shape[2]:
         raise ValueError(f"{test.path} has {test.shape[2]} channels, {train.path} has {train.shape[2]}")
     for ds, columns in ((train, ("label", GROUP_COLUMN)), (test, ("label", GROUP_COLUMN))):
@@ -215,6 +220,23 @@ def _check_inputs(train: ImageSet, test: ImageSet, hash_threshold: int | None, h
         raise ValueError(f"hash_quantile must be in (0, 1], got {hash_quantile}")
     if max_tries_factor < 1:
         raise ValueError(f"max_tries_factor must be >= 1, got {max_tries_factor}")
+    _, test_idx = _evidence_samples(draws * len(train), len(test), evidence_images, seed)
+    # PRDC compares sets of len(test_idx) images (and as many training images) with k neighbours each
+    if min(len(test_idx), len(train)) <= prdc_k:
+        raise ValueError(f"the evidence compares {min(len(test_idx), len(train))} images per set (synthesize.evidence"
+                         f".images, the training and {test.path} sizes), too few for PRDC with k={prdc_k}: "
+                         f"lower synthesize.evidence.k")
+    patients = set(test.meta[GROUP_COLUMN].to_numpy()[test_idx])
+    if len(patients) < 2:
+        raise ValueError(f"the evidence's held-out images in {test.path} come from {len(patients)} patient or slide; "
+                         f"its false-positive rate needs 2 or more")
+
+
+def _evidence_samples(synthetic: int, test: int, images: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The evidence's seeded samples: indices of equally many synthetic and held-out real images."""
+    rng = np.random.default_rng([seed, 1])
+    n = min(images, synthetic, test)
+    return tuple(np.sort(rng.choice(size, n, replace=False)) for size in (synthetic, test))
 
 
 class Screen(Protocol):
@@ -284,9 +306,8 @@ def _evidence(train: ImageSet, test: ImageSet, synthetic: ImageSet, train_featur
     """evidence.assess in every space on seeded samples of `images` synthetic and held-out real images against
     all training images, and the verdict's false-positive rate on those held-out images; draws the closest pairs
     per space; returns the metrics' `evidence` block."""
-    rng = np.random.default_rng([seed, 1])
-    n = min(images, len(synthetic), len(test))
-    syn_idx, test_idx = (np.sort(rng.choice(len(ds), n, replace=False)) for ds in (synthetic, test))
+    syn_idx, test_idx = _evidence_samples(len(synthetic), len(test), images, seed)
+    n = len(syn_idx)
     syn_features = _features(synthetic, spaces, resolution, batch_size, syn_idx)
     labels = (train.meta["label"].to_numpy(), test.meta["label"].to_numpy()[test_idx],
               synthetic.meta["label"].to_numpy()[syn_idx])
@@ -323,8 +344,10 @@ def synthesize(sample: Sampler, real_train: Path, real_val: Path, real_test: Pat
     judges it, in the evidence and the real rejection rate). The evidence spaces: evidence_spaces (pixels: PCA of
     `evidence_side` px pixels, `pca_dims` axes fitted on up to `evidence_images` training images; features:
     `feature_space`, e.g. evidence.feature_net_space; hash: the average hash)."""
-    train, test = ImageSet(real_train), ImageSet(real_test)
-    _check_inputs(train, test, hash_threshold, hash_quantile, hash_size, max_tries_factor)
+    train, val, test = ImageSet(real_train), ImageSet(real_val), ImageSet(real_test)
+    check_sets(train, val, test, hash_threshold=hash_threshold, hash_quantile=hash_quantile, hash_size=hash_size,
+               max_tries_factor=max_tries_factor, draws=draws, evidence_images=evidence_images, prdc_k=prdc_k,
+               seed=seed)
     spaces = evidence_spaces(train, feature_space, resolution=resolution, side=evidence_side, pca_dims=pca_dims,
                              fit_images=evidence_images, hash_size=hash_size, seed=seed, batch_size=batch_size)
     near = NearCopyScreen.of(train, spaces, resolution, batch_size)
@@ -332,7 +355,7 @@ def synthesize(sample: Sampler, real_train: Path, real_val: Path, real_test: Pat
     train_hash, test_hash = train_features["hash"], test_features["hash"]
     source = "params" if hash_threshold is not None else "calibrated on val"
     if hash_threshold is None:
-        val_hash = set_hashes(ImageSet(real_val), resolution, hash_size, batch_size)
+        val_hash = set_hashes(val, resolution, hash_size, batch_size)
         hash_threshold = calibrate_hash_threshold(val_hash, train_hash, hash_quantile)
 
     screen = HashScreen(train_hash, hash_threshold, hash_size) if hash_screen else None

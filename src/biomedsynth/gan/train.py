@@ -1021,6 +1021,15 @@ def resolve_checkpoint(model_dir: Path, choice: str) -> int:
     return epoch
 
 
+def checkpoint_epochs(model_root: Path, checkpoint: str | int) -> dict[str, int]:
+    """Each generator of a stage -> the epoch `checkpoint` picks for it (best, last, epoch_N per model, see
+    resolve_checkpoint, or an int, one epoch for all); refuses an epoch a model did not keep. Reads logs only."""
+    opt = Options.from_json(json.loads((Path(model_root) / "options.json").read_text()))
+    choice = f"epoch_{checkpoint}" if isinstance(checkpoint, int) else checkpoint
+    return {name: resolve_checkpoint(Path(model_root) / name, choice)
+            for name in ([COND_MODEL] if opt.setup == "cond" else list(opt.labels))}
+
+
 class Synthesizer:
     """The trained generators of one stage as one sampler: sample(label, n, rng) -> uint8 (n, H, W, C)."""
 
@@ -1028,17 +1037,13 @@ class Synthesizer:
         """`checkpoint`: best, last, epoch_N (per model, see resolve_checkpoint) or an int, one epoch for all."""
         self.opt = Options.from_json(json.loads((model_root / "options.json").read_text()))
         self.device = device or pick_device()
-        self.epochs: dict[str, int] = {}
+        self.epochs = checkpoint_epochs(model_root, checkpoint)
         self._models: dict[str, tuple] = {}
-        names = [COND_MODEL] if self.opt.setup == "cond" else list(self.opt.labels)
-        for name in names:
-            epoch = resolve_checkpoint(model_root / name, f"epoch_{checkpoint}" if isinstance(checkpoint, int)
-                                       else checkpoint)
+        for name, epoch in self.epochs.items():
             snap = load_weights(epoch_file(model_root / name, epoch))
             G = generator(self.opt)
             G.load_state_dict(snap["state_dict"])
             self._models[name] = (G.to(self.device).eval(), snap["depth"], snap["alpha"])
-            self.epochs[name] = epoch
 
     def sample(self, label: str, n: int, rng: np.random.Generator) -> np.ndarray:
         if label not in self.opt.labels:

@@ -4,6 +4,7 @@ import shutil
 from pathlib import Path
 
 import yaml
+from PIL import Image
 from typer.testing import CliRunner
 
 from biomedsynth.cli import app
@@ -73,8 +74,10 @@ def test_a_gan_stage_table3_does_not_use_says_so_and_keeps_what_it_holds(tmp_pat
     result = run(app, ["synthesize", "dcgan", "x_norm_l", "uncond"])
     assert result.exit_code == 0 and "not drawn" in result.output
     assert json.loads(Path("metrics/synthesize/dcgan-x_norm_l-uncond.json").read_text())["synthesized"] is False
-    assert Path("data/synthetic/dcgan-x_norm_l-uncond").is_dir()
-    assert Path("data/evidence/dcgan-x_norm_l-uncond").is_dir()
+    # no empty output folder (DVC warned "'<output>' is empty" for each): a note and a figure of the reason
+    assert json.loads(Path("data/synthetic/dcgan-x_norm_l-uncond/not_drawn.json").read_text())["synthesized"] is False
+    assert [p.name for p in Path("data/evidence/dcgan-x_norm_l-uncond").iterdir()] == ["not_drawn.png"]
+    assert Image.open("data/evidence/dcgan-x_norm_l-uncond/not_drawn.png").getextrema()[0] < 64  # text drawn
 
 
 def test_synthesize_warns_when_its_gan_learnt_nothing(tmp_path, monkeypatch, capsys):
@@ -93,3 +96,24 @@ def test_synthesize_warns_when_its_gan_learnt_nothing(tmp_path, monkeypatch, cap
     assert "WARNING synthesize@g: model F_18-38 learnt nothing (its best SWD 0.2724 lies 57% of the way from real " \
            "images' 0.0323 toward noise or blur's 0.4526; a model that learnt lies under 50%)" in err
     assert "M_18-38" not in err
+
+
+def test_a_stage_removes_what_an_earlier_layout_of_it_left_beside_its_outputs(tmp_path, monkeypatch):
+    """Found on a real cohort: metrics/synthesize/<set>-closest.png files of an earlier layout sat beside the new
+    results (one under the name of a stage that no longer drew anything). The stage that owned them removes them;
+    another stage's files, one whose name only starts alike included, stay."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(ROOT / "params.yaml", "params.yaml")
+    folder = Path("metrics/synthesize")
+    folder.mkdir(parents=True)
+    planted = ["dcgan-x_norm-uncond-closest.png", "dcgan-x_norm-uncond.old.csv", "dcgan-x_norm_l-uncond-closest.png",
+               "dcgan-x_norm-cond-closest.png", "dcgan-x_norm-cond.json"]
+    for name in planted:
+        (folder / name).write_bytes(b"an earlier layout")
+    result = CliRunner().invoke(app, ["synthesize", "dcgan", "x_norm", "uncond"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        ["dcgan-x_norm-uncond.json", "dcgan-x_norm_l-uncond-closest.png", "dcgan-x_norm-cond-closest.png",
+         "dcgan-x_norm-cond.json"])
+    assert "removed metrics/synthesize/dcgan-x_norm-uncond-closest.png: an earlier version of this stage wrote it" \
+           in result.output and "dcgan-x_norm_l" not in result.output

@@ -18,7 +18,7 @@ def _git(repo: Path, *args: str) -> None:
                    capture_output=True)
 
 
-def _project(repo: Path, lr: float, accuracy: float, verdict: int = 1) -> None:
+def _project(repo: Path, lr: float, accuracy: float, verdict: int = 1, left_out_because: str | None = None) -> None:
     (repo / "params.yaml").write_text(f"gan:\n  lr: {lr}\nseed: 0\n")
     (repo / "dvc.yaml").write_text("stages:\n  classify:\n    cmd: 'true'\n    params: [gan.lr, seed]\n"
                                    "    metrics:\n      - m.json:\n          cache: false\n"
@@ -28,7 +28,8 @@ def _project(repo: Path, lr: float, accuracy: float, verdict: int = 1) -> None:
     (repo / "metrics" / "table3.json").write_text(json.dumps({
         "xray_sex.vgg16.real": accuracy, "xray_sex.vgg16.synthetic": 0.7, "xray_sex.vgg16.drop": 0.1,
         "xray_sex.vgg16.is_degenerate": 0, "verdict": verdict, "verdict_low": 0.01 * verdict - 0.02,
-        "verdict_high": 0.05, "cells_used": 12}))
+        "verdict_high": 0.05, "cells_used": 12, "xray_sex.vgg16.in_verdict": int(left_out_because is None),
+        **({"xray_sex.vgg16.left_out_because": left_out_because} if left_out_because else {})}))
 
 
 @pytest.fixture
@@ -46,7 +47,8 @@ def repo(tmp_path, monkeypatch):
 
 
 def test_review_leads_with_table3_then_what_else_changed_and_the_smoke_table(repo):
-    _project(repo, 0.001, 0.75, verdict=0)  # the pull request: a new learning rate and the metrics it produced
+    _project(repo, 0.001, 0.75, verdict=0,  # the pull request: a new learning rate and the metrics it produced
+             left_out_because="GAN learnt nothing: pggan-x_norm-cond")
     plant(repo.parent / "smoke", HOLDS, patients=40)
     smoke = repo.parent / "smoke"
     write_table3(smoke, smoke / "predictions", STAGES, repo.parent / "summary.json", repo.parent / "table3.json", 100)
@@ -55,7 +57,8 @@ def test_review_leads_with_table3_then_what_else_changed_and_the_smoke_table(rep
     assert lines[0] == MARKER
     first_table = text.split("<details>")[0]
     assert "holds [-0.010, +0.050], 12 cells → **inconclusive [-0.020, +0.050], 12 cells**" in first_table
-    assert "| xray_sex.vgg16 | 0.800 → **0.750** | 0.700 | - | 10.0% | - | no |" in first_table
+    assert "| xray_sex.vgg16 | 0.800 → **0.750** | 0.700 | - | 10.0% | - | no | yes → **no: GAN learnt nothing: " \
+           "pggan-x_norm-cond** |" in first_table
     assert "gan.lr" not in first_table and "gan.lr" in text.split("<details>")[1]
     params = next(line for line in lines if "gan.lr" in line)
     assert "0.0002" in params and "0.001" in params

@@ -198,10 +198,11 @@ def test_flat_file_and_forest_rows(tmp_path):
     plant(tmp_path, HOLDS, patients=60)
     write_table3(tmp_path, tmp_path / "predictions", STAGES, tmp_path / "summary.json", tmp_path / "table3.json", 200, tmp_path / "forest.csv")
     f = json.loads((tmp_path / "table3.json").read_text())
-    assert all(isinstance(v, (int, float)) for v in f.values())
+    assert all(isinstance(v, (int, float)) for v in f.values())  # every cell in the verdict: numbers only
     assert {"histology.vgg16.real", "histology.vgg16.synthetic", "histology.vgg16.real_synthetic",
             "histology.vgg16.drop", "histology.vgg16.drop_chance_normalised", "histology.vgg16.is_degenerate",
-            "histology.contrast", "verdict", "cells_used", "replicates"} <= set(f)
+            "histology.vgg16.in_verdict", "histology.contrast", "verdict", "cells_used", "replicates"} <= set(f)
+    assert sum(v for k, v in f.items() if k.endswith(".in_verdict")) == f["cells_used"] == 12
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert f == flat(summary)
     forest = pd.read_csv(tmp_path / "forest.csv")
@@ -254,3 +255,7 @@ def test_cells_whose_gan_learnt_nothing_are_shown_and_left_out(tmp_path):
     assert sorted(left) == [f"histology/{m}" for m in sorted(MODELS)]
     assert left["histology/rf"] == "GAN learnt nothing: dcgan-h_tumor-uncond"
     assert s["claims"]["chance_normalised"]["cells_used"] == 8
+    f = flat(s)  # table3.json says which cells are out and why, beside their degenerate flag
+    assert f["histology.rf.in_verdict"] == 0 and f["xray_sex.rf.in_verdict"] == 1
+    assert f["histology.rf.left_out_because"] == "GAN learnt nothing: dcgan-h_tumor-uncond"
+    assert "xray_sex.rf.left_out_because" not in f

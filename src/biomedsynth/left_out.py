@@ -7,6 +7,7 @@ DVC empties a stage's outputs before it runs; what an earlier setting trained or
 """
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 from biomedsynth.params import Params
@@ -48,7 +49,17 @@ def write_not_trained(reason: str, out: Path, metrics_path: Path, scores_path: P
 
 
 def write_not_drawn(reason: str, out: Path, metrics_path: Path, figures: Path) -> None:
-    """synthesize's outputs: metrics saying why, an empty synthetic set folder and an empty figures folder."""
-    out.mkdir(parents=True, exist_ok=True)
+    """synthesize's outputs: metrics saying why, a synthetic set folder holding not_drawn.json and a figures folder
+    holding not_drawn.png, the reason drawn as text (`dvc plots show` shows it where the closest pairs would be).
+    Never an empty folder: DVC warns "'<output>' is empty" for each, 28 lines of noise per default repro."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    note = {"synthesized": False, "reason": reason}
+    write_json(out / "not_drawn.json", note)
+    text, font = "\n".join([f"{out.name}: not drawn", *textwrap.wrap(reason, 80)]), ImageFont.load_default(16)
+    box = ImageDraw.Draw(Image.new("L", (1, 1))).multiline_textbbox((0, 0), text, font=font, spacing=6)
+    image = Image.new("L", (box[2] + 16, box[3] + 16), 255)
+    ImageDraw.Draw(image).multiline_text((8, 8), text, fill=0, font=font, spacing=6)
     figures.mkdir(parents=True, exist_ok=True)
-    write_json(metrics_path, {"synthesized": False, "reason": reason})
+    image.save(figures / "not_drawn.png")
+    write_json(metrics_path, note)

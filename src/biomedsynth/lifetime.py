@@ -168,6 +168,9 @@ def hold_outputs(outputs: list[Path]) -> Iterator[None]:
         fd = _lock(LOCKS / f"{quote(outputs[0].as_posix(), safe='')}.lock", outputs[0])
         for out in outputs:
             remove_leftovers(out)
+        for stale in remove_earlier_layout(outputs):
+            print(f"removed {stale}: an earlier version of this stage wrote it beside {outputs[0]}; this one does "
+                  f"not", file=sys.stderr)
     _writing[:] = outputs
     try:
         yield
@@ -220,6 +223,27 @@ def remove_leftovers(output: Path) -> list[Path]:
         else:
             p.unlink(missing_ok=True)
     return found
+
+
+def remove_earlier_layout(outputs: list[Path]) -> list[Path]:
+    """Remove and return the files an earlier layout of this stage left beside its outputs, which no stage writes
+    now: in each output's folder, the names `<output stem>-*` and `<output stem>.*` that are not outputs
+    themselves (metrics/synthesize/<set>-closest.png beside metrics/synthesize/<set>.json). Stage outputs are named
+    by the whole stage (<arch>-<group>-<setup>, <task>/<model>), so no other stage's output matches (dvc.yaml's
+    259 outputs checked). Only for a caller that holds the outputs."""
+    outputs = [Path(o).absolute() for o in outputs]
+    found = []
+    for out in outputs:
+        stem = out.stem if out.suffix else out.name
+        if out.parent.is_dir():
+            found += [p for p in out.parent.iterdir() if p not in outputs and p not in found
+                      and (p.name.startswith(f"{stem}-") or p.name.startswith(f"{stem}."))]
+    for p in found:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink(missing_ok=True)
+    return [p.relative_to(Path.cwd()) if p.is_relative_to(Path.cwd()) else p for p in found]
 
 
 def describe(e: OSError) -> str:

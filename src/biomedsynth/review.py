@@ -50,15 +50,21 @@ def table3_diff(old: dict, new: dict) -> str:
         return f"{VERDICTS[d['verdict']]}{interval}, {d['cells_used']} cells"
     lines = [f"**Verdict** (mean over tasks of LBP minus deep chance-normalised drop, 95%): "
              + (verdict(new) if verdict(old) == verdict(new) else f"{verdict(old)} → **{verdict(new)}**"), "",
-             "| cell | real | synthetic | real + synthetic | drop | chance-normalised drop | degenerate |",
-             "|---|---|---|---|---|---|---|"]
+             "| cell | real | synthetic | real + synthetic | drop | chance-normalised drop | degenerate | in verdict |",
+             "|---|---|---|---|---|---|---|---|"]
     cells = sorted({k.rsplit(".", 1)[0] for k in (*old, *new) if k.count(".") == 2})
+
+    def changed(a: str, b: str) -> str:
+        return b if a == b else f"{a} → **{b}**"
+
     for cell in cells:
         flag = lambda d: "-" if f"{cell}.is_degenerate" not in d else ("yes" if d[f"{cell}.is_degenerate"] else "no")  # noqa: E731
+        used = lambda d: ("-" if f"{cell}.in_verdict" not in d else "yes" if d[f"{cell}.in_verdict"]  # noqa: E731
+                          else f"no: {d.get(f'{cell}.left_out_because', '?')}")
         lines.append(f"| {cell} | " + " | ".join(both(f"{cell}.{k}", f) for k, f in (
             ("real", "{:.3f}"), ("synthetic", "{:.3f}"), ("real_synthetic", "{:.3f}"), ("drop", "{:.1%}"),
             ("drop_chance_normalised", "{:.1%}")))
-            + f" | {flag(new) if flag(old) == flag(new) else f'{flag(old)} → **{flag(new)}**'} |")
+            + f" | {changed(flag(old), flag(new))} | {changed(used(old), used(new))} |")
     return "\n".join(lines)
 
 

@@ -249,10 +249,12 @@ def summarise(metrics_dir: Path, predictions_dir: Path, gan_stages: dict[str, li
 
 
 def flat(summary: dict) -> dict:
-    """One number per column, for `dvc exp show` / `dvc metrics diff`: each arm's accuracy, the drops and the
-    degenerate flag (is_degenerate) per cell, each task's contrast, then the verdict (1 holds, 0 inconclusive,
-    -1 fails) with its interval."""
+    """One value per column, for `dvc exp show` / `dvc metrics diff`: each arm's accuracy, the drops, the
+    degenerate flag (is_degenerate) and whether the verdict uses the cell (in_verdict; a cell left out says why in
+    left_out_because, the one text column) per cell, each task's contrast, then the verdict (1 holds,
+    0 inconclusive, -1 fails) with its interval."""
     out = {}
+    left_out = summary["claims"]["cells_left_out"]
     for task, row in summary.items():
         if task not in TASKS:
             continue
@@ -261,6 +263,9 @@ def flat(summary: dict) -> dict:
                 if key in c and c[key]["value"] is not None:
                     out[f"{task}.{model}.{key}"] = c[key]["value"]
             out[f"{task}.{model}.is_degenerate"] = int(c["degenerate"])
+            out[f"{task}.{model}.in_verdict"] = int(f"{task}/{model}" not in left_out)
+            if f"{task}/{model}" in left_out:
+                out[f"{task}.{model}.left_out_because"] = left_out[f"{task}/{model}"]
     v = summary["claims"][HEADLINE]
     for task, t in v["per_task"].items():
         if t["contrast"] is not None and t["contrast"]["value"] is not None:

@@ -21,7 +21,8 @@ import torch
 
 from biomedsynth.evidence import prdc
 from biomedsynth.gan import score
-from biomedsynth.gan.train import COND_MODEL, Options, epoch_file, generator, read_batch, resolve_checkpoint
+from biomedsynth.gan.checkpoint import COND_MODEL, Options, epoch_file, generator, resolve_checkpoint
+from biomedsynth.gan.score import read_batch
 from biomedsynth.store import ImageSet
 
 MODALITY = {"x_norm": "xray", "x_norm_l": "xray", "h_norm": "histology", "h_tumor": "histology"}

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from biomedsynth.gan import checkpoint as C
 from biomedsynth.gan import train as T
 from biomedsynth.params import GROUP_MODALITY, Params
 from biomedsynth.tasks import used_gan_stages
@@ -55,7 +56,7 @@ def main() -> None:
         images, labels = group_sizes(args.profile)[item["group"]]
         models = 1 if item["setup"] == "cond" else labels
         per_model = images if item["setup"] == "cond" else images // labels
-        opt = T.Options.from_params(p, item["arch"], GROUP_MODALITY[item["group"]], item["setup"],
+        opt = C.Options.from_params(p, item["arch"], GROUP_MODALITY[item["group"]], item["setup"],
                                     tuple(f"l{k}" for k in range(labels)), 3 if item["modality"] == "histology" else 1)
         kept = len(T.kept_epochs(opt, per_model))
         size = models * kept * T.snapshot_bytes(opt)

@@ -32,6 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 from biomedsynth.gan import pggan, score
+from biomedsynth.gan import checkpoint as C
 from biomedsynth.gan import train as T
 from biomedsynth.gan.ema import EMA
 from biomedsynth.store import ImageSetWriter
@@ -45,15 +46,15 @@ WIDTHS = {"paper": dict(latent=512, dcgan=dict(base_width=64), pggan=dict(fmap_b
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, SXM
 
 
-def options(arch: str, res: int, batch: int, widths: str, channels: int = 1, **kw) -> T.Options:
+def options(arch: str, res: int, batch: int, widths: str, channels: int = 1, **kw) -> C.Options:
     w = WIDTHS[widths]
     base = dict(arch=arch, setup="uncond", labels=("a",), resolution=res, channels=channels, latent_dim=w["latent"],
                 batch_size=batch, epochs=1, seed=0, lr=2e-4 if arch == "dcgan" else 1e-3,
                 betas=(0.5, 0.999) if arch == "dcgan" else (0.0, 0.99), net=w[arch])
     if arch == "sg2ada":  # the params' defaults: lr 0.0025, R1 by the heuristic, the modality's augmentations
-        base.update(lr=0.0025, r1_gamma=T.r1_gamma_heuristic(res, batch),
+        base.update(lr=0.0025, r1_gamma=C.r1_gamma_heuristic(res, batch),
                     augment="xray" if channels == 1 else "histology")
-    return T.Options(**{**base, **kw})
+    return C.Options(**{**base, **kw})
 
 
 class Stored:
@@ -94,7 +95,7 @@ def plain_generator():
         pggan.upsample_conv, pggan.pixel_norm = fused, norm
 
 
-def plain_step(opt: T.Options, nets, stored: Stored, rng: np.random.Generator, extra: tuple, bf16: bool) -> None:
+def plain_step(opt: C.Options, nets, stored: Stored, rng: np.random.Generator, extra: tuple, bf16: bool) -> None:
     """The reference: the same losses and updates, written the plain way (see the module's docstring)."""
     G, D, opt_g, opt_d, ema = nets
     device = next(G.parameters()).device
@@ -126,7 +127,7 @@ def plain_step(opt: T.Options, nets, stored: Stored, rng: np.random.Generator, e
     loss_d.item(), loss_g.item()
 
 
-def plain_nets(opt: T.Options, device: torch.device):
+def plain_nets(opt: C.Options, device: torch.device):
     G, D = T.build(opt, torch.device("cpu"))[:2]
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     G, D = G.to(device, memory_format=fmt), D.to(device, memory_format=fmt)

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from biomedsynth.generate import Source, generate
-from biomedsynth.gan.train import Options, Synthesizer, build, epoch_file
+from biomedsynth.gan.checkpoint import Options, Synthesizer, epoch_file
+from biomedsynth.gan.train import build
 from biomedsynth.store import save_torch
 
 # network widths and latent sizes: the paper profile's and the default profile's

@@ -30,7 +30,7 @@ from biomedsynth import datasheet
 from biomedsynth.cli import app
 from biomedsynth.export import PngWriter, label_columns, staged, verify_checksums, write_checksums
 from biomedsynth.gan import score
-from biomedsynth.gan.train import read_batch
+from biomedsynth.gan.score import read_batch
 from biomedsynth.params import apply_profile, set_params
 from biomedsynth.store import ImageSet, ImageSetWriter, write_json
 
@@ -279,12 +279,12 @@ def test_an_export_loads_everywhere_and_says_what_it_is(at, tmp_path):
 def planted(project: Path, monkeypatch, copies) -> None:
     """The generator's sampler with `copies(label, images, rng)` run over what it draws, the training images by
     label at hand (e.g. to put training images in its place)."""
-    from biomedsynth.gan import train
+    from biomedsynth.gan import checkpoint
 
     real = ImageSet(project / "data/studygroups/x_norm/train")
     by_label = {lb: np.stack([real[i] for i in np.flatnonzero(real.meta["label"] == lb)]) for lb in LABELS}
-    sample = train.Synthesizer.sample
-    monkeypatch.setattr(train.Synthesizer, "sample",
+    sample = checkpoint.Synthesizer.sample
+    monkeypatch.setattr(checkpoint.Synthesizer, "sample",
                         lambda self, label, n, rng: copies(label, sample(self, label, n, rng), by_label[label], rng))
 
 

@@ -71,7 +71,7 @@ def write_manifest(scans: Path, rows: int, distinct: int = 1) -> None:
 def gan_project(root: Path, **changes) -> Path:
     """x_norm's train and val sides and a KID feature net, as the earlier stages leave them; smoke params."""
     from biomedsynth.gan import score
-    from biomedsynth.gan.train import read_batch
+    from biomedsynth.gan.score import read_batch
 
     yy, xx = np.mgrid[:32, :32]
     disc = (yy - 16) ** 2 + (xx - 16) ** 2 < 110

@@ -10,6 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from biomedsynth.distributed import dist_info
+from biomedsynth.gan import checkpoint as C
 from biomedsynth.gan import train as T
 from test_gan_train import options, tiny_study
 
@@ -59,7 +60,7 @@ def test_models_divided_among_processes_keep_their_own_ada_p():
         assert [torch.load(f"{tmp}/p.{rank}") for rank in (0, 1)] == [1.0, 0.0]
 
 
-def _state(root, opt: T.Options, trained: bool):
+def _state(root, opt: C.Options, trained: bool):
     state = root / T.run_key(opt)
     (state / "F_a").mkdir(parents=True)
     (state / "options.json").write_text(json.dumps(opt.to_json()))

@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 import biomedsynth
 from biomedsynth.cli import app
 from biomedsynth.gan import score
+from biomedsynth.gan import checkpoint as C
 from biomedsynth.gan import train as T
 from biomedsynth.gan.feature_net import fingerprint
 from biomedsynth.params import ParamsError, load_params
@@ -52,7 +53,7 @@ def tiny_study(root: Path, group: str = "x_norm", n: int = 32, modality: str = "
 
 
 def feature_net(images: ImageSet) -> score.FeatureNet:
-    return score.train_feature_net(T.read_batch(images, np.arange(len(images)), 32), images.meta["label"].to_numpy(),
+    return score.train_feature_net(score.read_batch(images, np.arange(len(images)), 32), images.meta["label"].to_numpy(),
                                    epochs=1)
 
 
@@ -62,13 +63,13 @@ SG2ADA = dict(net=dict(channel_base=256, channel_max=16, mapping_layers=2), r1_g
               augment="xray", ada_target=0.1, ada_interval=3, ada_speed_images=48, ema_rampup=0.05)
 
 
-def options(arch: str, setup: str = "cond", epochs: int = 2, **kw) -> T.Options:
+def options(arch: str, setup: str = "cond", epochs: int = 2, **kw) -> C.Options:
     net = dict(base_width=8) if arch == "dcgan" else dict(fmap_base=128, fmap_max=16)
     extra = {"dcgan": {}, "pggan": dict(images_per_phase=8), "sg2ada": SG2ADA}[arch]
     base = dict(arch=arch, setup=setup, labels=("F_a", "M_a"), resolution=32, channels=1, latent_dim=16,
                 batch_size=8, epochs=epochs, seed=3, lr={"dcgan": 2e-4, "pggan": 1e-3, "sg2ada": 2.5e-3}[arch],
                 betas=(0.5, 0.999) if arch == "dcgan" else (0.0, 0.99), net=net, score_images=16)
-    return T.Options(**{**base, **extra, **kw})
+    return C.Options(**{**base, **extra, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +112,7 @@ def test_resume_after_a_kill_gives_the_weights_of_a_straight_run(group, val, tmp
     straight = T.train_model(opt, data, group, tmp_path / "a", scorer, torch.device("cpu"), log=lambda m: None)
     with pytest.raises(Killed):
         T.train_model(opt, data, group, tmp_path / "b", scorer, torch.device("cpu"), log=kill_after_epoch(1))
-    assert len(T.read_log(tmp_path / "b")) == 1
+    assert len(C.read_log(tmp_path / "b")) == 1
     resumed = T.train_model(opt, data, group, tmp_path / "b", scorer, torch.device("cpu"), log=lambda m: None)
     a, b = (torch.load(p / "checkpoint.pt", weights_only=False) for p in (tmp_path / "a", tmp_path / "b"))
     for key in ("G", "D") + (("ema",) if arch != "dcgan" else ()):
@@ -124,7 +125,7 @@ def test_resume_after_a_kill_gives_the_weights_of_a_straight_run(group, val, tmp
     assert a["images_seen"] == b["images_seen"] == 2 * 32
     assert [r["loss_d"] for r in straight] == [r["loss_d"] for r in resumed]
     assert all(np.isfinite(r[k]) for r in resumed for k in ("loss_d", "loss_g", "swd", "kid", "swd_floor", "kid_floor"))
-    assert (tmp_path / "b" / "grids" / "002.png").is_file() and T.epoch_file(tmp_path / "b", 2).is_file()
+    assert (tmp_path / "b" / "grids" / "002.png").is_file() and C.epoch_file(tmp_path / "b", 2).is_file()
 
 
 def test_pggan_grows_to_full_resolution_and_logs_depth(group, val, tmp_path):
@@ -136,7 +137,7 @@ def test_pggan_grows_to_full_resolution_and_logs_depth(group, val, tmp_path):
     # a generator is kept only where `best` may choose it: at the full side, faded in
     grown = [r["epoch"] for r in rows if r["side"] == 32 and r["alpha"] == 1.0]
     assert [r["epoch"] for r in rows if r["snapshot"]] == grown == [4]
-    assert [T.epoch_file(tmp_path, r["epoch"]).is_file() for r in rows] == [r["snapshot"] for r in rows]
+    assert [C.epoch_file(tmp_path, r["epoch"]).is_file() for r in rows] == [r["snapshot"] for r in rows]
 
 
 def test_pggan_refuses_epochs_that_end_before_full_growth():
@@ -157,7 +158,7 @@ def test_uncond_trains_one_model_per_label_and_cond_one_model():
     assert [(d.name, d.indices.tolist(), d.val_indices.tolist()) for d in uncond] == [
         ("F_a", [1, 3, 4], [0]), ("M_a", [0, 2], [2])]
     (cond,) = T.model_data(meta, val, options("dcgan", setup="cond"))
-    assert cond.name == T.COND_MODEL and cond.class_ids.tolist() == [1, 0, 1, 0, 0]
+    assert cond.name == C.COND_MODEL and cond.class_ids.tolist() == [1, 0, 1, 0, 0]
     assert cond.val_indices.tolist() == [0, 2] and cond.val_class_ids.tolist() == [0, 1]
     with pytest.raises(ValueError, match="model M_a: no validation images"):
         T.model_data(meta, val.iloc[:2], options("dcgan", setup="uncond"))
@@ -196,14 +197,14 @@ def test_checkpoint_choice_best_last_and_epoch(tmp_path):
     rows = [{"epoch": e, "swd": s, "snapshot": e < 5} for e, s in ((1, 0.5), (2, 0.2), (3, 0.2), (4, 0.3), (5, 0.1))]
     (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     for e in range(1, 5):
-        T.epoch_file(tmp_path, e).touch()
-    assert T.resolve_checkpoint(tmp_path, "best") == 2  # lowest SWD of the kept epochs, the earlier of a tie
-    assert T.resolve_checkpoint(tmp_path, "last") == 4
-    assert T.resolve_checkpoint(tmp_path, "epoch_3") == 3
+        C.epoch_file(tmp_path, e).touch()
+    assert C.resolve_checkpoint(tmp_path, "best") == 2  # lowest SWD of the kept epochs, the earlier of a tie
+    assert C.resolve_checkpoint(tmp_path, "last") == 4
+    assert C.resolve_checkpoint(tmp_path, "epoch_3") == 3
     with pytest.raises(ValueError, match="keeps the generators of epochs 1, 2, 3, 4"):
-        T.resolve_checkpoint(tmp_path, "epoch_5")
+        C.resolve_checkpoint(tmp_path, "epoch_5")
     with pytest.raises(ValueError, match="allowed best, last, epoch_N"):
-        T.resolve_checkpoint(tmp_path, "newest")
+        C.resolve_checkpoint(tmp_path, "newest")
 
 
 @pytest.mark.parametrize("every, kept", [(1, [3, 4, 5, 6]), (2, [4, 6]), (4, [4, 6])])
@@ -224,18 +225,18 @@ def test_train_gan_stage_then_synthesizer_samples_each_label(study, tmp_path, mo
     assert summary["models"] == 1 and summary["epochs"] == 2
     assert summary["score_images"] == summary["val_images"] == 16  # all of val
     assert json.loads((tmp_path / "m.json").read_text()) == summary
-    model = summary["per_model"][T.COND_MODEL]
+    model = summary["per_model"][C.COND_MODEL]
     assert 0 < model["swd_floor"] < model["swd_noise"] and summary["swd_floor"] == model["swd_floor"]
     assert summary["learnt"] == model["learnt"] is (model["swd_relative"] < T.LEARNT_BELOW)
     assert any("learnt nothing" in line for line in lines) != model["learnt"]  # a 2-epoch GAN: warned
     assert json.loads((out / "options.json").read_text())["feature_net"] == fingerprint(net)
-    rows = T.read_log(out / T.COND_MODEL)
+    rows = C.read_log(out / C.COND_MODEL)
     assert all(r["swd_floor"] == model["swd_floor"] for r in rows)  # the per-model log shows the floor
     assert (tmp_path / "s.csv").read_text().splitlines() == [
         "epoch,swd,kid,swd_floor,kid_floor",
         *(f"{r['epoch']},{r['swd']:.6f},{r['kid']:.6f},{r['swd_floor']:.6f},{r['kid_floor']:.6f}" for r in rows)]
     assert (tmp_path / "l.csv").read_text().splitlines()[0] == "epoch,loss_d,loss_g"
-    gen = T.Synthesizer(out, "last", torch.device("cpu"))
+    gen = C.Synthesizer(out, "last", torch.device("cpu"))
     images = gen.sample("M_a", 5, np.random.default_rng(0))
     assert images.shape == (5, 32, 32, 1) and images.dtype == np.uint8
     np.testing.assert_array_equal(images, gen.sample("M_a", 5, np.random.default_rng(0)))
@@ -247,8 +248,8 @@ def test_train_gan_stage_then_synthesizer_samples_each_label(study, tmp_path, mo
     # changed options: trained from scratch in a state of their own; the output is the new run, the old state stays
     T.train_gan(dataclasses.replace(opt, seed=4, epochs=1), group.path, val.path, net, out, tmp_path / "m.json",
                 tmp_path / "s.csv", tmp_path / "l.csv", tmp_path / "states", log=lambda m: None)
-    assert len(T.read_log(out / T.COND_MODEL)) == 1 and json.loads((out / "options.json").read_text())["seed"] == 4
-    assert len(T.read_log(first_state / T.COND_MODEL)) == 2 and len(list((tmp_path / "states").iterdir())) == 2
+    assert len(C.read_log(out / C.COND_MODEL)) == 1 and json.loads((out / "options.json").read_text())["seed"] == 4
+    assert len(C.read_log(first_state / C.COND_MODEL)) == 2 and len(list((tmp_path / "states").iterdir())) == 2
     score.save_feature_net(feature_net(group), tmp_path / "net64.pt", resolution=64)
     with pytest.raises(ValueError, match="trained on 64 px images, the GAN draws 32 px"):
         T.train_gan(opt, group.path, val.path, tmp_path / "net64.pt", out, tmp_path / "m.json", tmp_path / "s.csv",
@@ -266,15 +267,15 @@ def test_sg2ada_stage_from_params_writes_the_layout_logs_ada_and_samples_each_la
     result = CliRunner().invoke(app, ["train-gan", "sg2ada", "x_norm", "cond"])
     assert result.exit_code == 0, result.output
     out = Path("models/gan/sg2ada-x_norm-cond")
-    opt = T.Options.from_json(json.loads((out / "options.json").read_text()))
+    opt = C.Options.from_json(json.loads((out / "options.json").read_text()))
     assert opt.augment == "xray" and opt.r1_gamma == pytest.approx(0.0002 * 32 ** 2 / 8)  # the heuristic at 32 px
     assert {p.name for p in out.rglob("*") if p.is_file()} == {
         "options.json", "log.jsonl", "speed.jsonl", "001.pt", "002.pt", "001.png", "002.png"}
-    rows = T.read_log(out / T.COND_MODEL)
+    rows = C.read_log(out / C.COND_MODEL)
     assert [r["epoch"] for r in rows] == [1, 2] and all(0 <= r["ada_p"] <= 1 and -1 <= r["ada_rt"] <= 1 for r in rows)
-    model = json.loads(Path("metrics/gan/sg2ada-x_norm-cond.json").read_text())["per_model"][T.COND_MODEL]
+    model = json.loads(Path("metrics/gan/sg2ada-x_norm-cond.json").read_text())["per_model"][C.COND_MODEL]
     assert model["ema_half_life"] == 2 * 64 / 4  # a quarter of the run: 2 epochs of 64 images
-    gen = T.Synthesizer(out, "best", torch.device("cpu"))
+    gen = C.Synthesizer(out, "best", torch.device("cpu"))
     for label in opt.labels:
         images = gen.sample(label, 3, np.random.default_rng(0))
         assert images.shape == (3, 32, 32, 1) and images.dtype == np.uint8
@@ -298,7 +299,7 @@ def test_floor_and_learnt_flag_against_noise_and_blur(group, val):
     opt = options("dcgan", setup="uncond")
     data = T.model_data(group.meta, val.meta, opt)[0]
     scorer = scorer_for(group, val)
-    real = T.read_batch(group, data.indices, 32)
+    real = score.read_batch(group, data.indices, 32)
     noise = torch.rand(64, 1, 32, 32) * 2 - 1
     ref = scorer.reference(opt, data).scores
     assert ref["val_images"] == 8 and ref["images"] == 16  # all 8 of the label's, repeated up to score_images
@@ -358,7 +359,7 @@ def test_kill_9_of_the_cli_stage_resumes_to_the_bytes_of_a_straight_run(tmp_path
     subprocess.run(cmd, cwd=killed, env=env, check=True, capture_output=True)
     a, b = (stage_files(root, "pggan-x_norm-cond") for root in (straight, killed))
     assert [path for path in a if a[path] != b.get(path)] == []
-    kept = sum(r["snapshot"] for r in T.read_log(straight / "models/gan/pggan-x_norm-cond/conditional"))
+    kept = sum(r["snapshot"] for r in C.read_log(straight / "models/gan/pggan-x_norm-cond/conditional"))
     assert list(a) == list(b) and len(a) == 1 + 1 + 4 + kept >= 7  # options.json; the log, 4 grids, generators
     assert not output_after_kill  # written whole once training ends: never a half-trained output
 
@@ -376,12 +377,12 @@ def test_launch_two_cpu_processes_train_with_rank_0_writing(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.count("2 processes: torchrun --standalone --nproc-per-node 2 --module biomedsynth") == 1
-    model = tmp_path / "models/gan/pggan-x_norm-cond" / T.COND_MODEL
-    rows = T.read_log(model)
+    model = tmp_path / "models/gan/pggan-x_norm-cond" / C.COND_MODEL
+    rows = C.read_log(model)
     assert [r["epoch"] for r in rows] == [1, 2]  # one line per epoch: only rank 0 logged
     assert rows[-1]["images_seen"] == 2 * 64  # 64 images per epoch: 8 steps of batch 8, 4 on each rank
     assert run.stdout.count("epoch 2/2") == 1
-    ck = torch.load(next((tmp_path / ".cache/gan/pggan-x_norm-cond").glob(f"*/{T.COND_MODEL}/checkpoint.pt")),
+    ck = torch.load(next((tmp_path / ".cache/gan/pggan-x_norm-cond").glob(f"*/{C.COND_MODEL}/checkpoint.pt")),
                     weights_only=False)
     assert ck["epoch"] == 2 and all(torch.isfinite(w).all() for w in ck["G"].values())
 
@@ -434,7 +435,7 @@ def test_runs_that_crash_before_an_epoch_never_displace_a_trained_resume_state(s
     root, group, val = study
     net, states = root / "models/feature_net/xray.pt", tmp_path / "states"
 
-    def run(opt: T.Options) -> list[int]:
+    def run(opt: C.Options) -> list[int]:
         """The epochs trained by a run of the stage under `opt`."""
         lines = []
         T.train_gan(opt, group.path, val.path, net, tmp_path / "out",

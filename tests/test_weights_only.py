@@ -13,6 +13,7 @@ from biomedsynth.cli import app
 from biomedsynth.classify import vgg
 from biomedsynth.export import write_checksums, write_generator
 from biomedsynth.gan import score
+from biomedsynth.gan import checkpoint as C
 from biomedsynth.gan import train as T
 from biomedsynth.generate import from_shared
 from test_gan_train import options, smoke_project, tiny_study
@@ -57,8 +58,8 @@ def trained(tmp_path_factory):
     train, val = tiny_study(root)
     T.train_gan(options("dcgan", epochs=1), train.path, val.path, root / "models/feature_net/xray.pt",
                 root / "models/gan/x", *(root / f for f in ("m.json", "s.csv", "l.csv", "states")), log=lambda m: None)
-    write_generator(root / "models/gan/x", {T.COND_MODEL: 1}, root / "shared",
-                    {"epochs": {T.COND_MODEL: 1}, "set": "x", "modality": "xray",
+    write_generator(root / "models/gan/x", {C.COND_MODEL: 1}, root / "shared",
+                    {"epochs": {C.COND_MODEL: 1}, "set": "x", "modality": "xray",
                      "gate": {"flagged": False, "evidence": "none", "overridden": False}})
     return root
 
@@ -80,7 +81,7 @@ def test_feature_net(copy):
 
 def test_resume_checkpoint(copy):
     root, marker = copy
-    ckpt = next((root / "states").glob(f"*/{T.COND_MODEL}/checkpoint.pt"))
+    ckpt = next((root / "states").glob(f"*/{C.COND_MODEL}/checkpoint.pt"))
     plant(ckpt, marker)
     refused(lambda: T.train_gan(options("dcgan", epochs=2), root / "data/studygroups/x_norm/train",
                                 root / "data/studygroups/x_norm/val", root / "models/feature_net/xray.pt",
@@ -90,16 +91,16 @@ def test_resume_checkpoint(copy):
 
 def test_gan_epoch_snapshot_sampled_and_exported(copy):
     root, marker = copy
-    snap = T.epoch_file(root / "models/gan/x" / T.COND_MODEL, 1)
+    snap = C.epoch_file(root / "models/gan/x" / C.COND_MODEL, 1)
     plant(snap, marker)
-    refused(lambda: T.Synthesizer(root / "models/gan/x", "last", torch.device("cpu")), snap, marker)
-    refused(lambda: write_generator(root / "models/gan/x", {T.COND_MODEL: 1}, root / "again",
-                                    {"epochs": {T.COND_MODEL: 1}, "set": "x", "modality": "xray"}), snap, marker)
+    refused(lambda: C.Synthesizer(root / "models/gan/x", "last", torch.device("cpu")), snap, marker)
+    refused(lambda: write_generator(root / "models/gan/x", {C.COND_MODEL: 1}, root / "again",
+                                    {"epochs": {C.COND_MODEL: 1}, "set": "x", "modality": "xray"}), snap, marker)
 
 
 def test_shipped_generator(copy):
     root, marker = copy
-    snap = T.epoch_file(root / "shared" / T.COND_MODEL, 1)
+    snap = C.epoch_file(root / "shared" / C.COND_MODEL, 1)
     plant(snap, marker)
     write_checksums(root / "shared")  # a payload signed by whoever shipped it: the checksums do not catch it
     refused(lambda: from_shared(root / "shared"), snap, marker)

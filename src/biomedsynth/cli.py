@@ -345,7 +345,7 @@ def synthesize(arch: str = ArchArg, group: str = GroupArg, setup: str = SetupArg
         typer.echo(f"synthesize@{name}: not drawn ({reason})")
         return
     from biomedsynth.evidence import feature_net_space
-    from biomedsynth.gan.train import Synthesizer
+    from biomedsynth.gan.checkpoint import Synthesizer
     from biomedsynth.gan.utility import choose_checkpoint
     from biomedsynth.provenance import fingerprint
     from biomedsynth.store import write_json
@@ -378,7 +378,7 @@ def synthesize(arch: str = ArchArg, group: str = GroupArg, setup: str = SetupArg
 def check_synthesize(params: Path = ParamsOpt):
     """check_synthesize: what each synthesize stage would refuse (a checkpoint epoch its GAN did not keep, too few
     held-out patients or images for the evidence), checked before DVC clears any synthetic set."""
-    from biomedsynth.gan.train import checkpoint_epochs
+    from biomedsynth.gan.checkpoint import checkpoint_epochs
     from biomedsynth.left_out import reason_left_out
     from biomedsynth.store import ImageSet
     from biomedsynth.synthesize import check_sets

@@ -197,10 +197,10 @@ def _bf16(obj):
 
 
 def write_generator(model_root: Path, epochs: dict[str, int], out: Path, card: dict) -> dict:
-    """The sampling generator of each model's chosen epoch in bf16, laid out as gan.train's Synthesizer reads a
+    """The sampling generator of each model's chosen epoch in bf16, laid out as gan.checkpoint's Synthesizer reads a
     stage (options.json, <model>/log.jsonl holding the chosen epoch's row, <model>/epochs/NNN.pt), with card.json
     and SHA256SUMS; returns the card with the parameter count."""
-    from biomedsynth.gan.train import epoch_file, read_log
+    from biomedsynth.gan.checkpoint import epoch_file, read_log
 
     out.mkdir(parents=True)
     shutil.copyfile(model_root / "options.json", out / "options.json")
@@ -268,7 +268,7 @@ def recorded_metrics(name: str, run: RunFiles, lock: dict | None) -> dict:
 
 def generator_names(arch: str, setup: str, epochs: dict[str, int], labels: list[str]) -> dict[str, str]:
     """Per label, the model and epoch that draw it, as the PNGs' text chunk names it."""
-    from biomedsynth.gan.train import COND_MODEL
+    from biomedsynth.gan.checkpoint import COND_MODEL
 
     model = lambda label: COND_MODEL if setup == "cond" else label  # noqa: E731
     return {label: f"{arch} {setup}, model {model(label)}, epoch {epochs[model(label)]}" for label in labels}
@@ -306,7 +306,7 @@ def export_set(name: str, run: RunFiles, out: Path, *, modality: str, group: str
     if not len(shipped):
         raise ValueError(f"{name}: every one of its {len(images)} images is a near copy of a training image")
     options = _json(run.model_root / "options.json")
-    from biomedsynth.gan.train import read_log  # here: torch comes with it, and the stage's notes need none of it
+    from biomedsynth.gan.checkpoint import read_log  # here: torch comes with it, and the stage's notes need none of it
 
     epochs = synth["checkpoint_epochs"]
     logs = {model: next(r for r in read_log(run.model_root / model) if r["epoch"] == e) for model, e in epochs.items()}

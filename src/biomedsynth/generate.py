@@ -26,7 +26,7 @@ from tqdm import tqdm
 from biomedsynth import gate
 from biomedsynth.evidence import feature_net_space
 from biomedsynth.export import CARD, PngWriter, generator_names, staged, verify_checksums, write_checksums
-from biomedsynth.gan.train import Synthesizer
+from biomedsynth.gan.checkpoint import Synthesizer
 from biomedsynth.provenance import git_commit
 from biomedsynth.store import ImageSet, write_json
 from biomedsynth.synthesize import HashScreen, NearCopyScreen, draw_label, evidence_spaces

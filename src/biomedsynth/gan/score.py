@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from biomedsynth.store import load_weights
+from biomedsynth.store import ImageSet, load_weights
 
 MIN_LEVEL_SIDE = 16  # the coarsest pyramid level, as in the PGGAN paper
 
@@ -285,3 +285,9 @@ def extract_features(net: FeatureNet, images, batch_size: int = 256) -> np.ndarr
     out = [net.features(as_model_images(images[s:s + batch_size]).to(device)).float().cpu()
            for s in range(0, len(images), batch_size)]
     return torch.cat(out).numpy()
+
+
+def read_batch(images: ImageSet, idx: np.ndarray, resolution: int) -> torch.Tensor:
+    """Stored images at idx (in that order) -> float (N, C, resolution, resolution) in [-1, 1], area-downsampled."""
+    x = as_model_images(np.stack([images[int(i)] for i in idx]))
+    return F.interpolate(x, size=resolution, mode="area") if x.shape[-1] != resolution else x

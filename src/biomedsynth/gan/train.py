@@ -38,11 +38,10 @@ import json
 import math
 import multiprocessing
 import os
-import re
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -54,13 +53,14 @@ from tqdm import tqdm
 
 from biomedsynth.distributed import average_gradients, dist_info, pick_device
 from biomedsynth.gan import ada, dcgan, pggan, score, sg2ada
+from biomedsynth.gan.checkpoint import (ARCHS, COND_MODEL, Options, best_epoch, epoch_file, generate, generator,
+                                        read_log, to_uint8)
 from biomedsynth.gan.curves import write_curves
 from biomedsynth.gan.ema import EMA, MIN_PHASE_SHARE, PHASE_QUARTERS, half_life_for, phase_shares
 from biomedsynth.gan.feature_net import fingerprint
 from biomedsynth.lifetime import die_with_parent
 from biomedsynth.store import ImageSet, atomic_write_text, load_weights, remove_tree, save_torch, write_json
 
-COND_MODEL = "conditional"  # folder of the one model of the `cond` setup
 GRID_COLUMNS = 8
 # `learnt`: the best SWD lies less than this share of the way from the real floor (0) to the better of the
 # noise and blur baselines (1). Half way, not "below the baseline": a collapsed GAN drawing checkerboard
@@ -68,143 +68,9 @@ GRID_COLUMNS = 8
 LEARNT_BELOW = 0.5
 GP_LAMBDA = 10.0  # WGAN-GP's penalty weight (Gulrajani et al.; PGGAN keeps it)
 PL_INTERVAL = 4  # sg2ada: path length every 4th G step on half the batch, weighted 4 (StyleGAN2's lazy regularisation)
-ARCHS = {"dcgan": dcgan, "pggan": pggan, "sg2ada": sg2ada}
-
-
-@dataclass(frozen=True)
-class Options:
-    """Everything that decides a model's weights; saved beside the outputs and compared on resume."""
-    arch: str                  # dcgan | pggan | sg2ada
-    setup: str                 # uncond | cond
-    labels: tuple[str, ...]    # the group's labels, sorted (class ids of conditional models)
-    resolution: int
-    channels: int
-    latent_dim: int
-    batch_size: int            # images per step over all `world` processes
-    epochs: int                # PGGAN with epochs_per `depth`: per depth
-    seed: int
-    lr: float
-    betas: tuple[float, float]
-    net: dict = field(default_factory=dict)   # dcgan: base_width; pggan: fmap_base, fmap_max;
-                                              # sg2ada: channel_base, channel_max, mapping_layers
-    world: int = 1                            # processes sharing each step's batch (seeds and stddev groups)
-    ema_half_life: float | None = None        # pggan, sg2ada: images; None: ema.half_life_for the shortest phase
-    ema_rampup: float | None = None           # pggan, sg2ada: half-life at most this share of the images seen
-    epochs_per: str = "total"                 # pggan: `depth` (each depth trains `epochs`) or `total`
-    images_per_phase: int | None = None       # pggan: fixed phases (then `epochs` is the total)
-    gp_interval: int = 1                      # pggan: the penalty every k-th D step, weighted k
-    r1_gamma: float | None = None             # sg2ada: R1's weight gamma (required; r1_gamma_heuristic)
-    r1_interval: int = 16                     # sg2ada: R1 every k-th D step, weighted k (the paper: 16)
-    pl_weight: float = 2.0                    # sg2ada: path length's weight (0: off; the paper: 2)
-    augment: str = ""                         # sg2ada: the modality whose augmentations ADA applies (ada.MODALITIES)
-    ada_target: float = 0.6                   # sg2ada: the overfitting heuristic r_t that ADA steers p to hold
-    ada_interval: int = 4                     # sg2ada: D steps between adjustments of p
-    ada_speed_images: int = 500_000           # sg2ada: images over which p can move from 0 to 1
-    snapshot_every: int = 1                   # keep the sampling generator of every k-th selectable epoch
-    snapshot_dtype: str = "float32"           # float32 | bfloat16
-    score_images: int = 128
-    swd_directions: int = 512
-    feature_net: str = ""   # fingerprint of the KID feature net, set by train_gan (a new net starts over)
-
-    def __post_init__(self):
-        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))  # Adam refuses int betas
-        if self.arch not in ARCHS:
-            raise ValueError(f"arch must be dcgan, pggan or sg2ada, got {self.arch!r}")
-        if self.setup not in ("uncond", "cond"):
-            raise ValueError(f"setup must be uncond or cond, got {self.setup!r}")
-        if self.epochs_per not in ("depth", "total"):
-            raise ValueError(f"epochs_per must be depth or total, got {self.epochs_per!r}")
-        if self.snapshot_dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"snapshot dtype must be float32 or bfloat16, got {self.snapshot_dtype!r}")
-        ARCHS[self.arch].check_shape(self.resolution, self.channels)
-        bad = [lb for lb in self.labels if not re.fullmatch(r"[A-Za-z0-9_.+-]+", lb) or lb == COND_MODEL]
-        if bad:
-            raise ValueError(f"label {bad[0]!r} cannot name a model folder (letters, digits, _ . + - only)")
-        if self.batch_size % self.world:
-            raise ValueError(f"batch_size {self.batch_size} does not split over {self.world} processes")
-        if self.arch != "dcgan" and self.batch_size // self.world % 4:
-            raise ValueError(f"{self.arch}'s minibatch stddev groups 4 images: each of {self.world} process(es) needs "
-                             f"a multiple of 4, got batch_size {self.batch_size}")
-        if self.arch == "sg2ada":
-            self._check_sg2ada()
-
-    def _check_sg2ada(self) -> None:
-        """ValueError, one line, for sg2ada settings its networks, regularisers or ADA would refuse or misuse."""
-        if set(self.net) != {"channel_base", "channel_max", "mapping_layers"}:
-            raise ValueError(f"sg2ada's net needs channel_base, channel_max and mapping_layers, got {sorted(self.net)}")
-        sg2ada.widths(self.resolution, self.net["channel_base"], self.net["channel_max"])
-        if self.net["mapping_layers"] < 1:
-            raise ValueError(f"sg2ada's mapping_layers must be >= 1, got {self.net['mapping_layers']}")
-        if self.augment not in ada.MODALITIES:
-            raise ValueError(f"sg2ada's augment must be one of {', '.join(ada.MODALITIES)} (the modality whose "
-                             f"augmentations ADA applies), got {self.augment!r}")
-        if self.r1_gamma is None or self.r1_gamma < 0:
-            raise ValueError(f"sg2ada's r1_gamma must be >= 0, got {self.r1_gamma} (StyleGAN2-ADA's heuristic here: "
-                             f"{r1_gamma_heuristic(self.resolution, self.batch_size):g})")
-        if self.r1_interval < 1 or self.pl_weight < 0:
-            raise ValueError(f"sg2ada's r1_interval must be >= 1 and pl_weight >= 0, got {self.r1_interval} and "
-                             f"{self.pl_weight}")
-        ada.AdaptiveP(self.ada_target, self.ada_interval, self.ada_speed_images)  # refuses a bad target or speed
-
-    @property
-    def n_classes(self) -> int:
-        return len(self.labels) if self.setup == "cond" else 0
-
-    @property
-    def total_epochs(self) -> int:
-        """Epochs of the whole run: with epochs_per `depth`, each of PGGAN's depths trains `epochs`."""
-        if self.arch == "pggan" and self.epochs_per == "depth" and self.images_per_phase is None:
-            return self.epochs * (pggan.check_shape(self.resolution, self.channels) + 1)
-        return self.epochs
-
-    @classmethod
-    def from_params(cls, p, arch: str, modality: str, setup: str, labels: tuple[str, ...], channels: int,
-                    world: int = 1) -> Options:
-        """The options of one train_gan stage from the params models (params.Params)."""
-        data, net = getattr(p.gan, modality), getattr(p.gan, arch)
-        if modality == "histology":
-            epochs = data.epochs
-        else:
-            epochs = data.epochs_cond if setup == "cond" else data.epochs_uncond
-        if arch == "dcgan":
-            arch_opts = dict(net=dict(base_width=net.base_width))
-        elif arch == "pggan":
-            arch_opts = dict(net=dict(fmap_base=net.fmap_base, fmap_max=net.fmap_max), ema_half_life=net.ema_half_life,
-                             ema_rampup=net.ema_rampup, epochs_per=net.epochs_per,
-                             images_per_phase=net.images_per_phase, gp_interval=net.gp_interval)
-        else:
-            gamma = net.r1_gamma if net.r1_gamma is not None else r1_gamma_heuristic(data.resolution, data.batch_size)
-            arch_opts = dict(net=dict(channel_base=net.channel_base, channel_max=net.channel_max,
-                                      mapping_layers=net.mapping_layers), ema_half_life=net.ema_half_life,
-                             ema_rampup=net.ema_rampup, r1_gamma=gamma, r1_interval=net.r1_interval,
-                             pl_weight=net.pl_weight, augment=modality, ada_target=net.ada.target,
-                             ada_interval=net.ada.interval, ada_speed_images=net.ada.speed_images)
-        return cls(arch=arch, setup=setup, labels=labels, resolution=data.resolution, channels=channels,
-                   latent_dim=data.latent_dim, batch_size=data.batch_size, epochs=epochs, seed=p.seed, lr=net.lr,
-                   betas=tuple(net.betas), world=world, snapshot_every=p.gan.snapshots.every,
-                   snapshot_dtype=p.gan.snapshots.dtype, score_images=p.gan.score.images,
-                   swd_directions=p.gan.score.swd_directions, **arch_opts)
-
-    def to_json(self) -> dict:
-        return json.loads(json.dumps(asdict(self)))
-
-    @classmethod
-    def from_json(cls, d: dict) -> Options:
-        return cls(**{**d, "labels": tuple(d["labels"]), "betas": tuple(d["betas"])})
-
-
-def r1_gamma_heuristic(resolution: int, batch_size: int) -> float:
-    """StyleGAN2-ADA's R1 weight for a side and (global) batch when none is configured: 0.0002 * side^2 / batch."""
-    return 0.0002 * resolution ** 2 / batch_size
 
 
 # ---- models ----
-
-def generator(opt: Options) -> torch.nn.Module:
-    """G on the CPU, initialised from the options' seed."""
-    torch.manual_seed(opt.seed)
-    return ARCHS[opt.arch].Generator(opt.resolution, opt.channels, opt.latent_dim, n_classes=opt.n_classes, **opt.net)
-
 
 @dataclass
 class Sg2adaState:
@@ -260,37 +126,6 @@ def phase_schedule(opt: Options, images_per_epoch: int) -> pggan.PhaseSchedule:
     return schedule
 
 
-@torch.no_grad()
-def generate(G: torch.nn.Module, opt: Options, z: torch.Tensor, labels: torch.Tensor | None,
-             depth: int | None = None, alpha: float = 1.0, batch_size: int = 256,
-             noise: torch.Generator | None = None) -> torch.Tensor:
-    """Float (N, C, resolution, resolution) images in [-1, 1]; a PGGAN below full depth is upsampled. sg2ada's
-    per-pixel noise is drawn from `noise` (a generator on G's device), as in training; None: each layer's fixed
-    noise map, so a latent always gives the same image (the sample grids)."""
-    was_training = G.training
-    G.eval()  # DCGAN samples with BatchNorm's running statistics, so a sample never changes the model
-    out = []
-    for s in range(0, len(z), batch_size):
-        y = None if labels is None else labels[s:s + batch_size]
-        if opt.arch == "pggan":
-            x = G(z[s:s + batch_size], y, depth, alpha)
-        elif opt.arch == "sg2ada":
-            x = G(z[s:s + batch_size], y, "const" if noise is None else "random", noise)
-        else:
-            x = G(z[s:s + batch_size], y)
-        x = x.float().clamp(-1, 1)
-        if x.shape[-1] != opt.resolution:
-            x = F.interpolate(x, size=opt.resolution, mode="nearest")
-        out.append(x.cpu())
-    G.train(was_training)
-    return torch.cat(out)
-
-
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """Float (N, C, H, W) in [-1, 1] -> uint8 (N, H, W, C), the store's layout."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
-
-
 def save_grid(images: np.ndarray, path: Path, columns: int = GRID_COLUMNS) -> None:
     """uint8 (N, H, W, C) images tiled row-major into one PNG, 2 px gaps."""
     n, h, w, c = images.shape
@@ -305,12 +140,6 @@ def save_grid(images: np.ndarray, path: Path, columns: int = GRID_COLUMNS) -> No
     os.replace(tmp, path)
 
 
-def read_batch(images: ImageSet, idx: np.ndarray, resolution: int) -> torch.Tensor:
-    """Stored images at idx (in that order) -> float (N, C, resolution, resolution) in [-1, 1], area-downsampled."""
-    x = score.as_model_images(np.stack([images[int(i)] for i in idx]))
-    return F.interpolate(x, size=resolution, mode="area") if x.shape[-1] != resolution else x
-
-
 # ---- checkpoints ----
 
 def _weights(module: torch.nn.Module) -> dict:
@@ -318,15 +147,6 @@ def _weights(module: torch.nn.Module) -> dict:
     saved bytes then depend on the values only, not on the device, memory format or storage sharing of the run
     (torch.save writes all three; a resumed and an uninterrupted run must give the same file)."""
     return {k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in module.state_dict().items()}
-
-
-def epoch_file(model_dir: Path, epoch: int) -> Path:
-    return model_dir / "epochs" / f"{epoch:03d}.pt"
-
-
-def read_log(model_dir: Path, name: str = "log.jsonl") -> list[dict]:
-    path = model_dir / name
-    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
 
 
 def _jsonl(rows) -> str:
@@ -660,7 +480,7 @@ class Scorer:
     def _distinct(self, images: ImageSet, indices: np.ndarray, opt: Options, rng: np.random.Generator):
         """At most score_images of `indices`, drawn at random and sorted, and their images."""
         pick = np.sort(rng.permutation(len(indices))[:opt.score_images])
-        return pick, read_batch(images, indices[pick], opt.resolution).to(self.device)
+        return pick, score.read_batch(images, indices[pick], opt.resolution).to(self.device)
 
     def reference(self, opt: Options, data: ModelData) -> Reference:
         """The model's validation images and its floor, noise and blur scores (computed once per model)."""
@@ -930,13 +750,6 @@ def train_alone(opt: Options, data: ModelData, train_set: Path, val_set: Path, f
     return train_model(opt, data, scorer.train, model_dir, scorer, device), scorer.reference(opt, data).scores
 
 
-def best_epoch(rows: list[dict]) -> int:
-    """The epoch with the lowest SWD (the earliest on a tie) among those whose generator was kept (`snapshot`:
-    at the full side, fully faded in, every snapshot_every-th): a PGGAN still growing draws upsampled blocks,
-    whose smoothness SWD can score better than detailed full-size images."""
-    return min([r for r in rows if r["snapshot"]] or rows, key=lambda r: (r["swd"], r["epoch"]))["epoch"]
-
-
 def trend(rows: list[dict], tail: float) -> dict:
     """Whether a model was still improving when training stopped: its best epoch lies in the last `tail`
     share of the epochs (at least the last 2) and its SWD still falls there (least-squares slope per epoch)."""
@@ -1000,58 +813,3 @@ def _warn(summary: dict, log) -> None:
 
 
 # ---- sampling for the next stage ----
-
-def resolve_checkpoint(model_dir: Path, choice: str) -> int:
-    """`best` (lowest SWD), `last` or `epoch_N` -> an epoch number that has a saved generator."""
-    rows = read_log(model_dir)
-    if not rows:
-        raise FileNotFoundError(f"{model_dir}: no trained epochs; run train_gan first")
-    if choice == "best":
-        epoch = best_epoch(rows)
-    elif choice == "last":
-        epoch = [r for r in rows if r["snapshot"]][-1]["epoch"]
-    elif m := re.fullmatch(r"epoch_(\d+)", choice):
-        epoch = int(m.group(1))
-    else:
-        raise ValueError(f"checkpoint = {choice!r}: allowed best, last, epoch_N")
-    if not epoch_file(model_dir, epoch).is_file():
-        kept = [r["epoch"] for r in rows if r["snapshot"]]
-        raise ValueError(f"checkpoint = {choice!r}: {model_dir} keeps the generators of epochs "
-                         f"{', '.join(map(str, kept))} (gan.snapshots)")
-    return epoch
-
-
-def checkpoint_epochs(model_root: Path, checkpoint: str | int) -> dict[str, int]:
-    """Each generator of a stage -> the epoch `checkpoint` picks for it (best, last, epoch_N per model, see
-    resolve_checkpoint, or an int, one epoch for all); refuses an epoch a model did not keep. Reads logs only."""
-    opt = Options.from_json(json.loads((Path(model_root) / "options.json").read_text()))
-    choice = f"epoch_{checkpoint}" if isinstance(checkpoint, int) else checkpoint
-    return {name: resolve_checkpoint(Path(model_root) / name, choice)
-            for name in ([COND_MODEL] if opt.setup == "cond" else list(opt.labels))}
-
-
-class Synthesizer:
-    """The trained generators of one stage as one sampler: sample(label, n, rng) -> uint8 (n, H, W, C)."""
-
-    def __init__(self, model_root: Path, checkpoint: str, device: torch.device | None = None):
-        """`checkpoint`: best, last, epoch_N (per model, see resolve_checkpoint) or an int, one epoch for all."""
-        self.opt = Options.from_json(json.loads((model_root / "options.json").read_text()))
-        self.device = device or pick_device()
-        self.epochs = checkpoint_epochs(model_root, checkpoint)
-        self._models: dict[str, tuple] = {}
-        for name, epoch in self.epochs.items():
-            snap = load_weights(epoch_file(model_root / name, epoch))
-            G = generator(self.opt)
-            G.load_state_dict(snap["state_dict"])
-            self._models[name] = (G.to(self.device).eval(), snap["depth"], snap["alpha"])
-
-    def sample(self, label: str, n: int, rng: np.random.Generator) -> np.ndarray:
-        if label not in self.opt.labels:
-            raise ValueError(f"label {label!r} was not trained (models know {', '.join(self.opt.labels)})")
-        G, depth, alpha = self._models[COND_MODEL if self.opt.setup == "cond" else label]
-        z = torch.from_numpy(rng.standard_normal((n, self.opt.latent_dim), dtype=np.float32)).to(self.device)
-        y = torch.full((n,), self.opt.labels.index(label), device=self.device) if self.opt.setup == "cond" else None
-        # sg2ada: fresh per-pixel noise, as G drew in training (one fixed map shared by every image is not its output)
-        noise = (torch.Generator(self.device).manual_seed(int(rng.integers(2 ** 63)))
-                 if self.opt.arch == "sg2ada" else None)
-        return to_uint8(generate(G, self.opt, z, y, depth, alpha, noise=noise))

@@ -21,7 +21,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from biomedsynth.gan import score
-from biomedsynth.gan.train import COND_MODEL, Options, best_epoch, epoch_file, generate, generator, read_batch, read_log
+from biomedsynth.gan.checkpoint import COND_MODEL, Options, best_epoch, epoch_file, generate, generator, read_log
 from biomedsynth.store import ImageSet, load_weights
 
 
@@ -63,7 +63,7 @@ def utility_by_epoch(model_root, opt: Options, net: score.FeatureNet, val: Image
     if not epochs:
         raise ValueError(f"{model_root}: no epoch with a snapshot at the full side in every model")
     val_y = np.searchsorted(np.asarray(opt.labels), val.meta["label"].to_numpy())
-    val_x = np.concatenate([score.extract_features(net, read_batch(val, idx, opt.resolution).to(device))
+    val_x = np.concatenate([score.extract_features(net, score.read_batch(val, idx, opt.resolution).to(device))
                             for idx in np.array_split(np.arange(len(val)), max(1, len(val) // 512))])
     z = torch.randn(per_label * len(opt.labels), opt.latent_dim, generator=torch.Generator().manual_seed(seed))
     y = torch.arange(len(opt.labels)).repeat_interleave(per_label)

@@ -205,15 +205,42 @@ def _gan_stage_names() -> list[str]:
 
 
 @app.command()
-def plan(params: Path = ParamsOpt, out: Path = typer.Option(None, help="also write the plan as JSON here")):
-    """What the ingested data gives every stage under params.yaml: group, GAN and task sizes, test clusters, advice."""
-    from biomedsynth.plan import make_plan, plan_lines
+def plan(params: Path = ParamsOpt, out: Path = typer.Option(None, help="also write the plan as JSON here"),
+         fit: bool = typer.Option(False, "--fit", help="propose age bins, test fractions, group and task sizes that "
+                                  "fit the ingested cohort (README: plan --fit), as one `biomedsynth set` command, "
+                                  "and show the plan under them"),
+         apply: bool = typer.Option(False, "--apply", help="with --fit: write those values into params.yaml through "
+                                    "`biomedsynth set` (comments kept; checked first, nothing written if invalid)"),
+         min_test_clusters: int = typer.Option(None, "--min-test-clusters", help="with --fit: the fewest test "
+                                               "patients/slides per class of every task (default 6: the fewest plan "
+                                               "accepts; more for narrower intervals)")):
+    """What the ingested data gives every stage under params.yaml: group, GAN and task sizes, test clusters, advice.
+    `plan --fit --apply` sets the bins and sizes that fit the data."""
+    import shlex
+
+    from biomedsynth.fit import fit_assignments, fit_plan
+    from biomedsynth.plan import FEW_CLUSTERS, make_plan, plan_lines
     from biomedsynth.store import ImageSet, write_json
 
+    if (apply or min_test_clusters is not None) and not fit:
+        _fail(2, "--apply and --min-test-clusters go with --fit: `biomedsynth plan --fit --apply`")
     p = _params(params)
-    result = _run(lambda: make_plan(ImageSet(Path("data/interim/xray")).meta,
-                                    ImageSet(Path("data/interim/histology")).meta, p, _gan_stage_names()))
+    metas = _run(lambda: (ImageSet(Path("data/interim/xray")).meta, ImageSet(Path("data/interim/histology")).meta))
+    if not fit:
+        result = _run(make_plan, *metas, p, _gan_stage_names())
+    else:
+        fitted = _run(fit_plan, *metas, p, _gan_stage_names(),
+                      FEW_CLUSTERS if min_test_clusters is None else min_test_clusters)
+        result = fitted.plan
+        typer.echo("plan --fit: values that fit the ingested cohort (rule: README, plan --fit):")
+        typer.echo("\n".join(f"  {note}" for note in fitted.notes))
+        typer.echo("the plan under them:")
     typer.echo("\n".join(plan_lines(result)))
+    if fit:
+        assignments = fit_assignments(fitted)
+        typer.echo("to set them:\nbiomedsynth set" + "".join(f" \\\n  {shlex.quote(a)}" for a in assignments))
+        if apply:
+            _change_params(params, "plan --fit, ", lambda: set_params(assignments, params))
     if out:
         write_json(out, result)
 

@@ -10,6 +10,9 @@ that fixes it (keys as `set` names them).
 """
 from __future__ import annotations
 
+import json
+import shlex
+
 import numpy as np
 import pandas as pd
 
@@ -41,10 +44,15 @@ def _classed(task: str, rows: pd.DataFrame, p: Params) -> pd.DataFrame:
     return out[out["y"].notna()].astype({"y": int})
 
 
+def task_size(task: str, p: Params):
+    """The task's requested sizes (train, test): params' tasks.histology, tasks.xray.sex or tasks.xray.age."""
+    return {"histology": p.tasks.histology, "xray_sex": p.tasks.xray.sex, "xray_age": p.tasks.xray.age}[task]
+
+
 def task_sets(task: str, chosen: Groups, p: Params) -> dict:
     """Per real set of a task: images reachable vs asked, per class, and (test) clusters per class."""
     groups = ["h_norm", "h_tumor"] if task == "histology" else [p.tasks.xray.group]
-    size = {"histology": p.tasks.histology, "xray_sex": p.tasks.xray.sex, "xray_age": p.tasks.xray.age}[task]
+    size = task_size(task, p)
     out = {}
     for name, side, asked in (("real", "train", size.train), ("test", "test", size.test)):
         rows = _classed(task, pd.concat([chosen[g][side] for g in groups]), p)
@@ -63,14 +71,36 @@ def task_sets(task: str, chosen: Groups, p: Params) -> dict:
 TASK_SIZES = {"histology": "tasks.histology", "xray_sex": "tasks.xray.sex", "xray_age": "tasks.xray.age"}
 
 
+def set_assignment(key: str, value) -> str:
+    """`key=value` as `biomedsynth set` reads it back to `value`: lists in YAML flow style without spaces, None as
+    null."""
+    text = "null" if value is None else json.dumps(value, separators=(",", ":")) if isinstance(value, list) \
+        else str(value)
+    return f"{key}={text}"
+
+
 def _set(key: str, value) -> str:
-    """The command line that sets `key` (as `biomedsynth set` names it) to `value`."""
-    return f"biomedsynth set {key}={value}"
+    """The command line that sets `key` (as `biomedsynth set` names it) to `value`, quoted where a shell would
+    read brackets as a file pattern."""
+    return f"biomedsynth set {shlex.quote(set_assignment(key, value))}"
 
 
-def _largest_train(train: int, val_fraction: float, val_reached: int) -> int:
+def largest_batch_within(images: int) -> int:
+    """The largest power of two within `images`: a GAN batch that gives a model of that many images a step."""
+    return 1 << (max(images, 1).bit_length() - 1)
+
+
+def largest_train(train: int, val_fraction: float, val_reached: int) -> int:
     """The largest training size whose validation request (studygroups.val_size) the data reaches."""
     return next((t for t in range(train, 0, -1) if val_size(t, val_fraction) <= val_reached), 1)
+
+
+def short(side: dict) -> bool:
+    """Whether a group side (summarise_groups) reaches fewer images than it asks by more than balancing rounds
+    off: balance_xray takes whole images per label, so a side of L labels may reach up to L - 1 fewer with every
+    label's pool to spare (X-Norm: a multiple of its labels; X-Norm-L: each bin scaled down, then rounded down).
+    Without this, following the advice for such a side (ask what it reached) rounds off again, without end."""
+    return side["requested"] - side["images"] >= max(1, len(side["per_label"]))
 
 
 def _advice(groups: dict, gans: dict, tasks: dict, p: Params) -> list[str]:
@@ -80,14 +110,14 @@ def _advice(groups: dict, gans: dict, tasks: dict, p: Params) -> list[str]:
         modality = GROUP_MODALITY[name]
         cfg = getattr(p.studygroups, modality)
         for side, s in sides.items():
-            if s["images"] >= s["requested"] or s["images"] == 0:  # an empty side: its problem line says why
+            if not short(s) or s["images"] == 0:  # an empty side: its problem line says why
                 continue
             fewest = min(s["per_label"].items(), key=lambda kv: kv[1], default=("none", 0))
             what = f"studygroups {name} {side}: {s['images']}/{s['requested']} images, smallest label {fewest[0]} " \
                    f"{fewest[1]}"
             key = f"studygroups.{modality}.{name}.{'train' if side == 'val' else side}"
             if side == "val":
-                fix = _set(key, _largest_train(getattr(cfg, name).train, cfg.val_fraction, s["images"]))
+                fix = _set(key, largest_train(getattr(cfg, name).train, cfg.val_fraction, s["images"]))
             else:
                 fix = _set(key, s["images"]) if s["images"] else "add data"
             bins = f", or widen studygroups.{modality}.{name}.age_bins" if modality == "xray" else ""
@@ -96,7 +126,7 @@ def _advice(groups: dict, gans: dict, tasks: dict, p: Params) -> list[str]:
         modality = GROUP_MODALITY[stage.split("-")[1]]
         for model, m in models.items():
             if m["steps_per_epoch"] == 0:
-                fits = 1 << (max(m["images"], 1).bit_length() - 1)  # the largest power of two within the images
+                fits = largest_batch_within(m["images"])
                 lines.append(f"train_gan@{stage} model {model}: {m['images']} images, fewer than one batch of "
                              f"{m['batch_size']}: {_set(f'gan.{modality}.batch_size', fits)}, or enlarge the group")
     for task, sets in tasks.items():

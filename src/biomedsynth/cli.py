@@ -179,7 +179,8 @@ def ingest(modality: str = typer.Argument(..., help="xray | histology"), params:
 
 @app.command()
 def studygroups(params: Path = ParamsOpt):
-    """studygroups: X-Norm, X-Norm-L, H-Norm, H-Tumor, balanced and split by patient / slide into train, val, test."""
+    """studygroups: X-Norm, X-Norm-L, H-Norm, H-Tumor, balanced and split by patient / slide (tile, when ingest
+    found tiles without slide ids) into train, val, test."""
     from biomedsynth.studygroups import build_studygroups
 
     p = _params(params)
@@ -189,7 +190,7 @@ def studygroups(params: Path = ParamsOpt):
     _stamp(p, Path("metrics/studygroups.json"))
     for name, sides in summary.items():
         typer.echo(f"{name:9s} " + "  ".join(
-            f"{side} {s['images']}/{s['requested']} images, {s['units']} patients/slides, {len(s['per_label'])} labels"
+            f"{side} {s['images']}/{s['requested']} images, {s['units']} {s['split_unit']}s, {len(s['per_label'])} labels"
             for side, s in sides.items()))
 
 

@@ -240,6 +240,8 @@ def feature_net(modality: str = typer.Argument(..., help="xray | histology"), pa
                    Path("metrics/feature_net") / f"{modality}.json", _run(pick_device))
     _stamp(p, Path("metrics/feature_net") / f"{modality}.json")
     _print_summary(f"feature_net@{modality}", summary)
+    for warning in summary["warnings"]:  # on the console, not only inside the JSON
+        typer.echo(f"WARNING feature_net@{modality}: {warning}", err=True)
 
 
 @app.command("check-gan")

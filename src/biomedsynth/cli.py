@@ -220,6 +220,7 @@ def plan(params: Path = ParamsOpt, out: Path = typer.Option(None, help="also wri
 
 
 FEATURE_NETS = Path("models/feature_net")
+FEATURE_NET_METRICS = Path("metrics/feature_net")  # whether each net beats chance: synthesize marks its space
 GAN_STATES = Path(".cache/gan")  # train_gan's resume states, outside DVC's outputs (gitignored, dvcignored)
 
 
@@ -234,11 +235,11 @@ def feature_net(modality: str = typer.Argument(..., help="xray | histology"), pa
     if modality not in ("xray", "histology"):
         _fail(2, f"modality = {modality!r}: allowed xray, histology")
     p = _params(params)
-    _writes(FEATURE_NETS / f"{modality}.pt", Path("metrics/feature_net") / f"{modality}.json")
+    _writes(FEATURE_NETS / f"{modality}.pt", FEATURE_NET_METRICS / f"{modality}.json")
     summary = _run(build_feature_net, modality, Path("data/studygroups"), getattr(p.gan, modality).resolution,
                    p.gan.score.feature_epochs, p.seed, FEATURE_NETS / f"{modality}.pt",
-                   Path("metrics/feature_net") / f"{modality}.json", _run(pick_device))
-    _stamp(p, Path("metrics/feature_net") / f"{modality}.json")
+                   FEATURE_NET_METRICS / f"{modality}.json", _run(pick_device))
+    _stamp(p, FEATURE_NET_METRICS / f"{modality}.json")
     _print_summary(f"feature_net@{modality}", summary)
     for warning in summary["warnings"]:  # on the console, not only inside the JSON
         typer.echo(f"WARNING feature_net@{modality}: {warning}", err=True)
@@ -360,6 +361,7 @@ def synthesize(arch: str = ArchArg, group: str = GroupArg, setup: str = SetupArg
                         FEATURE_NETS / f"{GROUP_MODALITY[group]}.pt", Path("data/studygroups") / group / "val")
     gen = _run(Synthesizer, Path("models/gan") / name, choice)
     features = _run(feature_net_space, FEATURE_NETS / f"{GROUP_MODALITY[group]}.pt", gen.device)
+    net_metrics = json.loads(_run(Path.read_text, FEATURE_NET_METRICS / f"{GROUP_MODALITY[group]}.json"))
     summary = _run(run_synthesize, gen.sample, Path("data/studygroups") / group / "train",
                    Path("data/studygroups") / group / "val", Path("data/studygroups") / group / "test",
                    Path("data/synthetic") / name,
@@ -368,7 +370,11 @@ def synthesize(arch: str = ArchArg, group: str = GroupArg, setup: str = SetupArg
                    batch_size=s.batch_size, feature_space=features, evidence_images=s.evidence.images,
                    evidence_side=s.evidence.side, pca_dims=s.evidence.pca_dims, prdc_k=s.evidence.k,
                    cells=s.evidence.cells, seed=p.seed, figure_path=Path("data/evidence") / name / "closest.png",
+                   feature_net_metrics=net_metrics,
                    draws=s.draws)
+    if not summary["evidence"]["features"]["reliable"]:
+        for line in summary["evidence"]["features"]["unreliable_because"]:
+            typer.echo(f"WARNING synthesize@{name}: feature net: {line}", err=True)
     summary["checkpoint_epochs"] = gen.epochs
     summary["checkpoint_rule"] = rule
     summary["gan_learnt"] = _warn_not_learnt(name)

@@ -139,6 +139,18 @@ def chance_warnings(modality: str, accuracy: dict, tests: dict) -> list[str]:
             for head, a in accuracy.items() if not (t := tests[head])["better_than_chance"]]
 
 
+def chance_summary(modality: str, accuracy: dict) -> dict:
+    """The metrics' better_than_chance block (per head and overall: every head) and warning lines, from
+    heldout_accuracy's counts per head."""
+    tests = {k: chance_test(v["correct"], v["images"], v["chance"]) for k, v in accuracy.items()}
+    return {"better_than_chance": {"overall": all(t["better_than_chance"] for t in tests.values()),
+                                   "heads": {k: t["better_than_chance"] for k, t in tests.items()},
+                                   "p_value": {k: t["p_value"] for k, t in tests.items()},
+                                   "interval": {k: {"low": t["low"], "high": t["high"]} for k, t in tests.items()},
+                                   "test": CHANCE_TEST, "alpha": CHANCE_ALPHA},
+            "warnings": chance_warnings(modality, accuracy, tests)}
+
+
 def build_feature_net(modality: str, groups_dir: Path, resolution: int, epochs: int, seed: int, out: Path,
                       metrics_path: Path, device: torch.device | str = "cpu") -> dict:
     """Train the modality's net on its groups' training sides, test it on their validation sides, save it
@@ -158,18 +170,12 @@ def build_feature_net(modality: str, groups_dir: Path, resolution: int, epochs: 
                                     attributes(val_meta, modality), classes)
     score.save_feature_net(net, out, modality=modality, resolution=resolution,
                            heads=dict(zip(train_attrs.columns, classes)))
-    tests = {k: chance_test(v["correct"], v["images"], v["chance"]) for k, v in accuracy.items()}
     summary = {"modality": modality, "resolution": resolution, "epochs": epochs,
                "images": {"train": len(train_refs), "heldout": len(val_refs)},
                "accuracy": {k: v["accuracy"] for k, v in accuracy.items()},
                "chance": {k: v["chance"] for k, v in accuracy.items()},
                "correct": {k: v["correct"] for k, v in accuracy.items()},
-               "better_than_chance": {"overall": all(t["better_than_chance"] for t in tests.values()),
-                                      "heads": {k: t["better_than_chance"] for k, t in tests.items()},
-                                      "p_value": {k: t["p_value"] for k, t in tests.items()},
-                                      "interval": {k: {"low": t["low"], "high": t["high"]} for k, t in tests.items()},
-                                      "test": CHANCE_TEST, "alpha": CHANCE_ALPHA},
-               "warnings": chance_warnings(modality, accuracy, tests), "fingerprint": fingerprint(out)}
+               **chance_summary(modality, accuracy), "fingerprint": fingerprint(out)}
     write_json(metrics_path, summary)
     return summary
 

@@ -33,9 +33,11 @@ from biomedsynth.gan import score
 from biomedsynth.gan.score import read_batch
 from biomedsynth.params import apply_profile, set_params
 from biomedsynth.store import ImageSet, ImageSetWriter, write_json
+from test_gan_train import net_metrics
 
 ROOT = Path(biomedsynth.__file__).resolve().parents[2]
 NAME = "dcgan-x_norm-cond"
+TILE_NAME = "dcgan-h_norm-uncond"
 LABELS = ("F_18-38", "M_48-68")
 PATIENT = "PATIENT-7F3A"   # a prefix no exported file may contain: real ids and source paths never leave
 
@@ -131,15 +133,15 @@ def table3_cell(model_name: str | None, stages: list[str], real: float, syntheti
             "replicates": 2, "study": {"real": 0.9, "synthetic": 0.88, "drop": 0.0222}}
 
 
-def studygroups_metrics(root: Path) -> dict:
-    """metrics/studygroups.json's x_norm entry from the group's sets, as the studygroups stage counts them."""
+def studygroups_metrics(root: Path, group: str = "x_norm", split_unit: str = "patient") -> dict:
+    """metrics/studygroups.json's entry of `group` from the group's sets, as the studygroups stage counts them."""
     sides = {}
     for side in ("train", "val", "test"):
-        meta = ImageSet(root / "data/studygroups/x_norm" / side).meta
+        meta = ImageSet(root / "data/studygroups" / group / side).meta
         sides[side] = {"images": len(meta), "requested": len(meta), "shortfall": 0,
                        "per_label": meta["label"].value_counts().sort_index().to_dict(),
-                       "units": int(meta["patient_id"].nunique())}
-    return {"x_norm": sides}
+                       "units": int(meta["patient_id"].nunique()), "split_unit": split_unit}
+    return {group: sides}
 
 
 def run_ok(args: list[str]):
@@ -177,6 +179,7 @@ def project(tmp_path_factory, one_thread_here):
     net = score.train_feature_net(read_batch(train, np.arange(len(train)), 32), train.meta["label"].to_numpy(),
                                   epochs=1)
     score.save_feature_net(net, root / "models/feature_net/xray.pt", resolution=32)
+    write_json(root / "metrics/feature_net/xray.json", net_metrics(net, ImageSet(groups / "val"), "xray"))
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
         mp.setenv("BIOMEDSYNTH_MLFLOW", "0")
@@ -205,11 +208,71 @@ def project(tmp_path_factory, one_thread_here):
     return root
 
 
-def record_synthesize_metrics(root: Path) -> None:
+def write_tiles(path: Path, n: int, seed: int, label: str = "normal") -> None:
+    """Histology-like 32 px RGB tiles (pink ground; many small dark dots, or for tumour fewer large pale ones), each
+    its own split unit `tile_<i>`, as ingest names ready-cut tiles that came without a slide id."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:32, :32]
+    dots, radius, colour = (12, 2, (60, 40, 120)) if label == "normal" else (5, 4, (150, 110, 190))
+    with ImageSetWriter(path, (32, 32, 3)) as w:
+        for i in range(n):
+            img = np.empty((32, 32, 3))
+            img[:] = (230, 170, 200)
+            for cy, cx in rng.uniform(0, 32, (dots, 2)):
+                img[(yy - cy) ** 2 + (xx - cx) ** 2 < radius ** 2] = colour
+            w.add(np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8), image_id=f"{label}{seed}-{i}",
+                  patient_id=f"tile_{label}{1000 * seed + i}", label=label, slide_label=label,
+                  source=f"raw/{PATIENT}-{seed}-{i}.png")
+
+
+@pytest.fixture(scope="module")
+def tile_project(tmp_path_factory, one_thread_here):
+    """A project of ready-cut tiles without slide ids, split by tile: the histology feature net as its stage builds
+    it, an H-Norm DCGAN trained for 2 epochs and its synthetic set, the study groups' counts with split_unit tile,
+    and Table 3 with ingest's tile-level warning (as table3 collects it from metrics/ingest)."""
+    from biomedsynth.gan.feature_net import build_feature_net
+    from biomedsynth.ingest.histology import TILE_LEVEL_WARNING
+    from biomedsynth.table3 import data_warnings
+
+    root = tmp_path_factory.mktemp("tiles")
+    for f in ("params.yaml", "dvc.yaml"):
+        shutil.copy(ROOT / f, root / f)
+    apply_profile("smoke", root / "params.yaml")
+    set_params(["tasks.histology.arch=dcgan", "gan.histology.epochs=2", "synthesize.checkpoint=best",
+                f"export.allow_unlearnt=[{TILE_NAME}]"], root / "params.yaml")
+    for group, label in (("h_norm", "normal"), ("h_tumor", "tumor")):
+        for side, n, seed in (("train", 48, 0), ("val", 16, 1), ("test", 40, 2)):
+            write_tiles(root / "data/studygroups" / group / side, n, seed, label)
+    build_feature_net("histology", root / "data/studygroups", 32, 3, 0, root / "models/feature_net/histology.pt",
+                      root / "metrics/feature_net/histology.json")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setenv("BIOMEDSYNTH_MLFLOW", "0")
+        mp.setenv("BIOMEDSYNTH_DEVICE", "cpu")
+        run_ok(["train-gan", "dcgan", "h_norm", "uncond"])
+        run_ok(["synthesize", "dcgan", "h_norm", "uncond"])
+    write_json(root / "metrics/studygroups.json", studygroups_metrics(root, "h_norm", "tile"))
+    write_json(root / "metrics/ingest/histology.json", {"split_unit": "tile", "warnings": [TILE_LEVEL_WARNING]})
+    stages = [TILE_NAME, "dcgan-h_tumor-uncond"]
+    write_json(root / "metrics/summary.json", {
+        "claims": {"verdict": "holds", "replicate_variance": "measured"},
+        "histology": {"knn": table3_cell(None, stages, 0.94, 0.87)},
+        "warnings": data_warnings(root / "metrics")})
+    lock = {"schema": "2.0", "stages": {f"synthesize@{TILE_NAME}": {
+        "cmd": "biomedsynth synthesize dcgan h_norm uncond",
+        "deps": [{"path": f"models/gan/{TILE_NAME}", "hash": "md5", "md5": "22222222222222222222222222222222.dir"},
+                 {"path": "data/studygroups/h_norm", "hash": "md5", "md5": "33333333333333333333333333333333.dir"}],
+        "outs": [{"path": f"data/synthetic/{TILE_NAME}", "hash": "md5", "md5": "44444444444444444444444444444444.dir"}]}}}
+    (root / "dvc.lock").write_text(yaml.safe_dump(lock))
+    record_synthesize_metrics(root, TILE_NAME)
+    return root
+
+
+def record_synthesize_metrics(root: Path, name: str = NAME) -> None:
     """dvc.lock records synthesize's metrics file as DVC does once the stage has run: the md5 of its bytes."""
     lock = yaml.safe_load((root / "dvc.lock").read_text())
-    path = f"metrics/synthesize/{NAME}.json"
-    outs = lock["stages"][f"synthesize@{NAME}"]["outs"]
+    path = f"metrics/synthesize/{name}.json"
+    outs = lock["stages"][f"synthesize@{name}"]["outs"]
     outs[:] = [o for o in outs if o["path"] != path] + [
         {"path": path, "hash": "md5", "md5": hashlib.md5((root / path).read_bytes()).hexdigest()}]
     (root / "dvc.lock").write_text(yaml.safe_dump(lock))
@@ -264,6 +327,20 @@ def test_an_export_loads_everywhere_and_says_what_it_is(at, tmp_path):
     assert sheet["how_made"]["checkpoint"]["epochs"] == metrics["checkpoint_epochs"]
     assert sheet["source_data"]["sides"]["train"] == {"images": 48, "per_label": {"F_18-38": 24, "M_48-68": 24},
                                                       "patients": 24}
+    assert sheet["source_data"]["split_unit"] == "patient" and "Split by patient: no patient's scans" in text
+    assert "48 chest X-ray images of 24 patients" in text and "images of other patients" in text
+    croissant = json.loads((out / "croissant.json").read_text())
+    extra = {(v["name"], v["value"]) for v in croissant["additionalProperty"]}
+    assert ("split_unit", "patient") in extra
+    # the run's warnings as the report lists them, in both (here Table 3's degenerate KNN arms among them)
+    from biomedsynth.report import run_warnings
+    warnings = run_warnings(json.loads((at / "metrics/summary.json").read_text()), at / "metrics", [NAME])
+    assert warnings and sheet["run_warnings"] == warnings
+    assert all(f"- {w}" in text and ("run_warning", w) in extra for w in warnings)
+    assert f"**{len(warnings)} warning(s) about the run**" in text
+    # this project's feature net beats chance on held-out images, so nothing is marked unreliable
+    assert json.loads((at / "metrics/feature_net/xray.json").read_text())["better_than_chance"]["overall"]
+    assert sheet["memorisation"]["spaces"]["features"]["reliable"] is True and "UNRELIABLE" not in text
     assert set(sheet["utility"]) == {"xray_sex", "xray_age"}  # where the set was benchmarked, not histology
     assert sheet["utility"]["xray_sex"]["models"]["vgg16"]["synthetic"] == interval(0.64)
     assert sheet["utility"]["xray_age"]["models"]["vgg16"]["drop_chance_normalised"].startswith(
@@ -274,6 +351,58 @@ def test_an_export_loads_everywhere_and_says_what_it_is(at, tmp_path):
     first_m = sorted((out / "images/M_48-68").iterdir())[0]
     first_m.write_bytes(b"changed")
     assert verify_checksums(out) == [f"images/M_48-68/{first_m.name}: changed"]
+
+
+def test_a_tile_level_split_says_so_and_claims_no_slide_independence(tile_project, tmp_path, monkeypatch):
+    """A real cohort's tiles without slide ids were split by tile, yet the datasheet said "600 images of 600 slides"
+    and "images of other slides", and neither it nor croissant.json named the leak. Now both say the unit is the
+    tile, the datasheet claims no slide independence, and ingest's warning appears in both."""
+    from biomedsynth.ingest.histology import TILE_LEVEL_WARNING
+
+    monkeypatch.chdir(tile_project)
+    monkeypatch.setenv("BIOMEDSYNTH_DEVICE", "cpu")
+    out = tmp_path / "tiles"
+    run_ok(["export", TILE_NAME, "--out", str(out)])
+    check_export(out)
+    sheet = json.loads((out / "datasheet.json").read_text())
+    text = (out / "datasheet.md").read_text()
+    src = sheet["source_data"]
+    assert src["split_unit"] == "tile" and set(src["sides"]["train"]) == {"images", "per_label", "tiles"}
+    assert "Split by tile, not by slide" in text and "tiles of one slide may sit on both sides" in text
+    assert "no slide independence is claimed" in text
+    assert not re.search(r"\d[\d,]* slides|other slides", text), text  # no slide count, no "other slides"
+    warning = f"data: histology: {TILE_LEVEL_WARNING}"
+    assert warning in sheet["run_warnings"] and f"- {warning}" in text
+    assert any(lim.startswith("The real data were split by tile, not by slide") for lim in sheet["limits"])
+    croissant = json.loads((out / "croissant.json").read_text())
+    extra = {(v["name"], v["value"]) for v in croissant["additionalProperty"]}
+    assert ("split_unit", "tile") in extra and ("run_warning", warning) in extra
+    assert warning in croissant["rai:dataLimitations"] and "split by tile" in croissant["rai:dataCollection"]
+    # 3 epochs on 96 tiles leave this project's feature net at chance: its space is marked unreliable everywhere
+    net = json.loads((tile_project / "metrics/feature_net/histology.json").read_text())
+    assert net["better_than_chance"]["overall"] is False and len(net["warnings"]) == 1
+    assert f"feature_net@histology: {net['warnings'][0]}" in sheet["run_warnings"]
+    assert sheet["memorisation"]["spaces"]["features"]["reliable"] is False
+    assert sheet["fidelity"]["prdc"]["features"]["unreliable_because"] == net["warnings"]
+    assert "| features (UNRELIABLE: its net is not better than chance): synthetic |" in text
+    assert any(lim.startswith("The features space (the KID feature net trained here) is unreliable")
+               and net["warnings"][0] in lim for lim in sheet["limits"])
+    assert ("run_warning", f"feature_net@histology: {net['warnings'][0]}") in extra
+    for rel, data in files_of(out).items():  # tile ids and source paths stay home here too
+        assert b"tile_normal" not in data and PATIENT.encode() not in data and b"raw/" not in data, rel
+
+
+def test_a_slide_level_split_still_says_slides():
+    sides = {side: {"images": n, "requested": n, "shortfall": 0, "per_label": {"normal": n}, "units": u,
+                    "split_unit": "slide"} for side, n, u in (("train", 600, 14), ("val", 150, 3), ("test", 400, 11))}
+    provenance = {"sources": {"histology": {"format": "slides"}}, "data": "abc.dir"}
+    src = datasheet._source("h_norm", "histology", {"h_norm": sides}, provenance)
+    assert src["split_unit"] == "slide" and src["split"].startswith("split by slide: no slide's tiles sit on two")
+    assert "600 lymph-node histology tile images of 14 slides" in src["description"]
+    assert "150 images of other slides" in src["description"] and src["sides"]["test"]["slides"] == 11
+    del sides["val"]["split_unit"]  # studygroups.json from before split units were recorded
+    with pytest.raises(ValueError, match="records no single split unit for h_norm.*studygroups stage again"):
+        datasheet._source("h_norm", "histology", {"h_norm": sides}, provenance)
 
 
 def planted(project: Path, monkeypatch, copies) -> None:

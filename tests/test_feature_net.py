@@ -73,10 +73,59 @@ def test_each_modality_net_separates_its_labels_on_held_out_images(tmp_path, mod
         assert summary["images"] == {"train": 160, "heldout": 80}
         assert summary["accuracy"]["tissue"] > 0.9 and summary["chance"]["tissue"] == 0.5
     assert all(summary["accuracy"][k] > summary["chance"][k] + 0.1 for k in summary["accuracy"])
+    check = summary["better_than_chance"]
+    assert check["overall"] and all(check["heads"].values()) and summary["warnings"] == []
+    assert all(check["interval"][k]["low"] > summary["chance"][k] for k in summary["accuracy"])
     net = score.load_feature_net(out)
     assert net.info["resolution"] == SIDE and net.info["modality"] == modality
     assert list(net.info["heads"]) == list(summary["accuracy"])
     assert summary["fingerprint"] == FN.fingerprint(out)
+
+
+def write_noise_xray(root: Path, seed: int = 0):
+    """Noise images whose sex and age are drawn independently of them: nothing a net can learn."""
+    rng = np.random.default_rng(seed)
+    for side, n in (("train", 160), ("val", 120)):
+        for group in ("x_norm", "x_norm_l"):
+            with ImageSetWriter(root / group / side, (SIDE, SIDE, 1)) as w:
+                for i in range(n):
+                    sex, age = "FM"[int(rng.integers(2))], int(rng.integers(18, 78))
+                    w.add(rng.integers(0, 256, (SIDE, SIDE, 1), dtype=np.uint8), image_id=f"{group}-{side}-{i}",
+                          patient_id=f"{group}-{side}-{i}", sex=sex, age=age, label=f"{sex}_x")
+
+
+def test_a_net_of_label_independent_noise_is_flagged_as_no_better_than_chance(tmp_path):
+    """Every head is at chance on held-out noise: each is flagged, the net overall, and a warning line per head says
+    in numbers why and that the evidence in its space is unreliable."""
+    write_noise_xray(tmp_path / "groups")
+    summary = FN.build_feature_net("xray", tmp_path / "groups", SIDE, 8, 0, tmp_path / "net.pt", tmp_path / "m.json")
+    check = summary["better_than_chance"]
+    assert check["heads"] == {"sex": False, "age": False} and check["overall"] is False
+    assert check["alpha"] == FN.CHANCE_ALPHA and "binomial" in check["test"]
+    assert summary["correct"]["sex"] == round(summary["accuracy"]["sex"] * 240)  # both groups' val sides: 240 images
+    assert len(summary["warnings"]) == 2
+    sex = next(w for w in summary["warnings"] if w.startswith("the sex head"))
+    assert f"{summary['accuracy']['sex']:.3f} ({summary['correct']['sex']} of 240 right" in sex
+    assert f"is not above chance {summary['chance']['sex']:.3f}" in sex and "needs p < 0.05" in sex
+    assert sex.endswith("KID, PRDC coverage and C_T for X-rays are computed in its space and are unreliable")
+    assert json.loads((tmp_path / "m.json").read_text())["better_than_chance"]["overall"] is False
+
+
+def test_chance_test_known_answers():
+    """Exact binomial tails by hand: 60 of 100 beats chance 0.5 (P(X >= 60) = 0.028), 58 of 100 does not (0.067);
+    the default run's X-ray age head, 66 of 327 against chance 0.1865, does not (p 0.26) although 0.202 > 0.187."""
+    from math import comb
+
+    def tail(k, n, p):
+        return sum(comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(k, n + 1))
+
+    for k, n, chance, better in ((60, 100, 0.5, True), (58, 100, 0.5, False), (66, 327, 0.1865, False),
+                                 (236, 327, 0.5076, True)):
+        t = FN.chance_test(k, n, chance)
+        assert t["better_than_chance"] is better and t["p_value"] == pytest.approx(tail(k, n, chance), abs=1e-4)
+        assert (t["low"] > chance) is better and t["low"] <= k / n <= t["high"]  # the interval agrees with the test
+    with pytest.raises(ValueError, match="not a count"):
+        FN.chance_test(5, 3, 0.5)
 
 
 def test_the_same_data_and_seed_give_the_same_file(tmp_path):

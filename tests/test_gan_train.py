@@ -20,9 +20,9 @@ from biomedsynth.cli import app
 from biomedsynth.gan import score
 from biomedsynth.gan import checkpoint as C
 from biomedsynth.gan import train as T
-from biomedsynth.gan.feature_net import fingerprint
+from biomedsynth.gan.feature_net import chance_summary, fingerprint, heldout_accuracy
 from biomedsynth.params import ParamsError, load_params
-from biomedsynth.store import ImageSet, ImageSetWriter
+from biomedsynth.store import ImageSet, ImageSetWriter, write_json
 
 # the project of the biomedsynth imported (PYTHONPATH may name another checkout): its code, params.yaml, dvc.yaml
 ROOT = Path(biomedsynth.__file__).resolve().parents[2]
@@ -45,11 +45,22 @@ def tiny_group(path: Path, n: int = 32, side: int = 32, channels: int = 1, label
 
 
 def tiny_study(root: Path, group: str = "x_norm", n: int = 32, modality: str = "xray") -> tuple[ImageSet, ImageSet]:
-    """<root>/data/studygroups/<group>/{train,val} and <root>/models/feature_net/<modality>.pt, as the stages read them."""
+    """<root>/data/studygroups/<group>/{train,val}, <root>/models/feature_net/<modality>.pt and its metrics (whether
+    it beats chance: synthesize reads them), as the stages read them."""
     train = tiny_group(root / "data/studygroups" / group / "train", n=n)
     val = tiny_group(root / "data/studygroups" / group / "val", n=16, seed=1)
-    score.save_feature_net(feature_net(train), root / "models/feature_net" / f"{modality}.pt", resolution=32)
+    net = feature_net(train)
+    score.save_feature_net(net, root / "models/feature_net" / f"{modality}.pt", resolution=32)
+    write_json(root / "metrics/feature_net" / f"{modality}.json", net_metrics(net, val, modality))
     return train, val
+
+
+def net_metrics(net: score.FeatureNet, val: ImageSet, modality: str) -> dict:
+    """The chance test of metrics/feature_net/<modality>.json for a net with one head (the label), measured on the
+    held-out `val` as the feature_net stage measures its heads."""
+    classes = sorted(val.meta["label"].astype(str).unique())
+    accuracy = heldout_accuracy(net, score.read_batch(val, np.arange(len(val)), 32), val.meta[["label"]], [classes])
+    return {"modality": modality, **chance_summary(modality, accuracy)}
 
 
 def feature_net(images: ImageSet) -> score.FeatureNet:

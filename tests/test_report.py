@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from biomedsynth.gan.feature_net import chance_summary
 from biomedsynth.report import _growth_epochs, _sample_pairs, _synthetic_accuracies, write_report
 from biomedsynth.store import ImageSet, ImageSetWriter
+from biomedsynth.synthesize import feature_space_reliability
 from biomedsynth.table3 import write_table3
 from test_table3 import HOLDS, STAGES, TASKS, plant
 
@@ -49,6 +51,11 @@ def tree(tmp_path):
     (m / "ingest" / "histology.json").write_text(json.dumps(
         {"split_unit": "tile", "warnings": ["split by tile: slides may leak between train and test"]}))
     write_table3(m, m / "predictions", STAGES, m / "summary.json", m / "table3.json", 200)
+    # the X-ray net of the real cohort: both heads below chance on 327 held-out images
+    net = chance_summary("xray", {"sex": {"accuracy": 0.5076, "correct": 166, "images": 327, "chance": 0.527},
+                                  "age": {"accuracy": 0.2722, "correct": 89, "images": 327, "chance": 0.345}})
+    (m / "feature_net").mkdir()
+    (m / "feature_net" / "xray.json").write_text(json.dumps({"modality": "xray", **net}))
     (m / "tasks.json").write_text(json.dumps({t: {k: {"images": 10, "side": 8} for k in ("real", "synthetic", "test")}
                                               for t in TASKS}))
     write_images(groups / "xg" / "train", ["A", "B"] * 4, 16)
@@ -67,7 +74,10 @@ def tree(tmp_path):
         (m / "synthesize" / f"{name}.json").write_text(json.dumps({
             "checkpoint_epochs": {"A": 2, "B": 3}, "hash_screen": True, "rejection_rate": 0.125,
             "hash_threshold": 31, "hash_threshold_source": "calibrated", "real_rejection_rate": 0.0,
-            "evidence": {"pixels": space, "features": space, "copying": name.startswith("pggan"),
+            "evidence": {"pixels": space, "copying": name.startswith("pggan"),
+                         # synthesize's mark: the dcgan set was drawn against the net above, the pggan one before it
+                         "features": {**space, **(feature_space_reliability({"modality": "xray", **net})
+                                                  if name.startswith("dcgan") else {"reliable": True})},
                          "near_duplicates": 3, "images": {"synthetic": 6}}}))
         (evidence / name).mkdir(parents=True)
         Image.new("L", (20, 10), 128).save(evidence / name / "closest.png")
@@ -103,11 +113,19 @@ def test_write_report(tree, tmp_path):
     assert "data: histology: split by tile: slides may leak between train and test" in warnings
     assert "GAN dcgan-xg-cond: 1 of 2 model(s) learnt nothing" in warnings
     assert "synthetic set pggan-xg-uncond: flagged as copying training images (the export refuses it)" in warnings
+    # a feature net below chance: one line per head, its numbers and the rule, in the list and on the page
+    age = [w for w in warnings if w.startswith("feature_net@xray: the age head's")]
+    assert len(age) == 1 and len([w for w in warnings if w.startswith("feature_net@xray:")]) == 2
+    assert age[0].startswith("feature_net@xray: the age head's held-out accuracy 0.272 (89 of 327 right; 90% "
+                             "Clopper-Pearson interval [") and "is not above chance 0.345: one-sided exact binomial" in age[0]
+    assert age[0].endswith("KID, PRDC coverage and C_T for X-rays are computed in its space and are unreliable")
+    assert html.escape(age[0]) in page
     assert page.index(f"{len(warnings)} warning(s): ") < page.index("Data: data.dvc")
     md = (out / "report.md").read_text()
     assert "| dcgan-xg-cond | 0.1000 (0.0500) | 0.0200 (0.0100) | 1/2 NOT LEARNT |" in md
     assert ("| pggan-xg-uncond | 0.70 (0.90) | 0.05 (0.80) | -4.2 / -4.2 | 0.10 (0.60) | 3 of 6 | "
-            "0.93 [0.88, n/a] / 0.93 [0.88, n/a] | COPYING |") in md
+            "0.93 [0.88, n/a] / 0.93 [0.88, n/a] | COPYING | beats chance |") in md
+    assert "| 3 of 6 | 0.93 [0.88, n/a] / 0.93 [0.88, n/a] | no | NOT above chance: unreliable |" in md
     assert "12.5% (31 bits, calibrated)" in md
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
     assert len(links) == 8 and links[0] == "figures/forest.png" and all(not link.startswith("/") and (out / link).is_file() for link in links)

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -20,7 +22,8 @@ def _xray_set(path, n_patients=120, seed=0):
                       age=age + k, normal=bool(rng.random() > 0.1))
 
 
-def _histology_set(path, slides=(("normal", 6), ("tumor", 4))):
+def _histology_set(path, slides=(("normal", 6), ("tumor", 4)), split_unit="slide"):
+    """Tiles of whole slides, with ingest's details file (ingest.json) recording the split unit."""
     with ImageSetWriter(path, (4, 4, 3)) as w:
         for label, n in slides:
             for s in range(n):
@@ -29,6 +32,7 @@ def _histology_set(path, slides=(("normal", 6), ("tumor", 4))):
                     tile_label = label if label == "normal" or t % 3 else "normal"
                     w.add(np.zeros((4, 4, 3), np.uint8), image_id=f"{label}{s}_{t}", patient_id=f"{label}_{s:03d}",
                           label=tile_label, slide_label=label)
+    (path / "ingest.json").write_text(json.dumps({"split_unit": split_unit}))
 
 
 def _cfg(train=60, test=20, htrain=50, htest=20):
@@ -112,6 +116,25 @@ def test_groups_never_share_a_patient_or_slide_and_are_balanced(tmp_path):
     assert (hn["label"] == "normal").all() and len(hn) == 50
     ht = ImageSet(tmp_path / "groups/h_tumor/test").meta
     assert (ht["label"] == "tumor").all() and ht["patient_id"].str.startswith("tumor").all()
+
+
+def test_each_side_records_its_split_unit_from_ingest(tmp_path):
+    """X-rays split by patient; histology by slide, or by tile where ingest recorded tiles without slide ids; an
+    ingest that left no details is a one-line error, not a guess."""
+    _xray_set(tmp_path / "xray")
+    _histology_set(tmp_path / "hist", split_unit="tile")
+    summary = build_studygroups(tmp_path / "xray", tmp_path / "hist", _cfg(), tmp_path / "groups", 0,
+                                tmp_path / "summary.json")
+    assert {s["split_unit"] for g in ("x_norm", "x_norm_l") for s in summary[g].values()} == {"patient"}
+    assert {s["split_unit"] for g in ("h_norm", "h_tumor") for s in summary[g].values()} == {"tile"}
+    assert json.loads((tmp_path / "summary.json").read_text())["h_norm"]["test"]["split_unit"] == "tile"
+    (tmp_path / "hist" / "ingest.json").write_text(json.dumps({"split_unit": "slide"}))
+    summary = build_studygroups(tmp_path / "xray", tmp_path / "hist", _cfg(), tmp_path / "groups2", 0,
+                                tmp_path / "summary2.json")
+    assert summary["h_tumor"]["train"]["split_unit"] == "slide"
+    (tmp_path / "hist" / "ingest.json").unlink()
+    with pytest.raises(FileNotFoundError, match="split unit .slide or tile. is unknown; run ingest@histology"):
+        build_studygroups(tmp_path / "xray", tmp_path / "hist", _cfg(), tmp_path / "groups3", 0, tmp_path / "s.json")
 
 
 def test_shortfall_is_reported_not_padded(tmp_path):

@@ -9,9 +9,11 @@ import pandas as pd
 import pytest
 
 from biomedsynth.evidence import feature_net_space
+from biomedsynth.gan import feature_net as FN
 from biomedsynth.gan import score
-from biomedsynth.store import ImageSet, ImageSetWriter
-from biomedsynth.synthesize import average_hash, calibrate_hash_threshold, check_sets, nearest_hamming, synthesize
+from biomedsynth.store import ImageSet, ImageSetWriter, write_json
+from biomedsynth.synthesize import (average_hash, calibrate_hash_threshold, check_sets, feature_space_reliability,
+                                    nearest_hamming, synthesize)
 
 SIDE = 32
 THRESHOLD = 45
@@ -55,10 +57,14 @@ def real(tmp_path_factory):
     train_labels = [lab for lab, n in LABELS.items() for _ in range(4 * n)]
     train = xray_like(rng, len(train_labels))
     write_set(root / "train", train, train_labels, rng)
-    write_set(root / "val", xray_like(rng, 200), [list(LABELS)[i % 3] for i in range(200)], rng)
+    val, val_labels = xray_like(rng, 200), [list(LABELS)[i % 3] for i in range(200)]
+    write_set(root / "val", val, val_labels, rng)
     write_set(root / "test", xray_like(rng, 200), [list(LABELS)[i % 3] for i in range(200)], rng)
     net = score.train_feature_net(train, train_labels, epochs=2, batch_size=16, width=8, input_size=32)
     score.save_feature_net(net, root / "feature_net.pt")
+    # its metrics as the feature_net stage measures them, on held-out images (xray_like draws ignore the label)
+    accuracy = FN.heldout_accuracy(net, val, pd.DataFrame({"label": val_labels}), [sorted(LABELS)])
+    write_json(root / "feature_net.json", {"modality": "xray", **FN.chance_summary("xray", accuracy)})
     return root, train, train_labels, feature_net_space(root / "feature_net.pt")
 
 
@@ -70,7 +76,8 @@ def run(real, tmp_path, sample, name="syn", **kw):
     root = real[0]
     args = dict(resolution=SIDE, hash_screen=True, hash_threshold=THRESHOLD, hash_quantile=0.99, hash_size=16,
                 max_tries_factor=4.0, batch_size=8, feature_space=real[3], evidence_images=100, evidence_side=16,
-                pca_dims=16, prdc_k=5, cells=50, seed=0, figure_path=tmp_path / f"{name}.png")
+                pca_dims=16, prdc_k=5, cells=50, seed=0, figure_path=tmp_path / f"{name}.png",
+                feature_net_metrics=json.loads((root / "feature_net.json").read_text()))
     return synthesize(sample, root / "train", kw.pop("val", root / "val"), kw.pop("test", root / "test"), tmp_path / name,
                       **{**args, **kw})
 
@@ -206,6 +213,23 @@ def test_evidence_flags_copies_not_fresh_images(real, tmp_path):
     for r in (c, f):
         fpr = r["evidence"]["false_positive_rate"]
         assert fpr["splits"] == 200 and fpr["rate"] <= 0.02 and fpr["of_heldout"] == len(labels)
+
+
+def test_the_features_space_is_marked_unreliable_when_its_net_is_not_better_than_chance(real, tmp_path):
+    """The fixture's net learnt labels its images do not carry (xray_like ignores them): its metrics flag it, and
+    synthesize's evidence marks the features space unreliable with the net's warning; the other spaces stand. A net
+    clearly above chance leaves the space reliable; metrics from before the test are a one-line error."""
+    net = json.loads((real[0] / "feature_net.json").read_text())
+    assert net["better_than_chance"]["overall"] is False and len(net["warnings"]) == 1
+    assert net["warnings"][0].startswith("the label head's held-out accuracy")
+    r = run(real, tmp_path, fresh, name="mark")
+    assert r["evidence"]["features"]["reliable"] is False
+    assert r["evidence"]["features"]["unreliable_because"] == net["warnings"]
+    assert "reliable" not in r["evidence"]["pixels"] and "reliable" not in r["evidence"]["hash"]
+    separable = FN.chance_summary("xray", {"sex": {"accuracy": 0.8, "correct": 160, "images": 200, "chance": 0.5}})
+    assert feature_space_reliability({"modality": "xray", **separable}) == {"reliable": True}
+    with pytest.raises(ValueError, match="hold no better_than_chance test.*feature_net stage again"):
+        feature_space_reliability({"modality": "xray", "accuracy": {"sex": 0.8}, "chance": {"sex": 0.5}})
 
 
 def test_every_image_is_checked_for_near_copies_not_a_sample(real, tmp_path):

@@ -179,7 +179,8 @@ def ingest(modality: str = typer.Argument(..., help="xray | histology"), params:
 
 @app.command()
 def studygroups(params: Path = ParamsOpt):
-    """studygroups: X-Norm, X-Norm-L, H-Norm, H-Tumor, balanced and split by patient / slide into train, val, test."""
+    """studygroups: X-Norm, X-Norm-L, H-Norm, H-Tumor, balanced and split by patient / slide (tile, when ingest
+    found tiles without slide ids) into train, val, test."""
     from biomedsynth.studygroups import build_studygroups
 
     p = _params(params)
@@ -189,7 +190,7 @@ def studygroups(params: Path = ParamsOpt):
     _stamp(p, Path("metrics/studygroups.json"))
     for name, sides in summary.items():
         typer.echo(f"{name:9s} " + "  ".join(
-            f"{side} {s['images']}/{s['requested']} images, {s['units']} patients/slides, {len(s['per_label'])} labels"
+            f"{side} {s['images']}/{s['requested']} images, {s['units']} {s['split_unit']}s, {len(s['per_label'])} labels"
             for side, s in sides.items()))
 
 
@@ -246,6 +247,7 @@ def plan(params: Path = ParamsOpt, out: Path = typer.Option(None, help="also wri
 
 
 FEATURE_NETS = Path("models/feature_net")
+FEATURE_NET_METRICS = Path("metrics/feature_net")  # whether each net beats chance: synthesize marks its space
 GAN_STATES = Path(".cache/gan")  # train_gan's resume states, outside DVC's outputs (gitignored, dvcignored)
 
 
@@ -260,12 +262,14 @@ def feature_net(modality: str = typer.Argument(..., help="xray | histology"), pa
     if modality not in ("xray", "histology"):
         _fail(2, f"modality = {modality!r}: allowed xray, histology")
     p = _params(params)
-    _writes(FEATURE_NETS / f"{modality}.pt", Path("metrics/feature_net") / f"{modality}.json")
+    _writes(FEATURE_NETS / f"{modality}.pt", FEATURE_NET_METRICS / f"{modality}.json")
     summary = _run(build_feature_net, modality, Path("data/studygroups"), getattr(p.gan, modality).resolution,
                    p.gan.score.feature_epochs, p.seed, FEATURE_NETS / f"{modality}.pt",
-                   Path("metrics/feature_net") / f"{modality}.json", _run(pick_device))
-    _stamp(p, Path("metrics/feature_net") / f"{modality}.json")
+                   FEATURE_NET_METRICS / f"{modality}.json", _run(pick_device))
+    _stamp(p, FEATURE_NET_METRICS / f"{modality}.json")
     _print_summary(f"feature_net@{modality}", summary)
+    for warning in summary["warnings"]:  # on the console, not only inside the JSON
+        typer.echo(f"WARNING feature_net@{modality}: {warning}", err=True)
 
 
 @app.command("check-gan")
@@ -384,6 +388,7 @@ def synthesize(arch: str = ArchArg, group: str = GroupArg, setup: str = SetupArg
                         FEATURE_NETS / f"{GROUP_MODALITY[group]}.pt", Path("data/studygroups") / group / "val")
     gen = _run(Synthesizer, Path("models/gan") / name, choice)
     features = _run(feature_net_space, FEATURE_NETS / f"{GROUP_MODALITY[group]}.pt", gen.device)
+    net_metrics = json.loads(_run(Path.read_text, FEATURE_NET_METRICS / f"{GROUP_MODALITY[group]}.json"))
     summary = _run(run_synthesize, gen.sample, Path("data/studygroups") / group / "train",
                    Path("data/studygroups") / group / "val", Path("data/studygroups") / group / "test",
                    Path("data/synthetic") / name,
@@ -392,7 +397,11 @@ def synthesize(arch: str = ArchArg, group: str = GroupArg, setup: str = SetupArg
                    batch_size=s.batch_size, feature_space=features, evidence_images=s.evidence.images,
                    evidence_side=s.evidence.side, pca_dims=s.evidence.pca_dims, prdc_k=s.evidence.k,
                    cells=s.evidence.cells, seed=p.seed, figure_path=Path("data/evidence") / name / "closest.png",
+                   feature_net_metrics=net_metrics,
                    draws=s.draws)
+    if not summary["evidence"]["features"]["reliable"]:
+        for line in summary["evidence"]["features"]["unreliable_because"]:
+            typer.echo(f"WARNING synthesize@{name}: feature net: {line}", err=True)
     summary["checkpoint_epochs"] = gen.epochs
     summary["checkpoint_rule"] = rule
     summary["gan_learnt"] = _warn_not_learnt(name)

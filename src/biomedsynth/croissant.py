@@ -1,6 +1,8 @@
 """Croissant metadata (MLCommons, JSON-LD, version 1.0) of an exported synthetic set, so that dataset catalogues
 index it and `mlcroissant` reads its records: the PNGs joined to metadata.csv's columns, with the datasheet's
-license, version, description and its responsible-AI facts (use cases, limits, personal information).
+license, version, description and its responsible-AI facts (use cases, limits, personal information), the unit
+the real data's split kept apart (patient, slide or tile) and the run's warnings (schema.org additionalProperty
+values split_unit and run_warning, and in words in rai:dataCollection and rai:dataLimitations).
 
 Written here as plain JSON (no mlcroissant at run time); the tests validate it with mlcroissant.
 """
@@ -78,7 +80,8 @@ def metadata(sheet: dict, root: Path, checksums: dict[str, str], commit: str) ->
         *(_file(p, checksums[p], "application/octet-stream",
                 "sampling generator weights (torch, bfloat16), read by `biomedsynth generate --generator`")
           for p in weights)]
-    w, mem = sheet["what"], sheet["memorisation"]
+    w, mem, src = sheet["what"], sheet["memorisation"], sheet["source_data"]
+    warnings = sheet["run_warnings"] if isinstance(sheet["run_warnings"], list) else []
     out = {
         "@context": CONTEXT, "@type": "sc:Dataset", "conformsTo": CROISSANT, "name": sheet["name"],
         "description": f"{w['summary']}. Memorisation test: {mem['verdict']}. See datasheet.md.",
@@ -88,10 +91,16 @@ def metadata(sheet: dict, root: Path, checksums: dict[str, str], commit: str) ->
         "citeAs": (f"@misc{{biomedsynth_{sheet['name'].replace('-', '_')}, title = {{{sheet['name']}: "
                    f"{w['summary']}}}, note = {{version {sheet['version']}, biomedsynth commit "
                    f"{sheet['how_made']['exported_at_commit']}}}}}"),
-        "rai:dataCollection": f"{sheet['source_data']['description']}; {sheet['how_made']['architecture']}, "
-                              f"{sheet['how_made']['setup']}, drew every image",
+        "rai:dataCollection": f"{src['description']}; {sheet['how_made']['architecture']}, "
+                              f"{sheet['how_made']['setup']}, drew every image. The real data were {src['split']}",
         "rai:dataUseCases": sheet["intended_use"],
-        "rai:dataLimitations": " ".join(sheet["limits"]),
+        "rai:dataLimitations": " ".join(sheet["limits"]) + (
+            f" Warnings about the run that made it: {'; '.join(warnings)}." if warnings else ""),
+        # machine-readable: the unit the real data's split kept apart, and each of the run's warnings
+        "additionalProperty": [
+            {"@type": "sc:PropertyValue", "name": "split_unit", "value": src["split_unit"],
+             "description": f"the real data were {src['split']}"},
+            *({"@type": "sc:PropertyValue", "name": "run_warning", "value": line} for line in warnings)],
         "rai:personalSensitiveInformation": (
             f"None recorded: every image is drawn by a generator and every column derives from its label. The "
             f"memorisation test's verdict: {mem['verdict']}"

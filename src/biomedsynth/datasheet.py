@@ -13,7 +13,12 @@ import re
 from biomedsynth.tasks import TASKS
 
 MODALITY = {"xray": "chest X-ray, 8-bit grayscale", "histology": "lymph-node histology tile, RGB"}
-UNIT = {"xray": "patients", "histology": "slides"}
+# what the study groups' split kept apart (studygroups.json's split_unit), in words
+SPLIT = {"patient": "by patient: no patient's scans sit on two sides",
+         "slide": "by slide: no slide's tiles sit on two sides",
+         "tile": "by tile, not by slide: ingest found tiles without slide ids, so each such tile was a unit of its "
+                 "own; tiles of one slide may sit on both sides (training and held out), and no slide independence "
+                 "is claimed"}
 ARCH = {"dcgan": ("DCGAN", "Radford et al. 2016"), "pggan": ("PGGAN", "progressive growing, Karras et al. 2018"),
         "sg2ada": ("StyleGAN2-ADA", "adaptive discriminator augmentation, Karras et al. 2020")}
 SIDES = ("train", "val", "test")
@@ -50,20 +55,38 @@ def commit_text(commit: str) -> str:
     return commit if commit != "unknown" else "not recorded: the code ran outside a git commit"
 
 
+def split_unit(group: str, studygroups: dict) -> str:
+    """patient, slide or tile: what the study group's split kept apart, as the studygroups stage recorded it."""
+    units = {s.get("split_unit") for s in studygroups[group].values()}
+    if len(units) != 1 or not units <= set(SPLIT):
+        raise ValueError(f"metrics/studygroups.json records no single split unit for {group} (found "
+                         f"{sorted(map(str, units))}; written by an older version?); run the studygroups stage "
+                         "again (dvc repro)")
+    return units.pop()
+
+
 def _source(group: str, modality: str, studygroups: dict, provenance: dict) -> dict:
-    """The real data the generator learnt from: counts per side and label, never ids or file names."""
-    sides = {side: {"images": s["images"], "per_label": s["per_label"], UNIT[modality]: s["units"]}
+    """The real data the generator learnt from: counts per side and label, never ids or file names, and what its
+    split kept apart. Split by tile, no side is said to hold other slides than another."""
+    unit = split_unit(group, studygroups)
+    units = f"{unit}s"
+    sides = {side: {"images": s["images"], "per_label": s["per_label"], units: s["units"]}
              for side, s in sorted(studygroups[group].items(), key=lambda kv: SIDES.index(kv[0]))}
-    train = sides["train"]
+    train, kind = sides["train"], MODALITY[modality].split(",")[0]
+    if unit == "tile":
+        description = (f"{train['images']:,} {kind} images (study group {group}'s training side) taught the "
+                       f"generator; the validation side ({sides['val']['images']:,} images) scored its epochs, and the "
+                       f"test side ({sides['test']['images']:,} images) served as the held-out baseline of the "
+                       "memorisation test. The split was by tile: tiles of one slide may sit on both sides, so no "
+                       "side is claimed to come from slides the others lack")
+    else:
+        description = (f"{train['images']:,} {kind} images of {train[units]:,} {units} (study group {group}'s "
+                       f"training side) taught the generator; the validation side ({sides['val']['images']:,} images "
+                       f"of other {units}) scored its epochs, and the test side ({sides['test']['images']:,} images of "
+                       f"yet other {units}) served as the held-out baseline of the memorisation test")
     return {"group": group, "format": provenance["sources"][modality]["format"],
             "data_hash": provenance["data"] or "not recorded: the project has no data.dvc",
-            "description": (f"{train['images']:,} {MODALITY[modality].split(',')[0]} images of "
-                            f"{train[UNIT[modality]]:,} {UNIT[modality]} (study group {group}'s training side) taught "
-                            f"the generator; the validation side ({sides['val']['images']:,} images of other "
-                            f"{UNIT[modality]}) scored its epochs, and the test side ({sides['test']['images']:,} "
-                            f"images of yet other {UNIT[modality]}) served as the held-out baseline of the "
-                            f"memorisation test"),
-            "sides": sides}
+            "split_unit": unit, "split": f"split {SPLIT[unit]}", "description": description, "sides": sides}
 
 
 def _checkpoint(synth: dict) -> dict:
@@ -109,7 +132,17 @@ def _space_evidence(m: dict) -> dict:
     keep = ("nn_ratio_share", "nn_ratio_share_heldout", "near_copy_share", "near_copy_share_heldout", "near_copy_p",
             "authentic", "authentic_heldout", "dcr_share_below_q01", "dcr_median", "dcr_median_heldout", "copying")
     c_t = m["c_t"] if m["c_t"] is not None else "not computed: no k-means cell held enough synthetic images"
-    return {"c_t": c_t, "c_t_cells_used": m["c_t_cells_used"], **{k: m[k] for k in keep}}
+    return {"c_t": c_t, "c_t_cells_used": m["c_t_cells_used"], **{k: m[k] for k in keep}, **_reliability(m)}
+
+
+def _reliability(m: dict) -> dict:
+    """A space's reliable mark (synthesize sets it on the feature net's space) with why not, where it has one."""
+    return {k: m[k] for k in ("reliable", "unreliable_because") if k in m}
+
+
+def space_label(name: str, space: dict) -> str:
+    """A space's name in the Markdown tables, marked where its numbers are unreliable."""
+    return f"{name} (UNRELIABLE: its net is not better than chance)" if space.get("reliable") is False else name
 
 
 def spaces(evidence: dict) -> dict[str, dict]:
@@ -167,7 +200,8 @@ def _fidelity(synth: dict, logs: dict[str, dict]) -> dict:
     images, each beside its real floor (the same measure of real images)."""
     return {"gan_scores_at_chosen_epoch": {model: {k: row[k] for k in ("swd", "swd_floor", "kid", "kid_floor")}
                                            for model, row in logs.items()},
-            "prdc": {name: {"space": SPACE.get(name, name), "synthetic": m["prdc"], "real_floor": m["prdc_heldout"]}
+            "prdc": {name: {"space": SPACE.get(name, name), "synthetic": m["prdc"], "real_floor": m["prdc_heldout"],
+                            **_reliability(m)}
                      for name, m in spaces(synth["evidence"]).items()}}
 
 
@@ -210,9 +244,18 @@ def _utility(name: str, summary: dict) -> dict | str:
 
 
 def _limits(modality: str, setup: str, side: int, synth: dict, gan: dict, fidelity: dict, utility,
-            memorisation: dict) -> list[str]:
+            memorisation: dict, unit: str) -> list[str]:
     """What the run says this set cannot do, or what a user must know before using it."""
     out = [f"Images are {side} x {side} px, the generator's side; detail finer than that is absent."]
+    if unit == "tile":
+        out.append("The real data were split by tile, not by slide: tiles of one slide may sit on both the training "
+                   "and the held-out sides, so no slide independence is claimed; the held-out floors, the "
+                   "memorisation test and the membership attack may then understate copying and overstate "
+                   "fidelity, and Table 3's test accuracies may be optimistic.")
+    for name, m in spaces(synth["evidence"]).items():
+        if m.get("reliable") is False:
+            out.append(f"The {name} space ({SPACE.get(name, name)}) is unreliable, its membership AUC too: "
+                       + "; ".join(m["unreliable_because"]) + ".")
     if modality == "xray":
         out.append("Labels are the sex and age bin each image was drawn for, not a reading of the image.")
     else:
@@ -256,9 +299,11 @@ def build(name: str, *, modality: str, group: str, images: int, draws: int, side
           label_counts: dict[str, int], label_columns: dict[str, str], example_file: str, options: dict,
           logs: dict[str, dict],
           synth: dict, gan: dict, studygroups: dict, summary: dict, dvc_lock: dict | None, license: str,
-          version: str, intended_use: str, gate: dict, screened: int, commit: str, generator: dict | None) -> dict:
+          version: str, intended_use: str, gate: dict, screened: int, commit: str, generator: dict | None,
+          run_warnings: list[str]) -> dict:
     """The datasheet as JSON-ready data; `logs` holds each model's log row at its chosen epoch; `gate` is the privacy
-    gate's record (gate.admit) and `screened` the set's images before it dropped the near copies."""
+    gate's record (gate.admit) and `screened` the set's images before it dropped the near copies; `run_warnings` the
+    run's warnings as the report lists them (report.run_warnings)."""
     memorisation = _memorisation(synth, gate["overridden"])
     fidelity = _fidelity(synth, logs)
     utility = _utility(name, summary)
@@ -272,6 +317,7 @@ def build(name: str, *, modality: str, group: str, images: int, draws: int, side
                              f"draw{'s' if draws > 1 else ''} of the real group's size and label counts), drawn by "
                              f"{arch_names(options['arch'])[0]} trained on study group {group}; no image "
                              f"is a patient's scan")},
+        "run_warnings": run_warnings or "none: no stage of the run warned about its data, models or sets",
         "source_data": _source(group, modality, studygroups, synth["provenance"]),
         "how_made": {"architecture": "{} ({})".format(*arch_names(options["arch"])), "setup": SETUP[options["setup"]],
                      "options": options,
@@ -285,7 +331,8 @@ def build(name: str, *, modality: str, group: str, images: int, draws: int, side
         "hash_screen": _screen(synth, modality),
         "utility": utility,
         "intended_use": intended_use,
-        "limits": _limits(modality, options["setup"], side, synth, gan, fidelity, utility, memorisation),
+        "limits": _limits(modality, options["setup"], side, synth, gan, fidelity, utility, memorisation,
+                          split_unit(group, studygroups)),
     }
     if generator is not None:
         sheet["generator"] = generator
@@ -309,6 +356,14 @@ def _table(head: list[str], rows: list[list]) -> list[str]:
             *("| " + " | ".join(_num(c) for c in r) + " |" for r in rows), ""]
 
 
+def _warning_lines(warnings: list[str] | str) -> list[str]:
+    """The run's warnings, up front: a reader must know them before any number below."""
+    if isinstance(warnings, str):
+        return [f"Warnings about the run: {warnings}.", ""]
+    return [f"**{len(warnings)} warning(s) about the run** (as its report lists them):", "",
+            *(f"- {w}" for w in warnings), ""]
+
+
 def markdown(sheet: dict) -> str:
     """The datasheet for people: the same facts as datasheet.json, in sections."""
     w, src, how, mem = sheet["what"], sheet["source_data"], sheet["how_made"], sheet["memorisation"]
@@ -316,6 +371,7 @@ def markdown(sheet: dict) -> str:
     lines = [f"# {sheet['name']}: datasheet", "", f"{w['summary']}.", "",
              f"Version {sheet['version']}, license {sheet['license']}. Memorisation test: **{mem['verdict']}**"
              + (" (exported anyway, by explicit override)" if mem["exported_despite_verdict"] else "") + ".", "",
+             *_warning_lines(sheet["run_warnings"]),
              "## What it is", "",
              f"- {w['images']:,} PNG images, {w['side_px']} x {w['side_px']} px, {w['modality']}; "
              f"{w['draws']} draw(s)",
@@ -323,7 +379,7 @@ def markdown(sheet: dict) -> str:
              ""]
     lines += _table(["label", "synthetic images", f"real training images ({unit})"],
                     [[lb, n, f"{src['sides']['train']['per_label'].get(lb, 0):,}"] for lb, n in w["labels"].items()])
-    lines += ["## Source data", "", f"{src['description']}.", "",
+    lines += ["## Source data", "", f"{src['description']}.", "", f"Split {SPLIT[src['split_unit']]}.", "",
               f"Read as `{src['format']}`; raw data DVC hash `{src['data_hash']}`.", ""]
     lines += _table(["side", "images", unit], [[s, v["images"], v[unit]] for s, v in src["sides"].items()])
     ck = how["checkpoint"]
@@ -342,12 +398,13 @@ def markdown(sheet: dict) -> str:
                     [[m, *(s[k] for k in ("swd", "swd_floor", "kid", "kid_floor"))]
                      for m, s in sheet["fidelity"]["gan_scores_at_chosen_epoch"].items()])
     lines += _table(["space", "precision", "recall", "density", "coverage"],
-                    [[f"{name}: {kind}", *(f[kind][k] for k in ("precision", "recall", "density", "coverage"))]
+                    [[f"{space_label(name, f)}: {kind}",
+                      *(f[kind][k] for k in ("precision", "recall", "density", "coverage"))]
                      for name, f in sheet["fidelity"]["prdc"].items() for kind in ("synthetic", "real_floor")])
     lines += ["## Memorisation", "", f"Verdict: **{mem['verdict']}**. Rule: {mem['rule']}.", ""]
     lines += _table(["space", "C_T", "NN ratio < 0.5 (held out)",
                      "near copies (held out)", "authentic (held out)"],
-                    [[name, s["c_t"], f"{s['nn_ratio_share']:.3f} ({s['nn_ratio_share_heldout']:.3f})",
+                    [[space_label(name, s), s["c_t"], f"{s['nn_ratio_share']:.3f} ({s['nn_ratio_share_heldout']:.3f})",
                       f"{s['near_copy_share']:.3f} ({s['near_copy_share_heldout']:.3f})",
                       f"{s['authentic']:.3f} ({s['authentic_heldout']:.3f})"] for name, s in mem["spaces"].items()])
     pv = sheet["privacy"]["checked"]
@@ -360,7 +417,7 @@ def markdown(sheet: dict) -> str:
               f"images (every image checked, not a sample; {drop['rule']}).",
               f"- Membership inference, {pv['membership_inference']['attack']}:", ""]
     lines += _table(["space", "AUC [95% interval]", "members / non-members", "interval"],
-                    [[name, f"{a['value']:.3f} [" + ", ".join(f"{b:.3f}" if isinstance(b, float) else "undefined"
+                    [[space_label(name, mem["spaces"].get(name, {})), f"{a['value']:.3f} [" + ", ".join(f"{b:.3f}" if isinstance(b, float) else "undefined"
                                                               for b in (a["low"], a["high"])) + "]",
                       f"{a['members']:,} / {a['nonmembers']:,}", a["interval"]]
                      for name, a in pv["membership_inference"]["auc"].items()])

@@ -229,13 +229,14 @@ class RunFiles:
     studygroups_metrics: Path
     summary: Path
     dvc_lock: Path
+    metrics: Path  # the run's metrics folder, whose warnings (report.run_warnings) the datasheet repeats
 
     @classmethod
     def of(cls, name: str, root: Path = Path(".")) -> RunFiles:
         return cls(root / "data/synthetic" / name, root / "models/gan" / name,
                    root / "metrics/synthesize" / f"{name}.json", root / "metrics/gan" / f"{name}.json",
                    root / "metrics/studygroups.json",
-                   root / "metrics/summary.json", root / "dvc.lock")
+                   root / "metrics/summary.json", root / "dvc.lock", root / "metrics")
 
 
 def _bytes(path: Path) -> bytes:
@@ -307,6 +308,7 @@ def export_set(name: str, run: RunFiles, out: Path, *, modality: str, group: str
         raise ValueError(f"{name}: every one of its {len(images)} images is a near copy of a training image")
     options = _json(run.model_root / "options.json")
     from biomedsynth.gan.checkpoint import read_log  # here: torch comes with it, and the stage's notes need none of it
+    from biomedsynth.report import run_warnings
 
     epochs = synth["checkpoint_epochs"]
     logs = {model: next(r for r in read_log(run.model_root / model) if r["epoch"] == e) for model, e in epochs.items()}
@@ -346,7 +348,8 @@ def export_set(name: str, run: RunFiles, out: Path, *, modality: str, group: str
             label_columns=LABEL_COLUMNS[modality], example_file=writer.rows[0]["file_name"], options=options,
             logs=logs, synth=synth, gan=gan,
             studygroups=studygroups, summary=summary, dvc_lock=lock, license=license, version=version,
-            intended_use=intended_use, gate=passed, screened=len(images), commit=commit, generator=card)
+            intended_use=intended_use, gate=passed, screened=len(images), commit=commit, generator=card,
+            run_warnings=run_warnings(summary, run.metrics, [name]))
         if missing := datasheet.unfilled(sheet):
             raise ValueError(f"{name}: the datasheet has no value for {', '.join(missing)}")
         write_json(tmp / "datasheet.json", sheet)

@@ -307,7 +307,7 @@ def _gan_table(metrics_dir: Path, gan_names: list[str]) -> list:
                               f"{ft['authentic']:.2f} ({ft['authentic_heldout']:.2f})",
                               f"{e['near_duplicates']} of {e['images']['synthetic']}",
                               " / ".join(_membership(e[space]["membership"]) for space in ("pixels", "features")),
-                              "COPYING" if e["copying"] else "no"])
+                              "COPYING" if e["copying"] else "no", FEATURE_NET_MARK[ft.get("reliable")]])
     return [("h2", "GAN stages"),
             ("p", "SWD/KID: the best epoch's scores against held-out validation images (mean over the stage's "
                   "models), the real floor (training images scored the same way) in brackets. Learnt: models whose "
@@ -326,10 +326,16 @@ def _gan_table(metrics_dir: Path, gan_names: list[str]) -> list:
                   "feature space (GAN-Leaks' full black-box attack: a real image scores its distance to the closest "
                   "synthetic image; the AUC at telling training images from held-out ones, 95% cluster-bootstrap "
                   "interval over patients; 0.5: no measurable leak, 1: every training image exposed). Rule: " + RULE
-                  + "."),
+                  + ". Feature net: whether the modality's net beats chance on held-out images (metrics/feature_net); "
+                  "where it does not, every feature-space number in this row, and the stage's KID above, is "
+                  "unreliable (the warnings say by how much)."),
             ("table", ["stage", "precision (real)", "coverage (real)", "C_T pixels / features",
-                       "authentic (real)", "near-duplicates", "membership AUC pixels / features", "copying"],
-             evidence_rows)]
+                       "authentic (real)", "near-duplicates", "membership AUC pixels / features", "copying",
+                       "feature net"], evidence_rows)]
+
+
+# the features space's mark in synthesize's evidence -> the evidence table's cell (None: drawn by an older version)
+FEATURE_NET_MARK = {True: "beats chance", False: "NOT above chance: unreliable", None: "not tested"}
 
 
 def _membership(m: dict) -> str:
@@ -470,10 +476,14 @@ def readme_with_table3(readme: str, summary: dict) -> str:
 
 def run_warnings(summary: dict, metrics_dir: Path, gan_names: list[str]) -> list[str]:
     """What a reader of this run must know before its numbers, one short line each: ingest's warnings about the
-    data, Table 3's left-out cells and degenerate arms, unmeasured replicate variance, GANs that learnt nothing or
-    were still improving, sets flagged as copying. The report leads with them and `report` prints them, so the end
-    of `dvc repro` repeats what each stage warned about on its way."""
+    data, feature nets no better than chance (the KID, PRDC and C_T in their space are unreliable), Table 3's
+    left-out cells and degenerate arms, unmeasured replicate variance, GANs that learnt nothing or were still
+    improving, sets flagged as copying. The report leads with them and `report` prints them, so the end of
+    `dvc repro` repeats what each stage warned about on its way; each exported set's datasheet repeats them too."""
     lines = [f"data: {w}" for w in summary.get("warnings", [])]
+    for modality in ("xray", "histology"):
+        net = metrics_dir / "feature_net" / f"{modality}.json"
+        lines += [f"feature_net@{modality}: {w}" for w in (_read_json(net).get("warnings", []) if net.is_file() else [])]
     claims = summary["claims"]
     lines += [f"Table 3 leaves out {cell}: {why}" for cell, why in claims.get("cells_left_out", {}).items()]
     if claims.get("replicate_variance") != "measured":

@@ -8,12 +8,14 @@ reported, never padded.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from biomedsynth.ingest import DETAILS
 from biomedsynth.params import HistologyGroups, StudyGroups, XrayGroup, XrayGroups
 from biomedsynth.store import ImageSet, ImageSetWriter, write_json
 
@@ -235,13 +237,33 @@ def check_fill(summary: dict, min_fill: float) -> None:
                                  f"{min_fill:.0%}; smallest label {fewest[0]}: {fewest[1]}); see `biomedsynth plan`")
 
 
+def histology_split_unit(histology: Path) -> str:
+    """What one histology unit of the split is, as ingest recorded it in <histology>/ingest.json: "slide", or
+    "tile" when ready-cut tiles came without slide ids (each such tile is then a unit of its own, so tiles of one
+    slide can sit on both sides of the split)."""
+    details = Path(histology) / DETAILS
+    if not details.is_file():
+        raise FileNotFoundError(f"{details} is missing, so the split unit (slide or tile) is unknown; "
+                                "run ingest@histology (dvc repro)")
+    unit = json.loads(details.read_text()).get("split_unit")
+    if unit not in ("slide", "tile"):
+        raise ValueError(f"{details}: split_unit = {unit!r}, expected slide or tile; run ingest@histology again")
+    return unit
+
+
 def build_studygroups(xray: Path, histology: Path, cfg: StudyGroups, out: Path, seed: int,
                       summary_path: Path) -> dict:
     """Write <out>/<group>/{train,val,test} image sets and the per-group summary JSON; return the summary.
-    Nothing is written when a side falls short of studygroups.min_fill of its requested size."""
+    Each side records its split_unit (patient, slide or tile: what its `units` count and what no two sides share),
+    so later stages (the export's datasheet) say what the split guarantees. Nothing is written when a side falls
+    short of studygroups.min_fill of its requested size."""
     sources = {"x": ImageSet(xray), "h": ImageSet(histology)}
+    unit = {"x": "patient", "h": histology_split_unit(histology)}
     chosen, requested = choose_groups(sources["x"].meta, sources["h"].meta, cfg, seed)
     summary = summarise_groups(chosen, requested)
+    for name, sides in summary.items():
+        for s in sides.values():
+            s["split_unit"] = unit[name[0]]
     check_fill(summary, cfg.min_fill)
     for name, sides in chosen.items():
         for side, rows in sides.items():

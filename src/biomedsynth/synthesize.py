@@ -5,7 +5,8 @@ hash (SPEC 4), and gather evidence on fidelity and copying of the synthetic set 
 The hash screen's threshold is, unless params fix it, a quantile of the held-out real images' nearest
 Hamming distances to the training hashes. The evidence compares the synthetic images with the training
 images and, as the baseline, held-out real images, in three offline feature spaces: PCA of downsampled
-pixels, the KID feature net and the average hash. The real sets are read once in batches for hashes and
+pixels, the KID feature net and the average hash; the feature net's space is marked unreliable when its net is
+not better than chance on held-out images (feature_space_reliability). The real sets are read once in batches for hashes and
 features; only those small per-image arrays are held in memory, so sets larger than RAM are fine.
 
 Every image of the set, not a sample, is checked for being a near copy of a training image in those spaces
@@ -29,7 +30,7 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from biomedsynth.evidence import ALPHA, RULE, Space, assess, false_positive_rate, pixel_pca, training_neighbours
-from biomedsynth.store import NEAR_COPY, ImageSet, ImageSetWriter, write_json
+from biomedsynth.store import NEAR_COPY, ImageSet, ImageSetWriter
 
 NOT_COPIED = ("image_id", "patient_id", "source", "label")  # meta columns a synthetic image never inherits
 FIGURE_PAIRS = 8
@@ -300,6 +301,19 @@ def _draw(sample: Sampler, train: ImageSet, out: Path, screen: HashScreen | None
     return per_label
 
 
+def feature_space_reliability(net_metrics: dict) -> dict:
+    """The `features` evidence space's mark, from its net's metrics (metrics/feature_net/<modality>.json):
+    reliable when every head of the net is better than chance on held-out images (feature_net.chance_test);
+    otherwise also unreliable_because, the net's warning lines. ValueError, one line, for metrics that hold no
+    such test (written by an older version)."""
+    check = net_metrics.get("better_than_chance")
+    if not isinstance(check, dict) or not isinstance(check.get("overall"), bool) or "warnings" not in net_metrics:
+        raise ValueError(f"the {net_metrics.get('modality', '')} feature net's metrics hold no better_than_chance "
+                         "test (written by an older version); run its feature_net stage again (dvc repro)")
+    return {"reliable": check["overall"], **({} if check["overall"] else
+                                             {"unreliable_because": list(net_metrics["warnings"])})}
+
+
 def _evidence(train: ImageSet, test: ImageSet, synthetic: ImageSet, train_features: dict[str, np.ndarray],
               test_features: dict[str, np.ndarray], spaces: dict[str, Space], *, images: int, k: int, cells: int,
               resolution: int, batch_size: int, seed: int, figure_path: Path) -> dict:
@@ -334,7 +348,8 @@ def synthesize(sample: Sampler, real_train: Path, real_val: Path, real_test: Pat
                hash_screen: bool,
                hash_threshold: int | None, hash_quantile: float, hash_size: int, max_tries_factor: float,
                batch_size: int, feature_space: Space, evidence_images: int, evidence_side: int, pca_dims: int,
-               prdc_k: int, cells: int, seed: int, figure_path: Path, draws: int = 1) -> dict:
+               prdc_k: int, cells: int, seed: int, figure_path: Path, feature_net_metrics: dict,
+               draws: int = 1) -> dict:
     """Write a synthetic image set at `out` holding `draws` independent draws, each with real_train's size and
     exact label counts, from `sample(label, n, rng) -> uint8 (n, resolution, resolution, C)`; return the
     stage's metrics.
@@ -343,7 +358,9 @@ def synthesize(sample: Sampler, real_train: Path, real_val: Path, real_test: Pat
     training hashes (held-out patients of the training side: the test side never shapes the synthetic set; it only
     judges it, in the evidence and the real rejection rate). The evidence spaces: evidence_spaces (pixels: PCA of
     `evidence_side` px pixels, `pca_dims` axes fitted on up to `evidence_images` training images; features:
-    `feature_space`, e.g. evidence.feature_net_space; hash: the average hash)."""
+    `feature_space`, e.g. evidence.feature_net_space; hash: the average hash). `feature_net_metrics`, the metrics
+    of the net behind `feature_space`, marks that space reliable or not (feature_space_reliability)."""
+    features_mark = feature_space_reliability(feature_net_metrics)  # before anything is drawn
     train, val, test = ImageSet(real_train), ImageSet(real_val), ImageSet(real_test)
     check_sets(train, val, test, hash_threshold=hash_threshold, hash_quantile=hash_quantile, hash_size=hash_size,
                max_tries_factor=max_tries_factor, draws=draws, evidence_images=evidence_images, prdc_k=prdc_k,
@@ -364,6 +381,7 @@ def synthesize(sample: Sampler, real_train: Path, real_val: Path, real_test: Pat
     evidence = _evidence(train, test, ImageSet(out), train_features, test_features, spaces, images=evidence_images,
                          k=prdc_k, cells=cells, resolution=resolution, batch_size=batch_size, seed=seed,
                          figure_path=figure_path)
+    evidence["features"].update(features_mark)
     drawn = sum(v["drawn"] for v in per_label.values())
     rejected = sum(v["rejected"] for v in per_label.values())
     return {

@@ -8,7 +8,9 @@ augmentation that keeps the label: small random shifts for X-rays (no flips: a m
 on the wrong side, which a GAN must not be rewarded for), shifts, flips and quarter turns for tiles (tissue
 has no orientation). No rescaling crops: thorax size carries sex, nucleus size carries tumour. Its held-out
 accuracy is measured on the `val` sides, whose patients or slides it never saw; the test sides stay
-untouched for the benchmark.
+untouched for the benchmark. A head whose held-out accuracy is not clearly above chance (`better_than_chance`)
+is flagged in the metrics, with a warning line: KID, PRDC and the copying statistic computed in this space then
+measure little, and synthesize, the report and the datasheet say so.
 
 Images are read once at the GAN's side (area-downsampled, as the GANs and their scorer see them), resized
 to the net's input side when larger, and kept in a memory-mapped temporary file, so memory stays flat.
@@ -31,6 +33,12 @@ MODALITY_GROUPS = {"xray": ("x_norm", "x_norm_l"), "histology": ("h_norm", "h_tu
 INPUT_SIZE = 64   # the net's input side: 32 to 512 px images are resized to it
 WIDTH = 16        # feature maps of the first layer (features: 8 x WIDTH)
 MAX_SHIFT = 1 / 8  # random shifts move an image by up to this share of its side
+CHANCE_ALPHA = 0.05  # a head is better than chance when the binomial test rejects "at most chance" at this level
+CHANCE_TEST = ("one-sided exact binomial test of the held-out correct count against chance (the share of the "
+               f"head's most frequent held-out value), better than chance when p < {CHANCE_ALPHA}: the same as the "
+               f"lower end of the {1 - 2 * CHANCE_ALPHA:.0%} Clopper-Pearson interval lying above chance. Held-out "
+               "images of one patient or slide count as independent, so it leans towards 'better'")
+MODALITY_NAME = {"xray": "X-rays", "histology": "histology tiles"}
 
 
 def attributes(meta: pd.DataFrame, modality: str) -> pd.DataFrame:
@@ -102,15 +110,53 @@ def heldout_accuracy(net: score.FeatureNet, images, attrs: pd.DataFrame, classes
     out = {}
     for name, values, z in zip(attrs.columns, classes, logits.split([len(c) for c in classes], 1)):
         truth = attrs[name].astype(str).to_numpy()
-        out[name] = {"accuracy": round(float((np.asarray(values)[z.argmax(1).numpy()] == truth).mean()), 4),
+        correct = int((np.asarray(values)[z.argmax(1).numpy()] == truth).sum())
+        out[name] = {"accuracy": round(correct / len(truth), 4), "correct": correct, "images": len(truth),
                      "chance": round(float(pd.Series(truth).value_counts(normalize=True).iloc[0]), 4)}
     return out
+
+
+def chance_test(correct: int, images: int, chance: float, alpha: float = CHANCE_ALPHA) -> dict:
+    """Whether `correct` right of `images` held-out images is better than `chance` (CHANCE_TEST): the one-sided
+    exact binomial p-value, the two-sided 1 - 2 alpha Clopper-Pearson interval of the accuracy (its lower end is the
+    one-sided 1 - alpha bound the test compares with chance) and the verdict."""
+    from scipy.stats import binomtest
+
+    if not 0 <= correct <= images or images < 1:
+        raise ValueError(f"chance_test: {correct} correct of {images} held-out images is not a count")
+    test = binomtest(correct, images, chance, alternative="greater")
+    ci = binomtest(correct, images, chance).proportion_ci(confidence_level=1 - 2 * alpha, method="exact")
+    return {"p_value": round(float(test.pvalue), 4), "low": round(float(ci.low), 4), "high": round(float(ci.high), 4),
+            "better_than_chance": bool(test.pvalue < alpha)}
+
+
+def chance_warnings(modality: str, accuracy: dict, tests: dict) -> list[str]:
+    """One line per head that is not better than chance, with its numbers and what it makes unreliable."""
+    return [f"the {head} head's held-out accuracy {a['accuracy']:.3f} ({a['correct']} of {a['images']} right; "
+            f"{1 - 2 * CHANCE_ALPHA:.0%} Clopper-Pearson interval [{t['low']:.3f}, {t['high']:.3f}]) is not above "
+            f"chance {a['chance']:.3f}: one-sided exact binomial p = {t['p_value']:.3f}, needs p < {CHANCE_ALPHA}; "
+            f"KID, PRDC coverage and C_T for {MODALITY_NAME[modality]} are computed in its space and are unreliable"
+            for head, a in accuracy.items() if not (t := tests[head])["better_than_chance"]]
+
+
+def chance_summary(modality: str, accuracy: dict) -> dict:
+    """The metrics' better_than_chance block (per head and overall: every head) and warning lines, from
+    heldout_accuracy's counts per head."""
+    tests = {k: chance_test(v["correct"], v["images"], v["chance"]) for k, v in accuracy.items()}
+    return {"better_than_chance": {"overall": all(t["better_than_chance"] for t in tests.values()),
+                                   "heads": {k: t["better_than_chance"] for k, t in tests.items()},
+                                   "p_value": {k: t["p_value"] for k, t in tests.items()},
+                                   "interval": {k: {"low": t["low"], "high": t["high"]} for k, t in tests.items()},
+                                   "test": CHANCE_TEST, "alpha": CHANCE_ALPHA},
+            "warnings": chance_warnings(modality, accuracy, tests)}
 
 
 def build_feature_net(modality: str, groups_dir: Path, resolution: int, epochs: int, seed: int, out: Path,
                       metrics_path: Path, device: torch.device | str = "cpu") -> dict:
     """Train the modality's net on its groups' training sides, test it on their validation sides, save it
-    to `out` (score.load_feature_net reads it) and its summary to `metrics_path`; return the summary."""
+    to `out` (score.load_feature_net reads it) and its summary to `metrics_path`; return the summary: per head the
+    held-out accuracy, chance and correct count, whether it is better than chance (chance_test; `overall`: every
+    head is) and a warning line for each head that is not."""
     train_refs, train_meta = pooled([ImageSet(groups_dir / g / "train") for g in MODALITY_GROUPS[modality]])
     val_refs, val_meta = pooled([ImageSet(groups_dir / g / "val") for g in MODALITY_GROUPS[modality]])
     train_attrs = attributes(train_meta, modality)
@@ -127,7 +173,9 @@ def build_feature_net(modality: str, groups_dir: Path, resolution: int, epochs: 
     summary = {"modality": modality, "resolution": resolution, "epochs": epochs,
                "images": {"train": len(train_refs), "heldout": len(val_refs)},
                "accuracy": {k: v["accuracy"] for k, v in accuracy.items()},
-               "chance": {k: v["chance"] for k, v in accuracy.items()}, "fingerprint": fingerprint(out)}
+               "chance": {k: v["chance"] for k, v in accuracy.items()},
+               "correct": {k: v["correct"] for k, v in accuracy.items()},
+               **chance_summary(modality, accuracy), "fingerprint": fingerprint(out)}
     write_json(metrics_path, summary)
     return summary
 

@@ -398,6 +398,27 @@ def test_launch_two_cpu_processes_train_with_rank_0_writing(tmp_path):
     assert ck["epoch"] == 2 and all(torch.isfinite(w).all() for w in ck["G"].values())
 
 
+def test_a_multi_label_stage_trains_the_same_weights_in_one_process_and_in_two(tmp_path):
+    """Reproduced first: under `launch.nproc_per_node: 2` the per-label models of an unconditional stage are divided
+    among the ranks, and rank 1 trained its model as if it held the second share of a shared batch: it read one
+    batch past the epoch's images (exit 1, "need at least one array to stack"), drew seed + 1's numbers and would
+    have written nothing. A model trained whole by one process now trains as in a one-process run on any rank:
+    both runs write the same bytes."""
+    env = {**os.environ, "BIOMEDSYNTH_MLFLOW": "0", "OMP_NUM_THREADS": "1", "PYTHONPATH": PYTHONPATH,
+           "BIOMEDSYNTH_DEVICE": "cpu"}  # one thread per process in both runs: the same arithmetic
+    outputs = []
+    for processes in (1, 2):
+        root = smoke_project(tmp_path / f"{processes}-processes")
+        subprocess.run(CLI + ["set", f"launch.nproc_per_node={processes}"], cwd=root, check=True, capture_output=True)
+        run = subprocess.run([*CLI, "train-gan", "dcgan", "x_norm", "uncond"], cwd=root, env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        outputs.append(stage_files(root, "dcgan-x_norm-uncond"))
+    one, two = outputs
+    assert sorted(p.parts[0] for p in one if p.name == "log.jsonl") == ["F_a", "M_a"]  # two models, one per rank
+    assert list(one) == list(two) and [path for path in one if one[path] != two[path]] == []
+
+
 @pytest.mark.parametrize("arch, per_phase, epochs, same", [
     ("dcgan", None, 3, True),    # more epochs continue the run
     ("dcgan", None, 1, True),    # fewer take its first epochs

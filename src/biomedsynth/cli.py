@@ -104,8 +104,24 @@ def sample(params: Path = ParamsOpt, out: Path = typer.Option(Path("data/raw"), 
 
 
 @app.command()
-def profile(name: str = typer.Argument(..., help="smoke | default | paper"), params: Path = ParamsOpt):
-    """Switch params.yaml to a size profile (keeps comments; `dvc params diff` shows the change)."""
+def profile(name: str = typer.Argument(None, help="smoke | default | paper"), params: Path = ParamsOpt,
+            show: bool = typer.Option(False, "--show", help="print what each profile sets, side by side")):
+    """Switch params.yaml to a size profile (keeps comments; `dvc params diff` shows the change), or --show them."""
+    if show:
+        from biomedsynth.params import profile_table
+
+        def shown(value) -> str:  # a long list (the paper's 25 age bins) by its start and length
+            text = json.dumps(value)
+            return text if len(text) <= 18 else f"{text[:12]}...({len(value)})"
+
+        names, rows = _run(profile_table)
+        width = max(len(key) for key, _ in rows)
+        typer.echo(f"{'key':{width}s}  " + "  ".join(f"{n:>18s}" for n in names))
+        for key, values in rows:
+            typer.echo(f"{key:{width}s}  " + "  ".join(f"{shown(v):>18s}" for v in values))
+        return
+    if name is None:
+        _fail(2, "profile: name one (smoke | default | paper), or --show")
     _change_params(params, f"profile {name}, ", lambda: apply_profile(name, params))
 
 

@@ -516,16 +516,54 @@ def load_params(path: Path | str = "params.yaml") -> Params:
         raise ParamsError(_one_line(path, e, data or {})) from None
 
 
+BASE_PROFILE = "default"  # every profile file holds only what it changes in this one
+
+
+def _profile_file(name: str, profiles_dir: Path) -> dict:
+    path = Path(profiles_dir) / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in Path(profiles_dir).glob("*.yaml"))
+        raise ParamsError(f"profile '{name}' does not exist (known: {', '.join(known)})")
+    return yaml.safe_load(path.read_text())
+
+
+def _changed_by(base: dict, changes: dict) -> dict:
+    """`base` with `changes` laid over it: mappings merge key by key, any other value (a list too) replaces."""
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = (_changed_by(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict)
+                    else value)
+    return out
+
+
+def profile_values(name: str, profiles_dir: Path = PROFILES_DIR) -> dict:
+    """Every key a profile sets: the default profile's, with profiles/<name>.yaml's changes over them."""
+    base = _profile_file(BASE_PROFILE, profiles_dir)
+    return base if name == BASE_PROFILE else _changed_by(base, _profile_file(name, profiles_dir))
+
+
+def profile_table(profiles_dir: Path = PROFILES_DIR) -> tuple[list[str], list[tuple[str, list]]]:
+    """(profile names, default first; [(dotted key, its value in each)]) for every key some profile changes."""
+    names = [BASE_PROFILE, *sorted(p.stem for p in Path(profiles_dir).glob("*.yaml") if p.stem != BASE_PROFILE)]
+    values = [dotted_keys(profile_values(n, profiles_dir)) for n in names]
+    return names, [(key, [v[key] for v in values]) for key in values[0]
+                   if key != "profile" and any(v[key] != values[0][key] for v in values)]
+
+
+def dotted_keys(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        out.update(dotted_keys(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+    return out
+
+
 def apply_profile(name: str, params_path: Path | str = "params.yaml", profiles_dir: Path = PROFILES_DIR) -> list[str]:
-    """Set every key of profiles/<name>.yaml in params.yaml, keeping its comments and order.
+    """Set every key of the profile (profile_values: the default profile and profiles/<name>.yaml's changes) in
+    params.yaml, keeping its comments and order.
 
     Returns the dotted keys whose values changed. The result is validated before it is written.
     """
-    overlay_path = Path(profiles_dir) / f"{name}.yaml"
-    if not overlay_path.is_file():
-        known = sorted(p.stem for p in Path(profiles_dir).glob("*.yaml"))
-        raise ParamsError(f"profile '{name}' does not exist (known: {', '.join(known)})")
-    return _overlay(yaml.safe_load(overlay_path.read_text()), Path(params_path), str(overlay_path))
+    return _overlay(profile_values(name, profiles_dir), Path(params_path), str(Path(profiles_dir) / f"{name}.yaml"))
 
 
 def set_params(assignments: list[str], params_path: Path | str = "params.yaml") -> list[str]:

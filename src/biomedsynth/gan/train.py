@@ -236,10 +236,11 @@ class TrainingImages:
         return x.float() / 127.5 - 1.0
 
 
-def _epoch_rng(opt: Options, rank: int, epoch: int, device: torch.device) -> torch.Generator:
-    """Everything random in one rank's steps of one epoch (latents, the penalty's mixing): seeded by
-    (seed * world + rank, epoch), so ranks draw their own numbers and a resumed epoch draws the same ones."""
-    seed = np.random.SeedSequence([opt.seed * opt.world + rank, epoch]).generate_state(1, np.uint64)[0]
+def _epoch_rng(opt: Options, share: int, epoch: int, device: torch.device) -> torch.Generator:
+    """Everything random in one process's steps of one epoch (latents, the penalty's mixing): seeded by
+    (seed * world + share, epoch), share being the process's part of each batch, so the opt.world processes of one
+    model draw their own numbers and a resumed epoch draws the same ones."""
+    seed = np.random.SeedSequence([opt.seed * opt.world + share, epoch]).generate_state(1, np.uint64)[0]
     return torch.Generator(device).manual_seed(int(seed))
 
 
@@ -269,6 +270,10 @@ def train_model(opt: Options, data: ModelData, images: ImageSet, model_dir: Path
                 device: torch.device, rank: int = 0, log=print, tracker=None) -> list[dict]:
     """Train one model to opt.total_epochs in model_dir (its resume state), resuming from model_dir/checkpoint.pt;
     returns its log rows up to that epoch (a state trained further serves fewer epochs: its first ones)."""
+    # this process's part of each batch: the rank where opt.world processes share the model; 0 where the ranks
+    # divide a stage's models and this one trains it whole, as one process would, and writes it (rank 1 once
+    # read past the epoch's images, drew seed + 1's numbers and wrote nothing)
+    share = rank if opt.world > 1 else 0
     plan = plan_epochs(opt, data)
     nets = build(opt, device, plan.ema_half_life)
     G, D, opt_g, opt_d, ema, sg2 = nets
@@ -301,12 +306,12 @@ def train_model(opt: Options, data: ModelData, images: ImageSet, model_dir: Path
 
     for epoch in range(start_epoch + 1, epochs + 1):
         order = np.random.default_rng((opt.seed, epoch)).permutation(n)  # resumable without saved state
-        rng = _epoch_rng(opt, rank, epoch, device)
+        rng = _epoch_rng(opt, share, epoch, device)
         sums.zero_()
         penalised, t0 = 0, time.perf_counter()
         for step in tqdm(range(plan.steps_per_epoch), desc=f"{data.name} epoch {epoch}", unit="step", leave=False,
-                         disable=None if rank == 0 else True):  # None: shown on a terminal only
-            first = step * opt.batch_size + rank * per_rank
+                         disable=None if share == 0 else True):  # None: shown on a terminal only
+            first = step * opt.batch_size + share * per_rank
             chunk = np.sort(order[first:first + per_rank])  # sorted reads are kinder to memory-maps
             real = train.batch(chunk).contiguous(memory_format=fmt)
             y = None if y_all is None else y_all[torch.from_numpy(chunk).to(device)]
@@ -324,7 +329,7 @@ def train_model(opt: Options, data: ModelData, images: ImageSet, model_dir: Path
         loss_d, loss_g, grad_norm = sums.tolist()  # the epoch's one host sync
         seconds = time.perf_counter() - t0
         depth, alpha = plan.schedule(images_seen) if plan.schedule is not None else (None, 1.0)
-        if rank == 0:
+        if share == 0:
             speed = {"epoch": epoch, "seconds": round(seconds, 2),
                      "images_per_s": round(plan.images_per_epoch / seconds, 1)}
             # every file here is replaced, never written in place: the stage output may hard-link to it

@@ -2,6 +2,7 @@
 ones that were scored."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -198,7 +199,6 @@ def test_a_knob_the_task_sets_cannot_serve_stops_dvc_repro_before_it_clears_the_
     """Reproduced first: with classify depending on check_params alone, cv_folds=13 on a task whose tumour images
     come from one slide made DVC clear models/classify/histology/knn, then `classify` refused. Now check_classify
     stops `dvc repro` first, in one line, and the trained models stay."""
-    import shutil
     import yaml
 
     root = tmp_path / "project"
@@ -268,3 +268,48 @@ def test_mlflow_gets_the_plots_this_stage_wrote_and_no_stale_file_beside_them(tm
     assert plots == sorted(f"{kind}-{arm}.csv" for kind in ("confusion", "roc")
                            for arm in ("real", "synthetic", "real_synthetic"))
     assert all(real for name, real in tracker.files if name.endswith(".joblib"))  # models: tracking.real_images
+
+
+def test_two_nodes_of_one_process_train_vgg16_as_one_node_of_two(tmp_path):
+    """`launch.nnodes: 2` for real, VGG16's DistributedDataParallel: two clones of a project (two machines) of one
+    process each meet at node 0's rdzv_endpoint on the loopback address; node 0's metrics and predictions are those
+    of one node of two processes."""
+    import socket
+
+    import yaml
+
+    sets = ("real", "synthetic", "synthetic_d1", "real_synthetic", "real_synthetic_d1", "test")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONPATH": PYTHONPATH, "BIOMEDSYNTH_MLFLOW": "0", "OMP_NUM_THREADS": "1", "BIOMEDSYNTH_DEVICE": "cpu"}
+    cli = [sys.executable, "-c", "from biomedsynth.cli import app; app()"]
+    with socket.socket() as s:  # a free port for node 0's rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launches = {"one-node": ["launch.nproc_per_node=2"],
+                **{f"node{rank}": ["launch.nnodes=2", f"launch.node_rank={rank}", f"launch.rdzv_endpoint=127.0.0.1:{port}"]
+                   for rank in (0, 1)}}
+    procs = {}
+    for name, launch in launches.items():
+        root = tmp_path / name
+        _task(root / "data/tasks/histology", root / "data/features/histology", np.random.default_rng(5), sets)
+        shutil.copy(ROOT / "params.yaml", root / "params.yaml")
+        for args in (["profile", "smoke"], ["set", "classify.vgg16.epochs=2", *launch]):
+            subprocess.run(cli + args, cwd=root, check=True, capture_output=True)
+        if name == "one-node":
+            run = subprocess.run(cli + ["classify", "histology", "vgg16"], cwd=root, env=env, capture_output=True,
+                                 text=True, timeout=600)
+            assert run.returncode == 0, run.stderr[-2000:]
+        else:
+            procs[name] = subprocess.Popen(cli + ["classify", "histology", "vgg16"], cwd=root, env=env,
+                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-2000:]
+        assert "2 processes: torchrun --nnodes 2 --node-rank" in out
+    one, node0 = tmp_path / "one-node", tmp_path / "node0"
+    for path in ("data/predictions/histology/vgg16.csv",):
+        assert (one / path).read_bytes() == (node0 / path).read_bytes()
+    a, b = (json.loads((root / "metrics/histology/vgg16.json").read_text()) for root in (one, node0))
+    assert {k: a[k] for k in ("real", "synthetic", "drop")} == {k: b[k] for k in ("real", "synthetic", "drop")}
+    assert yaml.safe_load((node0 / "params.yaml").read_text())["launch"]["nnodes"] == 2
+    assert not (tmp_path / "node1/metrics/histology/vgg16.json").exists()  # node 1 trains, node 0 writes

@@ -419,6 +419,38 @@ def test_a_multi_label_stage_trains_the_same_weights_in_one_process_and_in_two(t
     assert list(one) == list(two) and [path for path in one if one[path] != two[path]] == []
 
 
+def test_two_nodes_of_one_process_train_the_bytes_of_one_node_of_two(tmp_path):
+    """`launch.nnodes: 2` for real: two nodes (here two clones of the project, as on two machines) of one process
+    each meet at node 0's rdzv_endpoint on the loopback address and train a conditional PGGAN whose batches they
+    share; node 0 writes the stage output, the same bytes as one node of two processes."""
+    import socket
+
+    env = {**os.environ, "BIOMEDSYNTH_MLFLOW": "0", "OMP_NUM_THREADS": "1", "PYTHONPATH": PYTHONPATH,
+           "BIOMEDSYNTH_DEVICE": "cpu"}
+    cmd = [*CLI, "train-gan", "pggan", "x_norm", "cond"]
+    one = smoke_project(tmp_path / "one-node")
+    subprocess.run(CLI + ["set", "launch.nproc_per_node=2"], cwd=one, check=True, capture_output=True)
+    run = subprocess.run(cmd, cwd=one, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    with socket.socket() as s:  # a free port for node 0's rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nodes = []
+    for rank in (0, 1):
+        root = smoke_project(tmp_path / f"node{rank}")
+        subprocess.run(CLI + ["set", "launch.nnodes=2", f"launch.node_rank={rank}",
+                              f"launch.rdzv_endpoint=127.0.0.1:{port}"], cwd=root, check=True, capture_output=True)
+        nodes.append((root, subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                             text=True)))
+    for root, proc in nodes:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-2000:]
+        assert "2 processes: torchrun --nnodes 2 --node-rank" in out
+    a, b = stage_files(one, "pggan-x_norm-cond"), stage_files(nodes[0][0], "pggan-x_norm-cond")
+    assert list(a) == list(b) and [path for path in a if a[path] != b[path]] == []
+    assert not (nodes[1][0] / "models/gan/pggan-x_norm-cond").exists()  # node 1 trains, node 0 writes
+
+
 @pytest.mark.parametrize("arch, per_phase, epochs, same", [
     ("dcgan", None, 3, True),    # more epochs continue the run
     ("dcgan", None, 1, True),    # fewer take its first epochs

@@ -551,3 +551,20 @@ def test_a_gan_side_that_is_not_a_power_of_two_is_refused_at_params_load(tmp_pat
         load_params(tmp_path / "params.yaml")
     result = CliRunner().invoke(app, ["train-gan", "dcgan", "x_norm", "cond"])
     assert result.exit_code == 2 and "gan.xray.resolution" in result.output
+
+
+def test_the_training_loop_never_asks_which_architecture_it_trains():
+    """One training object per architecture (gan/losses.py), the names written once (gan.ARCH_NAMES): the loop
+    once tested `opt.arch ==` 15 times and each d_loss had its own signature."""
+    import inspect
+
+    from biomedsynth.gan import ARCH_NAMES
+    from biomedsynth.gan.losses import LOSSES
+
+    assert tuple(LOSSES) == tuple(C.ARCHS) == ARCH_NAMES
+    for fn in (T.train_model, T.train_step, T.build, T.plan_epochs):
+        assert "opt.arch ==" not in inspect.getsource(fn) and "opt.arch !=" not in inspect.getsource(fn), fn
+    for name, loss in LOSSES.items():  # the same methods, each with the same signature
+        for method in ("g_inputs", "d_loss", "after_d_step", "g_loss", "epoch_row", "state_dict", "load_state_dict"):
+            assert list(inspect.signature(getattr(loss, method)).parameters) == \
+                list(inspect.signature(getattr(LOSSES["dcgan"], method)).parameters), (name, method)

@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 
 from biomedsynth import lifetime
+from biomedsynth.gan import ARCH_NAMES
 from biomedsynth.params import GROUP_MODALITY, ParamsError, apply_profile, load_params, set_params
 from biomedsynth.sources import UnreadableInput
 
@@ -313,14 +314,14 @@ def check_gan(params: Path = ParamsOpt):
     _passed("gan")
 
 
-ArchArg = typer.Argument(..., help="dcgan | pggan | sg2ada")
+ArchArg = typer.Argument(..., help=" | ".join(ARCH_NAMES))
 GroupArg = typer.Argument(..., help="x_norm | x_norm_l | h_norm | h_tumor")
 SetupArg = typer.Argument(..., help="uncond (one model per label) | cond (one model fed the label)")
 
 
 def _check_model(arch: str, group: str, setup: str) -> str:
     """The stage's name, arch-group-setup (its folder under models/gan and data/synthetic)."""
-    for key, value, allowed in (("arch", arch, ("dcgan", "pggan", "sg2ada")), ("group", group, tuple(GROUP_MODALITY)),
+    for key, value, allowed in (("arch", arch, ARCH_NAMES), ("group", group, tuple(GROUP_MODALITY)),
                                 ("setup", setup, ("uncond", "cond"))):
         if value not in allowed:
             _fail(2, f"{key} = {value!r}: allowed {', '.join(allowed)}")

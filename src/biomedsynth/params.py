@@ -19,6 +19,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationEr
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedSeq
 
+from biomedsynth.gan import ARCH_NAMES
 from biomedsynth.sources import slide_id_pattern
 from biomedsynth.store import atomic_write_text
 
@@ -327,7 +328,7 @@ class Synthesize(Strict):
 
 # --- the benchmark's task sets (SPEC section 5) ---
 class HistologyTask(TrainTest):
-    arch: Literal["dcgan", "pggan", "sg2ada"]  # whose H-Norm + H-Tumor synthetic sets train the synthetic model
+    arch: Literal[ARCH_NAMES]  # whose H-Norm + H-Tumor synthetic sets train the synthetic model
 
 
 class AgeTask(TrainTest):
@@ -337,7 +338,7 @@ class AgeTask(TrainTest):
 
 class XrayTasks(Strict):
     group: Literal["x_norm", "x_norm_l"]   # the real study group both X-ray tasks draw from
-    arch: Literal["dcgan", "pggan", "sg2ada"]  # with setup: the synthetic copy of that group
+    arch: Literal[ARCH_NAMES]  # with setup: the synthetic copy of that group
     setup: Literal["uncond", "cond"]
     sex: TrainTest
     age: AgeTask

@@ -1,6 +1,9 @@
 """The study's generators (dcgan.py, pggan.py) and the scores that pick their checkpoints (score.py)."""
 import math
 
+# the architectures, named once: params, the CLI, checkpoint.ARCHS (each a module of this name) and losses.LOSSES
+ARCH_NAMES = ("dcgan", "pggan", "sg2ada")
+
 
 def doublings(resolution: int, channels: int, lo: int, hi: int) -> int:
     """Number of 2x steps from 4x4 to `resolution`; ValueError for sizes a model does not build."""

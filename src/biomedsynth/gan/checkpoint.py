@@ -5,6 +5,7 @@ probe draw from; none of them imports the training loop.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import re
 from dataclasses import asdict, dataclass, field
@@ -15,11 +16,11 @@ import torch
 import torch.nn.functional as F
 
 from biomedsynth.distributed import pick_device
-from biomedsynth.gan import ada, dcgan, pggan, sg2ada
+from biomedsynth.gan import ARCH_NAMES, ada
 from biomedsynth.store import load_weights
 
 COND_MODEL = "conditional"  # folder of the one model of the `cond` setup
-ARCHS = {"dcgan": dcgan, "pggan": pggan, "sg2ada": sg2ada}
+ARCHS = {name: importlib.import_module(f"biomedsynth.gan.{name}") for name in ARCH_NAMES}  # networks by name
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ class Options:
         """ValueError, one line, for sg2ada settings its networks, regularisers or ADA would refuse or misuse."""
         if set(self.net) != {"channel_base", "channel_max", "mapping_layers"}:
             raise ValueError(f"sg2ada's net needs channel_base, channel_max and mapping_layers, got {sorted(self.net)}")
-        sg2ada.widths(self.resolution, self.net["channel_base"], self.net["channel_max"])
+        ARCHS["sg2ada"].widths(self.resolution, self.net["channel_base"], self.net["channel_max"])
         if self.net["mapping_layers"] < 1:
             raise ValueError(f"sg2ada's mapping_layers must be >= 1, got {self.net['mapping_layers']}")
         if self.augment not in ada.MODALITIES:
@@ -105,7 +106,7 @@ class Options:
     def total_epochs(self) -> int:
         """Epochs of the whole run: with epochs_per `depth`, each of PGGAN's depths trains `epochs`."""
         if self.arch == "pggan" and self.epochs_per == "depth" and self.images_per_phase is None:
-            return self.epochs * (pggan.check_shape(self.resolution, self.channels) + 1)
+            return self.epochs * (ARCHS["pggan"].check_shape(self.resolution, self.channels) + 1)
         return self.epochs
 
     @classmethod
@@ -184,6 +185,13 @@ def generate(G: torch.nn.Module, opt: Options, z: torch.Tensor, labels: torch.Te
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """Float (N, C, H, W) in [-1, 1] -> uint8 (N, H, W, C), the store's layout."""
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def cpu_weights(module: torch.nn.Module) -> dict:
+    """A module's state as contiguous CPU tensors, each with a storage of its own, in the module's order: the
+    saved bytes then depend on the values only, not on the device, memory format or storage sharing of the run
+    (torch.save writes all three; a resumed and an uninterrupted run must give the same file)."""
+    return {k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in module.state_dict().items()}
 
 
 def epoch_file(model_dir: Path, epoch: int) -> Path:

@@ -32,7 +32,6 @@ rank 0 alone writes.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import math
@@ -52,10 +51,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from biomedsynth.distributed import average_gradients, dist_info, pick_device
-from biomedsynth.gan import ada, dcgan, pggan, score, sg2ada
-from biomedsynth.gan.checkpoint import (ARCHS, COND_MODEL, Options, best_epoch, epoch_file, generate, generator,
-                                        read_log, to_uint8)
+from biomedsynth.gan import pggan, score
+from biomedsynth.gan.checkpoint import (ARCHS, COND_MODEL, Options, best_epoch, cpu_weights, epoch_file, generate,
+                                        generator, read_log, to_uint8)
 from biomedsynth.gan.curves import write_curves
+from biomedsynth.gan.losses import LOSSES
 from biomedsynth.gan.ema import EMA, MIN_PHASE_SHARE, PHASE_QUARTERS, half_life_for, phase_shares
 from biomedsynth.gan.feature_net import fingerprint
 from biomedsynth.lifetime import die_with_parent
@@ -66,45 +66,21 @@ GRID_COLUMNS = 8
 # noise and blur baselines (1). Half way, not "below the baseline": a collapsed GAN drawing checkerboard
 # noise scores within a few percent of noise, on either side depending on the scoring seed (measured).
 LEARNT_BELOW = 0.5
-GP_LAMBDA = 10.0  # WGAN-GP's penalty weight (Gulrajani et al.; PGGAN keeps it)
-PL_INTERVAL = 4  # sg2ada: path length every 4th G step on half the batch, weighted 4 (StyleGAN2's lazy regularisation)
 
 
 # ---- models ----
 
-@dataclass
-class Sg2adaState:
-    """What sg2ada trains with beside its networks: the augmentations D's inputs go through, ADA's controller of
-    their probability p (the pipe reads its p tensor) and the path-length regulariser's running mean."""
-    pipe: ada.AugmentPipe
-    adaptive: ada.AdaptiveP
-    path_length: sg2ada.PathLengthPenalty
-
-    @classmethod
-    def create(cls, opt: Options, device: torch.device) -> Sg2adaState:
-        adaptive = ada.AdaptiveP(opt.ada_target, opt.ada_interval, opt.ada_speed_images, device=device,
-                                 sync=opt.world > 1)  # ranks share this model's batches, or train models of their own
-        return cls(ada.for_modality(opt.augment, p=adaptive.p), adaptive, sg2ada.PathLengthPenalty().to(device))
-
-    def state_dict(self) -> dict:
-        return {"ada": self.adaptive.state_dict(), "path_length": _weights(self.path_length)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.adaptive.load_state_dict(state["ada"])
-        self.path_length.load_state_dict(state["path_length"])
-
-
 def build(opt: Options, device: torch.device = torch.device("cpu"), ema_half_life: float | None = None):
-    """(G, D, opt_g, opt_d, ema or None, Sg2adaState or None) on `device`, initialised on the CPU from the
-    options' seed (the same weights on every device); on CUDA in channels_last with fused Adam."""
+    """(G, D, opt_g, opt_d, ema or None, the architecture's loss object) on `device`, initialised on the CPU from
+    the options' seed (the same weights on every device); on CUDA in channels_last with fused Adam."""
     G = generator(opt)
     d_net = {k: v for k, v in opt.net.items() if k != "mapping_layers"}  # sg2ada's mapping network is G's alone
     D = ARCHS[opt.arch].Discriminator(opt.resolution, opt.channels, n_classes=opt.n_classes, **d_net)
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     G, D = G.to(device, memory_format=fmt), D.to(device, memory_format=fmt)
     opt_g, opt_d = ARCHS[opt.arch].make_optimizers(G, D, opt.lr, opt.betas, fused=device.type == "cuda")
-    ema = EMA(G, ema_half_life, opt.ema_rampup) if opt.arch != "dcgan" else None
-    return G, D, opt_g, opt_d, ema, Sg2adaState.create(opt, device) if opt.arch == "sg2ada" else None
+    loss = LOSSES[opt.arch](opt, device)
+    return G, D, opt_g, opt_d, EMA(G, ema_half_life, opt.ema_rampup) if loss.uses_ema else None, loss
 
 
 def phase_schedule(opt: Options, images_per_epoch: int) -> pggan.PhaseSchedule:
@@ -141,13 +117,6 @@ def save_grid(images: np.ndarray, path: Path, columns: int = GRID_COLUMNS) -> No
 
 
 # ---- checkpoints ----
-
-def _weights(module: torch.nn.Module) -> dict:
-    """A module's state as contiguous CPU tensors, each with a storage of its own, in the module's order: the
-    saved bytes then depend on the values only, not on the device, memory format or storage sharing of the run
-    (torch.save writes all three; a resumed and an uninterrupted run must give the same file)."""
-    return {k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in module.state_dict().items()}
-
 
 def _jsonl(rows) -> str:
     return "".join(json.dumps(r) + "\n" for r in rows)
@@ -188,10 +157,10 @@ def plan_epochs(opt: Options, data: ModelData) -> ModelPlan:
                          "lower the batch size or enlarge the group")
     steps_per_epoch = n // opt.batch_size
     images_per_epoch = steps_per_epoch * opt.batch_size
-    if opt.arch == "dcgan":
+    if not LOSSES[opt.arch].uses_ema:
         return ModelPlan(steps_per_epoch, images_per_epoch, None, None, {})
     total = opt.total_epochs * images_per_epoch
-    schedule = phase_schedule(opt, images_per_epoch) if opt.arch == "pggan" else None
+    schedule = phase_schedule(opt, images_per_epoch) if LOSSES[opt.arch].grows else None
     phases = schedule.phases(total) if schedule is not None else [("training", 0, total)]
     shortest = min(end - start for _, start, end in phases)
     half_life = half_life_for(shortest, opt.ema_half_life)
@@ -276,7 +245,7 @@ def train_model(opt: Options, data: ModelData, images: ImageSet, model_dir: Path
     share = rank if opt.world > 1 else 0
     plan = plan_epochs(opt, data)
     nets = build(opt, device, plan.ema_half_life)
-    G, D, opt_g, opt_d, ema, sg2 = nets
+    G, D, opt_g, opt_d, ema, loss = nets
     n, epochs, per_rank = len(data.indices), opt.total_epochs, opt.batch_size // opt.world
     start_epoch, images_seen = 0, 0
     ckpt_path = model_dir / "checkpoint.pt"
@@ -286,8 +255,7 @@ def train_model(opt: Options, data: ModelData, images: ImageSet, model_dir: Path
         opt_g.load_state_dict(ck["opt_g"]), opt_d.load_state_dict(ck["opt_d"])
         if ema is not None:
             ema.model.load_state_dict(ck["ema"])
-        if sg2 is not None:
-            sg2.load_state_dict(ck["sg2ada"])
+        loss.load_state_dict(ck["sg2ada"])  # the key of every resume state written so far
         start_epoch, images_seen = ck["epoch"], ck["images_seen"]
         log(f"{data.name}: " + (f"resuming after epoch {start_epoch} of {epochs}" if start_epoch < epochs
                                 else f"already trained ({start_epoch} epochs, {epochs} asked for)"))
@@ -338,16 +306,12 @@ def train_model(opt: Options, data: ModelData, images: ImageSet, model_dir: Path
             row = {"epoch": epoch, "images_seen": images_seen, "loss_d": loss_d / plan.steps_per_epoch,
                    "loss_g": loss_g / plan.steps_per_epoch, "snapshot": _snapshot(opt, epoch, grown)}
             if depth is not None:
-                row.update(depth=depth, side=4 << depth, alpha=round(alpha, 4),
-                           gp_grad_norm=round(grad_norm / max(penalised, 1), 4))
-            if sg2 is not None:  # ADA's p and overfitting heuristic at the epoch's end (r_t: None before its first)
-                r_t = sg2.adaptive.r_t.item()
-                row.update(ada_p=round(sg2.adaptive.p.item(), 4), ada_rt=None if math.isnan(r_t) else round(r_t, 4),
-                           r1=round(grad_norm / max(penalised, 1), 4))
+                row.update(depth=depth, side=4 << depth, alpha=round(alpha, 4))
+            row.update(loss.epoch_row(round(grad_norm / max(penalised, 1), 4)))
             if row["snapshot"]:
                 dtype = getattr(torch, opt.snapshot_dtype)
                 save_torch({"state_dict": {k: v.to(dtype) if v.is_floating_point() else v
-                                           for k, v in _weights(sampler).items()}, "depth": depth, "alpha": alpha},
+                                           for k, v in cpu_weights(sampler).items()}, "depth": depth, "alpha": alpha},
                            epoch_file(model_dir, epoch))
             y_grid = None if grid_labels is None else torch.from_numpy(grid_labels).to(device)
             save_grid(to_uint8(generate(sampler, opt, z_grid.to(device), y_grid, depth, alpha)),
@@ -357,13 +321,13 @@ def train_model(opt: Options, data: ModelData, images: ImageSet, model_dir: Path
             atomic_write_text(model_dir / "log.jsonl", _jsonl(rows))
             save_torch({"G": G.state_dict(), "D": D.state_dict(), "opt_g": opt_g.state_dict(),
                         "opt_d": opt_d.state_dict(), "ema": ema.model.state_dict() if ema else None,
-                        "sg2ada": sg2.state_dict() if sg2 else None, "epoch": epoch, "images_seen": images_seen},
+                        "sg2ada": loss.state_dict(), "epoch": epoch, "images_seen": images_seen},
                        ckpt_path)
             log(f"{data.name} epoch {epoch}/{epochs}: loss D {row['loss_d']:.3f} G {row['loss_g']:.3f}, "
                 f"SWD {row['swd']:.4f} (real {row['swd_floor']:.4f}), KID {row['kid']:.4f} "
                 f"(real {row['kid_floor']:.4f}), {speed['images_per_s']} img/s"
                 + (f", {row['side']} px alpha {row['alpha']:.2f}" if depth is not None else "")
-                + (f", ADA p {row['ada_p']:.3f}" if sg2 is not None else ""))
+                + (f", ADA p {row['ada_p']:.3f}" if "ada_p" in row else ""))
             if tracker is not None:
                 log_rows(tracker, data.name, [row], [speed])
         if opt.world > 1:
@@ -375,48 +339,29 @@ def train_step(opt: Options, nets: tuple, real: torch.Tensor, y: torch.Tensor | 
                images_seen: int, rng: torch.Generator, use_amp: bool) -> tuple[torch.Tensor, torch.Tensor,
                                                                               torch.Tensor | None]:
     """One D step and one G step (and the EMA's) on this rank's `real` batch: (loss D, loss G, the penalty's
-    mean gradient norm (sg2ada: R1) or None), all left on the device. use_amp: under bf16 autocast.
-    The lazy penalties fall on steps counted from images_seen, so on the same steps on every rank and on resume."""
-    G, D, opt_g, opt_d, ema, sg2 = nets
+    mean gradient norm or None), all left on the device; the architecture's loss object (gan/losses.py) says what
+    each loss is. use_amp: under bf16 autocast. The lazy penalties fall on steps counted from images_seen, so on
+    the same steps on every rank and on resume."""
+    G, D, opt_g, opt_d, ema, loss = nets
     device, per_rank = real.device, len(real)
     step = images_seen // opt.batch_size
-    if sg2 is not None:  # every random draw from rng: G's noise maps and the augmentations too
-        noise, augment = {"generator": rng}, functools.partial(sg2.pipe, generator=rng)
-    else:
-        noise = {}
+    g_inputs = loss.g_inputs(rng)  # every random draw from rng: sg2ada's noise maps and augmentations too
     z = torch.randn(per_rank, opt.latent_dim, device=device, generator=rng)
     G.requires_grad_(False), D.requires_grad_(True)  # each step computes its own network's gradients only
     with torch.autocast(device.type, torch.bfloat16, enabled=use_amp):
         with torch.no_grad():
-            fake = G(z, y, *extra, **noise)
-        if opt.arch == "pggan":
-            lazy = step % opt.gp_interval == 0
-            loss_d, norm = pggan.d_loss(D, real, fake, y, *extra, generator=rng,
-                                        gp_weight=GP_LAMBDA * opt.gp_interval if lazy else 0.0)
-        elif sg2 is not None:
-            d = sg2ada.d_loss(D, real, fake, y, augment=augment, r1_gamma=opt.r1_gamma,
-                              do_r1=step % opt.r1_interval == 0, r1_interval=opt.r1_interval)
-            loss_d, norm = d.total, d.r1
-        else:
-            loss_d, norm = dcgan.d_loss(D, real, fake, y), None
+            fake = G(z, y, *extra, **g_inputs)
+        loss_d, norm = loss.d_loss(D, real, fake, y, extra, step, rng)
     opt_d.zero_grad(set_to_none=True)
     loss_d.backward()
     average_gradients(D, opt.world)
     opt_d.step()
-    if sg2 is not None:
-        sg2.adaptive.observe(d.real_logits)  # moves p, which the pipe reads, every ada_interval D steps
+    loss.after_d_step()
     G.requires_grad_(True), D.requires_grad_(False)
     with torch.autocast(device.type, torch.bfloat16, enabled=use_amp):
         z = torch.randn(per_rank, opt.latent_dim, device=device, generator=rng)
-        fake = G(z, y, *extra, **noise)
-        if sg2 is not None:
-            loss_g = sg2ada.g_loss(D, fake, y, augment=augment)
-            if opt.pl_weight and step % PL_INTERVAL == 0:
-                half = slice(0, per_rank // 2)
-                loss_g = loss_g + opt.pl_weight * PL_INTERVAL * sg2.path_length(
-                    G, z[half], None if y is None else y[half], generator=rng)
-        else:
-            loss_g = (dcgan if opt.arch == "dcgan" else pggan).g_loss(D, fake, y, *extra)
+        fake = G(z, y, *extra, **g_inputs)
+        loss_g = loss.g_loss(G, D, z, fake, y, extra, step, rng)
     opt_g.zero_grad(set_to_none=True)
     loss_g.backward()
     average_gradients(G, opt.world)

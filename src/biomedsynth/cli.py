@@ -391,10 +391,9 @@ def synthesize(arch: str = ArchArg, group: str = GroupArg, setup: str = SetupArg
     from biomedsynth.gan.utility import choose_checkpoint
     from biomedsynth.provenance import fingerprint
     from biomedsynth.store import write_json
-    from biomedsynth.synthesize import synthesize as run_synthesize
+    from biomedsynth.synthesize import hash_screened, synthesize as run_synthesize
 
-    screen = s.hash_screen == "all" or (s.hash_screen == "dcgan_xray" and arch == "dcgan"
-                                        and GROUP_MODALITY[group] == "xray")
+    screen = hash_screened(s.hash_screen, arch, GROUP_MODALITY[group])
     choice, rule = _run(choose_checkpoint, s.checkpoint, GAN_MODELS / name,
                         FEATURE_NETS / f"{GROUP_MODALITY[group]}.pt", STUDYGROUPS / group / "val")
     gen = _run(Synthesizer, GAN_MODELS / name, choice)

@@ -373,3 +373,12 @@ def test_a_checkpoint_the_gan_did_not_keep_stops_dvc_repro_before_it_clears_the_
     assert f"biomedsynth: synthesize@{name}: checkpoint = 'epoch_5': models/gan/{name}/conditional keeps the " \
            "generators of epochs " in refused.stderr, refused.stderr[-2000:]
     assert {p.name: p.read_bytes() for p in synthetic.iterdir()} == drawn
+
+
+def test_the_hash_screen_applies_where_params_say():
+    """The policy in one function (it sat in the CLI): the study's choice screens DCGAN X-rays only."""
+    from biomedsynth.synthesize import hash_screened
+
+    assert [hash_screened("dcgan_xray", a, m) for a, m in (("dcgan", "xray"), ("pggan", "xray"), ("dcgan", "histology"))] \
+        == [True, False, False]
+    assert hash_screened("all", "sg2ada", "histology") and not hash_screened("none", "dcgan", "xray")

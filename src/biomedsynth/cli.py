@@ -11,6 +11,8 @@ import typer
 from biomedsynth import lifetime
 from biomedsynth.gan import ARCH_NAMES
 from biomedsynth.params import GROUP_MODALITY, ParamsError, apply_profile, load_params, set_params
+from biomedsynth.paths import (CLASSIFIERS, EVIDENCE, EXPORTS, FEATURE_NETS, FEATURES, GAN_MODELS, GAN_STATES, INTERIM,
+                               METRICS, PREDICTIONS, RAW, REPORTS, STUDYGROUPS, SYNTHETIC, TASKS, outputs)
 from biomedsynth.sources import UnreadableInput
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -80,7 +82,7 @@ def _in_workers(p, args: list[str]) -> None:
 
 
 @app.command()
-def sample(params: Path = ParamsOpt, out: Path = typer.Option(Path("data/raw"), help="where to write it"),
+def sample(params: Path = ParamsOpt, out: Path = typer.Option(RAW, help="where to write it"),
            force: bool = typer.Option(False, help="replace what is at --out")):
     """Write the built-in phantom sample (X-ray scans + CSV, whole-slide images + XML) to data/raw."""
     from biomedsynth.sources.phantom_wsi import write_histology_sample
@@ -143,7 +145,6 @@ def set_cmd(assignments: list[str] = typer.Argument(..., help="key=value, e.g. s
     _change_params(params, "", lambda: set_params(assignments, params))
 
 
-CHECKED = Path("data/checked")  # the check stages' outputs
 
 
 def _passed(check: str) -> None:
@@ -151,7 +152,7 @@ def _passed(check: str) -> None:
     it, and a check that passes again leaves them as they were."""
     from biomedsynth.store import atomic_write_text
 
-    _run(atomic_write_text, CHECKED / f"{check}.txt", f"check_{check}: passed\n")
+    _run(atomic_write_text, outputs(f"check-{check}")[0], f"check_{check}: passed\n")
     typer.echo(f"check_{check}: passed")
 
 
@@ -183,14 +184,14 @@ def ingest(modality: str = typer.Argument(..., help="xray | histology"), params:
     if modality not in ("xray", "histology"):
         _fail(2, f"modality = {modality!r}: allowed xray, histology")
     p = _params(params)
-    _writes(Path("data/interim") / modality, Path("metrics/ingest") / f"{modality}.json")
-    summary = _run(run_ingest, modality, p, Path("data/interim") / modality,
-                   Path("metrics/ingest") / f"{modality}.json")
-    _stamp(p, Path("metrics/ingest") / f"{modality}.json")
+    _writes(*outputs("ingest", modality))
+    summary = _run(run_ingest, modality, p, INTERIM / modality,
+                   METRICS / "ingest" / f"{modality}.json")
+    _stamp(p, METRICS / "ingest" / f"{modality}.json")
     for warning in summary.get("warnings", []):  # on the console, not only inside the JSON
         typer.echo(f"WARNING ingest@{modality}: {warning}", err=True)
     # the log shows what the metrics show: counts, no slide id or file name (those stay in data/interim)
-    shown = json.loads((Path("metrics/ingest") / f"{modality}.json").read_text())
+    shown = json.loads((METRICS / "ingest" / f"{modality}.json").read_text())
     _print_summary(f"ingest@{modality}", {**shown, "timing": summary["timing"]})
 
 
@@ -201,10 +202,10 @@ def studygroups(params: Path = ParamsOpt):
     from biomedsynth.studygroups import build_studygroups
 
     p = _params(params)
-    _writes(Path("data/studygroups"), Path("metrics/studygroups.json"))
-    summary = _run(build_studygroups, Path("data/interim/xray"), Path("data/interim/histology"),
-                   p.studygroups, Path("data/studygroups"), p.seed, Path("metrics/studygroups.json"))
-    _stamp(p, Path("metrics/studygroups.json"))
+    _writes(*outputs("studygroups"))
+    summary = _run(build_studygroups, INTERIM / "xray", INTERIM / "histology",
+                   p.studygroups, STUDYGROUPS, p.seed, METRICS / "studygroups.json")
+    _stamp(p, METRICS / "studygroups.json")
     for name, sides in summary.items():
         typer.echo(f"{name:9s} " + "  ".join(
             f"{side} {s['images']}/{s['requested']} images, {s['units']} {s['split_unit']}s, {len(s['per_label'])} labels"
@@ -243,7 +244,7 @@ def plan(params: Path = ParamsOpt, out: Path = typer.Option(None, help="also wri
     if (apply or min_test_clusters is not None) and not fit:
         _fail(2, "--apply and --min-test-clusters go with --fit: `biomedsynth plan --fit --apply`")
     p = _params(params)
-    metas = _run(lambda: (ImageSet(Path("data/interim/xray")).meta, ImageSet(Path("data/interim/histology")).meta))
+    metas = _run(lambda: (ImageSet(INTERIM / "xray").meta, ImageSet(INTERIM / "histology").meta))
     if not fit:
         result = _run(make_plan, *metas, p, _gan_stage_names())
     else:
@@ -263,9 +264,6 @@ def plan(params: Path = ParamsOpt, out: Path = typer.Option(None, help="also wri
         write_json(out, result)
 
 
-FEATURE_NETS = Path("models/feature_net")
-FEATURE_NET_METRICS = Path("metrics/feature_net")  # whether each net beats chance: synthesize marks its space
-GAN_STATES = Path(".cache/gan")  # train_gan's resume states, outside DVC's outputs (gitignored, dvcignored)
 
 
 @app.command("feature-net")
@@ -279,11 +277,11 @@ def feature_net(modality: str = typer.Argument(..., help="xray | histology"), pa
     if modality not in ("xray", "histology"):
         _fail(2, f"modality = {modality!r}: allowed xray, histology")
     p = _params(params)
-    _writes(FEATURE_NETS / f"{modality}.pt", FEATURE_NET_METRICS / f"{modality}.json")
-    summary = _run(build_feature_net, modality, Path("data/studygroups"), getattr(p.gan, modality).resolution,
+    _writes(*outputs("feature-net", modality))
+    summary = _run(build_feature_net, modality, STUDYGROUPS, getattr(p.gan, modality).resolution,
                    p.gan.score.feature_epochs, p.seed, FEATURE_NETS / f"{modality}.pt",
-                   FEATURE_NET_METRICS / f"{modality}.json", _run(pick_device))
-    _stamp(p, FEATURE_NET_METRICS / f"{modality}.json")
+                   METRICS / "feature_net" / f"{modality}.json", _run(pick_device))
+    _stamp(p, METRICS / "feature_net" / f"{modality}.json")
     _print_summary(f"feature_net@{modality}", summary)
     for warning in summary["warnings"]:  # on the console, not only inside the JSON
         typer.echo(f"WARNING feature_net@{modality}: {warning}", err=True)
@@ -300,7 +298,7 @@ def check_gan(params: Path = ParamsOpt):
     processes = p.launch.nproc_per_node * p.launch.nnodes
 
     def check(name: str, stage: dict) -> None:
-        train_set = Path("data/studygroups") / stage["group"] / "train"
+        train_set = STUDYGROUPS / stage["group"] / "train"
         try:
             opt = stage_options(p, stage["arch"], stage["modality"], stage["setup"], train_set, processes)
             check_run(opt, train_set, train_set.with_name("val"), FEATURE_NETS / f"{stage['modality']}.pt",
@@ -336,14 +334,12 @@ def train_gan(arch: str = ArchArg, group: str = GroupArg, setup: str = SetupArg,
     name = _check_model(arch, group, setup)
     p = _params(params)
     modality = GROUP_MODALITY[group]
-    train_set = Path("data/studygroups") / group / "train"
-    metrics = Path("metrics/gan")
-    _writes(Path("models/gan") / name, metrics / f"{name}.json", metrics / "scores" / f"{name}.csv",
-            metrics / "losses" / f"{name}.csv", GAN_STATES / name)
+    train_set = STUDYGROUPS / group / "train"
+    model, metrics, scores, losses = outputs("train-gan", arch, group, setup)
+    _writes(model, metrics, scores, losses, GAN_STATES / name)
     if reason := reason_left_out(p, name):  # its outputs say so (before the training code's imports: seconds)
-        write_not_trained(reason, Path("models/gan") / name, metrics / f"{name}.json",
-                          metrics / "scores" / f"{name}.csv", metrics / "losses" / f"{name}.csv")
-        _stamp(p, metrics / f"{name}.json")
+        write_not_trained(reason, model, metrics, scores, losses)
+        _stamp(p, metrics)
         typer.echo(f"train_gan@{name}: {reason}")
         return
     from biomedsynth.gan.train import stage_options, train_gan as run_train_gan
@@ -354,12 +350,11 @@ def train_gan(arch: str = ArchArg, group: str = GroupArg, setup: str = SetupArg,
                                        arch: getattr(p.gan, arch).model_dump(), "score": p.gan.score.model_dump(),
                                        "snapshots": p.gan.snapshots.model_dump()}}
     summary = _run(run_train_gan, opt, train_set, train_set.with_name("val"), FEATURE_NETS / f"{modality}.pt",
-                   Path("models/gan") / name, metrics / f"{name}.json", metrics / "scores" / f"{name}.csv",
-                   metrics / "losses" / f"{name}.csv", GAN_STATES / name, trend_tail=p.gan.score.trend_tail,
+                   model, metrics, scores, losses, GAN_STATES / name, trend_tail=p.gan.score.trend_tail,
                    stage=f"train_gan@{name}", tracking_params=tracked, tracking_real_images=p.tracking.real_images,
                    models_per_device=p.launch.models_per_device)
     if summary:  # rank 0
-        _stamp(p, metrics / f"{name}.json")
+        _stamp(p, metrics)
         _print_summary(f"train_gan@{name}", summary)
 
 
@@ -367,7 +362,7 @@ def _warn_not_learnt(name: str) -> bool:
     """Whether every model of GAN stage `name` learnt (metrics/gan/<name>.json); a WARNING line for each that did not."""
     from biomedsynth.gan.train import not_learnt_rule
 
-    gan = json.loads((Path("metrics/gan") / f"{name}.json").read_text())
+    gan = json.loads((METRICS / "gan" / f"{name}.json").read_text())
     for model, m in gan["per_model"].items():
         if not m["learnt"]:
             typer.echo(f"WARNING synthesize@{name}: model {model} learnt nothing ({not_learnt_rule(m)}); its images "
@@ -383,13 +378,12 @@ def synthesize(arch: str = ArchArg, group: str = GroupArg, setup: str = SetupArg
 
     name = _check_model(arch, group, setup)
     p = _params(params)
-    _writes(Path("data/synthetic") / name, Path("metrics/synthesize") / f"{name}.json",
-            Path("data/evidence") / name)
+    synthetic, metrics, evidence = outputs("synthesize", arch, group, setup)
+    _writes(synthetic, metrics, evidence)
     s = p.synthesize
     if reason := reason_left_out(p, name):
-        write_not_drawn(reason, Path("data/synthetic") / name, Path("metrics/synthesize") / f"{name}.json",
-                        Path("data/evidence") / name)
-        _stamp(p, Path("metrics/synthesize") / f"{name}.json")
+        write_not_drawn(reason, synthetic, metrics, evidence)
+        _stamp(p, metrics)
         typer.echo(f"synthesize@{name}: not drawn ({reason})")
         return
     from biomedsynth.evidence import feature_net_space
@@ -397,23 +391,21 @@ def synthesize(arch: str = ArchArg, group: str = GroupArg, setup: str = SetupArg
     from biomedsynth.gan.utility import choose_checkpoint
     from biomedsynth.provenance import fingerprint
     from biomedsynth.store import write_json
-    from biomedsynth.synthesize import synthesize as run_synthesize
+    from biomedsynth.synthesize import hash_screened, synthesize as run_synthesize
 
-    screen = s.hash_screen == "all" or (s.hash_screen == "dcgan_xray" and arch == "dcgan"
-                                        and GROUP_MODALITY[group] == "xray")
-    choice, rule = _run(choose_checkpoint, s.checkpoint, Path("models/gan") / name,
-                        FEATURE_NETS / f"{GROUP_MODALITY[group]}.pt", Path("data/studygroups") / group / "val")
-    gen = _run(Synthesizer, Path("models/gan") / name, choice)
+    screen = hash_screened(s.hash_screen, arch, GROUP_MODALITY[group])
+    choice, rule = _run(choose_checkpoint, s.checkpoint, GAN_MODELS / name,
+                        FEATURE_NETS / f"{GROUP_MODALITY[group]}.pt", STUDYGROUPS / group / "val")
+    gen = _run(Synthesizer, GAN_MODELS / name, choice)
     features = _run(feature_net_space, FEATURE_NETS / f"{GROUP_MODALITY[group]}.pt", gen.device)
-    net_metrics = json.loads(_run(Path.read_text, FEATURE_NET_METRICS / f"{GROUP_MODALITY[group]}.json"))
-    summary = _run(run_synthesize, gen.sample, Path("data/studygroups") / group / "train",
-                   Path("data/studygroups") / group / "val", Path("data/studygroups") / group / "test",
-                   Path("data/synthetic") / name,
+    net_metrics = json.loads(_run(Path.read_text, METRICS / "feature_net" / f"{GROUP_MODALITY[group]}.json"))
+    summary = _run(run_synthesize, gen.sample, STUDYGROUPS / group / "train",
+                   STUDYGROUPS / group / "val", STUDYGROUPS / group / "test", synthetic,
                    resolution=gen.opt.resolution, hash_screen=screen, hash_threshold=s.hash_threshold,
                    hash_quantile=s.hash_quantile, hash_size=s.hash_size, max_tries_factor=s.max_tries_factor,
                    batch_size=s.batch_size, feature_space=features, evidence_images=s.evidence.images,
                    evidence_side=s.evidence.side, pca_dims=s.evidence.pca_dims, prdc_k=s.evidence.k,
-                   cells=s.evidence.cells, seed=p.seed, figure_path=Path("data/evidence") / name / "closest.png",
+                   cells=s.evidence.cells, seed=p.seed, figure_path=evidence / "closest.png",
                    feature_net_metrics=net_metrics,
                    draws=s.draws)
     if not summary["evidence"]["features"]["reliable"]:
@@ -423,7 +415,7 @@ def synthesize(arch: str = ArchArg, group: str = GroupArg, setup: str = SetupArg
     summary["checkpoint_rule"] = rule
     summary["gan_learnt"] = _warn_not_learnt(name)
     summary["provenance"] = fingerprint(p.sources.model_dump(mode="json"))  # written once, not stamped after
-    _run(write_json, Path("metrics/synthesize") / f"{name}.json", summary)
+    _run(write_json, metrics, summary)
     _print_summary(f"synthesize@{name}", summary)
 
 
@@ -440,10 +432,10 @@ def check_synthesize(params: Path = ParamsOpt):
     s = p.synthesize
 
     def check(name: str, group: str) -> None:
-        sets = Path("data/studygroups") / group
+        sets = STUDYGROUPS / group
         try:
             if s.checkpoint != "utility":  # utility picks among the epochs kept
-                checkpoint_epochs(Path("models/gan") / name, s.checkpoint)
+                checkpoint_epochs(GAN_MODELS / name, s.checkpoint)
             check_sets(ImageSet(sets / "train"), ImageSet(sets / "val"), ImageSet(sets / "test"),
                        hash_threshold=s.hash_threshold, hash_quantile=s.hash_quantile, hash_size=s.hash_size,
                        max_tries_factor=s.max_tries_factor, draws=s.draws, evidence_images=s.evidence.images,
@@ -463,10 +455,10 @@ def tasks(params: Path = ParamsOpt):
     from biomedsynth.tasks import build_tasks
 
     p = _params(params)
-    _writes(Path("data/tasks"), Path("metrics/tasks.json"))
-    summary = _run(build_tasks, p.tasks, Path("data/studygroups"), Path("data/synthetic"), Path("data/tasks"),
-                   p.seed, Path("metrics/tasks.json"))
-    _stamp(p, Path("metrics/tasks.json"))
+    _writes(*outputs("tasks"))
+    summary = _run(build_tasks, p.tasks, STUDYGROUPS, SYNTHETIC, TASKS,
+                   p.seed, METRICS / "tasks.json")
+    _stamp(p, METRICS / "tasks.json")
     for task, sets in summary.items():
         typer.echo(f"{task:9s} " + "  ".join(f"{name} {s['images']}/{s['requested']}" for name, s in sets.items())
                    + f"  at {next(iter(sets.values()))['side']} px")
@@ -491,9 +483,9 @@ def features(task: str = TaskArg, params: Path = ParamsOpt):
 
     _check_task(task)
     lbp = _params(params).classify.lbp
-    _writes(Path("data/features") / task)
-    for name in [*_run(training_sets, Path("data/tasks") / task), TEST]:
-        summary = _run(write_features, Path("data/tasks") / task / name, Path("data/features") / task / name,
+    _writes(*outputs("features", task))
+    for name in [*_run(training_sets, TASKS / task), TEST]:
+        summary = _run(write_features, TASKS / task / name, FEATURES / task / name,
                        lbp.radii, lbp.workers)
         typer.echo(f"features@{task} {name}: {summary['images']} images, dims {summary['dims']}")
 
@@ -509,7 +501,7 @@ def check_classify(params: Path = ParamsOpt):
     for task in TASKS:
         for model in MODELS:
             try:
-                check_cell(Path("data/tasks") / task, model, cfg)
+                check_cell(TASKS / task, model, cfg)
             except (ValueError, FileNotFoundError) as e:
                 _fail(1, f"classify@{task}-{model}: {e}")
     _passed("classify")
@@ -527,21 +519,20 @@ def classify_cmd(task: str = TaskArg, model: str = typer.Argument(..., help="knn
     if model not in MODELS:
         _fail(2, f"model = {model!r}: allowed {', '.join(MODELS)}")
     p = _params(params)
-    _writes(Path("models/classify") / task / model, Path("metrics") / task / model,
-            Path("metrics") / task / f"{model}.json", Path("data/predictions") / task / f"{model}.csv")
+    _writes(*outputs("classify", task, model))
     if model == "vgg16":  # the LBP models are fitted in one process
         _in_workers(p, ["classify", task, model, "--params", str(params)])
     cfg = p.classify
     tracked = {"task": task, "model": model, "tasks": p.tasks.model_dump(mode="json"),
                "classify": {k: v for k, v in cfg.model_dump(mode="json").items()
                             if k in ("replicates", "bootstrap", "cv_folds", model)}}
-    out = Path("metrics") / task
+    out = METRICS / task
     rank = int(os.environ.get("RANK", "0"))  # torchrun's; rank 0 alone tracks
     with tracking.run(f"classify@{task}-{model}", tracked, enabled=rank == 0,
                       real_images=p.tracking.real_images) as tracker:
-        r = _run(classify, task, model, cfg, Path("data/tasks") / task, Path("data/features") / task,
-                 Path("models/classify") / task / model, out / f"{model}.json", out / model,
-                 Path("data/predictions") / task / f"{model}.csv", tracker,
+        r = _run(classify, task, model, cfg, TASKS / task, FEATURES / task,
+                 CLASSIFIERS / task / model, out / f"{model}.json", out / model,
+                 PREDICTIONS / task / f"{model}.csv", tracker,
                  provenance=fingerprint(p.sources.model_dump(mode="json")))
     if not r:  # a torchrun rank > 0
         return
@@ -561,15 +552,15 @@ def table3(params: Path = ParamsOpt):
     from biomedsynth.tasks import task_gan_stages
 
     p = _params(params)
-    _writes(Path("metrics/summary.json"), Path("metrics/table3.json"), Path("metrics/forest.csv"))
-    summary = _run(write_table3, Path("metrics"), Path("data/predictions"), task_gan_stages(p.tasks),
-                   Path("metrics/summary.json"), Path("metrics/table3.json"), p.classify.bootstrap,
-                   Path("metrics/forest.csv"))
+    _writes(*outputs("table3"))
+    summary = _run(write_table3, METRICS, PREDICTIONS, task_gan_stages(p.tasks),
+                   METRICS / "summary.json", METRICS / "table3.json", p.classify.bootstrap,
+                   METRICS / "forest.csv")
     typer.echo(f"table3: {summary['claims']['sentence']}")
 
 
 @app.command()
-def readme(summary: Path = typer.Option(Path("metrics/summary.json"), help="the table3 stage's summary"),
+def readme(summary: Path = typer.Option(METRICS / "summary.json", help="the table3 stage's summary"),
            path: Path = typer.Option(Path("README.md"), help="the README whose table3 block is rewritten")):
     """Rewrite the README's Table 3 and verdict (between its table3 markers) from metrics/summary.json."""
     from biomedsynth.report import readme_with_table3
@@ -586,9 +577,9 @@ def report(params: Path = ParamsOpt):
     from biomedsynth.report import write_report
 
     _params(params)
-    _writes(Path("reports"))
-    warnings = _run(write_report, Path("metrics"), Path("models/gan"), Path("data/studygroups"),
-                    Path("data/synthetic"), Path("data/evidence"), _gan_stage_names(), Path("reports"))
+    _writes(*outputs("report"))
+    warnings = _run(write_report, METRICS, GAN_MODELS, STUDYGROUPS,
+                    SYNTHETIC, EVIDENCE, _gan_stage_names(), REPORTS)
     for line in warnings:  # the last stage of `dvc repro`: what the stages warned about, once more, in one place
         typer.echo(f"WARNING {line}", err=True)
     typer.echo(f"report: reports/report.html and reports/report.md ({len(warnings)} warning(s))")
@@ -624,7 +615,7 @@ def export_cmd(name: str = typer.Argument(..., help="a synthetic set, <arch>-<gr
     if name not in stages:
         _fail(2, f"set = {name!r}: allowed {', '.join(stages)}")
     p = _params(params)
-    out = out or Path("exports") / name
+    out = out or EXPORTS / name
     _writes(out)
     _print_summary(f"export {name}", _export_one(p, name, stages[name], out, allow_flagged, allow_unlearnt,
                                                  with_generator))
@@ -656,11 +647,11 @@ def export_sets(params: Path = ParamsOpt):
     e = p.export
     listed = _export_sets(p, list(stages))
     asked = f"is {e.sets} ({', '.join(listed)})" if isinstance(e.sets, str) else f"lists {', '.join(listed)}"
-    _writes(Path("exports"))
+    _writes(*outputs("export-sets"))
     for name, stage in stages.items():
-        out = Path("exports") / name
+        out = EXPORTS / name
         reason = None if name in listed else f"not exported: export.sets {asked}"
-        synth = _run(lambda: json.loads((Path("metrics/synthesize") / f"{name}.json").read_text())) \
+        synth = _run(lambda: json.loads((METRICS / "synthesize" / f"{name}.json").read_text())) \
             if reason is None else {}
         if reason is None and e.sets == "all" and synth.get("synthesized") is False:
             reason = "not exported: synthesize drew no set (gan.stages leaves it out)"
@@ -704,9 +695,9 @@ def generate(name: str = typer.Argument(None, help="a trained set <arch>-<group>
             _fail(2, f"set = {name!r}: allowed {', '.join(stages)}")
         p = _params(params)
         modality, ev = stages[name]["modality"], p.synthesize.evidence
-        source = _run(gen.from_pipeline, name, modality, Path("models/gan") / name,
-                      Path("metrics/synthesize") / f"{name}.json",
-                      Path("data/studygroups") / stages[name]["group"] / "train", FEATURE_NETS / f"{modality}.pt",
+        source = _run(gen.from_pipeline, name, modality, GAN_MODELS / name,
+                      METRICS / "synthesize" / f"{name}.json",
+                      STUDYGROUPS / stages[name]["group"] / "train", FEATURE_NETS / f"{modality}.pt",
                       max_tries_factor=p.synthesize.max_tries_factor, evidence_side=ev.side, pca_dims=ev.pca_dims,
                       evidence_images=ev.images, seed=p.seed,
                       allow_flagged=allow_flagged or name in p.export.allow_flagged,
@@ -742,7 +733,7 @@ def check_privacy(also: list[Path] = typer.Option([], "--also", help="another fi
     images. Exit 1 listing each file and what it holds (never the value); data/interim is read, nothing written."""
     from biomedsynth import privacy, tracking
 
-    real = _run(privacy.real_data, Path("data/interim"))
+    real = _run(privacy.real_data, INTERIM)
     uri = tracking.tracking_uri() if mlflow else None
     if uri is not None and uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         uri = None  # no store yet: nothing tracked

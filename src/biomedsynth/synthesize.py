@@ -200,6 +200,12 @@ def _save_pairs_figure(path: Path, synthetic: ImageSet, real: ImageSet,
     os.replace(tmp, path)
 
 
+def hash_screened(hash_screen: str, arch: str, modality: str) -> bool:
+    """Whether the average-hash screen applies to a set under params synthesize.hash_screen: `all`, `none`, or
+    `dcgan_xray`, the study's choice (it screened its DCGAN X-rays only; tiles have no global shape to hash)."""
+    return hash_screen == "all" or (hash_screen == "dcgan_xray" and arch == "dcgan" and modality == "xray")
+
+
 def check_sets(train: ImageSet, val: ImageSet, test: ImageSet, *, hash_threshold: int | None, hash_quantile: float,
                hash_size: int, max_tries_factor: float, draws: int, evidence_images: int, prdc_k: int,
                seed: int) -> None:

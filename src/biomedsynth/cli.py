@@ -12,7 +12,7 @@ from biomedsynth import lifetime
 from biomedsynth.gan import ARCH_NAMES
 from biomedsynth.params import GROUP_MODALITY, ParamsError, apply_profile, load_params, set_params
 from biomedsynth.paths import (CLASSIFIERS, EVIDENCE, EXPORTS, FEATURE_NETS, FEATURES, GAN_MODELS, GAN_STATES, INTERIM,
-                               METRICS, PREDICTIONS, RAW, REPORTS, STUDYGROUPS, SYNTHETIC, TASKS, outputs)
+                               METRICS, PREDICTIONS, RAW, REPORTS, STUDYGROUPS, SYNTHETIC, TASK_SETS, outputs)
 from biomedsynth.sources import UnreadableInput
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -456,7 +456,7 @@ def tasks(params: Path = ParamsOpt):
 
     p = _params(params)
     _writes(*outputs("tasks"))
-    summary = _run(build_tasks, p.tasks, STUDYGROUPS, SYNTHETIC, TASKS,
+    summary = _run(build_tasks, p.tasks, STUDYGROUPS, SYNTHETIC, TASK_SETS,
                    p.seed, METRICS / "tasks.json")
     _stamp(p, METRICS / "tasks.json")
     for task, sets in summary.items():
@@ -484,8 +484,8 @@ def features(task: str = TaskArg, params: Path = ParamsOpt):
     _check_task(task)
     lbp = _params(params).classify.lbp
     _writes(*outputs("features", task))
-    for name in [*_run(training_sets, TASKS / task), TEST]:
-        summary = _run(write_features, TASKS / task / name, FEATURES / task / name,
+    for name in [*_run(training_sets, TASK_SETS / task), TEST]:
+        summary = _run(write_features, TASK_SETS / task / name, FEATURES / task / name,
                        lbp.radii, lbp.workers)
         typer.echo(f"features@{task} {name}: {summary['images']} images, dims {summary['dims']}")
 
@@ -501,7 +501,7 @@ def check_classify(params: Path = ParamsOpt):
     for task in TASKS:
         for model in MODELS:
             try:
-                check_cell(TASKS / task, model, cfg)
+                check_cell(TASK_SETS / task, model, cfg)
             except (ValueError, FileNotFoundError) as e:
                 _fail(1, f"classify@{task}-{model}: {e}")
     _passed("classify")
@@ -530,7 +530,7 @@ def classify_cmd(task: str = TaskArg, model: str = typer.Argument(..., help="knn
     rank = int(os.environ.get("RANK", "0"))  # torchrun's; rank 0 alone tracks
     with tracking.run(f"classify@{task}-{model}", tracked, enabled=rank == 0,
                       real_images=p.tracking.real_images) as tracker:
-        r = _run(classify, task, model, cfg, TASKS / task, FEATURES / task,
+        r = _run(classify, task, model, cfg, TASK_SETS / task, FEATURES / task,
                  CLASSIFIERS / task / model, out / f"{model}.json", out / model,
                  PREDICTIONS / task / f"{model}.csv", tracker,
                  provenance=fingerprint(p.sources.model_dump(mode="json")))

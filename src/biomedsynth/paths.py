@@ -10,7 +10,7 @@ INTERIM = Path("data/interim")          # ingest: data/interim/<modality>
 STUDYGROUPS = Path("data/studygroups")  # data/studygroups/<group>/{train,val,test}
 SYNTHETIC = Path("data/synthetic")      # data/synthetic/<arch>-<group>-<setup>
 EVIDENCE = Path("data/evidence")        # its closest pairs (real pixels: DVC-cached, kept out of git)
-TASKS = Path("data/tasks")              # data/tasks/<task>/<set>
+TASK_SETS = Path("data/tasks")          # data/tasks/<task>/<set>
 FEATURES = Path("data/features")        # LBP histograms, data/features/<task>/<set>
 PREDICTIONS = Path("data/predictions")  # data/predictions/<task>/<model>.csv, with patient or slide ids
 METRICS = Path("metrics")
@@ -43,7 +43,7 @@ def outputs(command: str, *args: str) -> list[Path]:
             name = f"{arch}-{group}-{setup}"
             return [SYNTHETIC / name, METRICS / "synthesize" / f"{name}.json", EVIDENCE / name]
         case ("tasks",):
-            return [TASKS, METRICS / "tasks.json"]
+            return [TASK_SETS, METRICS / "tasks.json"]
         case ("features", task):
             return [FEATURES / task]
         case ("classify", task, model):

@@ -195,6 +195,23 @@ def test_classify_waits_for_check_classify_under_dvc():
     assert {"data/tasks", "src/biomedsynth/classify"} <= set(check["deps"])
 
 
+def dvc_project(root: Path, stages: dict) -> dict:
+    """A git + DVC project at `root` running `stages` (dvc.yaml's, trimmed by the caller) with the source files they
+    depend on; the environment its commands run in (this checkout's code, MLflow off)."""
+    import yaml
+
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    for stage in stages.values():
+        for dep in stage.get("deps", stage.get("do", {}).get("deps", [])):
+            if dep.startswith("src/"):
+                subprocess.run(["cp", "-r", "--parents", dep, str(root)], cwd=ROOT, check=True)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONPATH": PYTHONPATH, "BIOMEDSYNTH_MLFLOW": "0"}
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"]):
+        subprocess.run(cmd, cwd=root, env=env, check=True)
+    return env
+
+
 def test_a_knob_the_task_sets_cannot_serve_stops_dvc_repro_before_it_clears_the_classifier(tmp_path):
     """Reproduced first: with classify depending on check_params alone, cv_folds=13 on a task whose tumour images
     come from one slide made DVC clear models/classify/histology/knn, then `classify` refused. Now check_classify
@@ -212,15 +229,7 @@ def test_a_knob_the_task_sets_cannot_serve_stops_dvc_repro_before_it_clears_the_
     stages = {"check_params": stages["check_params"], "check_classify": stages["check_classify"],
               "classify": {**stages["classify"], "matrix": {"task": ["histology"], "model": ["knn"]}},
               "train_gan": stages["train_gan"]}  # check-params reads its set names; `dvc repro classify` skips it
-    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
-    for stage in (stages["check_params"], stages["check_classify"], stages["classify"]):
-        for dep in stage["deps"]:
-            if dep.startswith("src/"):
-                subprocess.run(["cp", "-r", "--parents", dep, str(root)], cwd=ROOT, check=True)
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "PYTHONPATH": PYTHONPATH, "BIOMEDSYNTH_MLFLOW": "0"}
-    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"]):
-        subprocess.run(cmd, cwd=root, env=env, check=True)
+    env = dvc_project(root, stages)
 
     def repro(*knobs):
         if knobs:

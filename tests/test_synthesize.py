@@ -1,8 +1,5 @@
 import json
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -337,7 +334,8 @@ def test_a_checkpoint_the_gan_did_not_keep_stops_dvc_repro_before_it_clears_the_
     GAN made DVC clear data/synthetic/<name>, then `synthesize` refused. Now check_synthesize stops `dvc repro`
     first, in one line, and the drawn set stays."""
     import yaml
-    from test_gan_train import CLI, PYTHONPATH as CHILD_PATH, ROOT as PROJECT, smoke_project, tiny_group
+    from test_benchmark import dvc_project
+    from test_gan_train import CLI, ROOT as PROJECT, smoke_project, tiny_group
 
     root = smoke_project(tmp_path / "project")
     tiny_group(root / "data/studygroups/x_norm/test", n=32, seed=2)
@@ -348,15 +346,7 @@ def test_a_checkpoint_the_gan_did_not_keep_stops_dvc_repro_before_it_clears_the_
               "check_gan": {**stages["check_gan"], "deps": [d for d in stages["check_gan"]["deps"]
                                                             if "feature_net/histology" not in d]},
               "train_gan": {**stages["train_gan"], "foreach": one}, "synthesize": {**stages["synthesize"], "foreach": one}}
-    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
-    for stage in stages.values():
-        for dep in stage.get("deps", stage.get("do", {}).get("deps", [])):
-            if dep.startswith("src/"):
-                subprocess.run(["cp", "-r", "--parents", dep, str(root)], cwd=PROJECT, check=True)
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "PYTHONPATH": CHILD_PATH, "BIOMEDSYNTH_MLFLOW": "0"}
-    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"]):
-        subprocess.run(cmd, cwd=root, env=env, check=True)
+    env = dvc_project(root, stages)
 
     def repro(*knobs):
         if knobs:

@@ -30,7 +30,8 @@ repro: install data/raw
 test: install
 	$(BIN)/pytest
 
-# Tests that run the pipeline under `dvc repro` on a fixture (the privacy scan): minutes, so apart from `make test`.
+# Tests that run the pipeline's commands as processes (dvc repro on fixtures, torchrun launches, kills, the privacy
+# scan and a real-shaped cohort end to end): ~20 min, so apart from `make test`.
 test-e2e: install
 	$(BIN)/pytest -m e2e
 

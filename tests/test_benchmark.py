@@ -126,6 +126,7 @@ def test_vgg16_trains_the_real_synthetic_arm_only_when_params_say_so(tmp_path, c
         assert (tmp_path / "plots" / "roc-real_synthetic.csv").read_text() == "fpr,tpr\n"
 
 
+@pytest.mark.e2e
 def test_launch_two_cpu_processes_train_vgg16_with_rank_0_writing(tmp_path):
     """`launch.nproc_per_node: 2`: the classify command starts 2 gloo ranks through torchrun; they share VGG16's
     batches; rank 0 alone validates, writes the checkpoints and the metrics, and logs."""
@@ -212,6 +213,7 @@ def dvc_project(root: Path, stages: dict) -> dict:
     return env
 
 
+@pytest.mark.e2e
 def test_a_knob_the_task_sets_cannot_serve_stops_dvc_repro_before_it_clears_the_classifier(tmp_path):
     """Reproduced first: with classify depending on check_params alone, cv_folds=13 on a task whose tumour images
     come from one slide made DVC clear models/classify/histology/knn, then `classify` refused. Now check_classify
@@ -279,6 +281,7 @@ def test_mlflow_gets_the_plots_this_stage_wrote_and_no_stale_file_beside_them(tm
     assert all(real for name, real in tracker.files if name.endswith(".joblib"))  # models: tracking.real_images
 
 
+@pytest.mark.e2e
 def test_two_nodes_of_one_process_train_vgg16_as_one_node_of_two(tmp_path):
     """`launch.nnodes: 2` for real, VGG16's DistributedDataParallel: two clones of a project (two machines) of one
     process each meet at node 0's rdzv_endpoint on the loopback address; node 0's metrics and predictions are those
@@ -302,7 +305,8 @@ def test_two_nodes_of_one_process_train_vgg16_as_one_node_of_two(tmp_path):
         root = tmp_path / name
         _task(root / "data/tasks/histology", root / "data/features/histology", np.random.default_rng(5), sets)
         shutil.copy(ROOT / "params.yaml", root / "params.yaml")
-        for args in (["profile", "smoke"], ["set", "classify.vgg16.epochs=2", *launch]):
+        for args in (["profile", "smoke"], ["set", "classify.vgg16.epochs=2", "classify.replicates=1",
+                                            "classify.vgg16.real_synthetic=false", *launch]):
             subprocess.run(cli + args, cwd=root, check=True, capture_output=True)
         if name == "one-node":
             run = subprocess.run(cli + ["classify", "histology", "vgg16"], cwd=root, env=env, capture_output=True,

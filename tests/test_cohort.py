@@ -89,6 +89,7 @@ def test_a_real_shaped_cohort_goes_from_ingest_to_a_passing_plan_in_one_fit_then
        "sources.histology.root=data/raw/histology", "sources.histology.allow_tile_level_split=true",
        "gan.stages=table3", f"export.sets=[{HISTOLOGY_SET}]", f"export.allow_unlearnt=[{HISTOLOGY_SET}]",
        "export.with_generator=false")
+    sh("biomedsynth", "set", "classify.replicates=1", "synthesize.draws=1")  # not the walk-through's: CI's time
     for cmd in (["git", "init", "-q"], ["dvc", "add", "-q", "data/raw"],
                 ["git", "add", "-A"], ["git", "commit", "-qm", "a cohort"]):
         sh(*cmd)

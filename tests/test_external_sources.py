@@ -100,6 +100,7 @@ def test_manifest_rows_outside_the_root_are_skipped_and_counted_unless_allowed(t
     assert allowed["written"] == 3 and allowed["skipped_by_reason"] == {"unreadable": 1}  # /etc/passwd
 
 
+@pytest.mark.e2e
 def test_a_symlink_loop_in_a_source_root_is_skipped_and_counted_and_dvc_runs_on(tmp_path):
     """Two links to each other in data/raw/xray stop `dvc status` (exit 255: DVC, hashing the root, cannot stat
     them); check-params lists them in .dvcignore, after which `dvc repro ingest@xray` runs and ingest counts them

@@ -178,6 +178,7 @@ def test_kill_9_during_lbp_features_leaves_no_process(tmp_path):
         assert not [cmdline(p)[:80] for p in helpers if alive(p)], "processes outlived their killed parent"
 
 
+@pytest.mark.e2e
 def test_sigterm_ends_train_gan_like_ctrl_c(tmp_path):
     """The MLflow run ends KILLED, not RUNNING forever; exit 143 with one line."""
     root = gan_project(tmp_path, **{"gan.xray.epochs_cond": 500})
@@ -203,6 +204,7 @@ def test_sigterm_ends_train_gan_like_ctrl_c(tmp_path):
     assert runs_and_metrics() == [("KILLED",)]
 
 
+@pytest.mark.e2e
 def test_a_second_train_gan_on_one_stage_stops_at_once(tmp_path):
     root = gan_project(tmp_path, **{"gan.xray.epochs_cond": 500})
     stage = root / "models/gan/dcgan-x_norm-cond"
@@ -218,6 +220,7 @@ def test_a_second_train_gan_on_one_stage_stops_at_once(tmp_path):
                                           f"{first.pid} (another run of this stage); wait for it to end or stop it"]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("shell", ["/bin/sh", "/bin/bash"])
 def test_sigterm_to_dvc_repro_stops_its_stage(tmp_path, shell):
     """DVC runs a stage as `$SHELL -c "<cmd>"` (bash execs it, dash waits for it) and releases its lock meanwhile:

@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from test_gan_train import CLI, PYTHONPATH, ROOT, smoke_project, stage_files
+
+pytestmark = pytest.mark.e2e  # dvc repro on a trimmed project, twice per test
 
 STAGE = "dcgan-x_norm-cond"
 

@@ -349,6 +349,7 @@ def stage_files(root: Path, name: str) -> dict:
     return {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file() and p.name != "speed.jsonl"}
 
 
+@pytest.mark.e2e
 def test_kill_9_of_the_cli_stage_resumes_to_the_bytes_of_a_straight_run(tmp_path):
     """The real thing: SIGKILL train-gan after its first epoch, run it again: the stage output is the same bytes
     as an uninterrupted run's (so dvc.lock does not depend on whether a run was interrupted)."""
@@ -375,6 +376,7 @@ def test_kill_9_of_the_cli_stage_resumes_to_the_bytes_of_a_straight_run(tmp_path
     assert not output_after_kill  # written whole once training ends: never a half-trained output
 
 
+@pytest.mark.e2e
 def test_launch_two_cpu_processes_train_with_rank_0_writing(tmp_path):
     """`launch.nproc_per_node: 2`: train-gan starts 2 gloo ranks through torchrun; they share each epoch's
     batches; rank 0 alone writes."""
@@ -398,6 +400,7 @@ def test_launch_two_cpu_processes_train_with_rank_0_writing(tmp_path):
     assert ck["epoch"] == 2 and all(torch.isfinite(w).all() for w in ck["G"].values())
 
 
+@pytest.mark.e2e
 def test_a_multi_label_stage_trains_the_same_weights_in_one_process_and_in_two(tmp_path):
     """Reproduced first: under `launch.nproc_per_node: 2` the per-label models of an unconditional stage are divided
     among the ranks, and rank 1 trained its model as if it held the second share of a shared batch: it read one
@@ -419,6 +422,7 @@ def test_a_multi_label_stage_trains_the_same_weights_in_one_process_and_in_two(t
     assert list(one) == list(two) and [path for path in one if one[path] != two[path]] == []
 
 
+@pytest.mark.e2e
 def test_two_nodes_of_one_process_train_the_bytes_of_one_node_of_two(tmp_path):
     """`launch.nnodes: 2` for real: two nodes (here two clones of the project, as on two machines) of one process
     each meet at node 0's rdzv_endpoint on the loopback address and train a conditional PGGAN whose batches they

@@ -136,6 +136,7 @@ def test_torchrun_reads_the_launch_back_as_given(tmp_path, monkeypatch):
     assert distributed.run_workers(one, ["classify", "xray_sex", "vgg16"]) is None
 
 
+@pytest.mark.e2e
 def test_a_failing_worker_fails_the_command(tmp_path):
     """2 processes with no task data: each worker says why in one line and the command exits 1, so DVC
     does not take the stage for done."""

@@ -121,6 +121,7 @@ def _project(work: Path) -> None:
     p["studygroups"]["histology"].update(test_fraction=0.3, val_fraction=0.3)  # 2 tumour slides held out
     p["gan"]["stages"] = "table3"
     p["export"]["with_generator"] = False
+    p["classify"]["replicates"], p["synthesize"]["draws"] = 1, 1  # what is scanned, at half the smoke profile's time
     (work / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
 
 

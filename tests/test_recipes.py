@@ -69,6 +69,7 @@ def _xray_download(root: Path) -> pd.DataFrame:
     return pd.read_csv(root / "src" / "Data_Entry.csv")
 
 
+@pytest.mark.e2e
 def test_nih_recipe(project, tmp_path):
     table = _xray_download(tmp_path)
     nih = tmp_path / "nih"
@@ -80,6 +81,7 @@ def test_nih_recipe(project, tmp_path):
     assert got["written"] == int((table["Finding Labels"] == "No Finding").sum()) > 10, got
 
 
+@pytest.mark.e2e
 def test_pacs_recipe_dicom_and_manifest(project, tmp_path):
     table = _xray_download(tmp_path)
     pacs = tmp_path / "pacs"
@@ -108,12 +110,14 @@ def camelyon(tmp_path_factory):
     return root
 
 
+@pytest.mark.e2e
 def test_camelyon16_recipe_with_annotations(project, camelyon):
     run_recipe("camelyon16", project, CAMELYON=camelyon)
     got = _ingested(project[0], "histology")
     assert set(got["per_label"]) == {"normal", "tumor"} and got["slides_read"] == 2, got
 
 
+@pytest.mark.e2e
 def test_camelyon16_recipe_without_annotations(project, camelyon, tmp_path):
     bare = tmp_path / "bare"
     shutil.copytree(camelyon, bare, ignore=shutil.ignore_patterns("*.xml"))
@@ -121,6 +125,7 @@ def test_camelyon16_recipe_without_annotations(project, camelyon, tmp_path):
     assert set(_ingested(project[0], "histology")["per_label"]) == {"normal", "tumor"}
 
 
+@pytest.mark.e2e
 def test_pcam_recipe(project, tmp_path):
     pcam = tmp_path / "pcam"
     pcam.mkdir()
@@ -130,6 +135,7 @@ def test_pcam_recipe(project, tmp_path):
     assert _ingested(project[0], "histology")["written"] == 40
 
 
+@pytest.mark.e2e
 def test_team_remote_recipe_push_and_pull(project, tmp_path):
     _xray_download(tmp_path)
     run_recipe("nih", project, NIH=tmp_path / "src")

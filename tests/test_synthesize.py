@@ -329,6 +329,7 @@ def test_check_sets_refuses_before_a_single_image_is_drawn(real, tmp_path):
     check_sets(*sets, **{**knobs, "prdc_k": 47})  # 48 images per set serve k = 47
 
 
+@pytest.mark.e2e
 def test_a_checkpoint_the_gan_did_not_keep_stops_dvc_repro_before_it_clears_the_synthetic_set(tmp_path):
     """Reproduced first: with synthesize depending on check_params alone, synthesize.checkpoint=epoch_5 on a 2-epoch
     GAN made DVC clear data/synthetic/<name>, then `synthesize` refused. Now check_synthesize stops `dvc repro`

@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 from biomedsynth.distributed import dist_info
 from biomedsynth.gan import checkpoint as C
 from biomedsynth.gan import train as T
+from biomedsynth.gan import run_state as R
 from test_gan_train import options, tiny_study
 
 
@@ -61,7 +62,7 @@ def test_models_divided_among_processes_keep_their_own_ada_p():
 
 
 def _state(root, opt: C.Options, trained: bool):
-    state = root / T.run_key(opt)
+    state = root / R.run_key(opt)
     (state / "F_a").mkdir(parents=True)
     (state / "options.json").write_text(json.dumps(opt.to_json()))
     if trained:
@@ -73,14 +74,14 @@ def test_a_run_begun_by_another_number_of_processes_stops_with_one_line(tmp_path
     two = options("pggan", world=2)
     begun = _state(tmp_path, two, trained=True)
     with pytest.raises(ValueError, match=f"{begun} holds this stage's run begun by 2 process.*this run has 1"):
-        T.check_world(tmp_path, options("pggan", world=1))
-    T.check_world(tmp_path, two)  # the same world continues it
-    T.check_world(tmp_path, options("pggan", world=1, seed=9))  # another run altogether starts beside it
+        R.check_world(tmp_path, options("pggan", world=1))
+    R.check_world(tmp_path, two)  # the same world continues it
+    R.check_world(tmp_path, options("pggan", world=1, seed=9))  # another run altogether starts beside it
 
 
 def test_several_models_are_divided_among_processes_so_their_run_is_the_same_under_any_number():
     assert [T.stage_world(n, processes) for n, processes in ((1, 4), (2, 4), (64, 8), (1, 1))] == [4, 1, 1, 1]
-    assert T.run_key(options("dcgan", setup="uncond", world=T.stage_world(2, 8))) == T.run_key(
+    assert R.run_key(options("dcgan", setup="uncond", world=T.stage_world(2, 8))) == R.run_key(
         options("dcgan", setup="uncond", world=T.stage_world(2, 1)))
 
 

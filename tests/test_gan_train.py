@@ -20,6 +20,8 @@ from biomedsynth.cli import app
 from biomedsynth.gan import score
 from biomedsynth.gan import checkpoint as C
 from biomedsynth.gan import train as T
+from biomedsynth.gan import run_state as R
+from biomedsynth.gan import verdict as V
 from biomedsynth.gan.feature_net import chance_summary, fingerprint, heldout_accuracy
 from biomedsynth.params import ParamsError, load_params
 from biomedsynth.store import ImageSet, ImageSetWriter, write_json
@@ -100,8 +102,8 @@ def val(study):
     return study[2]
 
 
-def scorer_for(train: ImageSet, val: ImageSet) -> T.Scorer:
-    return T.Scorer(train, val, feature_net(train), torch.device("cpu"), 0)
+def scorer_for(train: ImageSet, val: ImageSet) -> V.Scorer:
+    return V.Scorer(train, val, feature_net(train), torch.device("cpu"), 0)
 
 
 class Killed(Exception):
@@ -238,7 +240,7 @@ def test_train_gan_stage_then_synthesizer_samples_each_label(study, tmp_path, mo
     assert json.loads((tmp_path / "m.json").read_text()) == summary
     model = summary["per_model"][C.COND_MODEL]
     assert 0 < model["swd_floor"] < model["swd_noise"] and summary["swd_floor"] == model["swd_floor"]
-    assert summary["learnt"] == model["learnt"] is (model["swd_relative"] < T.LEARNT_BELOW)
+    assert summary["learnt"] == model["learnt"] is (model["swd_relative"] < V.LEARNT_BELOW)
     assert any("learnt nothing" in line for line in lines) != model["learnt"]  # a 2-epoch GAN: warned
     assert json.loads((out / "options.json").read_text())["feature_net"] == fingerprint(net)
     rows = C.read_log(out / C.COND_MODEL)
@@ -255,7 +257,7 @@ def test_train_gan_stage_then_synthesizer_samples_each_label(study, tmp_path, mo
         gen.sample("X", 1, np.random.default_rng(0))
     assert {p.name for p in out.rglob("*") if p.is_file()} == {  # what later stages read, no checkpoint
         "options.json", "log.jsonl", "speed.jsonl", "001.pt", "002.pt", "001.png", "002.png"}
-    first_state = tmp_path / "states" / T.run_key(dataclasses.replace(opt, feature_net=fingerprint(net)))
+    first_state = tmp_path / "states" / R.run_key(dataclasses.replace(opt, feature_net=fingerprint(net)))
     # changed options: trained from scratch in a state of their own; the output is the new run, the old state stays
     T.train_gan(dataclasses.replace(opt, seed=4, epochs=1), group.path, val.path, net, out, tmp_path / "m.json",
                 tmp_path / "s.csv", tmp_path / "l.csv", tmp_path / "states", log=lambda m: None)
@@ -319,7 +321,7 @@ def test_floor_and_learnt_flag_against_noise_and_blur(group, val):
     verdicts = {}
     for name, G in (("real", Replay(real)), ("noise", Replay(noise))):
         rows = [{"epoch": 1, "snapshot": True, **scorer.score(G, opt, data, None, 1.0, 1)}]
-        verdicts[name] = T.model_summary(rows, ref, 0.2)
+        verdicts[name] = V.model_summary(rows, ref, 0.2)
     assert verdicts["real"]["learnt"] and verdicts["real"]["swd_relative"] < 0.2
     assert not verdicts["noise"]["learnt"] and verdicts["noise"]["swd_relative"] > 0.8
 
@@ -331,7 +333,7 @@ def test_floor_and_learnt_flag_against_noise_and_blur(group, val):
 ])
 def test_still_improving_needs_a_late_best_and_a_falling_tail(swd, improving):
     rows = [{"epoch": e, "swd": s, "snapshot": True} for e, s in enumerate(swd, 1)]
-    trend = T.trend(rows, 0.2)
+    trend = V.trend(rows, 0.2)
     assert trend["still_improving"] is improving and (trend["swd_tail_slope"] < 0) == (swd[-1] < swd[-2])
 
 
@@ -466,9 +468,9 @@ def test_two_nodes_of_one_process_train_the_bytes_of_one_node_of_two(tmp_path):
 def test_runs_share_a_resume_state_only_where_more_epochs_extend_a_run(arch, per_phase, epochs, same):
     extra = ({"images_per_phase": per_phase} if arch == "pggan" else
              {"ema_rampup": None} if per_phase == "no ramp-up" else {})
-    assert (T.run_key(options(arch, epochs=2, **extra)) == T.run_key(options(arch, epochs=epochs, **extra))) == same
-    assert T.run_key(options(arch, **extra)) != T.run_key(options(arch, seed=4, **extra))
-    assert T.run_key(options(arch, **extra)) != T.run_key(options(arch, world=2, **extra))  # the batch split in 2
+    assert (R.run_key(options(arch, epochs=2, **extra)) == R.run_key(options(arch, epochs=epochs, **extra))) == same
+    assert R.run_key(options(arch, **extra)) != R.run_key(options(arch, seed=4, **extra))
+    assert R.run_key(options(arch, **extra)) != R.run_key(options(arch, world=2, **extra))  # the batch split in 2
 
 
 def trained_epochs(log_lines: list[str]) -> list[int]:
@@ -522,7 +524,7 @@ def test_runs_that_crash_before_an_epoch_never_displace_a_trained_resume_state(s
                 run(options("dcgan", epochs=1, seed=seed))
     assert len(list(states.iterdir())) == 3
     assert run(good) == [1]
-    assert {d.name for d in states.iterdir()} == {T.run_key(dataclasses.replace(o, feature_net=fingerprint(net)))
+    assert {d.name for d in states.iterdir()} == {R.run_key(dataclasses.replace(o, feature_net=fingerprint(net)))
                                                   for o in (trained, good)}
     assert run(dataclasses.replace(trained, epochs=2)) == [2]
 

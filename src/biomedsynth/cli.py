@@ -164,7 +164,7 @@ def check_params(params: Path = ParamsOpt):
     from biomedsynth.sources import dvcignore_loops, symlink_loops
 
     p = _params(params)
-    _export_sets(p, _gan_stage_names())
+    _exported_sets(p)
     loops = [loop for src in (p.sources.xray, p.sources.histology) for loop in _run(symlink_loops, src.root)]
     unreached = _run(dvcignore_loops, loops, Path(".dvcignore"))
     if loops:
@@ -358,18 +358,6 @@ def train_gan(arch: str = ArchArg, group: str = GroupArg, setup: str = SetupArg,
         _print_summary(f"train_gan@{name}", summary)
 
 
-def _warn_not_learnt(name: str) -> bool:
-    """Whether every model of GAN stage `name` learnt (metrics/gan/<name>.json); a WARNING line for each that did not."""
-    from biomedsynth.gan.train import not_learnt_rule
-
-    gan = json.loads((METRICS / "gan" / f"{name}.json").read_text())
-    for model, m in gan["per_model"].items():
-        if not m["learnt"]:
-            typer.echo(f"WARNING synthesize@{name}: model {model} learnt nothing ({not_learnt_rule(m)}); its images "
-                       "are drawn anyway and Table 3 leaves out the cells trained on them", err=True)
-    return bool(gan["learnt"])
-
-
 @app.command()
 def synthesize(arch: str = ArchArg, group: str = GroupArg, setup: str = SetupArg, params: Path = ParamsOpt):
     """synthesize@<arch>-<group>-<setup>: a synthetic copy of the group's training set, screened, with evidence on
@@ -380,42 +368,15 @@ def synthesize(arch: str = ArchArg, group: str = GroupArg, setup: str = SetupArg
     p = _params(params)
     synthetic, metrics, evidence = outputs("synthesize", arch, group, setup)
     _writes(synthetic, metrics, evidence)
-    s = p.synthesize
     if reason := reason_left_out(p, name):
         write_not_drawn(reason, synthetic, metrics, evidence)
         _stamp(p, metrics)
         typer.echo(f"synthesize@{name}: not drawn ({reason})")
         return
-    from biomedsynth.evidence import feature_net_space
-    from biomedsynth.gan.checkpoint import Synthesizer
-    from biomedsynth.gan.utility import choose_checkpoint
-    from biomedsynth.provenance import fingerprint
-    from biomedsynth.store import write_json
-    from biomedsynth.synthesize import hash_screened, synthesize as run_synthesize
+    from biomedsynth.synthesize import synthesize_stage
 
-    screen = hash_screened(s.hash_screen, arch, GROUP_MODALITY[group])
-    choice, rule = _run(choose_checkpoint, s.checkpoint, GAN_MODELS / name,
-                        FEATURE_NETS / f"{GROUP_MODALITY[group]}.pt", STUDYGROUPS / group / "val")
-    gen = _run(Synthesizer, GAN_MODELS / name, choice)
-    features = _run(feature_net_space, FEATURE_NETS / f"{GROUP_MODALITY[group]}.pt", gen.device)
-    net_metrics = json.loads(_run(Path.read_text, METRICS / "feature_net" / f"{GROUP_MODALITY[group]}.json"))
-    summary = _run(run_synthesize, gen.sample, STUDYGROUPS / group / "train",
-                   STUDYGROUPS / group / "val", STUDYGROUPS / group / "test", synthetic,
-                   resolution=gen.opt.resolution, hash_screen=screen, hash_threshold=s.hash_threshold,
-                   hash_quantile=s.hash_quantile, hash_size=s.hash_size, max_tries_factor=s.max_tries_factor,
-                   batch_size=s.batch_size, feature_space=features, evidence_images=s.evidence.images,
-                   evidence_side=s.evidence.side, pca_dims=s.evidence.pca_dims, prdc_k=s.evidence.k,
-                   cells=s.evidence.cells, seed=p.seed, figure_path=evidence / "closest.png",
-                   feature_net_metrics=net_metrics,
-                   draws=s.draws)
-    if not summary["evidence"]["features"]["reliable"]:
-        for line in summary["evidence"]["features"]["unreliable_because"]:
-            typer.echo(f"WARNING synthesize@{name}: feature net: {line}", err=True)
-    summary["checkpoint_epochs"] = gen.epochs
-    summary["checkpoint_rule"] = rule
-    summary["gan_learnt"] = _warn_not_learnt(name)
-    summary["provenance"] = fingerprint(p.sources.model_dump(mode="json"))  # written once, not stamped after
-    _run(write_json, metrics, summary)
+    summary = _run(synthesize_stage, p, arch, group, setup, synthetic, metrics, evidence,
+                   warn=lambda line: typer.echo(line, err=True))
     _print_summary(f"synthesize@{name}", summary)
 
 
@@ -585,18 +546,14 @@ def report(params: Path = ParamsOpt):
     typer.echo(f"report: reports/report.html and reports/report.md ({len(warnings)} warning(s))")
 
 
-def _export_sets(p, stages: list[str]) -> list[str]:
-    """The sets params export.sets asks for: table3's, all, or its list (each one of dvc.yaml's sets)."""
-    from biomedsynth.tasks import used_gan_stages
+def _exported_sets(p) -> list[str]:
+    """export.sets as set names; a params error (exit 2) naming any that is not one of dvc.yaml's sets."""
+    from biomedsynth.tasks import exported_sets
 
-    sets = p.export.sets
-    if sets == "table3":
-        return sorted(used_gan_stages(p.tasks))
-    if sets == "all":
-        return stages
-    if unknown := [s for s in sets if s not in stages]:
-        _fail(2, f"export.sets names {', '.join(unknown)}, not a set of dvc.yaml's ({', '.join(stages)})")
-    return sets
+    try:
+        return exported_sets(p.export, p.tasks, _gan_stage_names())
+    except ValueError as e:
+        _fail(2, str(e))
 
 
 @app.command("export")
@@ -639,33 +596,20 @@ def export_sets(params: Path = ParamsOpt):
     the sets params export.sets lists as `export NAME` writes them; the others, and a listed set the memorisation
     test flags as copying (unless export.allow_flagged names it) or whose GAN learnt nothing (unless
     export.allow_unlearnt names it), a note saying why, so the pipeline runs on."""
-    from biomedsynth import gate
-    from biomedsynth.export import unlearnt, write_not_exported
+    from biomedsynth.export import why_not_exported, write_not_exported
 
     stages = _gan_stages()
     p = _params(params)
-    e = p.export
-    listed = _export_sets(p, list(stages))
-    asked = f"is {e.sets} ({', '.join(listed)})" if isinstance(e.sets, str) else f"lists {', '.join(listed)}"
+    listed = _exported_sets(p)
     _writes(*outputs("export-sets"))
     for name, stage in stages.items():
-        out = EXPORTS / name
-        reason = None if name in listed else f"not exported: export.sets {asked}"
         synth = _run(lambda: json.loads((METRICS / "synthesize" / f"{name}.json").read_text())) \
-            if reason is None else {}
-        if reason is None and e.sets == "all" and synth.get("synthesized") is False:
-            reason = "not exported: synthesize drew no set (gan.stages leaves it out)"
-        elif (reason is None and synth.get("synthesized") is not False  # a listed set not drawn: export_set says so
-              and (refusal := gate.refusal(_run(gate.verdict, synth))) and name not in e.allow_flagged):
-            reason = f"not exported: {refusal}; list it in export.allow_flagged to export it anyway"
-        elif reason is None and synth.get("synthesized") is not False and name not in e.allow_unlearnt \
-                and (why := unlearnt(name, synth)):
-            reason = f"not exported: {why.split(': ', 1)[1]}"
-        if reason:
-            _run(write_not_exported, out, reason)
+            if name in listed else {}
+        if reason := _run(why_not_exported, name, p.export, listed, synth):
+            _run(write_not_exported, EXPORTS / name, reason)
             typer.echo(f"export {name}: {reason}")
         else:
-            _print_summary(f"export {name}", _export_one(p, name, stage, out, False, False, False))
+            _print_summary(f"export {name}", _export_one(p, name, stage, EXPORTS / name, False, False, False))
 
 
 @app.command()

@@ -284,6 +284,25 @@ def unlearnt(name: str, synth: dict) -> str | None:
             "list it in export.allow_unlearnt (or pass --allow-unlearnt) to export it anyway")
 
 
+def why_not_exported(name: str, export, listed: list[str], synth: dict) -> str | None:
+    """The export stage's rule for set `name`: None to export it, else why it gets a note instead: params do not
+    list it; `all` reached a set that was not drawn; the memorisation test flags it as copying (unless
+    export.allow_flagged names it); a GAN behind it learnt nothing (unless export.allow_unlearnt names it).
+    `synth` is the set's synthesize metrics ({} when it is not listed). A listed set that was not drawn is
+    exported, so that export_set says so."""
+    if name not in listed:
+        asked = f"is {export.sets} ({', '.join(listed)})" if isinstance(export.sets, str) else \
+            f"lists {', '.join(listed)}"
+        return f"not exported: export.sets {asked}"
+    if synth.get("synthesized") is False:
+        return "not exported: synthesize drew no set (gan.stages leaves it out)" if export.sets == "all" else None
+    if (refusal := gate.refusal(gate.verdict(synth))) and name not in export.allow_flagged:
+        return f"not exported: {refusal}; list it in export.allow_flagged to export it anyway"
+    if name not in export.allow_unlearnt and (why := unlearnt(name, synth)):
+        return f"not exported: {why.split(': ', 1)[1]}"
+    return None
+
+
 def export_set(name: str, run: RunFiles, out: Path, *, modality: str, group: str, license: str, version: str,
                intended_use: str, allow_flagged: bool = False, allow_unlearnt: bool = False,
                with_generator: bool = False) -> dict:

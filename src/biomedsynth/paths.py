@@ -7,6 +7,7 @@ from pathlib import Path
 RAW = Path("data/raw")
 CHECKED = Path("data/checked")          # the check stages' outputs
 INTERIM = Path("data/interim")          # ingest: data/interim/<modality>
+INGEST_DETAILS = "ingest.json"          # in it: what ingest read and skipped, with ids (never in git)
 STUDYGROUPS = Path("data/studygroups")  # data/studygroups/<group>/{train,val,test}
 SYNTHETIC = Path("data/synthetic")      # data/synthetic/<arch>-<group>-<setup>
 EVIDENCE = Path("data/evidence")        # its closest pairs (real pixels: DVC-cached, kept out of git)

@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from biomedsynth.ingest import DETAILS
 from biomedsynth.params import HistologyGroups, StudyGroups, XrayGroup, XrayGroups
+from biomedsynth.paths import INGEST_DETAILS
 from biomedsynth.store import ImageSet, ImageSetWriter, write_json
 
 SIDES = ("train", "val", "test")
@@ -241,7 +241,7 @@ def histology_split_unit(histology: Path) -> str:
     """What one histology unit of the split is, as ingest recorded it in <histology>/ingest.json: "slide", or
     "tile" when ready-cut tiles came without slide ids (each such tile is then a unit of its own, so tiles of one
     slide can sit on both sides of the split)."""
-    details = Path(histology) / DETAILS
+    details = Path(histology) / INGEST_DETAILS
     if not details.is_file():
         raise FileNotFoundError(f"{details} is missing, so the split unit (slide or tile) is unknown; "
                                 "run ingest@histology (dvc repro)")

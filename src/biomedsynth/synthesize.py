@@ -15,6 +15,7 @@ at every exit, and generate screens what it draws the same way.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
@@ -405,3 +406,53 @@ def synthesize(sample: Sampler, real_train: Path, real_val: Path, real_test: Pat
         "real_rejection_rate": float(np.mean(nearest_hamming(test_hash, train_hash) > hash_threshold)),
         "evidence": evidence,
     }
+
+
+def gan_learnt(name: str, warn) -> bool:
+    """Whether every model of GAN stage `name` learnt (metrics/gan/<name>.json); a WARNING line through `warn` for
+    each that did not."""
+    from biomedsynth.gan.verdict import not_learnt_rule
+    from biomedsynth.paths import METRICS
+
+    gan = json.loads((METRICS / "gan" / f"{name}.json").read_text())
+    for model, m in gan["per_model"].items():
+        if not m["learnt"]:
+            warn(f"WARNING synthesize@{name}: model {model} learnt nothing ({not_learnt_rule(m)}); its images are "
+                 "drawn anyway and Table 3 leaves out the cells trained on them")
+    return bool(gan["learnt"])
+
+
+def synthesize_stage(p, arch: str, group: str, setup: str, out: Path, metrics: Path, figures: Path, warn) -> dict:
+    """synthesize@<arch>-<group>-<setup> as dvc.yaml runs it: the generators of the epoch synthesize.checkpoint
+    chooses, the hash screen where hash_screened applies it, the modality's feature net for the evidence, then
+    synthesize(). Its summary, written to `metrics`, adds the epochs and the rule that chose them, whether every
+    model of the GAN learnt (`warn` gets a WARNING line per model that did not, and per reason the feature net is
+    unreliable) and the provenance of the data."""
+    from biomedsynth.evidence import feature_net_space
+    from biomedsynth.gan.checkpoint import Synthesizer
+    from biomedsynth.gan.utility import choose_checkpoint
+    from biomedsynth.params import GROUP_MODALITY
+    from biomedsynth.paths import FEATURE_NETS, GAN_MODELS, METRICS, STUDYGROUPS
+    from biomedsynth.provenance import fingerprint
+    from biomedsynth.store import write_json
+
+    name, modality, s, sets = f"{arch}-{group}-{setup}", GROUP_MODALITY[group], p.synthesize, STUDYGROUPS / group
+    choice, rule = choose_checkpoint(s.checkpoint, GAN_MODELS / name, FEATURE_NETS / f"{modality}.pt", sets / "val")
+    gen = Synthesizer(GAN_MODELS / name, choice)
+    summary = synthesize(gen.sample, sets / "train", sets / "val", sets / "test", out,
+                         resolution=gen.opt.resolution, hash_screen=hash_screened(s.hash_screen, arch, modality),
+                         hash_threshold=s.hash_threshold, hash_quantile=s.hash_quantile, hash_size=s.hash_size,
+                         max_tries_factor=s.max_tries_factor, batch_size=s.batch_size,
+                         feature_space=feature_net_space(FEATURE_NETS / f"{modality}.pt", gen.device),
+                         evidence_images=s.evidence.images, evidence_side=s.evidence.side,
+                         pca_dims=s.evidence.pca_dims, prdc_k=s.evidence.k, cells=s.evidence.cells, seed=p.seed,
+                         figure_path=figures / "closest.png",
+                         feature_net_metrics=json.loads((METRICS / "feature_net" / f"{modality}.json").read_text()),
+                         draws=s.draws)
+    if not summary["evidence"]["features"]["reliable"]:
+        for line in summary["evidence"]["features"]["unreliable_because"]:
+            warn(f"WARNING synthesize@{name}: feature net: {line}")
+    summary.update(checkpoint_epochs=gen.epochs, checkpoint_rule=rule, gan_learnt=gan_learnt(name, warn),
+                   provenance=fingerprint(p.sources.model_dump(mode="json")))  # written once, not stamped after
+    write_json(metrics, summary)
+    return summary

@@ -205,3 +205,15 @@ def build_tasks(cfg: Tasks, groups: Path, synthetic: Path, out: Path, seed: int,
             raise AssertionError(f"{task}: test shares {len(shared)} patients/slides with real training")
     write_json(summary_path, summary)
     return summary
+
+
+def exported_sets(export, tasks: Tasks, stages: list[str]) -> list[str]:
+    """The sets params export.sets asks for: Table 3's (table3), every one of dvc.yaml's (all), or its list;
+    ValueError naming any set of the list that is not one of dvc.yaml's."""
+    if export.sets == "table3":
+        return sorted(used_gan_stages(tasks))
+    if export.sets == "all":
+        return stages
+    if unknown := [s for s in export.sets if s not in stages]:
+        raise ValueError(f"export.sets names {', '.join(unknown)}, not a set of dvc.yaml's ({', '.join(stages)})")
+    return export.sets

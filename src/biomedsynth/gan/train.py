@@ -29,15 +29,16 @@ trains under a new hash beside the old run's state instead of deleting it. Under
 stage of several (the per-label ones) are divided among the ranks, each trained whole by one; a stage of one
 model has every rank train on its share of each batch, with its own random streams, and gradients averaged;
 rank 0 alone writes.
+
+Beside this loop: each architecture's losses (gan/losses.py), the epochs' scores and the verdict on a trained model
+(gan/verdict.py), the resume state and the output written from it (gan/run_state.py), and what later stages read of
+a run (gan/checkpoint.py).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import multiprocessing
 import os
-import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, replace
@@ -56,16 +57,14 @@ from biomedsynth.gan.checkpoint import (ARCHS, COND_MODEL, Options, best_epoch, 
                                         generator, read_log, to_uint8)
 from biomedsynth.gan.curves import write_curves
 from biomedsynth.gan.losses import LOSSES
-from biomedsynth.gan.ema import EMA, MIN_PHASE_SHARE, PHASE_QUARTERS, half_life_for, phase_shares
+from biomedsynth.gan.ema import EMA, MIN_PHASE_SHARE, half_life_for, phase_shares
 from biomedsynth.gan.feature_net import fingerprint
+from biomedsynth.gan.run_state import check_world, jsonl, prune, run_key, write_output
+from biomedsynth.gan.verdict import Scorer, summarise, warn
 from biomedsynth.lifetime import die_with_parent
-from biomedsynth.store import ImageSet, atomic_write_text, load_weights, remove_tree, save_torch, write_json
+from biomedsynth.store import ImageSet, atomic_write_text, load_weights, save_torch, write_json
 
 GRID_COLUMNS = 8
-# `learnt`: the best SWD lies less than this share of the way from the real floor (0) to the better of the
-# noise and blur baselines (1). Half way, not "below the baseline": a collapsed GAN drawing checkerboard
-# noise scores within a few percent of noise, on either side depending on the scoring seed (measured).
-LEARNT_BELOW = 0.5
 
 
 # ---- models ----
@@ -114,12 +113,6 @@ def save_grid(images: np.ndarray, path: Path, columns: int = GRID_COLUMNS) -> No
     tmp = path.with_name(f".{path.name}.tmp")  # replaced, never rewritten: the output may link to it
     Image.fromarray(grid[..., 0] if c == 1 else grid).save(tmp, format="PNG")
     os.replace(tmp, path)
-
-
-# ---- checkpoints ----
-
-def _jsonl(rows) -> str:
-    return "".join(json.dumps(r) + "\n" for r in rows)
 
 
 # ---- one model ----
@@ -301,7 +294,7 @@ def train_model(opt: Options, data: ModelData, images: ImageSet, model_dir: Path
             speed = {"epoch": epoch, "seconds": round(seconds, 2),
                      "images_per_s": round(plan.images_per_epoch / seconds, 1)}
             # every file here is replaced, never written in place: the stage output may hard-link to it
-            atomic_write_text(model_dir / "speed.jsonl", _jsonl(read_log(model_dir, "speed.jsonl") + [speed]))
+            atomic_write_text(model_dir / "speed.jsonl", jsonl(read_log(model_dir, "speed.jsonl") + [speed]))
             grown = depth is None or (depth == plan.schedule.max_depth and alpha >= 1.0)
             row = {"epoch": epoch, "images_seen": images_seen, "loss_d": loss_d / plan.steps_per_epoch,
                    "loss_g": loss_g / plan.steps_per_epoch, "snapshot": _snapshot(opt, epoch, grown)}
@@ -318,7 +311,7 @@ def train_model(opt: Options, data: ModelData, images: ImageSet, model_dir: Path
                       model_dir / "grids" / f"{epoch:03d}.png")
             row.update(scorer.score(sampler, opt, data, depth, alpha, epoch))
             rows.append(row)
-            atomic_write_text(model_dir / "log.jsonl", _jsonl(rows))
+            atomic_write_text(model_dir / "log.jsonl", jsonl(rows))
             save_torch({"G": G.state_dict(), "D": D.state_dict(), "opt_g": opt_g.state_dict(),
                         "opt_d": opt_d.state_dict(), "ema": ema.model.state_dict() if ema else None,
                         "sg2ada": loss.state_dict(), "epoch": epoch, "images_seen": images_seen},
@@ -386,80 +379,6 @@ def _grid_labels(opt: Options, data: ModelData) -> np.ndarray | None:
     return np.repeat(np.arange(len(opt.labels)), GRID_COLUMNS)
 
 
-# ---- scoring ----
-
-def _cycled(x: torch.Tensor, n: int) -> torch.Tensor:
-    """x repeated end to end along its first axis, cut to n."""
-    return x.repeat(-(-n // len(x)), *[1] * (x.ndim - 1))[:n]
-
-
-@dataclass
-class Reference:
-    """What one model's epochs are compared with, and the scores that say what good and bad are (`scores`:
-    the floor, real training images; noise with their colours; the same images blurred)."""
-    real: torch.Tensor                # score_images validation images: the distinct ones, repeated up to that count
-    feats: np.ndarray                 # features of the distinct ones (KID's unbiased estimate needs no repeats)
-    class_ids: torch.Tensor | None    # conditional models: the class of each of `real`
-    scores: dict
-
-
-class Scorer:
-    """Per-epoch SWD and KID of a generator against its model's validation images.
-
-    Each epoch draws opt.score_images images from the generator. SWD compares them with as many validation
-    images: the model's (at most that many), repeated when it has fewer, each repeat with new random
-    neighbourhoods, so the generated side is never cut to the few validation images a label may have (with
-    25 generated images per epoch the chosen epoch moved with the scoring seed, with 64 or more it did not:
-    measured). KID compares features of distinct images only. `seed` fixes everything random in a score
-    (the subsets, SWD's neighbourhoods and directions, KID's subsets, the generator's latents), so epochs
-    differ by their generator only."""
-
-    def __init__(self, train: ImageSet, val: ImageSet, feature_net: score.FeatureNet, device: torch.device,
-                 seed: int):
-        self.train, self.val, self.net, self.device, self.seed = train, val, feature_net, device, seed
-        self._refs: dict[str, Reference] = {}
-
-    def _compare(self, opt: Options, ref: Reference, images: torch.Tensor) -> dict:
-        """SWD and KID of distinct images (at most score_images, repeated up to it for SWD) against the reference."""
-        # on the GPU when training there: SWD sorts millions of projections at the paper's image count
-        _, swd = score.sliced_wasserstein(ref.real, _cycled(images, len(ref.real)),
-                                          dir_repeats=max(1, opt.swd_directions // 128), seed=self.seed)
-        kid_mean, _ = score.kid(ref.feats, score.extract_features(self.net, images), n_subsets=50, seed=self.seed)
-        return {"swd": round(swd, 6), "kid": round(kid_mean, 6)}
-
-    def _distinct(self, images: ImageSet, indices: np.ndarray, opt: Options, rng: np.random.Generator):
-        """At most score_images of `indices`, drawn at random and sorted, and their images."""
-        pick = np.sort(rng.permutation(len(indices))[:opt.score_images])
-        return pick, score.read_batch(images, indices[pick], opt.resolution).to(self.device)
-
-    def reference(self, opt: Options, data: ModelData) -> Reference:
-        """The model's validation images and its floor, noise and blur scores (computed once per model)."""
-        if data.name not in self._refs:
-            rng = np.random.default_rng((self.seed, len(data.val_indices)))
-            pick, val = self._distinct(self.val, data.val_indices, opt, rng)
-            y = None if data.val_class_ids is None else _cycled(torch.from_numpy(data.val_class_ids[pick]),
-                                                                 opt.score_images)
-            ref = Reference(_cycled(val, opt.score_images), score.extract_features(self.net, val), y,
-                            {"images": opt.score_images, "val_images": len(pick)})
-            _, train = self._distinct(self.train, data.indices, opt, rng)
-            noise = score.noise_images(_cycled(train, opt.score_images), self.seed)
-            for name, imitation in (("floor", train), ("noise", noise), ("blur", score.blurred(train))):
-                ref.scores.update({f"{k}_{name}": v for k, v in self._compare(opt, ref, imitation).items()})
-            self._refs[data.name] = ref
-        return self._refs[data.name]
-
-    def score(self, G, opt: Options, data: ModelData, depth, alpha, epoch: int) -> dict:
-        """The epoch's SWD and KID, with the model's floor beside them."""
-        ref = self.reference(opt, data)
-        g = torch.Generator().manual_seed(self.seed + 1)  # the same latents every epoch: epochs differ by G only
-        z = torch.randn(opt.score_images, opt.latent_dim, generator=g).to(self.device)
-        y = None if ref.class_ids is None else ref.class_ids.to(self.device)
-        noise = torch.Generator(self.device).manual_seed(self.seed + 2)  # sg2ada's noise maps: likewise the same
-        fake = generate(G, opt, z, y, depth, alpha, noise=noise).to(self.device)
-        return {**self._compare(opt, ref, fake), "swd_floor": ref.scores["swd_floor"],
-                "kid_floor": ref.scores["kid_floor"]}
-
-
 # ---- the stage ----
 
 def model_data(meta, val_meta, opt: Options) -> list[ModelData]:
@@ -484,82 +403,6 @@ def stage_world(n_models: int, processes: int) -> int:
     """Processes sharing each batch: all of them for a stage of one model; none for several (train_gan
     divides the models among the processes, each training its own alone, as it would in one process)."""
     return processes if n_models == 1 else 1
-
-
-def run_key(opt: Options) -> str:
-    """The name of a run's resume state: a hash of what shapes the weights, the options (the number of
-    processes sharing a batch among them). `epochs` is left out where a longer run only adds epochs to a
-    shorter one: always for DCGAN, for PGGAN with a fixed images_per_phase (else the growth phases stretch
-    with the epochs), for sg2ada unless its EMA's default half-life (a quarter of the run) can act: a half-life
-    set, or a ramp-up of at most 1 / PHASE_QUARTERS, which keeps it below that. Raising the epochs then
-    continues the trained models, and lowering them takes the first epochs of the longer run without training."""
-    key = opt.to_json()
-    ema_fixed = opt.ema_half_life is not None or (opt.ema_rampup or 1.0) <= 1 / PHASE_QUARTERS
-    if opt.arch == "dcgan" or opt.images_per_phase is not None or (opt.arch == "sg2ada" and ema_fixed):
-        del key["epochs"]
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def check_world(stage_states: Path, opt: Options) -> None:
-    """ValueError when this stage's run was begun by another number of processes sharing each batch: its
-    stddev groups and per-rank seeds would change under this one, so it cannot continue, and a new run beside
-    it would silently set its training aside."""
-    if any((stage_states / run_key(opt)).glob("*/checkpoint.pt")) or not stage_states.is_dir():
-        return
-    for state in stage_states.iterdir():
-        try:
-            other = Options.from_json(json.loads((state / "options.json").read_text()))
-        except (OSError, ValueError, TypeError):  # no options, or those of an older version
-            continue
-        if (other.world != opt.world and run_key(replace(other, world=opt.world)) == run_key(opt)
-                and any(state.glob("*/checkpoint.pt"))):
-            raise ValueError(f"{state} holds this stage's run begun by {other.world} process(es) sharing each batch, "
-                             f"this run has {opt.world}: set launch to {other.world} processes to continue it, or "
-                             "delete that folder to start over")
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    """A hard link where the filesystem allows (the resume state's files are replaced, never rewritten, so
-    nothing writes through the link, neither into DVC's cache should DVC link the output there), else a copy."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
-
-
-def write_output(state: Path, out: Path, opt: Options, results: dict[str, list[dict]]) -> None:
-    """The stage output from a trained resume state: options.json and, per model, epochs 1..total_epochs of the
-    log, grids and speed, and the generators kept. Built beside `out` and renamed into place, so `out` is always one whole run."""
-    tmp, old = out.with_name(f".{out.name}.tmp-new"), out.with_name(f".{out.name}.tmp-old")
-    for leftover in (tmp, old):  # of a run killed while writing
-        remove_tree(leftover)
-    write_json(tmp / "options.json", opt.to_json())
-    for name, rows in results.items():
-        atomic_write_text(tmp / name / "log.jsonl", _jsonl(rows))
-        speed = {r["epoch"]: r for r in read_log(state / name, "speed.jsonl")}  # a killed epoch's line: its rerun's
-        atomic_write_text(tmp / name / "speed.jsonl", _jsonl(speed[r["epoch"]] for r in rows if r["epoch"] in speed))
-        for r in rows:
-            kept = [epoch_file(Path(name), r["epoch"])] if r["snapshot"] else []
-            for path in kept + [Path(name) / "grids" / f"{r['epoch']:03d}.png"]:
-                _link_or_copy(state / path, tmp / path)
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    remove_tree(old)
-
-
-def _prune(stage_states: Path, kept: Path) -> None:
-    """Remove the stage's resume states but `kept` and the most recently used other one that completed an epoch,
-    so a setting tried and reverted (or a run given up for another) can still continue, and the folder stays at
-    two runs. A state with no completed epoch (a run that crashed before its first ended) has nothing to resume:
-    it goes, however recent, and never displaces one that has."""
-    others = [d for d in stage_states.iterdir() if d.is_dir() and d != kept]
-    resumable = sorted((d for d in others if any(d.glob("*/checkpoint.pt"))),
-                       key=lambda d: (d / "options.json").stat().st_mtime if (d / "options.json").is_file() else 0)
-    for d in others:
-        if d not in resumable[-1:]:
-            shutil.rmtree(d)
 
 
 def stage_options(p, arch: str, modality: str, setup: str, train_set: Path, processes: int) -> Options:
@@ -613,7 +456,7 @@ def train_gan(opt: Options, train_set: Path, val_set: Path, feature_net: Path, o
     opt, models, plans = check_run(opt, train_set, val_set, feature_net, stage_states, world)
     state = stage_states / run_key(opt)
     if rank == 0:
-        write_json(state / "options.json", opt.to_json())  # its time says which state was used last (_prune)
+        write_json(state / "options.json", opt.to_json())  # its time says which state was used last (prune)
     if world > 1:
         dist.barrier()
     mine = models if opt.world > 1 else models[rank::world]
@@ -628,11 +471,11 @@ def train_gan(opt: Options, train_set: Path, val_set: Path, feature_net: Path, o
         if rank == 0:
             results = {d.name: trained[d.name][0] for d in models}
             write_output(state, out, opt, results)
-            _prune(stage_states, state)
+            prune(stage_states, state)
             summary = summarise(results, {d.name: trained[d.name][1] for d in models}, plans, opt, trend_tail)
             write_json(metrics_path, summary)
             write_curves(results, scores_path, losses_path)
-            _warn(summary, log)
+            warn(summary, log)
             tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
             tracker.log_artifact(scores_path)
             for name, rows in results.items():  # drawn from real images, no gate passed: tracking.real_images
@@ -700,66 +543,3 @@ def train_alone(opt: Options, data: ModelData, train_set: Path, val_set: Path, f
     return train_model(opt, data, scorer.train, model_dir, scorer, device), scorer.reference(opt, data).scores
 
 
-def trend(rows: list[dict], tail: float) -> dict:
-    """Whether a model was still improving when training stopped: its best epoch lies in the last `tail`
-    share of the epochs (at least the last 2) and its SWD still falls there (least-squares slope per epoch)."""
-    last = rows[-max(2, math.ceil(tail * len(rows))):]
-    slope = float(np.polyfit([r["epoch"] for r in last], [r["swd"] for r in last], 1)[0]) if len(last) > 1 else 0.0
-    return {"swd_tail_slope": round(slope, 6),
-            "still_improving": bool(best_epoch(rows) >= last[0]["epoch"] and slope < 0)}
-
-
-def model_summary(rows: list[dict], ref: dict, tail: float) -> dict:
-    """One model's best and last scores, its real floor, the baseline (the better of two trivial imitations:
-    noise with the real colours, blurred real images), its trend, `swd_relative` (the best SWD on a scale
-    where real images score 0 and the baseline 1) and `learnt` (swd_relative below LEARNT_BELOW)."""
-    best = next(r for r in rows if r["epoch"] == best_epoch(rows))
-    baseline = min(ref["swd_noise"], ref["swd_blur"])
-    relative = (best["swd"] - ref["swd_floor"]) / max(baseline - ref["swd_floor"], 1e-12)
-    return {"best_epoch": best["epoch"], "swd_best": best["swd"], "kid_best": best["kid"], "swd_last": rows[-1]["swd"],
-            "kid_last": rows[-1]["kid"], **ref, "swd_baseline": baseline,
-            "swd_best_over_floor": round(best["swd"] / max(ref["swd_floor"], 1e-12), 3),
-            "swd_relative": round(relative, 3), **trend(rows, tail), "learnt": bool(relative < LEARNT_BELOW)}
-
-
-def summarise(results: dict[str, list[dict]], refs: dict[str, dict], plans: dict[str, ModelPlan], opt: Options,
-              tail: float) -> dict:
-    """Stage metrics: per model (`per_model`) its model_summary and, for PGGAN, its EMA half-life and the least
-    share of a growth phase in its sampled generator; over the models, the mean of the scores, floors and
-    baselines, `learnt` (every model learnt) and `still_improving` (any model still was)."""
-    per_model = {name: model_summary(rows, refs[name], tail) for name, rows in results.items()}
-    for name, plan in plans.items():
-        if plan.ema_half_life is not None:
-            per_model[name].update(ema_half_life=round(plan.ema_half_life, 1),
-                                   ema_phase_share_min=min(plan.ema_phase_shares.values()))
-    mean = lambda k: round(float(np.mean([m[k] for m in per_model.values()])), 6)  # noqa: E731
-    count = lambda k: sum(m[k] for m in per_model.values())  # noqa: E731
-    return {"models": len(results), "epochs": opt.total_epochs, "score_images": opt.score_images,
-            "val_images": min(m["val_images"] for m in per_model.values()),
-            **{k: mean(k) for k in ("swd_best", "kid_best", "swd_last", "kid_last", "swd_floor", "kid_floor",
-                                    "swd_baseline", "swd_relative")},
-            "best_epoch_mean": round(float(np.mean([m["best_epoch"] for m in per_model.values()])), 2),
-            "models_learnt": count("learnt"), "learnt": count("learnt") == len(per_model),
-            "models_still_improving": count("still_improving"), "still_improving": count("still_improving") > 0,
-            "per_model": per_model}
-
-
-def not_learnt_rule(m: dict) -> str:
-    """The `learnt` rule in words and this model's numbers: its best SWD lies more than LEARNT_BELOW of the way
-    from real images' SWD toward noise or blur's (swd_relative)."""
-    return (f"its best SWD {m['swd_best']:.4f} lies {m['swd_relative']:.0%} of the way from real images' "
-            f"{m['swd_floor']:.4f} toward noise or blur's {m['swd_baseline']:.4f}; a model that learnt lies under "
-            f"{LEARNT_BELOW:.0%}")
-
-
-def _warn(summary: dict, log) -> None:
-    """One line per model that learnt nothing or was still improving at its last epoch."""
-    for name, m in summary["per_model"].items():
-        if not m["learnt"]:
-            log(f"WARNING {name} learnt nothing (best epoch {m['best_epoch']}): {not_learnt_rule(m)}")
-        if m["still_improving"]:
-            log(f"WARNING {name} was still improving at its last epoch (best epoch {m['best_epoch']} of "
-                f"{summary['epochs']}, SWD falling {-m['swd_tail_slope']:.4f} per epoch); train it longer")
-
-
-# ---- sampling for the next stage ----

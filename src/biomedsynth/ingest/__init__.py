@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from biomedsynth.params import Params
+from biomedsynth.paths import INGEST_DETAILS
 from biomedsynth.sources import symlink_loops
 from biomedsynth.store import write_json
 
@@ -49,7 +50,6 @@ class PixelOwners:
 
 # Summary keys that name slides, files or patients: kept in the DVC-cached <out>/ingest.json, counted in the metrics
 NAMING_KEYS = ("per_slide", "skipped_slides", "slides_without_tissue_tiles", "unsupported_files", "unreadable_examples")
-DETAILS = "ingest.json"
 
 
 def shareable(summary: dict, details: Path) -> dict:
@@ -118,9 +118,9 @@ def ingest(modality: str, p: Params, out: Path, summary_path: Path) -> dict:
     skipped = Counter(listing_skipped) + Counter(summary["skipped_by_reason"])
     summary["skipped_by_reason"] = dict(sorted(skipped.items()))
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / DETAILS, summary)
-    write_json(summary_path, shareable(summary, out / DETAILS))
+    write_json(out / INGEST_DETAILS, summary)
+    write_json(summary_path, shareable(summary, out / INGEST_DETAILS))
     summary["timing"] = timing
     if summary["written"] == 0:
-        raise ValueError(f"ingest@{modality}: no usable input in {src.root}; see {out / DETAILS} for what was skipped")
+        raise ValueError(f"ingest@{modality}: no usable input in {src.root}; see {out / INGEST_DETAILS} for what was skipped")
     return summary

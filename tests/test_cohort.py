@@ -2,7 +2,11 @@
 manifest (8- and 16-bit PNGs of three sizes, ages skewed old, a tenth of the scans not normal) and PatchCamelyon
 files without their _meta.csv (no slide ids: the split goes by tile). From ingest to a passing `plan` in one
 `plan --fit --apply`, then the whole pipeline at smoke size, then the datasheet of an exported histology set.
-The walk-through in the README's "Your own data" section is this test's path."""
+The walk-through in the README's "Your own data" section is this test's path.
+
+The same run is the privacy scan end to end (issue 24): every patient id and file name of the cohort starts
+with a distinctive mark, MLflow is on, and afterwards every file `git add -A` would commit, the review page, the
+run's log and the MLflow store are scanned for them and for the real images; then a planted id and tile are found."""
 import json
 import os
 import shutil
@@ -16,6 +20,8 @@ import pandas as pd
 import pytest
 import yaml
 from PIL import Image
+
+from test_privacy import MARK, _png
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -38,10 +44,10 @@ def xray_cohort(scans: Path, patients: int = 200, seed: int = 0) -> pd.DataFrame
             for cx in (0.32, 0.68):
                 body[((y - 0.45) / (lung + 0.1)) ** 2 + ((x - cx) / (lung * 0.45)) ** 2 <= 1] = 0.25
             img = np.clip(body + rng.normal(0, 0.03, body.shape), 0, 1)
-            name = f"scan_{len(rows):04d}.png"
+            name = f"{MARK}-scan-{len(rows):04d}.png"
             Image.fromarray((img * 255).astype(np.uint8) if s % 2 else (img * 60000).astype(np.uint16)).save(
                 scans / name)
-            rows.append({"path": name, "patient_id": f"pt{p:04d}", "sex": sex, "age": age,
+            rows.append({"path": name, "patient_id": f"{MARK}-pt{p:04d}", "sex": sex, "age": age,
                          "finding": "No Finding" if rng.random() < 0.9 else "Effusion"})
     table = pd.DataFrame(rows)
     table.to_csv(scans / "manifest.csv", index=False)
@@ -73,9 +79,10 @@ def test_a_real_shaped_cohort_goes_from_ingest_to_a_passing_plan_in_one_fit_then
             shutil.copy2(ROOT / name, work / name)
     cohort = xray_cohort(work / "data/raw/xray")
     pcam_without_slide_ids(work / "data/raw/histology")
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "BIOMEDSYNTH_MLFLOW": "0",
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "BIOMEDSYNTH_MLFLOW": "1",
            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t.invalid", "GIT_COMMITTER_NAME": "t",
            "GIT_COMMITTER_EMAIL": "t@t.invalid"}
+    env.pop("MLFLOW_TRACKING_URI", None)  # the project's own sqlite store, which the scan reads
 
     def sh(*cmd, ok=True):
         run = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
@@ -119,6 +126,26 @@ def test_a_real_shaped_cohort_goes_from_ingest_to_a_passing_plan_in_one_fit_then
     assert "other slides" not in sheet
     croissant = json.loads((work / "exports" / HISTOLOGY_SET / "croissant.json").read_text())
     assert "tile" in json.dumps(croissant)
-    assert sh("biomedsynth", "check-privacy", "--no-mlflow").returncode == 0  # no patient id reached git
     assert not any(pid in (work / "params.yaml").read_text() for pid in cohort["patient_id"].unique())
     assert yaml.safe_load((work / "params.yaml").read_text())["studygroups"]["xray"]["test_fraction"] > 0
+
+    # no patient id, file name or real image reached git, MLflow, the review page or the run's log
+    (work / "repro.log").write_text(log)
+    with open(work / ".git" / "info" / "exclude", "a") as f:
+        f.write("repro.log\nreview.md\n")
+    sh("biomedsynth", "review", "--base", "HEAD", "--smoke-summary", "metrics/summary.json", "--out", "review.md")
+    meta = pd.read_csv(work / "data" / "interim" / "xray" / "meta.csv")
+    assert meta["patient_id"].str.startswith(MARK).all() and (work / "mlflow.db").is_file()
+    scan = sh("biomedsynth", "check-privacy", "--also", "review.md", "--also", "repro.log")
+    assert "hold none of" in scan.stdout, scan.stdout
+    committable = subprocess.run(["git", "ls-files", "--others", "--exclude-standard"], cwd=work, env=env,
+                                 capture_output=True, text=True).stdout.split()
+    assert "metrics/summary.json" in committable and not [n for n in committable if n.endswith(".png")]
+    # the check can fail: a patient id and a real tile planted in git-tracked metrics are named, the values not
+    tile = np.squeeze(np.load(sorted((work / "data" / "interim" / "histology").glob("shard-*.npy"))[0])[0])
+    (work / "metrics" / "leak.png").write_bytes(_png(tile))
+    (work / "metrics" / "leak.json").write_text(json.dumps({"slowest": meta["patient_id"].iloc[0]}))
+    leak = sh("biomedsynth", "check-privacy", "--also", "review.md", ok=False)
+    assert leak.returncode == 1
+    assert "metrics/leak.png: a real image" in leak.stderr
+    assert "metrics/leak.json: patient or slide ids" in leak.stderr and MARK not in leak.stderr

@@ -33,7 +33,7 @@ test: install
 # Tests that run the pipeline's commands as processes (dvc repro on fixtures, torchrun launches, kills, the privacy
 # scan and a real-shaped cohort end to end): ~20 min, so apart from `make test`.
 test-e2e: install
-	$(BIN)/pytest -m e2e
+	$(BIN)/pytest -m e2e --durations=12  # the slowest, so a CI log shows where its time went
 
 # The smoke profile end to end in a scratch copy of the project (CI runs this after `make test`).
 smoke: install

@@ -240,8 +240,8 @@ def test_sigterm_to_dvc_repro_stops_its_stage(tmp_path, shell):
         assert len(family) > 1
         dvc.send_signal(signal.SIGTERM)
         dvc.wait(timeout=30)
-        deadline = time.time() + 10
-        while any(alive(p) for p in family[1:]) and time.time() < deadline:
+        deadline = time.time() + 30  # its cleanup under CI's load once took over 10 s; the log below tells a stage
+        while any(alive(p) for p in family[1:]) and time.time() < deadline:  # that stopped from one that finished
             time.sleep(0.1)
         assert not [p.pid for p in family[1:] if alive(p)], "the stage ran on after dvc ended"
     assert leftovers(root) == []  # it stopped as on Ctrl-C: its temporary image set removed

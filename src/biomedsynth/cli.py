@@ -547,13 +547,19 @@ def report(params: Path = ParamsOpt):
 
 
 def _exported_sets(p) -> list[str]:
-    """export.sets as set names; a params error (exit 2) naming any that is not one of dvc.yaml's sets."""
+    """export.sets as set names; a params error (exit 2) naming any that is not one of dvc.yaml's sets, or that
+    gan.stages leaves untrained (check_params refuses it before any stage runs, not the export stage at the end)."""
+    from biomedsynth.left_out import reason_left_out
     from biomedsynth.tasks import exported_sets
 
     try:
-        return exported_sets(p.export, p.tasks, _gan_stage_names())
+        listed = exported_sets(p.export, p.tasks, _gan_stage_names())
     except ValueError as e:
         _fail(2, str(e))
+    if isinstance(p.export.sets, list) and (untrained := [s for s in listed if reason_left_out(p, s)]):
+        _fail(2, f"export.sets lists {', '.join(untrained)}, which gan.stages = {p.gan.stages} does not train "
+                 f"({reason_left_out(p, untrained[0]).split(' and ', 1)[1]}): set gan.stages = all or list other sets")
+    return listed
 
 
 @app.command("export")

@@ -549,16 +549,16 @@ def report(params: Path = ParamsOpt):
 def _exported_sets(p) -> list[str]:
     """export.sets as set names; a params error (exit 2) naming any that is not one of dvc.yaml's sets, or that
     gan.stages leaves untrained (check_params refuses it before any stage runs, not the export stage at the end)."""
-    from biomedsynth.left_out import reason_left_out
-    from biomedsynth.tasks import exported_sets
+    from biomedsynth.left_out import trains
+    from biomedsynth.tasks import exported_sets, used_gan_stages
 
     try:
         listed = exported_sets(p.export, p.tasks, _gan_stage_names())
     except ValueError as e:
         _fail(2, str(e))
-    if isinstance(p.export.sets, list) and (untrained := [s for s in listed if reason_left_out(p, s)]):
-        _fail(2, f"export.sets lists {', '.join(untrained)}, which gan.stages = {p.gan.stages} does not train "
-                 f"({reason_left_out(p, untrained[0]).split(' and ', 1)[1]}): set gan.stages = all or list other sets")
+    if isinstance(p.export.sets, list) and (untrained := [s for s in listed if not trains(p, s)]):
+        _fail(2, f"export.sets lists {', '.join(untrained)}, which gan.stages = {p.gan.stages} does not train (the "
+                 f"benchmark uses {', '.join(sorted(used_gan_stages(p.tasks)))}): set gan.stages = all or list others")
     return listed
 
 

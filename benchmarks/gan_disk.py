@@ -12,26 +12,27 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import tempfile
 from pathlib import Path
-
-import yaml
 
 from biomedsynth.gan import checkpoint as C
 from biomedsynth.gan import train as T
-from biomedsynth.params import GROUP_MODALITY, Params
-from biomedsynth.tasks import used_gan_stages
+from biomedsynth.params import Params, load_params
+from biomedsynth.params_edit import apply_profile
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = {"x_norm": (120_570, 50), "x_norm_l": (71_026, 30), "h_norm": (40_000, 1), "h_tumor": (40_000, 1)}
 
 
 def profile_params(name: str) -> Params:
-    """params.yaml with the profile's keys over it, as `biomedsynth profile NAME` would write it."""
-    def merge(base: dict, over: dict) -> dict:
-        return {k: merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
-                for k, v in {**base, **over}.items()}
-    base = yaml.safe_load((ROOT / "params.yaml").read_text())
-    return Params.model_validate(merge(base, yaml.safe_load((ROOT / "profiles" / f"{name}.yaml").read_text())))
+    """params.yaml with the profile's keys over it, as `biomedsynth profile NAME` writes it (gan.stages' preset
+    made a table)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "params.yaml"
+        shutil.copy(ROOT / "params.yaml", path)
+        apply_profile(name, path)
+        return load_params(path)
 
 
 def group_sizes(profile: str) -> dict[str, tuple[int, int]]:
@@ -47,17 +48,15 @@ def main() -> None:
     ap.add_argument("--profile", default="paper", choices=["paper", "default", "smoke"])
     args = ap.parse_args()
     p = profile_params(args.profile)
-    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["train_gan"]["foreach"]
     total = 0
     print(f"{'stage':24} {'models':>6} {'kept/model':>10} {'MB each':>8} {'GB':>7}")
-    trained = [s for s in stages if p.gan.stages == "all" or s in used_gan_stages(p.tasks)]
-    for name in trained:
-        item = stages[name]
-        images, labels = group_sizes(args.profile)[item["group"]]
-        models = 1 if item["setup"] == "cond" else labels
-        per_model = images if item["setup"] == "cond" else images // labels
-        opt = C.Options.from_params(p, item["arch"], GROUP_MODALITY[item["group"]], item["setup"],
-                                    tuple(f"l{k}" for k in range(labels)), 3 if item["modality"] == "histology" else 1)
+    for name, item in p.gan.stages.items():
+        setup = name.rsplit("-", 1)[1]
+        images, labels = group_sizes(args.profile)[item.group]
+        models = 1 if setup == "cond" else labels
+        per_model = images if setup == "cond" else images // labels
+        opt = C.Options.from_params(p, item.arch, item.modality, setup,
+                                    tuple(f"l{k}" for k in range(labels)), 3 if item.modality == "histology" else 1)
         kept = len(T.kept_epochs(opt, per_model))
         size = models * kept * T.snapshot_bytes(opt)
         total += size

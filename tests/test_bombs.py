@@ -24,7 +24,8 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEG2000Lossless, JPEGLo
 import biomedsynth
 from biomedsynth.ingest import ingest
 from biomedsynth.ingest.histology import ingest_histology
-from biomedsynth.params import ParamsError, load_params, set_params
+from biomedsynth.params import ParamsError, load_params
+from biomedsynth.params_edit import set_params
 from biomedsynth.sources import SlideRecord, scans
 from biomedsynth.sources.budget import OverPixelBudget
 from biomedsynth.sources.folder import read_rgb
@@ -286,7 +287,7 @@ def test_budget_knob_checked_and_a_stage_dependency(tmp_path):
     shutil.copy(CODE_ROOT / "params.yaml", tmp_path / "params.yaml")
     with pytest.raises(ParamsError) as err:
         set_params(["ingest.histology.tile_size=256", "ingest.max_pixels=60000"], tmp_path / "params.yaml")
-    assert str(err.value) == ("set: ingest.max_pixels = 60000: Value error, below one histology tile "
+    assert str(err.value) == ("set: ingest.max_pixels = 60000: below one histology tile "
                               "(ingest.histology.tile_size^2 = 65536)")
     stage = yaml.safe_load((CODE_ROOT / "dvc.yaml").read_text())["stages"]["ingest"]
     assert "ingest.max_pixels" in stage.get("do", stage)["params"]  # a foreach stage, or a matrix one

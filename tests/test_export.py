@@ -31,7 +31,8 @@ from biomedsynth.cli import app
 from biomedsynth.export import PngWriter, label_columns, staged, verify_checksums, write_checksums
 from biomedsynth.gan import score
 from biomedsynth.gan.score import read_batch
-from biomedsynth.params import apply_profile, set_params
+from biomedsynth.params import ParamsError
+from biomedsynth.params_edit import apply_profile, set_params
 from biomedsynth.store import ImageSet, ImageSetWriter, write_json
 from test_gan_train import net_metrics
 
@@ -184,8 +185,8 @@ def project(tmp_path_factory, one_thread_here):
         mp.chdir(root)
         mp.setenv("BIOMEDSYNTH_MLFLOW", "0")
         mp.setenv("BIOMEDSYNTH_DEVICE", "cpu")
-        run_ok(["train-gan", "dcgan", "x_norm", "cond"])
-        run_ok(["synthesize", "dcgan", "x_norm", "cond"])
+        run_ok(["train-gan", "dcgan-x_norm-cond"])
+        run_ok(["synthesize", "dcgan-x_norm-cond"])
     write_json(root / "metrics/studygroups.json", studygroups_metrics(root))
     histology = ["dcgan-h_norm-uncond", "dcgan-h_tumor-uncond"]
     write_json(root / "metrics/summary.json", {
@@ -249,8 +250,8 @@ def tile_project(tmp_path_factory, one_thread_here):
         mp.chdir(root)
         mp.setenv("BIOMEDSYNTH_MLFLOW", "0")
         mp.setenv("BIOMEDSYNTH_DEVICE", "cpu")
-        run_ok(["train-gan", "dcgan", "h_norm", "uncond"])
-        run_ok(["synthesize", "dcgan", "h_norm", "uncond"])
+        run_ok(["train-gan", "dcgan-h_norm-uncond"])
+        run_ok(["synthesize", "dcgan-h_norm-uncond"])
     write_json(root / "metrics/studygroups.json", studygroups_metrics(root, "h_norm", "tile"))
     write_json(root / "metrics/ingest/histology.json", {"split_unit": "tile", "warnings": [TILE_LEVEL_WARNING]})
     stages = [TILE_NAME, "dcgan-h_tumor-uncond"]
@@ -431,7 +432,7 @@ def copying(project, tmp_path_factory):
         mp.chdir(root)
         mp.setenv("BIOMEDSYNTH_DEVICE", "cpu")
         planted(root, mp, half_copies)
-        run_ok(["synthesize", "dcgan", "x_norm", "cond"])
+        run_ok(["synthesize", "dcgan-x_norm-cond"])
     record_synthesize_metrics(root)
     return root
 
@@ -542,7 +543,7 @@ def test_a_set_that_passes_still_leaves_without_its_near_copies(project, tmp_pat
         return drawn
 
     planted(root, monkeypatch, one_copy)
-    run_ok(["synthesize", "dcgan", "x_norm", "cond"])
+    run_ok(["synthesize", "dcgan-x_norm-cond"])
     record_synthesize_metrics(root)
     synth = json.loads((root / f"metrics/synthesize/{NAME}.json").read_text())
     meta = ImageSet(root / "data/synthetic" / NAME).meta
@@ -614,7 +615,7 @@ def test_the_stage_exports_the_sets_params_list_and_notes_the_others(at):
     set_params([f"export.sets=[{NAME}]"], "listed.yaml")
     result = run_ok(["export-sets", "--params", "listed.yaml"])
     assert f"export pggan-x_norm-cond: not exported: export.sets lists {NAME}" in result.output
-    names = yaml.safe_load((at / "dvc.yaml").read_text())["stages"]["train_gan"]["foreach"]
+    names = yaml.safe_load((at / "params.yaml").read_text())["gan"]["stages"]  # the smoke profile's: all eighteen
     assert sorted(p.parent.name for p in (at / "exports").glob("*/SHA256SUMS")) == [NAME]
     noted = sorted(p.parent.name for p in (at / "exports").glob("*/not_exported.json"))
     assert noted == sorted(set(names) - {NAME})  # every other set says why it is not there
@@ -623,15 +624,17 @@ def test_the_stage_exports_the_sets_params_list_and_notes_the_others(at):
     assert (at / "exports" / NAME / "croissant.json").is_file()
     bad = CliRunner().invoke(app, ["export", "gan-x_norm-cond"])
     assert bad.exit_code == 2 and "set = 'gan-x_norm-cond': allowed dcgan-x_norm-uncond" in bad.output
-    set_params(["export.sets=[sg9-x_norm-cond]"], "listed.yaml")
-    bad = CliRunner().invoke(app, ["export-sets", "--params", "listed.yaml"])
-    assert bad.exit_code == 2 and "export.sets names sg9-x_norm-cond, not a set of dvc.yaml's" in bad.output
-    # a listed set gan.stages does not train is refused by check_params, before any stage runs (the export stage
-    # at the end of a `dvc exp run -S tasks.xray.arch=dcgan` failed on it: "no synthetic set to export")
-    set_params(["export.sets=[sg2ada-h_norm-uncond]", "gan.stages=table3"], "listed.yaml")
+    with pytest.raises(ParamsError, match="export.sets lists sg9-x_norm-cond, which gan.stages does not list"):
+        set_params(["export.sets=[sg9-x_norm-cond]"], "listed.yaml")
+    # a listed set no stage draws is refused by check_params, before any stage runs (the export stage at the end of
+    # a `dvc exp run -S tasks.xray.arch=dcgan` failed on it: "no synthetic set to export")
+    listed = yaml.safe_load(Path("listed.yaml").read_text())
+    listed["gan"]["stages"].pop("sg2ada-h_norm-uncond")
+    listed["export"]["sets"] = ["sg2ada-h_norm-uncond"]
+    Path("listed.yaml").write_text(yaml.safe_dump(listed))
     bad = CliRunner().invoke(app, ["check-params", "--params", "listed.yaml"])
-    assert bad.exit_code == 2 and "export.sets lists sg2ada-h_norm-uncond, which gan.stages = table3 does not " \
-                                  "train (the benchmark uses " in bad.output, bad.output
+    assert bad.exit_code == 2 and "export.sets lists sg2ada-h_norm-uncond, which gan.stages does not list (it " \
+                                  "lists dcgan-h_norm-uncond, " in bad.output, bad.output
 
 
 def test_an_export_never_replaces_a_folder_of_other_files(tmp_path):

@@ -14,7 +14,8 @@ import yaml
 from dvc.repo import Repo
 
 import biomedsynth
-from biomedsynth.params import ParamsError, load_params, set_params
+from biomedsynth.params import ParamsError, load_params
+from biomedsynth.params_edit import set_params
 from test_faults import CLI, ENV, xray_project
 
 # the project of the biomedsynth imported (PYTHONPATH may name another checkout): its dvc.yaml and params.yaml

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 import biomedsynth
 from biomedsynth.cli import app
-from biomedsynth.params import apply_profile
+from biomedsynth.params_edit import apply_profile
 from biomedsynth.store import ImageSet, ImageSetWriter
 
 CODE = Path(biomedsynth.__file__).resolve().parents[2]  # the checkout under test (PYTHONPATH may name another)
@@ -196,7 +196,7 @@ def test_sigterm_ends_train_gan_like_ctrl_c(tmp_path):
             return None
 
     with (root / "stderr.log").open("w") as log, \
-            running(CLI + ["train-gan", "dcgan", "x_norm", "cond"], root, env, stderr=log) as (proc, _):
+            running(CLI + ["train-gan", "dcgan-x_norm-cond"], root, env, stderr=log) as (proc, _):
         assert wait_for(runs_and_metrics, "an epoch logged to MLflow", timeout=120) == [("RUNNING",)]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 128 + signal.SIGTERM
@@ -208,11 +208,11 @@ def test_sigterm_ends_train_gan_like_ctrl_c(tmp_path):
 def test_a_second_train_gan_on_one_stage_stops_at_once(tmp_path):
     root = gan_project(tmp_path, **{"gan.xray.epochs_cond": 500})
     stage = root / "models/gan/dcgan-x_norm-cond"
-    with running(CLI + ["train-gan", "dcgan", "x_norm", "cond"], root, stderr=subprocess.DEVNULL) as (first, _):
+    with running(CLI + ["train-gan", "dcgan-x_norm-cond"], root, stderr=subprocess.DEVNULL) as (first, _):
         wait_for(lambda: list(root.rglob("log.jsonl")), "the first run's first epoch", timeout=120)
         being_written = stage.with_name(f".{stage.name}.tmp-by-the-first")  # what only the holder may clear
         being_written.mkdir(parents=True)
-        second = subprocess.run(CLI + ["train-gan", "dcgan", "x_norm", "cond"], cwd=root, env=ENV, capture_output=True,
+        second = subprocess.run(CLI + ["train-gan", "dcgan-x_norm-cond"], cwd=root, env=ENV, capture_output=True,
                                 text=True, timeout=60)
         assert first.poll() is None and being_written.is_dir()  # the first undisturbed
     assert second.returncode == 1
@@ -352,7 +352,7 @@ def test_a_device_that_is_not_there_is_one_line_naming_those_there_are(tmp_path,
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("BIOMEDSYNTH_MLFLOW", "0")
     monkeypatch.setenv("BIOMEDSYNTH_DEVICE", "cuda:99")
-    result = CliRunner().invoke(app, ["train-gan", "dcgan", "x_norm", "cond"])
+    result = CliRunner().invoke(app, ["train-gan", "dcgan-x_norm-cond"])
     lines = result.output.strip().splitlines()
     assert result.exit_code == 1 and len(lines) == 1, result.output
     assert lines[0].startswith("biomedsynth: device cuda:99 (BIOMEDSYNTH_DEVICE or params device): this machine has ")

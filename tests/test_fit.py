@@ -20,7 +20,6 @@ from biomedsynth.store import ImageSetWriter
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parent / "data"
-STAGES = list(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["train_gan"]["foreach"])
 
 
 def issue_cohort() -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -85,7 +84,7 @@ def test_fit_apply_takes_the_issues_cohort_from_failing_plan_to_passing_plan_in_
 
     after = runner.invoke(app, ["plan"])
     assert after.exit_code == 0 and after.output.rstrip().endswith("advice: none"), after.output
-    clusters = make_plan(*issue_cohort(), p, STAGES)["tasks"]
+    clusters = make_plan(*issue_cohort(), p)["tasks"]
     assert all(min(t["test"]["clusters_per_class"].values()) >= FEW_CLUSTERS for t in clusters.values())
 
     shutil.copy(ROOT / "params.yaml", "params.yaml")  # the printed command, as a user pastes it, on fresh params
@@ -99,7 +98,7 @@ def test_fit_on_the_issues_cohort_proposes_bins_every_label_of_every_side_can_fi
     bins, patients = age_bins(xray)
     assert [bins[0][0], bins[-1][1]] == [xray["age"].min(), xray["age"].max()]  # all the ages, in three bins
     assert min(patients.values()) >= 3 * 5  # the 3 young women of the study's 18-38 now share a bin with 12+ more
-    fit = fit_plan(xray, histology, Params.model_validate(yaml.safe_load((ROOT / "params.yaml").read_text())), STAGES)
+    fit = fit_plan(xray, histology, Params.model_validate(yaml.safe_load((ROOT / "params.yaml").read_text())))
     assert fit.plan["advice"] == []
     for group in ("x_norm", "x_norm_l"):
         for side, s in fit.plan["groups"][group].items():
@@ -112,17 +111,17 @@ def test_fit_on_the_issues_cohort_proposes_bins_every_label_of_every_side_can_fi
 
     d = yaml.safe_load((ROOT / "params.yaml").read_text())
     d["gan"] |= {"stages": "all", "xray": d["gan"]["xray"] | {"batch_size": 64}}  # per-label models of ~50 scans
-    batched = fit_plan(xray, histology, Params.model_validate(d), STAGES)
+    batched = fit_plan(xray, histology, Params.model_validate(d))
     unbatched = with_values(Params.model_validate(d), {k: v for k, v in batched.values.items() if k.startswith("s")
                                                        or k.startswith("tasks")})
     assert any(line.startswith("train_gan@dcgan-x_norm-uncond model") and "gan.xray.batch_size=" in line
-               for line in make_plan(xray, histology, unbatched, STAGES)["advice"])
+               for line in make_plan(xray, histology, unbatched)["advice"])
     smallest = min(m["images"] for s in batched.plan["gans"].values() for m in s.values())
     assert batched.values["gan.xray.batch_size"] == 1 << (smallest.bit_length() - 1) < 64
     assert batched.plan["advice"] == []
 
     wider = fit_plan(xray, histology, Params.model_validate(yaml.safe_load((ROOT / "params.yaml").read_text())),
-                     STAGES, min_test_clusters=12)  # a narrower interval asked: more patients held out
+                     min_test_clusters=12)  # a narrower interval asked: more patients held out
     assert wider.values["studygroups.xray.test_fraction"] > STUDY_TEST_SHARE["xray"]
     assert all(min(wider.plan["tasks"][t]["test"]["clusters_per_class"].values()) >= 12
                for t in ("xray_sex", "xray_age"))
@@ -175,12 +174,12 @@ def test_fit_on_the_built_in_sample_beside_the_default_profile():
     committed results' params) differs. The default's numbers stay: changing them would invalidate the results."""
     p = load_params(ROOT / "params.yaml")
     assert p.profile == "default"
-    default_plan = make_plan(*sample_cohort(), p, STAGES)
+    default_plan = make_plan(*sample_cohort(), p)
     # 920/1000, 220/250, 504/600; X-Norm-L's 998/1000, 246/250, 596/600 are balancing's rounding (plan.short), which
     # plan once flagged, and whose advice (ask what was reached) rounded off again
     assert [line.split(":")[0] for line in default_plan["advice"]] == [
         "studygroups x_norm train", "studygroups x_norm val", "studygroups x_norm test"]
-    fit = fit_plan(*sample_cohort(), p, STAGES)
+    fit = fit_plan(*sample_cohort(), p)
     assert fit.plan["advice"] == []
     differs = {k: v for k, v in fit.values.items()
                if v != _value(yaml.safe_load((ROOT / "params.yaml").read_text()), k)}

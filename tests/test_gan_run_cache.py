@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from biomedsynth.params import gan_stage_table
 from test_gan_train import CLI, PYTHONPATH, ROOT, smoke_project, stage_files
 
 pytestmark = pytest.mark.e2e  # dvc repro on a trimmed project, twice per test
@@ -25,8 +26,7 @@ def dvc_project(root: Path) -> dict:
                    capture_output=True)                                        # no stage of this dvc.yaml
     pipeline = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     stages = {name: stage for name, stage in pipeline.items() if name in ("check_params", "check_gan", "train_gan")}
-    models = stages["train_gan"]["foreach"]
-    stages["train_gan"] = {**stages["train_gan"], "foreach": {STAGE: models[STAGE]}}
+    stages["train_gan"] = {**stages["train_gan"], "foreach": {STAGE: gan_stage_table()[STAGE]}}
     (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
     for stage in stages.values():
         for dep in stage.get("do", stage)["deps"]:

@@ -271,13 +271,13 @@ def test_train_gan_stage_then_synthesizer_samples_each_label(study, tmp_path, mo
 
 @pytest.mark.usefixtures("one_thread")
 def test_sg2ada_stage_from_params_writes_the_layout_logs_ada_and_samples_each_label(tmp_path, monkeypatch):
-    """tasks.xray.arch: sg2ada selects its stage under gan.stages: table3 (the others sg2ada has say so); train-gan
+    """tasks.xray.arch: sg2ada selects its stage under gan.stages=table3 (the others sg2ada has are no stages); train-gan
     writes the stage layout, logs ADA's p and r_t and R1 per epoch, and its Synthesizer draws every label, the
     same images for the same seed."""
     monkeypatch.setenv("BIOMEDSYNTH_MLFLOW", "0")
     monkeypatch.chdir(smoke_project(tmp_path))
     assert CliRunner().invoke(app, ["set", "gan.stages=table3", "tasks.xray.arch=sg2ada"]).exit_code == 0
-    result = CliRunner().invoke(app, ["train-gan", "sg2ada", "x_norm", "cond"])
+    result = CliRunner().invoke(app, ["train-gan", "sg2ada-x_norm-cond"])
     assert result.exit_code == 0, result.output
     out = Path("models/gan/sg2ada-x_norm-cond")
     opt = C.Options.from_json(json.loads((out / "options.json").read_text()))
@@ -293,8 +293,8 @@ def test_sg2ada_stage_from_params_writes_the_layout_logs_ada_and_samples_each_la
         images = gen.sample(label, 3, np.random.default_rng(0))
         assert images.shape == (3, 32, 32, 1) and images.dtype == np.uint8
         np.testing.assert_array_equal(images, gen.sample(label, 3, np.random.default_rng(0)))
-    left_out = CliRunner().invoke(app, ["train-gan", "sg2ada", "h_norm", "uncond"])
-    assert left_out.exit_code == 0 and "not trained: gan.stages is table3" in left_out.output
+    left_out = CliRunner().invoke(app, ["train-gan", "sg2ada-h_norm-uncond"])
+    assert left_out.exit_code == 2 and "'sg2ada-h_norm-uncond' is not a GAN stage" in left_out.output
 
 
 class Replay(torch.nn.Module):
@@ -356,7 +356,7 @@ def test_kill_9_of_the_cli_stage_resumes_to_the_bytes_of_a_straight_run(tmp_path
     """The real thing: SIGKILL train-gan after its first epoch, run it again: the stage output is the same bytes
     as an uninterrupted run's (so dvc.lock does not depend on whether a run was interrupted)."""
     env = {**os.environ, "BIOMEDSYNTH_MLFLOW": "0", "PYTHONPATH": PYTHONPATH, "PYTHONUNBUFFERED": "1"}
-    cmd = CLI + ["train-gan", "pggan", "x_norm", "cond"]  # PGGAN: layers join the optimiser after the resume
+    cmd = CLI + ["train-gan", "pggan-x_norm-cond"]  # PGGAN: layers join the optimiser after the resume
     straight, killed = (smoke_project(tmp_path / name) for name in ("straight", "killed"))
     for root in (straight, killed):
         subprocess.run(CLI + ["set", "gan.xray.epochs_cond=4"], cwd=root, check=True, capture_output=True)
@@ -388,7 +388,7 @@ def test_launch_two_cpu_processes_train_with_rank_0_writing(tmp_path):
     subprocess.run(CLI + ["set", "launch.nproc_per_node=2"], cwd=tmp_path, check=True, capture_output=True)
     env = {**os.environ, "BIOMEDSYNTH_MLFLOW": "0", "OMP_NUM_THREADS": "1", "PYTHONPATH": PYTHONPATH,
            "BIOMEDSYNTH_DEVICE": "cpu"}  # gloo on CPU even where a GPU is present
-    run = subprocess.run([*CLI, "train-gan", "pggan", "x_norm", "cond"], cwd=tmp_path, env=env,
+    run = subprocess.run([*CLI, "train-gan", "pggan-x_norm-cond"], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.count("2 processes: torchrun --standalone --nproc-per-node 2 --module biomedsynth") == 1
@@ -415,7 +415,7 @@ def test_a_multi_label_stage_trains_the_same_weights_in_one_process_and_in_two(t
     for processes in (1, 2):
         root = smoke_project(tmp_path / f"{processes}-processes")
         subprocess.run(CLI + ["set", f"launch.nproc_per_node={processes}"], cwd=root, check=True, capture_output=True)
-        run = subprocess.run([*CLI, "train-gan", "dcgan", "x_norm", "uncond"], cwd=root, env=env,
+        run = subprocess.run([*CLI, "train-gan", "dcgan-x_norm-uncond"], cwd=root, env=env,
                              capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stderr[-2000:]
         outputs.append(stage_files(root, "dcgan-x_norm-uncond"))
@@ -433,7 +433,7 @@ def test_two_nodes_of_one_process_train_the_bytes_of_one_node_of_two(tmp_path):
 
     env = {**os.environ, "BIOMEDSYNTH_MLFLOW": "0", "OMP_NUM_THREADS": "1", "PYTHONPATH": PYTHONPATH,
            "BIOMEDSYNTH_DEVICE": "cpu"}
-    cmd = [*CLI, "train-gan", "pggan", "x_norm", "cond"]
+    cmd = [*CLI, "train-gan", "pggan-x_norm-cond"]
     one = smoke_project(tmp_path / "one-node")
     subprocess.run(CLI + ["set", "launch.nproc_per_node=2"], cwd=one, check=True, capture_output=True)
     run = subprocess.run(cmd, cwd=one, env=env, capture_output=True, text=True, timeout=300)
@@ -539,10 +539,10 @@ def test_a_knob_the_data_cannot_serve_leaves_the_trained_model_as_it_was(tmp_pat
     root = smoke_project(tmp_path)
     monkeypatch.chdir(root)
     monkeypatch.setenv("BIOMEDSYNTH_MLFLOW", "0")
-    assert CliRunner().invoke(app, ["train-gan", arch, "x_norm", "cond"]).exit_code == 0
+    assert CliRunner().invoke(app, ["train-gan", f"{arch}-x_norm-cond"]).exit_code == 0
     trained = {p: p.read_bytes() for p in sorted(Path().rglob("*")) if p.is_file() and p.parts[0] in ("models", ".cache")}
     assert CliRunner().invoke(app, ["set", knob]).exit_code == 0
-    result = CliRunner().invoke(app, ["train-gan", arch, "x_norm", "cond"])
+    result = CliRunner().invoke(app, ["train-gan", f"{arch}-x_norm-cond"])
     assert {p: p.read_bytes() for p in sorted(Path().rglob("*")) if p.is_file() and p.parts[0] in ("models", ".cache")} \
         == trained
     assert result.exit_code == 1 and result.output.count("\n") == 1 and error in result.output, result.output
@@ -555,7 +555,7 @@ def test_a_gan_side_that_is_not_a_power_of_two_is_refused_at_params_load(tmp_pat
     (tmp_path / "params.yaml").write_text(text)
     with pytest.raises(ParamsError, match=f"gan.xray.resolution = {side}: .*must be a power of two"):
         load_params(tmp_path / "params.yaml")
-    result = CliRunner().invoke(app, ["train-gan", "dcgan", "x_norm", "cond"])
+    result = CliRunner().invoke(app, ["train-gan", "dcgan-x_norm-cond"])
     assert result.exit_code == 2 and "gan.xray.resolution" in result.output
 
 

@@ -10,7 +10,8 @@ from typer.testing import CliRunner
 from biomedsynth.cli import app
 from biomedsynth.ingest import ingest
 from biomedsynth.ingest.histology import TILE_LEVEL_WARNING, ingest_histology, tissue_mask
-from biomedsynth.params import load_params, set_params
+from biomedsynth.params import load_params
+from biomedsynth.params_edit import set_params
 from biomedsynth.sources import SlideRecord, Tile
 from biomedsynth.sources.wsi import write_annotation_xml, write_pyramidal_tiff
 from biomedsynth.store import ImageSet

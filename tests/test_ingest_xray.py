@@ -14,7 +14,8 @@ from scipy import ndimage
 import biomedsynth
 from biomedsynth.ingest import ingest
 from biomedsynth.ingest.xray import fit_square, find_lungs, ingest_xray, lung_hull, normalise, preprocess_scan
-from biomedsynth.params import load_params, set_params
+from biomedsynth.params import load_params
+from biomedsynth.params_edit import set_params
 from biomedsynth.sources import ScanRecord
 from biomedsynth.store import ImageSet
 from test_scans import BUDGET

@@ -55,7 +55,7 @@ def _poison(node):
 def test_a_former_launcher_value_runs_nothing(tmp_path, injection):
     """The train_gan command DVC runs, under params.yaml `launcher: <injection>`: refused at params load
     (an unknown key), exit 2, one line, and the shell ran nothing."""
-    cmd = _stage_commands(tmp_path, lambda p: p.update(launcher=injection))["train_gan@dcgan-x_norm-uncond"]
+    cmd = _stage_commands(tmp_path, lambda p: p.update(launcher=injection))["train_gan@pggan-x_norm-cond"]
     run = subprocess.run(["bash", "-c", cmd], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
     assert not (tmp_path / "X").exists()
     assert run.returncode == 2 and len(run.stderr.splitlines()) == 1 and "unknown key 'launcher'" in run.stderr
@@ -84,6 +84,23 @@ def test_stage_commands_interpolate_only_their_own_loop():
         refs = re.findall(r"\$\{([^}]*)\}", cmd)
         assert all(re.fullmatch(r"key|item(\.\w+)?", ref) for ref in refs), (name, cmd)
         assert not refs or not isinstance(stage.get("foreach", stage.get("matrix")), str), name
+
+
+def test_a_hostile_gan_stage_name_reaches_no_shell(tmp_path):
+    """gan.stages' names become DVC's stage names (train_gan@<name>), never command text: under a hostile name every
+    command stays as dvc.yaml writes it, and check_params, which every stage runs after, refuses the name in one
+    line (and so would the GAN commands, reading it from DVC_STAGE: tests/test_pipeline.py)."""
+    def hostile(params):
+        params["gan"]["stages"]["x;touch X"] = {"arch": "dcgan", "group": "x_norm", "modality": "xray"}
+
+    commands = _stage_commands(tmp_path, hostile)
+    assert (commands["train_gan@x;touch X"], commands["synthesize@x;touch X"]) == (
+        "biomedsynth train-gan", "biomedsynth synthesize")
+    assert not [name for name, cmd in commands.items() if "touch" in cmd]
+    run = subprocess.run(["bash", "-c", commands["check_params"]], cwd=tmp_path, env=ENV, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 2 and len(run.stderr.splitlines()) == 1 and "'x;touch X' is no GAN stage" in run.stderr
+    assert not (tmp_path / "X").exists()
 
 
 @pytest.mark.parametrize("injection", INJECTIONS + ["x;touch X"])
@@ -127,11 +144,11 @@ def test_torchrun_reads_the_launch_back_as_given(tmp_path, monkeypatch):
         "--standalone", "--nproc-per-node", "4", "--module", "biomedsynth", "classify", "xray_sex", "vgg16"]
     nodes = load_params(_params(tmp_path, lambda p: p["launch"].update(
         nproc_per_node=8, nnodes=2, node_rank=1, rdzv_endpoint="node0:29500"))).launch
-    args = parse_args(distributed.torchrun_args(nodes, ["train-gan", "dcgan", "x_norm", "cond", "--params", "p.yaml"]))
+    args = parse_args(distributed.torchrun_args(nodes, ["train-gan", "dcgan-x_norm-cond", "--params", "p.yaml"]))
     assert (args.nproc_per_node, args.nnodes, args.node_rank, args.rdzv_endpoint, args.standalone, args.module) == (
         "8", "2", 1, "node0:29500", False, True)
     assert (args.training_script, args.training_script_args) == (
-        "biomedsynth", ["train-gan", "dcgan", "x_norm", "cond", "--params", "p.yaml"])
+        "biomedsynth", ["train-gan", "dcgan-x_norm-cond", "--params", "p.yaml"])
     monkeypatch.setenv("WORLD_SIZE", "4")
     assert distributed.run_workers(one, ["classify", "xray_sex", "vgg16"]) is None
 

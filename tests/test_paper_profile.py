@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from biomedsynth.params import apply_profile, load_params
+from biomedsynth.params import load_params
+from biomedsynth.params_edit import apply_profile
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = (ROOT / "docs" / "SPEC.md").read_text()

@@ -7,8 +7,8 @@ import yaml
 from typer.testing import CliRunner
 
 from biomedsynth.cli import app
-from biomedsynth.params import (DVC_IGNORED_KEYS, PROFILES_DIR, ParamsError, apply_profile, dotted_keys, load_params,
-                                profile_table, profile_values, set_params)
+from biomedsynth.params import DVC_IGNORED_KEYS, ParamsError, load_params
+from biomedsynth.params_edit import PROFILES_DIR, apply_profile, dotted_keys, profile_table, profile_values, set_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -147,7 +147,7 @@ def test_the_issues_latent_dim_stops_train_gan_in_one_line_before_any_work(tmp_p
     it passed params load (with data, train-gan then died allocating, in a traceback)."""
     path = _write(tmp_path, lambda d: d["gan"]["histology"].update(latent_dim=1e9))
     monkeypatch.chdir(tmp_path)
-    result = CliRunner().invoke(app, ["train-gan", "dcgan", "h_norm", "uncond"])
+    result = CliRunner().invoke(app, ["train-gan", "dcgan-h_norm-uncond"])
     assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
     assert "gan.histology.latent_dim = 1000000000.0: Input should be less than or equal to 4096" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
@@ -198,3 +198,55 @@ def test_set_writes_a_list_emptied_again_as_valid_yaml(tmp_path):
     set_params(["export.allow_unlearnt=[]"], params)
     assert load_params(params).export.allow_unlearnt == []
     assert "  allow_unlearnt: []" in params.read_text()
+
+
+def _stages(path) -> list[str]:
+    return list(yaml.safe_load(Path(path).read_text())["gan"]["stages"])
+
+
+def test_a_gan_stages_preset_is_written_as_its_table_under_the_tasks_as_set(tmp_path):
+    """gan.stages is the table dvc.yaml loops over; `set` writes a preset's from the tasks it leaves, and a Table 3
+    set no stage draws is refused at load (every command, check_params first), naming the -S that adds its stage."""
+    path = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", path)
+    assert _stages(path) == ["dcgan-h_norm-uncond", "dcgan-h_tumor-uncond", "pggan-x_norm-cond"]  # table3
+    assert set_params(["gan.stages=table3_sets"], path) == ["gan.stages"]
+    assert _stages(path) == [f"{a}-{s}" for a in ("dcgan", "pggan", "sg2ada")
+                             for s in ("x_norm-cond", "h_norm-uncond", "h_tumor-uncond")]
+    assert len(set_params(["gan.stages=all"], path)) == 1 and len(_stages(path)) == 18
+    assert set_params(["tasks.xray.arch=sg2ada", "gan.stages=table3"], path) == ["tasks.xray.arch", "gan.stages"]
+    assert _stages(path) == ["dcgan-h_norm-uncond", "dcgan-h_tumor-uncond", "sg2ada-x_norm-cond"]
+    assert set_params(["gan.stages=table3"], path) == []  # the same table: nothing changed
+    with pytest.raises(ParamsError, match=r"the benchmark \(tasks\) uses dcgan-x_norm-cond, which gan.stages does not "
+                       r"list: add it \(`biomedsynth set gan.stages=table3`, or dvc exp run -S "
+                       r"'\+\+gan.stages.dcgan-x_norm-cond=\{arch: dcgan, group: x_norm, modality: xray\}'\)"):
+        set_params(["tasks.xray.arch=dcgan"], path)
+    with pytest.raises(ParamsError, match="gan.stages = 'table4': a preset"):
+        set_params(["gan.stages=table4"], path)
+    assert load_params(path).tasks.xray.arch == "sg2ada"  # nothing refused was written
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s.update({"dcgan-h_norm-uncond": {"arch": "pggan", "group": "h_norm", "modality": "histology"}}),
+     "gan.stages: dcgan-h_norm-uncond: its entry must be {arch: dcgan, group: h_norm, modality: histology}"),
+    (lambda s: s.update({"dcgan-h_norm-cond": {"arch": "dcgan", "group": "h_norm", "modality": "histology"}}),
+     "gan.stages: 'dcgan-h_norm-cond' is no GAN stage"),  # the study trained no conditional histology model
+    (lambda s: s.update({"x;touch X": {"arch": "dcgan", "group": "x_norm", "modality": "xray"}}),
+     "gan.stages: 'x;touch X' is no GAN stage"),
+    (lambda s: s.pop("pggan-x_norm-cond"), "the benchmark (tasks) uses pggan-x_norm-cond, which gan.stages does not"),
+])
+def test_a_gan_stage_entry_must_be_the_one_its_name_says(tmp_path, edit, message):
+    path = _write(tmp_path, lambda d: edit(d["gan"]["stages"]))
+    with pytest.raises(ParamsError) as err:
+        load_params(path)
+    assert message in str(err.value) and len(str(err.value).splitlines()) == 1
+
+
+def test_a_preset_left_in_the_file_by_an_earlier_version_is_refused_and_set_mends_it(tmp_path):
+    path = _write(tmp_path, lambda d: d["gan"].update(stages="table3"))
+    with pytest.raises(ParamsError, match="gan.stages = 'table3': a table of GAN stages, not a preset: `biomedsynth "
+                                          "set gan.stages=table3` writes table3's"):
+        load_params(path)
+    result = CliRunner().invoke(app, ["set", "gan.stages=table3", "--params", str(path)])
+    assert result.exit_code == 0, result.output
+    assert list(load_params(path).gan.stages) == ["dcgan-h_norm-uncond", "dcgan-h_tumor-uncond", "pggan-x_norm-cond"]

@@ -4,11 +4,12 @@ import shutil
 from pathlib import Path
 
 import yaml
+from dvc.repo import Repo
 from PIL import Image
 from typer.testing import CliRunner
 
 from biomedsynth.cli import app
-from biomedsynth.params import apply_profile
+from biomedsynth.params_edit import apply_profile
 from biomedsynth.store import ImageSet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,29 +56,38 @@ def test_sample_ingest_studygroups(tmp_path, monkeypatch):
         assert not set(train["patient_id"]) & set(test["patient_id"])
 
 
-def test_a_gan_stage_table3_does_not_use_says_so_and_keeps_what_it_holds(tmp_path, monkeypatch):
-    """gan.stages: table3 trains only the sets the benchmark uses; another stage writes `trained: false` and
-    empty curves, and leaves a model trained earlier in place (a setting never deletes a trained model)."""
+def test_the_gan_stages_are_the_table_of_params_and_their_commands_check_the_name(tmp_path, monkeypatch):
+    """dvc.yaml runs one train_gan and one synthesize stage per entry of gan.stages, and no other: the default's three
+    (Table 3's sets). Their command is fixed text and takes its name from DVC_STAGE; a name the table does not
+    list, from DVC_STAGE or the command line, is refused in one line (exit 2) before anything is written."""
     monkeypatch.chdir(tmp_path)
-    shutil.copy(ROOT / "params.yaml", "params.yaml")
-    p = yaml.safe_load(Path("params.yaml").read_text())
-    assert p["gan"]["stages"] == "table3" and p["tasks"]["xray"]["arch"] == "pggan"
-    earlier = Path("models/gan/dcgan-x_norm_l-uncond/F_18-30/checkpoint.pt")
-    earlier.parent.mkdir(parents=True)
-    earlier.write_bytes(b"trained earlier")
+    for f in ("params.yaml", "dvc.yaml"):
+        shutil.copy(ROOT / f, f)
+    Repo.init(tmp_path, no_scm=True).close()
+    with Repo(tmp_path) as repo:
+        gan = sorted(s.addressing for s in repo.index.stages if s.addressing.startswith(("train_gan", "synthesize@")))
+        assert {s.cmd for s in repo.index.stages if s.addressing in gan} == {"biomedsynth train-gan",
+                                                                              "biomedsynth synthesize"}
+    table3 = ["dcgan-h_norm-uncond", "dcgan-h_tumor-uncond", "pggan-x_norm-cond"]
+    assert gan == [f"synthesize@{n}" for n in table3] + [f"train_gan@{n}" for n in table3]
     run = CliRunner().invoke
-    result = run(app, ["train-gan", "dcgan", "x_norm_l", "uncond"])
-    assert result.exit_code == 0 and "not trained: gan.stages is table3" in result.output, result.output
-    assert json.loads(Path("metrics/gan/dcgan-x_norm_l-uncond.json").read_text())["trained"] is False
-    assert Path("metrics/gan/scores/dcgan-x_norm_l-uncond.csv").read_text() == "epoch,swd,kid,swd_floor,kid_floor\n"
-    assert earlier.read_bytes() == b"trained earlier"
-    result = run(app, ["synthesize", "dcgan", "x_norm_l", "uncond"])
-    assert result.exit_code == 0 and "not drawn" in result.output
-    assert json.loads(Path("metrics/synthesize/dcgan-x_norm_l-uncond.json").read_text())["synthesized"] is False
-    # no empty output folder (DVC warned "'<output>' is empty" for each): a note and a figure of the reason
-    assert json.loads(Path("data/synthetic/dcgan-x_norm_l-uncond/not_drawn.json").read_text())["synthesized"] is False
-    assert [p.name for p in Path("data/evidence/dcgan-x_norm_l-uncond").iterdir()] == ["not_drawn.png"]
-    assert Image.open("data/evidence/dcgan-x_norm_l-uncond/not_drawn.png").getextrema()[0] < 64  # text drawn
+    for env, args, message in [
+            ({"DVC_STAGE": "train_gan@dcgan-x_norm_l-uncond"}, [], "'dcgan-x_norm_l-uncond' is not a GAN stage of "
+             "params gan.stages (dcgan-h_norm-uncond, dcgan-h_tumor-uncond, pggan-x_norm-cond)"),
+            ({"DVC_STAGE": "train_gan@x;touch X"}, [], "'x;touch X' is not a GAN stage"),
+            ({"DVC_STAGE": "synthesize@pggan-x_norm-cond"}, [], "under `dvc repro` it is the stage's (train_gan@<name>)"
+             ", and DVC_STAGE is synthesize@pggan-x_norm-cond"),
+            ({}, [], "DVC_STAGE is unset"),
+            ({}, ["sg2ada-h_norm-uncond"], "'sg2ada-h_norm-uncond' is not a GAN stage")]:
+        monkeypatch.delenv("DVC_STAGE", raising=False)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        result = run(app, ["train-gan", *args])
+        assert result.exit_code == 2 and message in result.output, result.output
+    assert not Path("X").exists() and not Path("models").exists() and not Path("metrics").exists()
+    monkeypatch.setenv("DVC_STAGE", "synthesize@dcgan-x_norm_l-uncond")
+    result = run(app, ["synthesize"])
+    assert result.exit_code == 2 and "'dcgan-x_norm_l-uncond' is not a GAN stage" in result.output
 
 
 def test_synthesize_warns_when_its_gan_learnt_nothing(tmp_path, monkeypatch):
@@ -101,20 +111,19 @@ def test_synthesize_warns_when_its_gan_learnt_nothing(tmp_path, monkeypatch):
 
 def test_a_stage_removes_what_an_earlier_layout_of_it_left_beside_its_outputs(tmp_path, monkeypatch):
     """Found on a real cohort: metrics/synthesize/<set>-closest.png files of an earlier layout sat beside the new
-    results (one under the name of a stage that no longer drew anything). The stage that owned them removes them;
-    another stage's files, one whose name only starts alike included, stay."""
+    results (one under the name of a stage that no longer drew anything). The stage that owned them removes them
+    when it starts (here it then stops: no GAN was trained); another stage's files, one whose name only starts alike
+    included, stay."""
     monkeypatch.chdir(tmp_path)
     shutil.copy(ROOT / "params.yaml", "params.yaml")
     folder = Path("metrics/synthesize")
     folder.mkdir(parents=True)
-    planted = ["dcgan-x_norm-uncond-closest.png", "dcgan-x_norm-uncond.old.csv", "dcgan-x_norm_l-uncond-closest.png",
-               "dcgan-x_norm-cond-closest.png", "dcgan-x_norm-cond.json"]
+    planted = ["dcgan-h_norm-uncond-closest.png", "dcgan-h_norm-uncond.old.csv", "dcgan-h_norm-uncond_x-closest.png",
+               "dcgan-h_tumor-uncond-closest.png", "dcgan-h_tumor-uncond.json"]
     for name in planted:
         (folder / name).write_bytes(b"an earlier layout")
-    result = CliRunner().invoke(app, ["synthesize", "dcgan", "x_norm", "uncond"])
-    assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in folder.iterdir()) == sorted(
-        ["dcgan-x_norm-uncond.json", "dcgan-x_norm_l-uncond-closest.png", "dcgan-x_norm-cond-closest.png",
-         "dcgan-x_norm-cond.json"])
-    assert "removed metrics/synthesize/dcgan-x_norm-uncond-closest.png: an earlier version of this stage wrote it" \
-           in result.output and "dcgan-x_norm_l" not in result.output
+    result = CliRunner().invoke(app, ["synthesize", "dcgan-h_norm-uncond"])
+    assert result.exit_code == 1 and "models/gan/dcgan-h_norm-uncond" in result.output, result.output
+    assert sorted(p.name for p in folder.iterdir()) == sorted(planted[2:])
+    assert "removed metrics/synthesize/dcgan-h_norm-uncond-closest.png: an earlier version of this stage wrote it" \
+           in result.output and "dcgan-h_tumor" not in result.output and "uncond_x" not in result.output

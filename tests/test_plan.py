@@ -6,18 +6,18 @@ import pytest
 import yaml
 from pathlib import Path
 
-from biomedsynth.params import Params
+from biomedsynth.params import Params, Tasks, gan_stages_preset
 from biomedsynth.plan import make_plan, short
 from biomedsynth.studygroups import GroupError, check_fill, choose_groups, summarise_groups
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["pggan-x_norm-cond", "dcgan-x_norm-uncond", "dcgan-h_norm-uncond", "dcgan-h_tumor-uncond"]
 
 
 def params(stages: str = "table3", **gan_xray) -> Params:
+    """params.yaml with x_norm's sizes set, the stages of a gan.stages preset and these gan.xray values."""
     d = yaml.safe_load((ROOT / "params.yaml").read_text())
     d["studygroups"]["xray"]["x_norm"].update(train=500, test=100)
-    d["gan"]["stages"] = stages
+    d["gan"]["stages"] = gan_stages_preset(stages, Tasks.model_validate(d["tasks"]))
     d["gan"]["xray"].update(gan_xray)
     return Params.model_validate(d)
 
@@ -42,23 +42,21 @@ def test_a_group_the_data_cannot_fill_stops_studygroups_with_the_plans_line():
     with pytest.raises(GroupError, match=r"x_norm train: \d+/500 images \(below studygroups.min_fill 50%; "
                                          r"smallest label [FM]_18-38"):
         check_fill(summary, p.studygroups.min_fill)
-    plan = make_plan(scans(np.random.default_rng(0)), slides(), p, STAGES)
+    plan = make_plan(scans(np.random.default_rng(0)), slides(), p)
     assert any(line.startswith("studygroups x_norm train:") and "studygroups.xray.x_norm.train" in line
                for line in plan["advice"])
 
 
 def test_plan_counts_gan_steps_and_names_a_model_smaller_than_a_batch():
     data = scans(np.random.default_rng(1), n_old=900, n_young=300), slides()
-    plan = make_plan(*data, params(batch_size=64), STAGES)
-    assert list(plan["gans"]) == ["pggan-x_norm-cond", "dcgan-h_norm-uncond", "dcgan-h_tumor-uncond"]  # table3
-    every = [f"{arch}-{s}" for arch in ("dcgan", "pggan", "sg2ada") for s in ("x_norm-uncond", "x_norm-cond",
-             "x_norm_l-uncond", "x_norm_l-cond", "h_norm-uncond", "h_tumor-uncond")]
-    side_by_side = make_plan(*data, params("table3_sets", batch_size=64), every)["gans"]
+    plan = make_plan(*data, params(batch_size=64))
+    assert list(plan["gans"]) == ["dcgan-h_norm-uncond", "dcgan-h_tumor-uncond", "pggan-x_norm-cond"]  # table3
+    side_by_side = make_plan(*data, params("table3_sets", batch_size=64))["gans"]
     assert sorted(side_by_side) == sorted(f"{arch}-{s}" for arch in ("dcgan", "pggan", "sg2ada")
                                           for s in ("x_norm-cond", "h_norm-uncond", "h_tumor-uncond"))
     cond = plan["gans"]["pggan-x_norm-cond"]["conditional"]
     assert cond["steps_per_epoch"] == cond["images"] // 64 and cond["steps"] == cond["steps_per_epoch"] * cond["epochs"]
-    plan = make_plan(*data, params("all", batch_size=200, epochs_uncond=10), STAGES)  # ~80 scans a label
+    plan = make_plan(*data, params("all", batch_size=200, epochs_uncond=10))  # ~80 scans a label
     models = plan["gans"]["dcgan-x_norm-uncond"]
     assert len(models) == 4 and all(0 < v["images"] < 200 and v["steps_per_epoch"] == 0 for v in models.values())
     assert all(any(f"model {m}: {v['images']} images, fewer than one batch of 200: biomedsynth set "
@@ -83,7 +81,7 @@ def test_every_set_line_the_plan_advises_is_accepted_by_set(tmp_path, monkeypatc
     d["tasks"]["xray"]["sex"].update(train=4000, test=900)
     d["tasks"]["histology"].update(train=5000, test=3000)
     p = Params.model_validate({**d, "gan": {**d["gan"], "xray": {**d["gan"]["xray"], "batch_size": 1024}}})
-    plan = make_plan(scans(np.random.default_rng(0), n_old=120, n_young=30), slides(), p, STAGES)
+    plan = make_plan(scans(np.random.default_rng(0), n_old=120, n_young=30), slides(), p)
     advised = [line.split("biomedsynth set ", 1)[1].split(", or")[0] for line in plan["advice"]
                if "biomedsynth set " in line]
     assert {a.split("=")[0] for a in advised} >= {"studygroups.xray.x_norm.train", "gan.xray.batch_size",
@@ -106,7 +104,7 @@ def test_plan_lists_every_side_the_data_cannot_make_with_its_cause_in_one_run():
     cohort = pd.DataFrame({"patient_id": [f"p{i}" for i in range(len(ages))], "age": ages, "sex": sexes,
                            "normal": True})
     p = params()
-    plan = make_plan(cohort, slides(), p, STAGES)
+    plan = make_plan(cohort, slides(), p)
     assert plan["advice"][0] == "x_norm val: no normal scans for label(s) F_18-38; the age bins are the cause: in " \
                                 "the whole cohort F_18-38 2 patients, and train, val and test each need one: widen " \
                                 "studygroups.xray.x_norm.age_bins"

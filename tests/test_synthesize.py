@@ -8,6 +8,7 @@ import pytest
 from biomedsynth.evidence import feature_net_space
 from biomedsynth.gan import feature_net as FN
 from biomedsynth.gan import score
+from biomedsynth.params import gan_stage_table
 from biomedsynth.store import ImageSet, ImageSetWriter, write_json
 from biomedsynth.synthesize import (average_hash, calibrate_hash_threshold, check_sets, feature_space_reliability,
                                     nearest_hamming, synthesize)
@@ -342,7 +343,7 @@ def test_a_checkpoint_the_gan_did_not_keep_stops_dvc_repro_before_it_clears_the_
     tiny_group(root / "data/studygroups/x_norm/test", n=32, seed=2)
     name = "pggan-x_norm-cond"
     stages = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
-    one = {name: stages["train_gan"]["foreach"][name]}
+    one = {name: gan_stage_table()[name]}
     stages = {"check_params": stages["check_params"], "check_synthesize": stages["check_synthesize"],
               "check_gan": {**stages["check_gan"], "deps": [d for d in stages["check_gan"]["deps"]
                                                             if "feature_net/histology" not in d]},

@@ -119,7 +119,7 @@ def test_train_gan_stops_in_one_line_on_a_planted_feature_net(tmp_path, monkeypa
     monkeypatch.chdir(root)
     net = Path("models/feature_net/xray.pt")
     plant(net, tmp_path / "payload-ran")
-    result = CliRunner().invoke(app, ["train-gan", "dcgan", "x_norm", "cond"])
+    result = CliRunner().invoke(app, ["train-gan", "dcgan-x_norm-cond"])
     assert result.exit_code == 1 and result.output.count("\n") == 1 and str(net) in result.output, result.output
     assert not (tmp_path / "payload-ran").exists() and not Path("models/gan").exists()
 

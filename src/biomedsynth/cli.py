@@ -9,8 +9,8 @@ from pathlib import Path
 import typer
 
 from biomedsynth import lifetime
-from biomedsynth.gan import ARCH_NAMES
-from biomedsynth.params import GROUP_MODALITY, ParamsError, apply_profile, load_params, set_params
+from biomedsynth.params import ParamsError, load_params
+from biomedsynth.params_edit import apply_profile, set_params
 from biomedsynth.paths import (CLASSIFIERS, EVIDENCE, EXPORTS, FEATURE_NETS, FEATURES, GAN_MODELS, GAN_STATES, INTERIM,
                                METRICS, PREDICTIONS, RAW, REPORTS, STUDYGROUPS, SYNTHETIC, TASK_SETS, outputs)
 from biomedsynth.sources import UnreadableInput
@@ -111,7 +111,7 @@ def profile(name: str = typer.Argument(None, help="smoke | default | paper"), pa
             show: bool = typer.Option(False, "--show", help="print what each profile sets, side by side")):
     """Switch params.yaml to a size profile (keeps comments; `dvc params diff` shows the change), or --show them."""
     if show:
-        from biomedsynth.params import profile_table
+        from biomedsynth.params_edit import profile_table
 
         def shown(value) -> str:  # a long list (the paper's 25 age bins) by its start and length
             text = json.dumps(value)
@@ -129,10 +129,11 @@ def profile(name: str = typer.Argument(None, help="smoke | default | paper"), pa
 
 
 def _change_params(params: Path, what: str, change) -> None:
-    """Run `change` (it returns the dotted keys it changed) on a valid params file; list them, or fail in one line."""
-    _params(params)
+    """Run `change` (it returns the dotted keys it changed) on a params file; list them, or fail in one line. The
+    result is checked whole before it is written, so a change may also mend a file that no longer loads (a
+    gan.stages preset written there by an earlier version: `biomedsynth set gan.stages=table3`)."""
     try:
-        changed = change()
+        changed = _run(change)
     except ParamsError as e:
         _fail(2, str(e))
     typer.echo(f"{params}: {what}{len(changed)} value(s) changed" + "".join(f"\n  {k}" for k in changed))
@@ -143,8 +144,6 @@ def set_cmd(assignments: list[str] = typer.Argument(..., help="key=value, e.g. s
             params: Path = ParamsOpt):
     """Set knobs in params.yaml (values read as YAML), keeping its comments; checked before it is written."""
     _change_params(params, "", lambda: set_params(assignments, params))
-
-
 
 
 def _passed(check: str) -> None:
@@ -158,13 +157,13 @@ def _passed(check: str) -> None:
 
 @app.command("check-params")
 def check_params(params: Path = ParamsOpt):
-    """check_params, the first stage, which every stage depends on: the whole params file (and export.sets against
-    dvc.yaml's sets) checked before DVC clears any stage's outputs, so a refused knob costs no output. Symlink loops
-    in the source roots, on which DVC stops, are listed in .dvcignore: run it when `dvc status` stops on one."""
+    """check_params, the first stage, which every stage depends on: the whole params file (gan.stages' names, and a
+    stage for every set Table 3 and export.sets use) checked before DVC clears any stage's outputs, so a refused
+    knob costs no output. Symlink loops in the source roots, on which DVC stops, are listed in .dvcignore: run it
+    when `dvc status` stops on one."""
     from biomedsynth.sources import dvcignore_loops, symlink_loops
 
     p = _params(params)
-    _exported_sets(p)
     loops = [loop for src in (p.sources.xray, p.sources.histology) for loop in _run(symlink_loops, src.root)]
     unreached = _run(dvcignore_loops, loops, Path(".dvcignore"))
     if loops:
@@ -212,15 +211,26 @@ def studygroups(params: Path = ParamsOpt):
             for side, s in sides.items()))
 
 
-def _gan_stages() -> dict[str, dict]:
-    """dvc.yaml's GAN stages (the table train_gan loops over), in its order: name -> arch, group, setup, modality."""
-    import yaml
+def _gan_stages(p) -> dict[str, dict]:
+    """The GAN stages dvc.yaml runs (params gan.stages, the table train_gan and synthesize loop over), in its order:
+    name -> arch, group, modality."""
+    return {name: stage.model_dump() for name, stage in p.gan.stages.items()}
 
-    return yaml.safe_load(Path("dvc.yaml").read_text())["stages"]["train_gan"]["foreach"]
 
-
-def _gan_stage_names() -> list[str]:
-    return list(_gan_stages())
+def _stage_name(command: str, name: str | None, p) -> str:
+    """The GAN stage a train-gan or synthesize command runs: NAME, or the one DVC runs it for ($DVC_STAGE,
+    <stage>@<name>): dvc.yaml's command is fixed text, so no params value reaches the shell; the name is checked
+    against gan.stages (params.py checked each entry) before anything uses it."""
+    stage = command.replace("-", "_")
+    if name is None:
+        dvc_stage = os.environ.get("DVC_STAGE", "")
+        if not dvc_stage.startswith(f"{stage}@"):
+            _fail(2, f"{command}: name a GAN stage of params gan.stages ({', '.join(p.gan.stages)}); under `dvc repro`"
+                     f" it is the stage's ({stage}@<name>), and DVC_STAGE is {dvc_stage or 'unset'}")
+        name = dvc_stage.partition("@")[2]
+    if name not in p.gan.stages:
+        _fail(2, f"{command}: {name!r} is not a GAN stage of params gan.stages ({', '.join(p.gan.stages)})")
+    return name
 
 
 @app.command()
@@ -246,9 +256,9 @@ def plan(params: Path = ParamsOpt, out: Path = typer.Option(None, help="also wri
     p = _params(params)
     metas = _run(lambda: (ImageSet(INTERIM / "xray").meta, ImageSet(INTERIM / "histology").meta))
     if not fit:
-        result = _run(make_plan, *metas, p, _gan_stage_names())
+        result = _run(make_plan, *metas, p)
     else:
-        fitted = _run(fit_plan, *metas, p, _gan_stage_names(),
+        fitted = _run(fit_plan, *metas, p,
                       FEW_CLUSTERS if min_test_clusters is None else min_test_clusters)
         result = fitted.plan
         typer.echo("plan --fit: values that fit the ingested cohort (rule: README, plan --fit):")
@@ -292,60 +302,41 @@ def check_gan(params: Path = ParamsOpt):
     """check_gan: what each train_gan stage would refuse in its data, feature net or resume state (a batch larger
     than a model's images, PGGAN's growth past its epochs, ...), checked before DVC clears any GAN model."""
     from biomedsynth.gan.train import check_run, stage_options
-    from biomedsynth.left_out import reason_left_out
-
     p = _params(params)
     processes = p.launch.nproc_per_node * p.launch.nnodes
 
     def check(name: str, stage: dict) -> None:
         train_set = STUDYGROUPS / stage["group"] / "train"
         try:
-            opt = stage_options(p, stage["arch"], stage["modality"], stage["setup"], train_set, processes)
+            opt = stage_options(p, stage["arch"], stage["modality"], name.rsplit("-", 1)[1], train_set, processes)
             check_run(opt, train_set, train_set.with_name("val"), FEATURE_NETS / f"{stage['modality']}.pt",
                       GAN_STATES / name, processes)
         except ValueError as e:
             raise ValueError(f"train_gan@{name}: {e}") from None
 
-    for name, stage in _gan_stages().items():
-        if not reason_left_out(p, name):
-            _run(check, name, stage)
+    for name, stage in _gan_stages(p).items():
+        _run(check, name, stage)
     _passed("gan")
 
 
-ArchArg = typer.Argument(..., help=" | ".join(ARCH_NAMES))
-GroupArg = typer.Argument(..., help="x_norm | x_norm_l | h_norm | h_tumor")
-SetupArg = typer.Argument(..., help="uncond (one model per label) | cond (one model fed the label)")
-
-
-def _check_model(arch: str, group: str, setup: str) -> str:
-    """The stage's name, arch-group-setup (its folder under models/gan and data/synthetic)."""
-    for key, value, allowed in (("arch", arch, ARCH_NAMES), ("group", group, tuple(GROUP_MODALITY)),
-                                ("setup", setup, ("uncond", "cond"))):
-        if value not in allowed:
-            _fail(2, f"{key} = {value!r}: allowed {', '.join(allowed)}")
-    return f"{arch}-{group}-{setup}"
+StageArg = typer.Argument(None, help="a GAN stage of params gan.stages, <arch>-<group>-<setup> (default: the one "
+                          "`dvc repro` runs, from DVC_STAGE)")
 
 
 @app.command("train-gan")
-def train_gan(arch: str = ArchArg, group: str = GroupArg, setup: str = SetupArg, params: Path = ParamsOpt):
+def train_gan(name: str = StageArg, params: Path = ParamsOpt):
     """train_gan@<arch>-<group>-<setup>: train, checkpoint and score the GANs of one study group."""
-    from biomedsynth.left_out import reason_left_out, write_not_trained
-
-    name = _check_model(arch, group, setup)
     p = _params(params)
-    modality = GROUP_MODALITY[group]
-    train_set = STUDYGROUPS / group / "train"
-    model, metrics, scores, losses = outputs("train-gan", arch, group, setup)
+    name = _stage_name("train-gan", name, p)
+    stage = p.gan.stages[name]
+    arch, modality, setup = stage.arch, stage.modality, name.rsplit("-", 1)[1]
+    train_set = STUDYGROUPS / stage.group / "train"
+    model, metrics, scores, losses = outputs("train-gan", name)
     _writes(model, metrics, scores, losses, GAN_STATES / name)
-    if reason := reason_left_out(p, name):  # its outputs say so (before the training code's imports: seconds)
-        write_not_trained(reason, model, metrics, scores, losses)
-        _stamp(p, metrics)
-        typer.echo(f"train_gan@{name}: {reason}")
-        return
     from biomedsynth.gan.train import stage_options, train_gan as run_train_gan
 
     opt = _run(stage_options, p, arch, modality, setup, train_set, p.launch.nproc_per_node * p.launch.nnodes)
-    _in_workers(p, ["train-gan", arch, group, setup, "--params", str(params)])
+    _in_workers(p, ["train-gan", name, "--params", str(params)])
     tracked = {"seed": p.seed, "gan": {modality: getattr(p.gan, modality).model_dump(),
                                        arch: getattr(p.gan, arch).model_dump(), "score": p.gan.score.model_dump(),
                                        "snapshots": p.gan.snapshots.model_dump()}}
@@ -359,24 +350,18 @@ def train_gan(arch: str = ArchArg, group: str = GroupArg, setup: str = SetupArg,
 
 
 @app.command()
-def synthesize(arch: str = ArchArg, group: str = GroupArg, setup: str = SetupArg, params: Path = ParamsOpt):
+def synthesize(name: str = StageArg, params: Path = ParamsOpt):
     """synthesize@<arch>-<group>-<setup>: a synthetic copy of the group's training set, screened, with evidence on
     fidelity and copying."""
-    from biomedsynth.left_out import reason_left_out, write_not_drawn
-
-    name = _check_model(arch, group, setup)
     p = _params(params)
-    synthetic, metrics, evidence = outputs("synthesize", arch, group, setup)
+    name = _stage_name("synthesize", name, p)
+    stage = p.gan.stages[name]
+    synthetic, metrics, evidence = outputs("synthesize", name)
     _writes(synthetic, metrics, evidence)
-    if reason := reason_left_out(p, name):
-        write_not_drawn(reason, synthetic, metrics, evidence)
-        _stamp(p, metrics)
-        typer.echo(f"synthesize@{name}: not drawn ({reason})")
-        return
     from biomedsynth.synthesize import synthesize_stage
 
-    summary = _run(synthesize_stage, p, arch, group, setup, synthetic, metrics, evidence,
-                   warn=lambda line: typer.echo(line, err=True))
+    summary = _run(synthesize_stage, p, stage.arch, stage.group, name.rsplit("-", 1)[1], synthetic, metrics,
+                   evidence, warn=lambda line: typer.echo(line, err=True))
     _print_summary(f"synthesize@{name}", summary)
 
 
@@ -385,7 +370,6 @@ def check_synthesize(params: Path = ParamsOpt):
     """check_synthesize: what each synthesize stage would refuse (a checkpoint epoch its GAN did not keep, too few
     held-out patients or images for the evidence), checked before DVC clears any synthetic set."""
     from biomedsynth.gan.checkpoint import checkpoint_epochs
-    from biomedsynth.left_out import reason_left_out
     from biomedsynth.store import ImageSet
     from biomedsynth.synthesize import check_sets
 
@@ -404,9 +388,8 @@ def check_synthesize(params: Path = ParamsOpt):
         except (ValueError, FileNotFoundError) as e:
             raise ValueError(f"synthesize@{name}: {e}") from None
 
-    for name, stage in _gan_stages().items():
-        if not reason_left_out(p, name):
-            _run(check, name, stage["group"])
+    for name, stage in _gan_stages(p).items():
+        _run(check, name, stage["group"])
     _passed("synthesize")
 
 
@@ -510,11 +493,10 @@ def classify_cmd(task: str = TaskArg, model: str = typer.Argument(..., help="knn
 def table3(params: Path = ParamsOpt):
     """table3: metrics/summary.json (Table 3 with intervals, flags, verdict) and the flat metrics/table3.json."""
     from biomedsynth.table3 import write_table3
-    from biomedsynth.tasks import task_gan_stages
 
     p = _params(params)
     _writes(*outputs("table3"))
-    summary = _run(write_table3, METRICS, PREDICTIONS, task_gan_stages(p.tasks),
+    summary = _run(write_table3, METRICS, PREDICTIONS, p.tasks.gan_stages(),
                    METRICS / "summary.json", METRICS / "table3.json", p.classify.bootstrap,
                    METRICS / "forest.csv")
     typer.echo(f"table3: {summary['claims']['sentence']}")
@@ -540,26 +522,10 @@ def report(params: Path = ParamsOpt):
     _params(params)
     _writes(*outputs("report"))
     warnings = _run(write_report, METRICS, GAN_MODELS, STUDYGROUPS,
-                    SYNTHETIC, EVIDENCE, _gan_stage_names(), REPORTS)
+                    SYNTHETIC, EVIDENCE, list(p.gan.stages), REPORTS)
     for line in warnings:  # the last stage of `dvc repro`: what the stages warned about, once more, in one place
         typer.echo(f"WARNING {line}", err=True)
     typer.echo(f"report: reports/report.html and reports/report.md ({len(warnings)} warning(s))")
-
-
-def _exported_sets(p) -> list[str]:
-    """export.sets as set names; a params error (exit 2) naming any that is not one of dvc.yaml's sets, or that
-    gan.stages leaves untrained (check_params refuses it before any stage runs, not the export stage at the end)."""
-    from biomedsynth.left_out import trains
-    from biomedsynth.tasks import exported_sets, used_gan_stages
-
-    try:
-        listed = exported_sets(p.export, p.tasks, _gan_stage_names())
-    except ValueError as e:
-        _fail(2, str(e))
-    if isinstance(p.export.sets, list) and (untrained := [s for s in listed if not trains(p, s)]):
-        _fail(2, f"export.sets lists {', '.join(untrained)}, which gan.stages = {p.gan.stages} does not train (the "
-                 f"benchmark uses {', '.join(sorted(used_gan_stages(p.tasks)))}): set gan.stages = all or list others")
-    return listed
 
 
 @app.command("export")
@@ -574,10 +540,10 @@ def export_cmd(name: str = typer.Argument(..., help="a synthetic set, <arch>-<gr
                params: Path = ParamsOpt):
     """The synthetic set as PNGs that Hugging Face imagefolder and torchvision ImageFolder load, metadata.csv,
     datasheet.md/.json, croissant.json and SHA256SUMS (flags add to params `export`)."""
-    stages = _gan_stages()
-    if name not in stages:
-        _fail(2, f"set = {name!r}: allowed {', '.join(stages)}")
     p = _params(params)
+    stages = _gan_stages(p)
+    if name not in stages:
+        _fail(2, f"set = {name!r}: allowed {', '.join(stages)} (params gan.stages)")
     out = out or EXPORTS / name
     _writes(out)
     _print_summary(f"export {name}", _export_one(p, name, stages[name], out, allow_flagged, allow_unlearnt,
@@ -598,17 +564,16 @@ def _export_one(p, name: str, stage: dict, out: Path, allow_flagged: bool, allow
 
 @app.command("export-sets")
 def export_sets(params: Path = ParamsOpt):
-    """export: exports/<name> for every set of dvc.yaml, in one stage (one per set cost ~2 s of DVC's each):
+    """export: exports/<name> for every set of gan.stages, in one stage (one per set cost ~2 s of DVC's each):
     the sets params export.sets lists as `export NAME` writes them; the others, and a listed set the memorisation
     test flags as copying (unless export.allow_flagged names it) or whose GAN learnt nothing (unless
     export.allow_unlearnt names it), a note saying why, so the pipeline runs on."""
     from biomedsynth.export import why_not_exported, write_not_exported
 
-    stages = _gan_stages()
     p = _params(params)
-    listed = _exported_sets(p)
+    listed = p.exported_sets()
     _writes(*outputs("export-sets"))
-    for name, stage in stages.items():
+    for name, stage in _gan_stages(p).items():
         synth = _run(lambda: json.loads((METRICS / "synthesize" / f"{name}.json").read_text())) \
             if name in listed else {}
         if reason := _run(why_not_exported, name, p.export, listed, synth):
@@ -640,10 +605,10 @@ def generate(name: str = typer.Argument(None, help="a trained set <arch>-<group>
     if generator is not None:
         source = _run(gen.from_shared, generator, allow_flagged)
     else:
-        stages = _gan_stages()
-        if name not in stages:
-            _fail(2, f"set = {name!r}: allowed {', '.join(stages)}")
         p = _params(params)
+        stages = _gan_stages(p)
+        if name not in stages:
+            _fail(2, f"set = {name!r}: allowed {', '.join(stages)} (params gan.stages)")
         modality, ev = stages[name]["modality"], p.synthesize.evidence
         source = _run(gen.from_pipeline, name, modality, GAN_MODELS / name,
                       METRICS / "synthesize" / f"{name}.json",

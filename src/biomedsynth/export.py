@@ -286,16 +286,13 @@ def unlearnt(name: str, synth: dict) -> str | None:
 
 def why_not_exported(name: str, export, listed: list[str], synth: dict) -> str | None:
     """The export stage's rule for set `name`: None to export it, else why it gets a note instead: params do not
-    list it; `all` reached a set that was not drawn; the memorisation test flags it as copying (unless
-    export.allow_flagged names it); a GAN behind it learnt nothing (unless export.allow_unlearnt names it).
-    `synth` is the set's synthesize metrics ({} when it is not listed). A listed set that was not drawn is
-    exported, so that export_set says so."""
+    list it; the memorisation test flags it as copying (unless export.allow_flagged names it); a GAN behind it
+    learnt nothing (unless export.allow_unlearnt names it). `synth` is the set's synthesize metrics ({} when it is
+    not listed)."""
     if name not in listed:
         asked = f"is {export.sets} ({', '.join(listed)})" if isinstance(export.sets, str) else \
             f"lists {', '.join(listed)}"
         return f"not exported: export.sets {asked}"
-    if synth.get("synthesized") is False:
-        return "not exported: synthesize drew no set (gan.stages leaves it out)" if export.sets == "all" else None
     if (refusal := gate.refusal(gate.verdict(synth))) and name not in export.allow_flagged:
         return f"not exported: {refusal}; list it in export.allow_flagged to export it anyway"
     if name not in export.allow_unlearnt and (why := unlearnt(name, synth)):
@@ -307,13 +304,11 @@ def export_set(name: str, run: RunFiles, out: Path, *, modality: str, group: str
                intended_use: str, allow_flagged: bool = False, allow_unlearnt: bool = False,
                with_generator: bool = False) -> dict:
     """Write the export of synthetic set `name` (an arch-group-setup stage) at `out`, less the images marked as near
-    copies; return a short summary. ValueError, before anything is written, when the set was not drawn, is flagged
+    copies; return a short summary. ValueError, before anything is written, when the set is flagged
     as copying and not allowed, has no near-copy marks, or its memorisation evidence is not what its stage recorded
     in dvc.lock."""
     lock = yaml.safe_load(run.dvc_lock.read_text()) if run.dvc_lock.is_file() else None
     synth = recorded_metrics(name, run, lock)
-    if synth.get("synthesized") is False:
-        raise ValueError(f"{name}: no synthetic set to export ({synth['reason']})")
     if (why := unlearnt(name, synth)) and not allow_unlearnt:
         raise ValueError(why)
     passed = gate.admit(name, gate.verdict(synth), allow_flagged=allow_flagged,

@@ -164,7 +164,7 @@ def _shortfall(plan: dict, modality: str, min_test_clusters: int) -> str | None:
     return None
 
 
-def fit_plan(xray_meta: pd.DataFrame, histology_meta: pd.DataFrame, p: Params, gan_stages: list[str],
+def fit_plan(xray_meta: pd.DataFrame, histology_meta: pd.DataFrame, p: Params,
              min_test_clusters: int = FEW_CLUSTERS) -> Fit:
     """The values the module's rule proposes for this cohort, why, and the plan under them."""
     if min_test_clusters < 2:
@@ -182,7 +182,7 @@ def fit_plan(xray_meta: pd.DataFrame, histology_meta: pd.DataFrame, p: Params, g
             trial = values | {f"studygroups.{modality}.test_fraction": fraction}
             trial |= _group_sizes(xray_meta, histology_meta, p, trial, modality)
             trial |= _task_sizes(xray_meta, histology_meta, p, trial, modality)
-            short_by = _shortfall(make_plan(xray_meta, histology_meta, with_values(p, trial), gan_stages), modality,
+            short_by = _shortfall(make_plan(xray_meta, histology_meta, with_values(p, trial)), modality,
                                   min_test_clusters)
             if short_by is None or fraction >= MOST_TEST_FRACTION:
                 break
@@ -194,7 +194,7 @@ def fit_plan(xray_meta: pd.DataFrame, histology_meta: pd.DataFrame, p: Params, g
             f"the study's, which gives {reached}" if not tried and short_by is None else
             f"the least from the study's {study:g} up that gives {reached}; at {tried[-1]}" if short_by is None else
             f"the most this rule holds out, and still short: {short_by}: add data"))
-    plan = make_plan(xray_meta, histology_meta, with_values(p, values), gan_stages)
+    plan = make_plan(xray_meta, histology_meta, with_values(p, values))
     for stage, models in plan["gans"].items():
         modality = GROUP_MODALITY[stage.split("-")[1]]
         small = [m["images"] for m in models.values() if m["steps_per_epoch"] == 0]
@@ -203,7 +203,7 @@ def fit_plan(xray_meta: pd.DataFrame, histology_meta: pd.DataFrame, p: Params, g
             values[key] = largest_batch_within(min(small))
             notes.append(f"{key} {values[key]}: {stage}'s smallest model trains on {min(small)} images")
     if any(k.startswith("gan.") for k in values):
-        plan = make_plan(xray_meta, histology_meta, with_values(p, values), gan_stages)
+        plan = make_plan(xray_meta, histology_meta, with_values(p, values))
     notes.append("sizes: each group side and task set as large as its side of the split gives, balanced, at most "
                  "what params asks")
     return Fit(values, notes, plan)

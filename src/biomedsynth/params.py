@@ -9,25 +9,20 @@ from __future__ import annotations
 
 import os
 import re
-from io import StringIO
 from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
                       model_validator)
-from ruamel.yaml import YAML
-from ruamel.yaml.comments import CommentedSeq
 
 from biomedsynth.gan import ARCH_NAMES
 from biomedsynth.sources import slide_id_pattern
-from biomedsynth.store import atomic_write_text
 
 PosInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
 PosFloat = Annotated[float, Field(gt=0.0)]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
-PROFILES_DIR = Path(__file__).resolve().parents[2] / "profiles"
 
 
 # DVC's run cache hashes a stage without any key named "size" or "nfiles" (its own file metadata), so a
@@ -197,6 +192,16 @@ class HistologyGroups(Strict):
 
 
 GROUP_MODALITY = {"x_norm": "xray", "x_norm_l": "xray", "h_norm": "histology", "h_tumor": "histology"}
+# the setups of each group: histology has no conditional model (the study trained none)
+GROUP_SETUPS = {"x_norm": ("uncond", "cond"), "x_norm_l": ("uncond", "cond"), "h_norm": ("uncond",),
+                "h_tumor": ("uncond",)}
+
+
+def gan_stage_table() -> dict[str, dict]:
+    """Every GAN stage there can be, <arch>-<group>-<setup> (its folder under models/gan and data/synthetic) ->
+    the entry params gan.stages gives it (the study's 12 sets, SPEC section 4, and sg2ada's 6, section 8)."""
+    return {f"{arch}-{group}-{setup}": {"arch": arch, "group": group, "modality": GROUP_MODALITY[group]}
+            for arch in ARCH_NAMES for group, setups in GROUP_SETUPS.items() for setup in setups}
 
 
 class StudyGroups(Strict):
@@ -286,9 +291,51 @@ class GanScore(Strict):
     trend_tail: Annotated[float, Field(gt=0.0, le=0.5)]  # a best epoch in this last share of epochs: still improving
 
 
+class GanStage(Strict):
+    """One entry of gan.stages: what dvc.yaml fills the stage's deps and params with (DVC cannot split its name)."""
+    arch: Literal[ARCH_NAMES]
+    group: Literal[tuple(GROUP_MODALITY)]
+    modality: Literal["xray", "histology"]
+
+
+def _stages_named_by_their_entry(stages: dict[str, GanStage]) -> dict[str, GanStage]:
+    table = gan_stage_table()
+    for name, stage in stages.items():
+        if name not in table:
+            raise ValueError(f"{name!r} is no GAN stage: <arch>-<group>-<setup>, arch {'|'.join(ARCH_NAMES)}, "
+                             f"group x_norm|x_norm_l (setup uncond|cond) or h_norm|h_tumor (uncond)")
+        if stage.model_dump() != table[name]:
+            raise ValueError(f"{name}: its entry must be {_flow(table[name])}")
+    return stages
+
+
+# The GAN stages dvc.yaml runs (train_gan@<name>, synthesize@<name>): `biomedsynth set gan.stages=PRESET` writes
+# the table of a preset: those whose sets Table 3 uses, every architecture on those sets, or all eighteen.
+GAN_STAGE_PRESETS = ("table3", "table3_sets", "all")
+
+
+def gan_stages_preset(preset: str, tasks: Tasks) -> dict[str, dict]:
+    """The gan.stages table of a preset under these tasks, in gan_stage_table's order."""
+    used = tasks.used_gan_stages()
+    sets = {name.split("-", 1)[1] for name in used}
+    chosen = {"table3": lambda name: name in used, "table3_sets": lambda name: name.split("-", 1)[1] in sets,
+              "all": lambda name: True}[preset]
+    return {name: entry for name, entry in gan_stage_table().items() if chosen(name)}
+
+
+def _flow(entry: dict) -> str:
+    return "{" + ", ".join(f"{k}: {v}" for k, v in entry.items()) + "}"
+
+
+def _not_a_preset(value):
+    if value in GAN_STAGE_PRESETS:  # what gan.stages once was: DVC loops over a table, so the file holds one
+        raise ValueError(f"a table of GAN stages, not a preset: `biomedsynth set gan.stages={value}` writes {value}'s")
+    return value
+
+
 class Gan(Strict):
-    stages: Literal["table3", "table3_sets", "all"]  # which GAN stages train: those whose sets Table 3 uses, every
-                                                     # architecture on those sets, or all eighteen
+    stages: Annotated[dict[str, GanStage], Field(min_length=1), BeforeValidator(_not_a_preset),
+                      AfterValidator(_stages_named_by_their_entry)]
     xray: XrayGan
     histology: HistologyGan
     dcgan: Dcgan
@@ -347,6 +394,17 @@ class XrayTasks(Strict):
 class Tasks(Strict):
     histology: HistologyTask
     xray: XrayTasks
+
+    def gan_stages(self) -> dict[str, list[str]]:
+        """Per task, the GAN stages (<arch>-<group>-<setup>) whose synthetic sets it trains on."""
+        x = self.xray
+        xray = [f"{x.arch}-{x.group}-{x.setup}"]
+        return {"histology": [f"{self.histology.arch}-{g}-uncond" for g in ("h_norm", "h_tumor")],
+                "xray_sex": xray, "xray_age": xray}
+
+    def used_gan_stages(self) -> set[str]:
+        """The GAN stages whose synthetic sets the benchmark trains on."""
+        return {stage for stages in self.gan_stages().values() for stage in stages}
 
 
 # --- the classifiers (SPEC section 5) ---
@@ -458,6 +516,26 @@ class Params(Strict):
                              f"synthesize.draws is {self.synthesize.draws}")
         return self
 
+    def exported_sets(self) -> list[str]:
+        """The sets export.sets asks for: Table 3's (table3), every one gan.stages lists (all), or its list."""
+        sets = self.export.sets
+        return sorted(self.tasks.used_gan_stages()) if sets == "table3" else list(self.gan.stages) if sets == "all" \
+            else sets
+
+    @model_validator(mode="after")
+    def _a_stage_for_every_set_used(self):
+        """Table 3's and export's sets are drawn by stages dvc.yaml runs: refused here, before any stage runs, not
+        by DVC at the tasks or export stage (a dependency no stage writes)."""
+        table = gan_stage_table()
+        for name in sorted(self.tasks.used_gan_stages() - set(self.gan.stages)):
+            raise ValueError(f"the benchmark (tasks) uses {name}, which gan.stages does not list: add it "
+                             f"(`biomedsynth set gan.stages=table3`, or dvc exp run -S "
+                             f"'++gan.stages.{name}={_flow(table[name])}')")
+        if untrained := [name for name in self.exported_sets() if name not in self.gan.stages]:
+            raise ValueError(f"export.sets lists {', '.join(untrained)}, which gan.stages does not list "
+                             f"(it lists {', '.join(self.gan.stages)})")
+        return self
+
     @model_validator(mode="after")
     def _age_bins_follow_the_age_task(self):
         """An X-ray group's `age_bins: null` takes the age task's two ranges, so they are stated once."""
@@ -486,13 +564,17 @@ def _lookup(data, loc):
     return data
 
 
-def _one_line(path: Path, err: ValidationError, data: dict) -> str:
+def error_line(path: Path, err: ValidationError, data: dict) -> str:
     e = err.errors()[0]
     loc = [k for k in e["loc"] if not (isinstance(k, str) and k.startswith("function-after"))]
     key = ".".join(str(k) for k in loc) or "<top level>"
     value = _lookup(data, loc)
     if e["type"] == "missing":
         return f"{path}: missing key '{key}'"
+    if not loc:  # a check across sections: its message names the keys (the value would be the whole file)
+        return f"{path}: {e['msg'].removeprefix('Value error, ')}"
+    if isinstance(value, dict):  # a table's check names the entry
+        return f"{path}: {key}: {e['msg'].removeprefix('Value error, ')}"
     if e["type"] == "extra_forbidden":
         model = Params
         for k in loc[:-1]:
@@ -500,7 +582,7 @@ def _one_line(path: Path, err: ValidationError, data: dict) -> str:
             model = field.annotation if field is not None else None
         allowed = ", ".join(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else "?"
         return f"{path}: unknown key '{key}' (allowed here: {allowed})"
-    return f"{path}: {key} = {value!r}: {e['msg']}"
+    return f"{path}: {key} = {value!r}: {e['msg'].removeprefix('Value error, ')}"
 
 
 def load_params(path: Path | str = "params.yaml") -> Params:
@@ -514,109 +596,4 @@ def load_params(path: Path | str = "params.yaml") -> Params:
     try:
         return Params.model_validate(data if data is not None else {})
     except ValidationError as e:
-        raise ParamsError(_one_line(path, e, data or {})) from None
-
-
-BASE_PROFILE = "default"  # every profile file holds only what it changes in this one
-
-
-def _profile_file(name: str, profiles_dir: Path) -> dict:
-    path = Path(profiles_dir) / f"{name}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in Path(profiles_dir).glob("*.yaml"))
-        raise ParamsError(f"profile '{name}' does not exist (known: {', '.join(known)})")
-    return yaml.safe_load(path.read_text())
-
-
-def _changed_by(base: dict, changes: dict) -> dict:
-    """`base` with `changes` laid over it: mappings merge key by key, any other value (a list too) replaces."""
-    out = dict(base)
-    for key, value in changes.items():
-        out[key] = (_changed_by(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict)
-                    else value)
-    return out
-
-
-def profile_values(name: str, profiles_dir: Path = PROFILES_DIR) -> dict:
-    """Every key a profile sets: the default profile's, with profiles/<name>.yaml's changes over them."""
-    base = _profile_file(BASE_PROFILE, profiles_dir)
-    return base if name == BASE_PROFILE else _changed_by(base, _profile_file(name, profiles_dir))
-
-
-def profile_table(profiles_dir: Path = PROFILES_DIR) -> tuple[list[str], list[tuple[str, list]]]:
-    """(profile names, default first; [(dotted key, its value in each)]) for every key some profile changes."""
-    names = [BASE_PROFILE, *sorted(p.stem for p in Path(profiles_dir).glob("*.yaml") if p.stem != BASE_PROFILE)]
-    values = [dotted_keys(profile_values(n, profiles_dir)) for n in names]
-    return names, [(key, [v[key] for v in values]) for key in values[0]
-                   if key != "profile" and any(v[key] != values[0][key] for v in values)]
-
-
-def dotted_keys(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in d.items():
-        out.update(dotted_keys(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
-    return out
-
-
-def apply_profile(name: str, params_path: Path | str = "params.yaml", profiles_dir: Path = PROFILES_DIR) -> list[str]:
-    """Set every key of the profile (profile_values: the default profile and profiles/<name>.yaml's changes) in
-    params.yaml, keeping its comments and order.
-
-    Returns the dotted keys whose values changed. The result is validated before it is written.
-    """
-    return _overlay(profile_values(name, profiles_dir), Path(params_path), str(Path(profiles_dir) / f"{name}.yaml"))
-
-
-def set_params(assignments: list[str], params_path: Path | str = "params.yaml") -> list[str]:
-    """Set dotted keys from `key=value` strings (values read as YAML: 2, null, [1, 2], text), keeping
-    comments and order; the same checks as a profile. Returns the keys whose values changed."""
-    overlay: dict = {}
-    for item in assignments:
-        key, sep, text = item.partition("=")
-        if not sep or not key:
-            raise ParamsError(f"'{item}': expected key=value, e.g. sources.xray.format=manifest")
-        *parents, leaf = key.split(".")
-        node = overlay
-        for part in parents:
-            node = node.setdefault(part, {})
-        try:
-            node[leaf] = yaml.safe_load(text) if text else ""
-        except yaml.YAMLError as e:  # e.g. [fd00::1]:29500, which YAML starts reading as a list
-            why = getattr(e, "problem", None) or str(e).splitlines()[0]  # YAML's own line, without its position
-            raise ParamsError(f"set: {key} = {text!r} is not a YAML value ({why}); "
-                              f"quote it to set it as text: '{key}=\"{text}\"'") from None
-    return _overlay(overlay, Path(params_path), "set")
-
-
-def _overlay(overlay: dict, params_path: Path, source: str) -> list[str]:
-    """Write `overlay`'s values into params_path, keeping comments and order, after validating the result."""
-    rt = YAML()
-    rt.preserve_quotes = True
-    rt.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
-    doc = rt.load(params_path.read_text())
-    changed: list[str] = []
-
-    def merge(node, over, prefix):
-        for key, value in over.items():
-            dotted = f"{prefix}{key}"
-            if not hasattr(node, "keys") or key not in node:
-                raise ParamsError(f"{source}: key '{dotted}' is not in {params_path}")
-            if isinstance(value, dict):
-                merge(node[key], value, dotted + ".")
-            elif node[key] != value:
-                if isinstance(value, list):  # in flow style, as params.yaml writes every list: a sequence
-                    node[key] = CommentedSeq(value)  # loaded from `[]` would dump in block style, and emptied
-                    node[key].fa.set_flow_style()    # again, as a bare `[]` under its commented key (invalid YAML)
-                else:
-                    node[key] = value
-                changed.append(dotted)
-
-    merge(doc, overlay, "")
-    buf = StringIO()
-    rt.dump(doc, buf)
-    try:
-        Params.model_validate(yaml.safe_load(buf.getvalue()))
-    except ValidationError as e:
-        raise ParamsError(_one_line(Path(source), e, yaml.safe_load(buf.getvalue()))) from None
-    atomic_write_text(params_path, buf.getvalue())
-    return changed
+        raise ParamsError(error_line(path, e, data or {})) from None

@@ -35,13 +35,11 @@ def outputs(command: str, *args: str) -> list[Path]:
             return [STUDYGROUPS, METRICS / "studygroups.json"]
         case ("feature-net", modality):
             return [FEATURE_NETS / f"{modality}.pt", METRICS / "feature_net" / f"{modality}.json"]
-        case ("train-gan", arch, group, setup):
-            name = f"{arch}-{group}-{setup}"
+        case ("train-gan", name):
             gan = METRICS / "gan"
             return [GAN_MODELS / name, gan / f"{name}.json", gan / "scores" / f"{name}.csv",
                     gan / "losses" / f"{name}.csv"]
-        case ("synthesize", arch, group, setup):
-            name = f"{arch}-{group}-{setup}"
+        case ("synthesize", name):
             return [SYNTHETIC / name, METRICS / "synthesize" / f"{name}.json", EVIDENCE / name]
         case ("tasks",):
             return [TASK_SETS, METRICS / "tasks.json"]

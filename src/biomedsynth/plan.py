@@ -16,7 +16,6 @@ import shlex
 import numpy as np
 import pandas as pd
 
-from biomedsynth.left_out import trains
 from biomedsynth.params import GROUP_MODALITY, Params
 from biomedsynth.studygroups import Groups, choose_groups, summarise_groups, val_size
 from biomedsynth.tasks import TASKS, draw_balanced, task_classes
@@ -147,13 +146,12 @@ def _advice(groups: dict, gans: dict, tasks: dict, p: Params) -> list[str]:
     return lines
 
 
-def make_plan(xray_meta: pd.DataFrame, histology_meta: pd.DataFrame, p: Params, gan_stages: list[str]) -> dict:
-    """{groups, gans, tasks, advice} for the ingested metadata under params `p`; `gan_stages` are dvc.yaml's
-    GAN stages, of which gan.stages may train only some (left_out.trains)."""
+def make_plan(xray_meta: pd.DataFrame, histology_meta: pd.DataFrame, p: Params) -> dict:
+    """{groups, gans, tasks, advice} for the ingested metadata under params `p` (its GAN stages: gan.stages)."""
     problems: list[str] = []  # every side the data cannot make, each with its cause: all of them in one run
     chosen, requested = choose_groups(xray_meta, histology_meta, p.studygroups, p.seed, problems)
     groups = summarise_groups(chosen, requested)
-    trained = [s for s in gan_stages if trains(p, s)]
+    trained = list(p.gan.stages)
     gans = {name: gan_models(name, chosen[name.split("-")[1]]["train"], p) for name in trained}
     tasks = {task: task_sets(task, chosen, p) for task in TASKS}
     used = {s.split("-")[1] for s in trained} | {p.tasks.xray.group, "h_norm", "h_tumor"}

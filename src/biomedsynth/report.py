@@ -493,8 +493,6 @@ def run_warnings(summary: dict, metrics_dir: Path, gan_names: list[str]) -> list
                   for arm, why in cell.get("degenerate_reasons", {}).items()]
     for name in gan_names:
         g = _read_json(metrics_dir / "gan" / f"{name}.json")
-        if not g.get("trained", True):
-            continue
         if not g["learnt"]:
             lines.append(f"GAN {name}: {g['models'] - g['models_learnt']} of {g['models']} model(s) learnt nothing")
         if g.get("still_improving"):
@@ -514,8 +512,6 @@ def write_report(metrics_dir: Path, models_dir: Path, groups_dir: Path, syntheti
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
     summary = _read_json(metrics_dir / "summary.json")
-    skipped = {n: g["reason"] for n in gan_names if not (g := _read_json(metrics_dir / "gan" / f"{n}.json")).get("trained", True)}
-    gan_names = [n for n in gan_names if n not in skipped]
     forest = ("img", "forest.png", _forest(summary),
               "Each cell's chance-normalised drop, each task's LBP - deep contrast and the verdict (their mean), with "
               "95% intervals; hollow: left out of the verdict; grey ticks: the study's values; the verdict holds "
@@ -526,8 +522,6 @@ def write_report(metrics_dir: Path, models_dir: Path, groups_dir: Path, syntheti
               *_provenance(summary), *_table3(summary),
               *_task_sets(metrics_dir / "tasks.json"), *_gan_table(metrics_dir, gan_names),
               *_side_by_side(summary, metrics_dir, groups_dir, synthetic_dir, gan_names, samples, seed)]
-    if skipped:
-        blocks.append(("p", f"Not trained in this profile ({next(iter(skipped.values()))}): {', '.join(skipped)}."))
     for name in gan_names:
         blocks += _stage(name, metrics_dir, models_dir, groups_dir, synthetic_dir, evidence_dir, samples, seed)
     for kind, *a in blocks:

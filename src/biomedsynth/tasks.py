@@ -127,19 +127,6 @@ def _age_classes(young, mature):
     return classify
 
 
-def task_gan_stages(cfg: Tasks) -> dict[str, list[str]]:
-    """Per task, the GAN stages (<arch>-<group>-<setup>) whose synthetic sets it trains on."""
-    x = cfg.xray
-    xray = [f"{x.arch}-{x.group}-{x.setup}"]
-    return {"histology": [f"{cfg.histology.arch}-{g}-uncond" for g in ("h_norm", "h_tumor")],
-            "xray_sex": xray, "xray_age": xray}
-
-
-def used_gan_stages(cfg: Tasks) -> set[str]:
-    """The GAN stages whose synthetic sets the benchmark trains on."""
-    return {stage for stages in task_gan_stages(cfg).values() for stage in stages}
-
-
 def task_classes(task: str, cfg: Tasks):
     """The task's `classify(meta) -> (y: float 0/1/NaN, stratum)`: its class per image and balancing stratum."""
     if task == "histology":
@@ -205,15 +192,3 @@ def build_tasks(cfg: Tasks, groups: Path, synthetic: Path, out: Path, seed: int,
             raise AssertionError(f"{task}: test shares {len(shared)} patients/slides with real training")
     write_json(summary_path, summary)
     return summary
-
-
-def exported_sets(export, tasks: Tasks, stages: list[str]) -> list[str]:
-    """The sets params export.sets asks for: Table 3's (table3), every one of dvc.yaml's (all), or its list;
-    ValueError naming any set of the list that is not one of dvc.yaml's."""
-    if export.sets == "table3":
-        return sorted(used_gan_stages(tasks))
-    if export.sets == "all":
-        return stages
-    if unknown := [s for s in export.sets if s not in stages]:
-        raise ValueError(f"export.sets names {', '.join(unknown)}, not a set of dvc.yaml's ({', '.join(stages)})")
-    return export.sets

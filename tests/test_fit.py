@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from biomedsynth.cli import app
 from biomedsynth.fit import STUDY_TEST_SHARE, age_bins, fit_plan, with_values
-from biomedsynth.params import Params, load_params
+from biomedsynth.params import Params, gan_stage_table, load_params
 from biomedsynth.plan import FEW_CLUSTERS, make_plan
 from biomedsynth.store import ImageSetWriter
 
@@ -110,7 +110,7 @@ def test_fit_on_the_issues_cohort_proposes_bins_every_label_of_every_side_can_fi
     assert fit.plan["tasks"]["histology"]["test"]["clusters_per_class"] == {"0": 6, "1": 6}
 
     d = yaml.safe_load((ROOT / "params.yaml").read_text())
-    d["gan"] |= {"stages": "all", "xray": d["gan"]["xray"] | {"batch_size": 64}}  # per-label models of ~50 scans
+    d["gan"] |= {"stages": gan_stage_table(), "xray": d["gan"]["xray"] | {"batch_size": 64}}  # per-label models of ~50 scans
     batched = fit_plan(xray, histology, Params.model_validate(d))
     unbatched = with_values(Params.model_validate(d), {k: v for k, v in batched.values.items() if k.startswith("s")
                                                        or k.startswith("tasks")})

@@ -276,7 +276,7 @@ def test_sg2ada_stage_from_params_writes_the_layout_logs_ada_and_samples_each_la
     same images for the same seed."""
     monkeypatch.setenv("BIOMEDSYNTH_MLFLOW", "0")
     monkeypatch.chdir(smoke_project(tmp_path))
-    assert CliRunner().invoke(app, ["set", "gan.stages=table3", "tasks.xray.arch=sg2ada"]).exit_code == 0
+    assert CliRunner().invoke(app, ["set", "gan.stages=table3", "tasks.xray.arch=sg2ada", "export.sets=table3"]).exit_code == 0
     result = CliRunner().invoke(app, ["train-gan", "sg2ada-x_norm-cond"])
     assert result.exit_code == 0, result.output
     out = Path("models/gan/sg2ada-x_norm-cond")

@@ -497,6 +497,45 @@ def test_more_epochs_continue_the_run_and_fewer_take_its_first_epochs(study, tmp
     assert len(stage_files(tmp_path / "three", "x")) == 1 + 1 + 3 * 2
 
 
+def test_a_scoring_option_rescores_the_kept_generators_without_training_again(study, tmp_path, monkeypatch):
+    """score_images, swd_directions and the feature net shape no weight: the run key leaves them out, and a run under
+    other ones rescores its kept generators (an epoch whose generator was not kept loses its scores) instead of
+    training again; back on the first options, the scores are those training logged, to the digit. A state keyed
+    when the key still hashed them (an earlier version) is found and renamed, not trained again."""
+    monkeypatch.setenv("BIOMEDSYNTH_MLFLOW", "0")
+    root, group, val = study
+    net, states = root / "models/feature_net/xray.pt", tmp_path / "states"
+
+    def run(opt: C.Options) -> tuple[list[int], list[dict], list[str]]:
+        """(the epochs trained, the conditional model's log rows, the log lines) of a 3-epoch run under `opt`."""
+        lines = []
+        T.train_gan(opt, group.path, val.path, net, tmp_path / "models/gan/x",
+                    *(tmp_path / f for f in ("m.json", "s.csv", "l.csv")), states, log=lines.append)
+        return trained_epochs(lines), C.read_log(tmp_path / "models/gan/x" / C.COND_MODEL), lines
+
+    first = options("dcgan", epochs=3, snapshot_every=2)  # epochs 2 and 3 (the last) keep their generator
+    trained, logged, _ = run(first)
+    assert trained == [1, 2, 3] and [r["snapshot"] for r in logged] == [False, True, True]
+    ckpt = next(states.glob(f"*/{C.COND_MODEL}/checkpoint.pt"))
+    before = ckpt.stat().st_mtime_ns
+    more = dataclasses.replace(first, score_images=32, swd_directions=256)
+    trained, rescored, lines = run(more)
+    assert trained == [] and ckpt.stat().st_mtime_ns == before  # nothing trained, the state untouched
+    assert f"{C.COND_MODEL}: the scoring options changed; 2 kept epoch(s) of 3 rescored, none trained again" in lines
+    assert rescored[0]["swd"] is None and rescored[0]["kid"] is None  # no generator kept: no score
+    assert all(r["swd"] != o["swd"] and r["swd_floor"] != o["swd_floor"] for r, o in zip(rescored[1:], logged[1:]))
+    assert [r["loss_d"] for r in rescored] == [r["loss_d"] for r in logged]  # the training log itself unchanged
+    assert json.loads((tmp_path / "m.json").read_text())["per_model"][C.COND_MODEL]["best_epoch"] in (2, 3)
+    assert (tmp_path / "s.csv").read_text().splitlines()[1].startswith("1,,,")  # the curve's unscored epoch
+    _, again, _ = run(first)
+    assert [(r["swd"], r["kid"]) for r in again[1:]] == [(r["swd"], r["kid"]) for r in logged[1:]]
+    # a state named by the key of an earlier version (it hashed the scoring options too) is adopted
+    state = ckpt.parent.parent
+    state.rename(state.with_name("0123456789abcdef"))
+    trained, _, _ = run(first)
+    assert trained == [] and [d.name for d in states.iterdir()] == [state.name]
+
+
 def test_runs_that_crash_before_an_epoch_never_displace_a_trained_resume_state(study, tmp_path, monkeypatch):
     """The issue's sequence: a trained run, two runs under other options that crash before their first epoch
     ends (their states hold only options.json), then a good run under yet other options. The trained state

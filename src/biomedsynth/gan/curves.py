@@ -17,5 +17,6 @@ def write_curves(results: dict[str, list[dict]], scores_path: Path, losses_path:
         lines = ["epoch," + ",".join(keys)]
         for epoch in range(1, min((len(rows) for rows in results.values()), default=0) + 1):
             rows = [r for rs in results.values() for r in rs if r["epoch"] == epoch]
-            lines.append(f"{epoch}," + ",".join(f"{np.mean([r[k] for r in rows]):.6f}" for k in keys))
+            values = [[r[k] for r in rows] for k in keys]  # None: an epoch rescored without its generator
+            lines.append(f"{epoch}," + ",".join("" if None in v else f"{np.mean(v):.6f}" for v in values))
         atomic_write_text(path, "\n".join(lines) + "\n")

@@ -1,6 +1,7 @@
 """A GAN run's resume state outside DVC, .cache/gan/<name>/<run key>/, and the stage output written from it whole
 (see gan/train.py): the key that names a run, the check that a run continues under the process count that began
-it, the output built beside the old one and renamed into place, and the pruning that keeps two runs per stage."""
+it, what its epochs were scored under, the output built beside the old one and renamed into place, and the pruning
+that keeps two runs per stage."""
 from __future__ import annotations
 
 import hashlib
@@ -15,23 +16,51 @@ from biomedsynth.gan.ema import PHASE_QUARTERS
 from biomedsynth.store import atomic_write_text, remove_tree, write_json
 
 
+# How epochs are scored, not what the weights become: left out of the run key, so changing one rescores the kept
+# generators of a trained run (gan/train.py rescored) instead of training it again
+SCORING = ("score_images", "swd_directions", "feature_net")
+SCORED = "scored.json"  # per model: the SCORING options its log's scores were computed under
+
+
 def jsonl(rows) -> str:
     return "".join(json.dumps(r) + "\n" for r in rows)
 
 
+def scoring(opt: Options) -> dict:
+    return {field: getattr(opt, field) for field in SCORING}
+
 
 def run_key(opt: Options) -> str:
-    """The name of a run's resume state: a hash of what shapes the weights, the options (the number of
-    processes sharing a batch among them). `epochs` is left out where a longer run only adds epochs to a
+    """The name of a run's resume state: a hash of what shapes the weights, the options but the SCORING ones (the
+    number of processes sharing a batch among them). `epochs` is left out where a longer run only adds epochs to a
     shorter one: always for DCGAN, for PGGAN with a fixed images_per_phase (else the growth phases stretch
     with the epochs), for sg2ada unless its EMA's default half-life (a quarter of the run) can act: a half-life
     set, or a ramp-up of at most 1 / PHASE_QUARTERS, which keeps it below that. Raising the epochs then
     continues the trained models, and lowering them takes the first epochs of the longer run without training."""
-    key = opt.to_json()
+    key = {k: v for k, v in opt.to_json().items() if k not in SCORING}
     ema_fixed = opt.ema_half_life is not None or (opt.ema_rampup or 1.0) <= 1 / PHASE_QUARTERS
     if opt.arch == "dcgan" or opt.images_per_phase is not None or (opt.arch == "sg2ada" and ema_fixed):
         del key["epochs"]
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def adopt(stage_states: Path, opt: Options) -> Path:
+    """This run's resume state, `stage_states / run_key(opt)`, ready to train in: a state of the same run kept under
+    another name (its key once hashed the SCORING options too) is renamed to it, and each of its models records
+    what its scores were computed under (SCORED), so that train_model can rescore them rather than train again."""
+    state = stage_states / run_key(opt)
+    for other in ([d for d in stage_states.iterdir() if d.is_dir() and d != state] if stage_states.is_dir() else []):
+        try:
+            old = Options.from_json(json.loads((other / "options.json").read_text()))
+        except (OSError, ValueError, TypeError):
+            continue
+        if run_key(old) == run_key(opt) and not state.exists():
+            other.rename(state)
+    if (state / "options.json").is_file():
+        earlier = scoring(Options.from_json(json.loads((state / "options.json").read_text())))
+        for model in (d for d in state.iterdir() if (d / "log.jsonl").is_file() and not (d / SCORED).is_file()):
+            write_json(model / SCORED, earlier)
+    return state
 
 
 def check_world(stage_states: Path, opt: Options) -> None:

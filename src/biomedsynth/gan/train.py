@@ -36,6 +36,7 @@ a run (gan/checkpoint.py).
 """
 from __future__ import annotations
 
+import json
 import math
 import multiprocessing
 import os
@@ -59,7 +60,7 @@ from biomedsynth.gan.curves import write_curves
 from biomedsynth.gan.losses import LOSSES
 from biomedsynth.gan.ema import EMA, MIN_PHASE_SHARE, half_life_for, phase_shares
 from biomedsynth.gan.feature_net import fingerprint
-from biomedsynth.gan.run_state import check_world, jsonl, prune, run_key, write_output
+from biomedsynth.gan.run_state import SCORED, adopt, check_world, jsonl, prune, run_key, scoring, write_output
 from biomedsynth.gan.verdict import Scorer, summarise, warn
 from biomedsynth.lifetime import die_with_parent
 from biomedsynth.store import ImageSet, atomic_write_text, load_weights, save_torch, write_json
@@ -253,6 +254,8 @@ def train_model(opt: Options, data: ModelData, images: ImageSet, model_dir: Path
         log(f"{data.name}: " + (f"resuming after epoch {start_epoch} of {epochs}" if start_epoch < epochs
                                 else f"already trained ({start_epoch} epochs, {epochs} asked for)"))
     rows = [r for r in read_log(model_dir) if r["epoch"] <= start_epoch]  # drop a half-written epoch's line
+    if share == 0:
+        rows = rescored(opt, data, model_dir, rows, scorer, device, log)
     if start_epoch >= epochs:
         return rows[:epochs]
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format  # as build's
@@ -325,6 +328,28 @@ def train_model(opt: Options, data: ModelData, images: ImageSet, model_dir: Path
                 log_rows(tracker, data.name, [row], [speed])
         if opt.world > 1:
             dist.barrier()  # ranks leave an epoch together, so none reads a checkpoint being written
+    return rows
+
+
+def rescored(opt: Options, data: ModelData, model_dir: Path, rows: list[dict], scorer: Scorer, device: torch.device,
+             log=print) -> list[dict]:
+    """A model's log rows scored under opt's scoring options (run_state.SCORING): as they are where its scores were
+    computed under them (SCORED); else every kept generator is scored again, without training, and the epochs whose
+    generator was not kept lose their scores (None), whatever they were. SCORED records the options either way."""
+    now = scoring(opt)
+    if rows and (model_dir / SCORED).is_file() and json.loads((model_dir / SCORED).read_text()) != now:
+        floors = scorer.reference(opt, data).scores
+        for row in rows:
+            row.update(swd=None, kid=None, swd_floor=floors["swd_floor"], kid_floor=floors["kid_floor"])
+            if row["snapshot"]:
+                snap = load_weights(epoch_file(model_dir, row["epoch"]), device)
+                G = generator(opt).to(device)
+                G.load_state_dict(snap["state_dict"])
+                row.update(scorer.score(G, opt, data, snap["depth"], snap["alpha"], row["epoch"]))
+        atomic_write_text(model_dir / "log.jsonl", jsonl(rows))  # before SCORED: a kill between rescores again
+        log(f"{data.name}: the scoring options changed; {sum(r['swd'] is not None for r in rows)} kept epoch(s) of "
+            f"{len(rows)} rescored, none trained again")
+    write_json(model_dir / SCORED, now)
     return rows
 
 
@@ -456,6 +481,7 @@ def train_gan(opt: Options, train_set: Path, val_set: Path, feature_net: Path, o
     opt, models, plans = check_run(opt, train_set, val_set, feature_net, stage_states, world)
     state = stage_states / run_key(opt)
     if rank == 0:
+        adopt(stage_states, opt)
         write_json(state / "options.json", opt.to_json())  # its time says which state was used last (prune)
     if world > 1:
         dist.barrier()

@@ -96,6 +96,7 @@ def trend(rows: list[dict], tail: float) -> dict:
     """Whether a model was still improving when training stopped: its best epoch lies in the last `tail`
     share of the epochs (at least the last 2) and its SWD still falls there (least-squares slope per epoch)."""
     last = rows[-max(2, math.ceil(tail * len(rows))):]
+    last = [r for r in last if r["swd"] is not None]  # a rescored run's epochs without a kept generator
     slope = float(np.polyfit([r["epoch"] for r in last], [r["swd"] for r in last], 1)[0]) if len(last) > 1 else 0.0
     return {"swd_tail_slope": round(slope, 6),
             "still_improving": bool(best_epoch(rows) >= last[0]["epoch"] and slope < 0)}

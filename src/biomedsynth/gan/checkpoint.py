@@ -56,7 +56,7 @@ class Options:
     snapshot_dtype: str = "float32"           # float32 | bfloat16
     score_images: int = 128
     swd_directions: int = 512
-    feature_net: str = ""   # fingerprint of the KID feature net, set by train_gan (a new net starts over)
+    feature_net: str = ""   # fingerprint of the KID feature net, set by train_gan (a new net rescores the run)
 
     def __post_init__(self):
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))  # Adam refuses int betas

@@ -181,6 +181,7 @@ def build_feature_net(modality: str, groups_dir: Path, resolution: int, epochs: 
 
 
 def fingerprint(path: Path) -> str:
-    """A short hash of a saved net, recorded in the GAN stages' options: a retrained net starts them over,
-    since KID in its space would not compare with the epochs already logged."""
+    """A short hash of a saved net, recorded in the GAN stages' options: under a retrained net a GAN run's kept
+    generators are scored again (gan/train.py rescored), since KID in its space would not compare with the epochs
+    already logged."""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]

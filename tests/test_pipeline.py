@@ -88,6 +88,9 @@ def test_the_gan_stages_are_the_table_of_params_and_their_commands_check_the_nam
     monkeypatch.setenv("DVC_STAGE", "synthesize@dcgan-x_norm_l-uncond")
     result = run(app, ["synthesize"])
     assert result.exit_code == 2 and "'dcgan-x_norm_l-uncond' is not a GAN stage" in result.output
+    for check in ("check-gan", "check-synthesize"):  # a check of named stages only: those of the table
+        result = run(app, [check, "pggan-x_norm-cond", "dcgan-x_norm_l-uncond"])
+        assert result.exit_code == 2 and "dcgan-x_norm_l-uncond: not a GAN stage of params gan.stages" in result.output
 
 
 def test_synthesize_warns_when_its_gan_learnt_nothing(tmp_path, monkeypatch):

@@ -344,9 +344,10 @@ def test_a_checkpoint_the_gan_did_not_keep_stops_dvc_repro_before_it_clears_the_
     name = "pggan-x_norm-cond"
     stages = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
     one = {name: gan_stage_table()[name]}
-    stages = {"check_params": stages["check_params"], "check_synthesize": stages["check_synthesize"],
-              "check_gan": {**stages["check_gan"], "deps": [d for d in stages["check_gan"]["deps"]
-                                                            if "feature_net/histology" not in d]},
+    checked = {"cmd": f"biomedsynth check-synthesize {name}"}  # the one GAN stage this project runs
+    stages = {"check_params": stages["check_params"], "check_synthesize": {**stages["check_synthesize"], **checked},
+              "check_gan": {**stages["check_gan"], "cmd": f"biomedsynth check-gan {name}",
+                            "deps": [d for d in stages["check_gan"]["deps"] if "feature_net/histology" not in d]},
               "train_gan": {**stages["train_gan"], "foreach": one}, "synthesize": {**stages["synthesize"], "foreach": one}}
     env = dvc_project(root, stages)
 

@@ -297,8 +297,19 @@ def feature_net(modality: str = typer.Argument(..., help="xray | histology"), pa
         typer.echo(f"WARNING feature_net@{modality}: {warning}", err=True)
 
 
+ChecksArg = typer.Argument(None, help="only these GAN stages (default: every one params gan.stages lists)")
+
+
+def _checked_stages(p, names: list[str] | None) -> dict[str, dict]:
+    """The GAN stages a check covers: `names` (each one of gan.stages), or all of them."""
+    stages = _gan_stages(p)
+    if unknown := [n for n in names or [] if n not in stages]:
+        _fail(2, f"{', '.join(unknown)}: not a GAN stage of params gan.stages ({', '.join(stages)})")
+    return {n: stages[n] for n in names} if names else stages
+
+
 @app.command("check-gan")
-def check_gan(params: Path = ParamsOpt):
+def check_gan(names: list[str] = ChecksArg, params: Path = ParamsOpt):
     """check_gan: what each train_gan stage would refuse in its data, feature net or resume state (a batch larger
     than a model's images, PGGAN's growth past its epochs, ...), checked before DVC clears any GAN model."""
     from biomedsynth.gan.train import check_run, stage_options
@@ -314,7 +325,7 @@ def check_gan(params: Path = ParamsOpt):
         except ValueError as e:
             raise ValueError(f"train_gan@{name}: {e}") from None
 
-    for name, stage in _gan_stages(p).items():
+    for name, stage in _checked_stages(p, names).items():
         _run(check, name, stage)
     _passed("gan")
 
@@ -366,7 +377,7 @@ def synthesize(name: str = StageArg, params: Path = ParamsOpt):
 
 
 @app.command("check-synthesize")
-def check_synthesize(params: Path = ParamsOpt):
+def check_synthesize(names: list[str] = ChecksArg, params: Path = ParamsOpt):
     """check_synthesize: what each synthesize stage would refuse (a checkpoint epoch its GAN did not keep, too few
     held-out patients or images for the evidence), checked before DVC clears any synthetic set."""
     from biomedsynth.gan.checkpoint import checkpoint_epochs
@@ -388,7 +399,7 @@ def check_synthesize(params: Path = ParamsOpt):
         except (ValueError, FileNotFoundError) as e:
             raise ValueError(f"synthesize@{name}: {e}") from None
 
-    for name, stage in _gan_stages(p).items():
+    for name, stage in _checked_stages(p, names).items():
         _run(check, name, stage["group"])
     _passed("synthesize")
 

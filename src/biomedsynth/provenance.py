@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from importlib.metadata import version
 from pathlib import Path
 
 import yaml
@@ -22,6 +23,11 @@ def git_commit() -> str:
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+def code_version() -> str:
+    """The installed package and its version, e.g. "biomedsynth 0.1.0": the code an export names."""
+    return f"biomedsynth {version('biomedsynth')}"
 
 
 def data_hash(dvc_file: Path = Path("data.dvc")) -> str | None:

@@ -33,8 +33,10 @@ from biomedsynth.gan import score
 from biomedsynth.gan.score import read_batch
 from biomedsynth.params import ParamsError
 from biomedsynth.params_edit import apply_profile, set_params
+from biomedsynth.provenance import code_version
 from biomedsynth.store import ImageSet, ImageSetWriter, write_json
 from test_gan_train import net_metrics
+from test_tracking import _git_repo
 
 ROOT = Path(biomedsynth.__file__).resolve().parents[2]
 NAME = "dcgan-x_norm-cond"
@@ -302,7 +304,7 @@ def test_an_export_loads_everywhere_and_says_what_it_is(at, tmp_path):
     marked = synth.meta["near_copy"].to_numpy().astype(bool)
     assert len(synth) == 96 and found["images"] == 96 - marked.sum() and marked.sum() <= 2
     assert found["labels"] == synth.meta["label"][~marked].value_counts().sort_index().to_dict()
-    assert found["croissant_warnings"] <= 1  # datePublished: a folder outside git has no commit date
+    assert found["croissant_warnings"] == 1  # datePublished, left out on purpose (croissant.metadata)
     meta = (out / "metadata.csv").read_text().splitlines()
     assert meta[0] == "file_name,image_id,label,sex,age_bin,draw"
     assert meta[1] == "images/F_18-38/syn-000000.png,syn-000000,F_18-38,F,18-38,0"
@@ -352,6 +354,28 @@ def test_an_export_loads_everywhere_and_says_what_it_is(at, tmp_path):
     first_m = sorted((out / "images/M_48-68").iterdir())[0]
     first_m.write_bytes(b"changed")
     assert verify_checksums(out) == [f"images/M_48-68/{first_m.name}: changed"]
+
+
+def test_an_export_names_the_code_by_its_version_and_no_commit(at, tmp_path, monkeypatch):
+    """Exported at a git commit, the export names no commit (and no date taken from one): the same code rerun at a
+    results-only commit writes the same export, so DVC's hashes of it do not change."""
+    head = _git_repo(tmp_path / "repo")
+    monkeypatch.setenv("GIT_DIR", str(tmp_path / "repo" / ".git"))  # `git rev-parse HEAD` in the project: `head`
+    out = tmp_path / "exp"
+    run_ok(["export", NAME, "--out", str(out)])
+    assert re.fullmatch(r"biomedsynth \d+\.\d+\S*", code_version())  # the package and its version
+    for rel, data in files_of(out).items():
+        assert head.encode() not in data, rel
+    for rel in ("datasheet.json", "datasheet.md", "croissant.json"):  # no 40-hex commit of any repository either
+        assert not re.search(r"\b[0-9a-f]{40}\b", (out / rel).read_text()), rel
+    sheet = json.loads((out / "datasheet.json").read_text())
+    assert sheet["how_made"]["code"] == code_version()
+    assert not {"commit", "exported_at_commit"} & set(sheet["how_made"])
+    assert f"- code: {code_version()}" in (out / "datasheet.md").read_text()
+    croissant = json.loads((out / "croissant.json").read_text())
+    assert "datePublished" not in croissant and f"made by {code_version()}" in croissant["citeAs"]
+    mark = json.loads(Image.open(next((out / "images").rglob("*.png"))).text["synthetic"])
+    assert mark["code"] == code_version() and "commit" not in mark
 
 
 def test_a_tile_level_split_says_so_and_claims_no_slide_independence(tile_project, tmp_path, monkeypatch):
@@ -654,7 +678,7 @@ def test_an_export_never_replaces_a_folder_of_other_files(tmp_path):
 def test_png_writer_tiles_are_rgb_and_names_are_checked(tmp_path):
     rng = np.random.default_rng(0)
     tiles = rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
-    with PngWriter(tmp_path, "dcgan-h_tumor-uncond", "histology", "abc123") as w:
+    with PngWriter(tmp_path, "dcgan-h_tumor-uncond", "histology", "biomedsynth 9.9") as w:
         w.add(tiles[0], "syn-000000", "tumor", "dcgan uncond, model tumor, epoch 3", draw=0)
         with pytest.raises(ValueError, match="image id 'syn-000000' twice"):
             w.add(tiles[1], "syn-000000", "tumor", "g")
@@ -667,7 +691,8 @@ def test_png_writer_tiles_are_rgb_and_names_are_checked(tmp_path):
     assert png.mode == "RGB"
     np.testing.assert_array_equal(np.asarray(png), tiles[0])
     assert json.loads(png.text["synthetic"]) == {"synthetic": True, "set": "dcgan-h_tumor-uncond",
-                                                "generator": "dcgan uncond, model tumor, epoch 3", "commit": "abc123"}
+                                                "generator": "dcgan uncond, model tumor, epoch 3",
+                                                "code": "biomedsynth 9.9"}
     assert (tmp_path / "metadata.csv").read_text().splitlines() == [
         "file_name,image_id,label,tumor,draw", "images/tumor/syn-000000.png,syn-000000,tumor,1,0"]
     assert label_columns("M_48-68", "xray") == {"sex": "M", "age_bin": "48-68"}

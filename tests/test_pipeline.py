@@ -45,10 +45,11 @@ def test_sample_ingest_studygroups(tmp_path, monkeypatch):
     assert ImageSet("data/interim/xray").shape == (32, 32, 1)
     assert ImageSet("data/interim/histology").shape == (32, 32, 3)
     groups = json.loads(Path("metrics/studygroups.json").read_text())
-    # every metrics JSON names the data (data.dvc's hash: none here) and the sources params it was read by
+    # every metrics JSON names the data (data.dvc's hash: none here) and the sources params it was read by, and no
+    # commit: dvc.lock names the code, and a commit would change every output on every commit
     for result_file in ("metrics/ingest/xray.json", "metrics/ingest/histology.json", "metrics/studygroups.json"):
         made_from = json.loads(Path(result_file).read_text())["provenance"]
-        assert made_from["sources"]["xray"]["format"] == "nih" and set(made_from) == {"data", "sources", "commit"}
+        assert made_from["sources"]["xray"]["format"] == "nih" and set(made_from) == {"data", "sources"}
     groups.pop("provenance")
     for name in ("x_norm", "x_norm_l", "h_norm", "h_tumor"):
         train, test = (ImageSet(Path("data/studygroups") / name / side).meta for side in ("train", "test"))

@@ -108,6 +108,8 @@ def test_write_report(tree, tmp_path):
     assert html.escape(summary["claims"]["sentence"]) in page and "real + synthetic" in page
     assert summary["warnings"] == ["histology: split by tile: slides may leak between train and test"]
     assert "WARNING: histology: split by tile: slides may leak" in page
+    # the data and the one commit summary.json records: the commit table3 ran at
+    assert f"Table 3 made at commit {summary['provenance']['commit'][:10]}." in page and "commit(s)" not in page
     # the run's warnings in one list, near the top and returned for `report` to print at the end of dvc repro
     warnings = write_report(*tree, list(GANS), tmp_path / "again")
     assert "data: histology: split by tile: slides may leak between train and test" in warnings

@@ -10,6 +10,7 @@ import pytest
 from biomedsynth.classify.benchmark import evaluate
 from biomedsynth.store import write_json
 from biomedsynth.table3 import STUDY_TABLE3, flat, summarise, write_table3
+from test_tracking import _git_repo
 
 TASKS = ("histology", "xray_sex", "xray_age")
 MODELS = ("knn", "svm", "rf", "vgg16")
@@ -50,7 +51,7 @@ def plant(root: Path, accuracies: dict, patients: int = 200, scans: int = 2, see
                 if (task, model) in constant:
                     runs[(f"synthetic{draw}", r)] = (np.ones(len(y), int), rng.random(len(y)), {})
             result, predictions = evaluate(runs, test, task, 300)
-            result["provenance"] = {"data": "abc.dir", "sources": {"xray": {"format": "nih"}}, "commit": "c0ffee"}
+            result["provenance"] = {"data": "abc.dir", "sources": {"xray": {"format": "nih"}}}
             if model == "vgg16":
                 result["precision"] = (precision or {}).get(task, "fp32")
             (root / "predictions" / task).mkdir(parents=True, exist_ok=True)
@@ -218,10 +219,13 @@ def test_missing_predictions_are_named(tmp_path):
         summarise(tmp_path, tmp_path / "predictions", STAGES, n_boot=100)
 
 
-def test_results_name_their_data_and_cells_of_other_data_are_refused(tmp_path):
+def test_results_name_their_data_and_cells_of_other_data_are_refused(tmp_path, monkeypatch):
     plant(tmp_path, HOLDS, patients=20)
+    head = _git_repo(tmp_path / "repo")
+    monkeypatch.chdir(tmp_path / "repo")
     s = summarise(tmp_path, tmp_path / "predictions", STAGES, n_boot=100)
-    assert s["provenance"] == {"data": "abc.dir", "sources": {"xray": {"format": "nih"}}, "commits": ["c0ffee"]}
+    # the data of every cell, and one commit: HEAD where table3 runs, the one commit a DVC output of the run records
+    assert s["provenance"] == {"data": "abc.dir", "sources": {"xray": {"format": "nih"}}, "commit": head}
     stale = json.loads((tmp_path / "xray_age" / "rf.json").read_text())
     stale["provenance"]["data"] = "phantom.dir"  # a cell left over from another dataset
     write_json(tmp_path / "xray_age" / "rf.json", stale)

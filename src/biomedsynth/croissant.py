@@ -8,7 +8,6 @@ Written here as plain JSON (no mlcroissant at run time); the tests validate it w
 """
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pandas as pd
@@ -32,17 +31,6 @@ CONTEXT = {
 PNG_FILES = "png-files"   # the FileSet's id (ids are shared by files and record sets: it must differ from "images")
 
 
-def commit_date(commit: str) -> str | None:
-    """The ISO date of a git commit, or None (no git, or "unknown"): a date that does not change on a rerun."""
-    if commit == "unknown":
-        return None
-    try:
-        out = subprocess.run(["git", "show", "-s", "--format=%cI", commit], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip()[:10] if out.returncode == 0 and out.stdout.strip() else None
-
-
 def _column_type(values: pd.Series) -> str:
     return "sc:Integer" if pd.api.types.is_integer_dtype(values) else "sc:Text"
 
@@ -52,9 +40,10 @@ def _file(path: str, sha256: str, fmt: str, description: str) -> dict:
             "sha256": sha256, "description": description}
 
 
-def metadata(sheet: dict, root: Path, checksums: dict[str, str], commit: str) -> dict:
+def metadata(sheet: dict, root: Path, checksums: dict[str, str]) -> dict:
     """croissant.json for the export at `root` (its metadata.csv written), from its datasheet and the SHA-256 of
-    its files (`checksums`: relative path -> hex)."""
+    its files (`checksums`: relative path -> hex). No datePublished (optional in Croissant 1.0: mlcroissant warns):
+    the only date a run has is its commit's or the clock's, and either would change the export on a rerun."""
     columns = pd.read_csv(Path(root) / "metadata.csv", nrows=50, keep_default_na=False)
     csv_fields = [{"@type": "cr:Field", "@id": f"metadata/{c}", "name": c, "dataType": _column_type(columns[c]),
                    "source": {"fileObject": {"@id": "metadata.csv"}, "extract": {"column": c}}}
@@ -82,15 +71,15 @@ def metadata(sheet: dict, root: Path, checksums: dict[str, str], commit: str) ->
           for p in weights)]
     w, mem, src = sheet["what"], sheet["memorisation"], sheet["source_data"]
     warnings = sheet["run_warnings"] if isinstance(sheet["run_warnings"], list) else []
-    out = {
+    return {
         "@context": CONTEXT, "@type": "sc:Dataset", "conformsTo": CROISSANT, "name": sheet["name"],
         "description": f"{w['summary']}. Memorisation test: {mem['verdict']}. See datasheet.md.",
         "license": f"https://spdx.org/licenses/{sheet['license']}.html", "version": sheet["version"],
         "keywords": ["synthetic data", "medical imaging", w["modality"].split(",")[0],
                      "generative adversarial network"],
         "citeAs": (f"@misc{{biomedsynth_{sheet['name'].replace('-', '_')}, title = {{{sheet['name']}: "
-                   f"{w['summary']}}}, note = {{version {sheet['version']}, biomedsynth commit "
-                   f"{sheet['how_made']['exported_at_commit']}}}}}"),
+                   f"{w['summary']}}}, note = {{version {sheet['version']}, made by "
+                   f"{sheet['how_made']['code']}}}}}"),
         "rai:dataCollection": f"{src['description']}; {sheet['how_made']['architecture']}, "
                               f"{sheet['how_made']['setup']}, drew every image. The real data were {src['split']}",
         "rai:dataUseCases": sheet["intended_use"],
@@ -112,6 +101,3 @@ def metadata(sheet: dict, root: Path, checksums: dict[str, str], commit: str) ->
             {"@type": "cr:RecordSet", "@id": "images", "name": "images", "key": {"@id": "images/image_id"},
              "description": "each image with its metadata.csv row", "field": image_fields}],
     }
-    if date := commit_date(commit):
-        out["datePublished"] = date
-    return out

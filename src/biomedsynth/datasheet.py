@@ -51,10 +51,6 @@ def unfilled(sheet, path: str = "") -> list[str]:
     return []
 
 
-def commit_text(commit: str) -> str:
-    return commit if commit != "unknown" else "not recorded: the code ran outside a git commit"
-
-
 def split_unit(group: str, studygroups: dict) -> str:
     """patient, slide or tile: what the study group's split kept apart, as the studygroups stage recorded it."""
     units = {s.get("split_unit") for s in studygroups[group].values()}
@@ -299,11 +295,12 @@ def build(name: str, *, modality: str, group: str, images: int, draws: int, side
           label_counts: dict[str, int], label_columns: dict[str, str], example_file: str, options: dict,
           logs: dict[str, dict],
           synth: dict, gan: dict, studygroups: dict, summary: dict, dvc_lock: dict | None, license: str,
-          version: str, intended_use: str, gate: dict, screened: int, commit: str, generator: dict | None,
+          version: str, intended_use: str, gate: dict, screened: int, code: str, generator: dict | None,
           run_warnings: list[str]) -> dict:
     """The datasheet as JSON-ready data; `logs` holds each model's log row at its chosen epoch; `gate` is the privacy
-    gate's record (gate.admit) and `screened` the set's images before it dropped the near copies; `run_warnings` the
-    run's warnings as the report lists them (report.run_warnings)."""
+    gate's record (gate.admit) and `screened` the set's images before it dropped the near copies; `code` names the
+    code by its package version (provenance.code_version), no commit, so that a rerun of the same code writes the
+    same export; `run_warnings` the run's warnings as the report lists them (report.run_warnings)."""
     memorisation = _memorisation(synth, gate["overridden"])
     fidelity = _fidelity(synth, logs)
     utility = _utility(name, summary)
@@ -322,7 +319,7 @@ def build(name: str, *, modality: str, group: str, images: int, draws: int, side
         "how_made": {"architecture": "{} ({})".format(*arch_names(options["arch"])), "setup": SETUP[options["setup"]],
                      "options": options,
                      "checkpoint": _checkpoint(synth), "gan_learnt": synth["gan_learnt"],
-                     "commit": commit_text(synth["provenance"]["commit"]), "exported_at_commit": commit_text(commit),
+                     "code": code,
                      "dvc": _dvc(name, dvc_lock),
                      **({"synthesize_params": lock_stage["params"]} if lock_stage.get("params") else {})},
         "fidelity": fidelity,
@@ -386,7 +383,7 @@ def markdown(sheet: dict) -> str:
     lines += ["## How it was made", "", f"- {how['architecture']}, {how['setup']}",
               f"- chosen epoch(s): " + ", ".join(f"{m} {e}" for m, e in ck["epochs"].items()) + f", by {ck['why']}",
               f"- every setting that shaped the weights: `options` in datasheet.json",
-              f"- drawn at commit `{how['commit']}`, exported at commit `{how['exported_at_commit']}`"]
+              f"- code: {how['code']}"]
     if isinstance(how["dvc"], dict):
         lines.append(f"- DVC hashes (dvc.lock): generator `{how['dvc']['generator']}`, "
                      + ", ".join(f"{p} `{h}`" for p, h in {**how["dvc"]["inputs"], **how["dvc"]["outputs"]}.items()))
@@ -450,7 +447,7 @@ def markdown(sheet: dict) -> str:
                   f"- license: {sheet['license']}; {g['caution']}", ""]
     lines += ["## Files and loading", "",
               f"One folder per label under `images/` (e.g. `{w['example_file']}`; each PNG carries a `synthetic` text "
-              "chunk: set, generator, commit), `metadata.csv`, `datasheet.json`, `croissant.json` (MLCommons "
+              "chunk: set, generator, code), `metadata.csv`, `datasheet.json`, `croissant.json` (MLCommons "
               "Croissant), `SHA256SUMS` (`sha256sum -c SHA256SUMS`).", "", "```python",
               'from datasets import load_dataset           # Hugging Face: the image and every metadata.csv column',
               'ds = load_dataset("imagefolder", data_dir=".", split="train")',

@@ -44,7 +44,7 @@ from PIL import Image, PngImagePlugin
 from tqdm import tqdm
 
 from biomedsynth import croissant, datasheet, gate
-from biomedsynth.provenance import git_commit
+from biomedsynth.provenance import code_version
 from biomedsynth.store import (NEAR_COPY, ImageSet, atomic_write_text, load_weights, replace_tree, save_torch,
                                write_json)
 
@@ -127,12 +127,12 @@ def staged(out: Path) -> Iterator[Path]:
 
 class PngWriter:
     """Images into <root>/images/<label>/<image_id>.png, each marked synthetic by a tEXt chunk (JSON: synthetic,
-    set, generator, commit); write_metadata() writes metadata.csv, one row per image in the order added. A context
-    manager: PNGs are encoded by a pool of threads (Pillow's encoder releases the GIL: 2-3x on 2 cores), all
-    finished when the block ends."""
+    set, generator, code: what made it, e.g. provenance.code_version()); write_metadata() writes metadata.csv, one
+    row per image in the order added. A context manager: PNGs are encoded by a pool of threads (Pillow's encoder
+    releases the GIL: 2-3x on 2 cores), all finished when the block ends."""
 
-    def __init__(self, root: Path, set_name: str, modality: str, commit: str, workers: int | None = None):
-        self.root, self.set_name, self.modality, self.commit = Path(root), set_name, modality, commit
+    def __init__(self, root: Path, set_name: str, modality: str, code: str, workers: int | None = None):
+        self.root, self.set_name, self.modality, self.code = Path(root), set_name, modality, code
         self.rows: list[dict] = []
         self._ids: set[str] = set()
         self._pool = ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1))
@@ -168,7 +168,7 @@ class PngWriter:
         image = np.array(image)  # a copy: the caller may reuse its buffer while the pool writes
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (1, 3):
             raise ValueError(f"image {image_id} must be uint8 (H, W, 1 or 3), got {image.dtype} {image.shape}")
-        mark = json.dumps({"synthetic": True, "set": self.set_name, "generator": generator, "commit": self.commit},
+        mark = json.dumps({"synthetic": True, "set": self.set_name, "generator": generator, "code": self.code},
                           sort_keys=True)
         rel = f"{IMAGES}/{label}/{image_id}.png"
         (self.root / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -330,9 +330,9 @@ def export_set(name: str, run: RunFiles, out: Path, *, modality: str, group: str
     meta = images.meta.assign(draw=images.meta["draw"] if "draw" in images.meta else 0).iloc[shipped]
     labels = sorted(meta["label"].unique())
     generators = generator_names(options["arch"], options["setup"], epochs, labels)
-    commit = git_commit()
+    code = code_version()  # not the commit: a rerun of the same code writes the same export
     with staged(out) as tmp:
-        with PngWriter(tmp, name, modality, synth["provenance"]["commit"]) as writer:
+        with PngWriter(tmp, name, modality, code) as writer:
             rows = zip(meta["image_id"], meta["label"], meta["draw"])
             for image, (image_id, label, draw) in tqdm(zip((im for b in images.batches(shipped) for im in b), rows),
                                                        total=len(shipped), desc=f"export {name}", unit="img"):
@@ -343,7 +343,7 @@ def export_set(name: str, run: RunFiles, out: Path, *, modality: str, group: str
             card = write_generator(run.model_root, epochs, tmp / GENERATOR, {
                 "set": name, "modality": modality, "arch": options["arch"], "setup": options["setup"],
                 "labels": options["labels"], "resolution": options["resolution"], "channels": options["channels"],
-                "epochs": epochs, "commit": datasheet.commit_text(commit), "license": license, "dtype": "bfloat16",
+                "epochs": epochs, "code": code, "license": license, "dtype": "bfloat16",
                 "summary": f"the sampling generator{'s' if len(epochs) > 1 else ''} of {name} at the chosen epoch(s)",
                 "usage": f"biomedsynth generate --generator {GENERATOR} -n 100 --out more --seed 0",
                 "hash_screen": (f"not applied by generate --generator (it needs the training images' hashes, which "
@@ -362,14 +362,14 @@ def export_set(name: str, run: RunFiles, out: Path, *, modality: str, group: str
             label_columns=LABEL_COLUMNS[modality], example_file=writer.rows[0]["file_name"], options=options,
             logs=logs, synth=synth, gan=gan,
             studygroups=studygroups, summary=summary, dvc_lock=lock, license=license, version=version,
-            intended_use=intended_use, gate=passed, screened=len(images), commit=commit, generator=card,
+            intended_use=intended_use, gate=passed, screened=len(images), code=code, generator=card,
             run_warnings=run_warnings(summary, run.metrics, [name]))
         if missing := datasheet.unfilled(sheet):
             raise ValueError(f"{name}: the datasheet has no value for {', '.join(missing)}")
         write_json(tmp / "datasheet.json", sheet)
         atomic_write_text(tmp / "datasheet.md", datasheet.markdown(sheet))
         sums = {rel: sha256(tmp / rel) for rel in _files(tmp)}
-        write_json(tmp / "croissant.json", croissant.metadata(sheet, tmp, sums, commit))
+        write_json(tmp / "croissant.json", croissant.metadata(sheet, tmp, sums))
         write_checksums(tmp)
     return {"images": len(shipped), "near_copies_dropped": len(images) - len(shipped),
             "labels": sheet["what"]["labels"],

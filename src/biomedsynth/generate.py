@@ -27,7 +27,7 @@ from biomedsynth import gate
 from biomedsynth.evidence import feature_net_space
 from biomedsynth.export import CARD, PngWriter, generator_names, staged, verify_checksums, write_checksums
 from biomedsynth.gan.checkpoint import Synthesizer
-from biomedsynth.provenance import git_commit
+from biomedsynth.provenance import code_version, git_commit
 from biomedsynth.store import ImageSet, write_json
 from biomedsynth.synthesize import HashScreen, NearCopyScreen, draw_label, evidence_spaces
 
@@ -146,7 +146,7 @@ def generate(source: Source, out: Path, n: int, label: str | None = None, seed: 
     shape = (gen.opt.resolution, gen.opt.resolution, gen.opt.channels)
     tally = {lb: {"images": c, "drawn": 0, "rejected": 0, "near_copies": 0} for lb, c in counts.items()}
     t0 = time.perf_counter()
-    with (staged(out) as tmp, PngWriter(tmp, source.name, source.modality, commit) as writer,
+    with (staged(out) as tmp, PngWriter(tmp, source.name, source.modality, code_version()) as writer,
           tqdm(total=n, desc=f"generate {source.name}", unit="img") as bar):
         for lb, count in counts.items():
             rng = np.random.default_rng([seed, labels.index(lb)])

@@ -449,8 +449,8 @@ def _provenance(summary: dict) -> list:
     p = summary.get("provenance") or {}
     sources = p.get("sources") or {}
     read = "; ".join(f"{m}: {s.get('format')} from {s.get('root')}" for m, s in sources.items()) or "unknown"
-    blocks = [("p", f"Data: data.dvc {p.get('data') or 'unknown'} ({read}); classifiers run at commit(s) "
-                    f"{', '.join(c[:10] for c in p.get('commits', [])) or 'unknown'}.")]
+    blocks = [("p", f"Data: data.dvc {p.get('data') or 'unknown'} ({read}); Table 3 made at commit "
+                    f"{(p.get('commit') or 'unknown')[:10]}.")]
     return blocks + [("p", f"WARNING: {w}") for w in summary.get("warnings", [])]
 
 

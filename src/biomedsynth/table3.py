@@ -32,7 +32,7 @@ import pandas as pd
 
 from biomedsynth.classify import metrics
 from biomedsynth.classify.benchmark import ARMS, CLASSIC, MODELS, arm_samples, test_clusters
-from biomedsynth.provenance import same_data
+from biomedsynth.provenance import git_commit, same_data
 from biomedsynth.store import atomic_write_text, write_json
 from biomedsynth.tasks import TASKS
 
@@ -183,7 +183,7 @@ def summarise(metrics_dir: Path, predictions_dir: Path, gan_stages: dict[str, li
     for task in tasks:
         for model in models:
             m = _read_json(metrics_dir / task / f"{model}.json")
-            prints[f"{task}/{model}"] = m.get("provenance", {"data": None, "sources": None, "commit": None})
+            prints[f"{task}/{model}"] = m.get("provenance", {"data": None, "sources": None})
             try:
                 table.setdefault(task, {})[model] = _cell(m, task, model)
             except KeyError as e:
@@ -243,8 +243,9 @@ def summarise(metrics_dir: Path, predictions_dir: Path, gan_stages: dict[str, li
               "study_deep_drop_mean": round(study["deep"], 4), "study_lbp_drop_mean": round(study["lbp"], 4)}
     claims["sentence"] = sentence(claims)
     first = next(iter(prints.values()))
-    provenance = {"data": first["data"], "sources": first["sources"],
-                  "commits": sorted({p["commit"] for p in prints.values() if p["commit"]})}
+    # the one place a run's commit is written (with the MLflow runs' tags): the per-stage outputs name their data
+    # only, and dvc.lock the code each came from
+    provenance = {"data": first["data"], "sources": first["sources"], "commit": git_commit()}
     return {**table, "claims": claims, "provenance": provenance}
 
 
@@ -321,8 +322,9 @@ def forest_rows(summary: dict) -> pd.DataFrame:
 
 def write_table3(metrics_dir: Path, predictions_dir: Path, gan_stages: dict[str, list[str]], summary_path: Path,
                  flat_path: Path, n_boot: int, forest_path: Path | None = None) -> dict:
-    """Write metrics/summary.json (Table 3 with intervals, flags, replicates, claims, the data it came from and
-    ingest's warnings about that data), the flat metrics/table3.json and the forest plot's rows."""
+    """Write metrics/summary.json (Table 3 with intervals, flags, replicates, claims, the data it came from, the
+    commit table3 ran at and ingest's warnings about that data), the flat metrics/table3.json and the forest plot's
+    rows."""
     summary = summarise(metrics_dir, predictions_dir, gan_stages, n_boot=n_boot)
     summary["warnings"] = data_warnings(metrics_dir)
     write_json(summary_path, summary)

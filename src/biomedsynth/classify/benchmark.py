@@ -252,8 +252,8 @@ def classify(task: str, model: str, cfg: Classify, task_dir: Path, features_dir:
              provenance: dict | None = None) -> dict:
     """Train `model` on every training set of `task` that each replicate uses (replicate_plan); test on the real
     test set. models_out/<set>-seed<r>.{pt,joblib} keeps each trained model: VGG16's best-validation-loss state,
-    an LBP model's fitted estimator of the variant chosen by CV. `provenance` (the data and commit it came
-    from) is written into the metrics as it is."""
+    an LBP model's fitted estimator of the variant chosen by CV. `provenance` (the data it came from) is
+    written into the metrics as it is."""
     if model not in MODELS:
         raise ValueError(f"model must be one of {', '.join(MODELS)}, got {model!r}")
     not_trained = arms_not_trained(model, cfg)

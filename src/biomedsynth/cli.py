@@ -62,7 +62,7 @@ def _writes(*outputs: Path) -> None:
 
 
 def _stamp(p, metrics_path: Path) -> None:
-    """Name the data (data.dvc's hash, the sources params) and the commit in a stage's metrics JSON."""
+    """Name the data (data.dvc's hash, the sources params) in a stage's metrics JSON."""
     from biomedsynth.provenance import stamp
 
     _run(stamp, metrics_path, p.sources.model_dump(mode="json"))

@@ -530,7 +530,7 @@ def report(params: Path = ParamsOpt):
     """report: reports/report.{md,html}: Table 3 and the verdict, sample figures, GAN scores and checks."""
     from biomedsynth.report import write_report
 
-    _params(params)
+    p = _params(params)
     _writes(*outputs("report"))
     warnings = _run(write_report, METRICS, GAN_MODELS, STUDYGROUPS,
                     SYNTHETIC, EVIDENCE, list(p.gan.stages), REPORTS)

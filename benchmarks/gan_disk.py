@@ -18,7 +18,7 @@ from pathlib import Path
 
 from biomedsynth.gan import checkpoint as C
 from biomedsynth.gan import train as T
-from biomedsynth.params import Params, load_params
+from biomedsynth.params import Params, load_params, setup_of
 from biomedsynth.params_edit import apply_profile
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +51,7 @@ def main() -> None:
     total = 0
     print(f"{'stage':24} {'models':>6} {'kept/model':>10} {'MB each':>8} {'GB':>7}")
     for name, item in p.gan.stages.items():
-        setup = name.rsplit("-", 1)[1]
+        setup = setup_of(name)
         images, labels = group_sizes(args.profile)[item.group]
         models = 1 if setup == "cond" else labels
         per_model = images if setup == "cond" else images // labels

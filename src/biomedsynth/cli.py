@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from biomedsynth import lifetime
-from biomedsynth.params import ParamsError, load_params
+from biomedsynth.params import ParamsError, load_params, setup_of
 from biomedsynth.params_edit import apply_profile, set_params
 from biomedsynth.paths import (CLASSIFIERS, EVIDENCE, EXPORTS, FEATURE_NETS, FEATURES, GAN_MODELS, GAN_STATES, INTERIM,
                                METRICS, PREDICTIONS, RAW, REPORTS, STUDYGROUPS, SYNTHETIC, TASK_SETS, outputs)
@@ -319,7 +319,7 @@ def check_gan(names: list[str] = ChecksArg, params: Path = ParamsOpt):
     def check(name: str, stage: dict) -> None:
         train_set = STUDYGROUPS / stage["group"] / "train"
         try:
-            opt = stage_options(p, stage["arch"], stage["modality"], name.rsplit("-", 1)[1], train_set, processes)
+            opt = stage_options(p, stage["arch"], stage["modality"], setup_of(name), train_set, processes)
             check_run(opt, train_set, train_set.with_name("val"), FEATURE_NETS / f"{stage['modality']}.pt",
                       GAN_STATES / name, processes)
         except ValueError as e:
@@ -340,7 +340,7 @@ def train_gan(name: str = StageArg, params: Path = ParamsOpt):
     p = _params(params)
     name = _stage_name("train-gan", name, p)
     stage = p.gan.stages[name]
-    arch, modality, setup = stage.arch, stage.modality, name.rsplit("-", 1)[1]
+    arch, modality, setup = stage.arch, stage.modality, setup_of(name)
     train_set = STUDYGROUPS / stage.group / "train"
     model, metrics, scores, losses = outputs("train-gan", name)
     _writes(model, metrics, scores, losses, GAN_STATES / name)
@@ -371,7 +371,7 @@ def synthesize(name: str = StageArg, params: Path = ParamsOpt):
     _writes(synthetic, metrics, evidence)
     from biomedsynth.synthesize import synthesize_stage
 
-    summary = _run(synthesize_stage, p, stage.arch, stage.group, name.rsplit("-", 1)[1], synthetic, metrics,
+    summary = _run(synthesize_stage, p, stage.arch, stage.group, setup_of(name), synthetic, metrics,
                    evidence, warn=lambda line: typer.echo(line, err=True))
     _print_summary(f"synthesize@{name}", summary)
 

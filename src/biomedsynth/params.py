@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
-                      model_validator)
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
 
 from biomedsynth.gan import ARCH_NAMES
 from biomedsynth.sources import slide_id_pattern
@@ -195,6 +195,11 @@ GROUP_MODALITY = {"x_norm": "xray", "x_norm_l": "xray", "h_norm": "histology", "
 # the setups of each group: histology has no conditional model (the study trained none)
 GROUP_SETUPS = {"x_norm": ("uncond", "cond"), "x_norm_l": ("uncond", "cond"), "h_norm": ("uncond",),
                 "h_tumor": ("uncond",)}
+
+
+def setup_of(stage: str) -> str:
+    """A GAN stage's setup, the last part of its name <arch>-<group>-<setup>."""
+    return stage.rsplit("-", 1)[1]
 
 
 def gan_stage_table() -> dict[str, dict]:
@@ -573,8 +578,6 @@ def error_line(path: Path, err: ValidationError, data: dict) -> str:
         return f"{path}: missing key '{key}'"
     if not loc:  # a check across sections: its message names the keys (the value would be the whole file)
         return f"{path}: {e['msg'].removeprefix('Value error, ')}"
-    if isinstance(value, dict):  # a table's check names the entry
-        return f"{path}: {key}: {e['msg'].removeprefix('Value error, ')}"
     if e["type"] == "extra_forbidden":
         model = Params
         for k in loc[:-1]:
@@ -582,6 +585,8 @@ def error_line(path: Path, err: ValidationError, data: dict) -> str:
             model = field.annotation if field is not None else None
         allowed = ", ".join(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else "?"
         return f"{path}: unknown key '{key}' (allowed here: {allowed})"
+    if isinstance(value, dict):  # a table's check names the entry
+        return f"{path}: {key}: {e['msg'].removeprefix('Value error, ')}"
     return f"{path}: {key} = {value!r}: {e['msg'].removeprefix('Value error, ')}"
 
 

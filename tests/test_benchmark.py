@@ -74,7 +74,7 @@ def test_lbp_model_is_saved_and_reproduces_the_scored_predictions(tmp_path, cfg,
     saved = joblib.load(out / "real-seed0.joblib")
     assert saved["lbp_variant"] == r["real"]["best_variant"]
     _, test = read_features(feats / "test")
-    scored = pd.read_csv(tmp_path / "plots" / "confusion-real.csv")["predicted"].to_numpy()
+    scored = pd.read_csv(tmp_path / "plots" / "confusion" / "real.csv")["predicted"].to_numpy()
     np.testing.assert_array_equal(saved["estimator"].predict(test[saved["lbp_variant"]]), scored)
     assert r["real"]["accuracy"]["value"] > 0.9  # an easy problem: a broken pipeline would sit near 0.5
 
@@ -122,8 +122,8 @@ def test_vgg16_trains_the_real_synthetic_arm_only_when_params_say_so(tmp_path, c
     assert set(pd.read_csv(tmp_path / "predictions.csv")["arm"]) == set(sets[:2 + real_synthetic])
     if not real_synthetic:  # the cell says why the arm is missing; dvc.yaml's plots of the arm exist, without rows
         assert r["not_trained"] == {"real_synthetic": "not trained: classify.vgg16.real_synthetic is false"}
-        assert (tmp_path / "plots" / "confusion-real_synthetic.csv").read_text() == "actual,predicted\n"
-        assert (tmp_path / "plots" / "roc-real_synthetic.csv").read_text() == "fpr,tpr\n"
+        assert (tmp_path / "plots" / "confusion" / "real_synthetic.csv").read_text() == "actual,predicted\n"
+        assert (tmp_path / "plots" / "roc" / "real_synthetic.csv").read_text() == "fpr,tpr\n"
 
 
 @pytest.mark.e2e
@@ -263,7 +263,7 @@ def test_mlflow_gets_the_plots_this_stage_wrote_and_no_stale_file_beside_them(tm
             pass
 
         def log_artifact(self, path, artifact_path=None, real_images=False):
-            self.files.append((Path(path).name, real_images))
+            self.files.append((f"{artifact_path}/{Path(path).name}", real_images))
 
         def log_artifacts(self, folder, artifact_path=None, real_images=False):
             self.files += [(p.name, real_images) for p in Path(folder).iterdir()]
@@ -276,7 +276,7 @@ def test_mlflow_gets_the_plots_this_stage_wrote_and_no_stale_file_beside_them(tm
     classify("t", "knn", cfg, tasks, feats, tmp_path / "models", tmp_path / "m.json", tmp_path / "plots",
              tmp_path / "predictions.csv", tracker, log=lambda _: None)
     plots = sorted(name for name, real in tracker.files if not real)
-    assert plots == sorted(f"{kind}-{arm}.csv" for kind in ("confusion", "roc")
+    assert plots == sorted(f"plots/{kind}/{arm}.csv" for kind in ("confusion", "roc")
                            for arm in ("real", "synthetic", "real_synthetic"))
     assert all(real for name, real in tracker.files if name.endswith(".joblib"))  # models: tracking.real_images
 

@@ -148,11 +148,12 @@ def _fit_predict(model: str, task_dir: Path, features_dir: Path, train: str, cfg
 
 
 def _write_plots(plots: Path, arm: str, y_test: np.ndarray, pred: np.ndarray, score: np.ndarray) -> None:
-    """Per test image actual/predicted (DVC's confusion template) and the ROC curve (fpr, tpr)."""
-    atomic_write_text(plots / f"confusion-{arm}.csv",
+    """Per test image actual/predicted (DVC's confusion template) and the ROC curve (fpr, tpr): plots/confusion/<arm>.csv
+    and plots/roc/<arm>.csv, one folder per kind, so dvc.yaml declares two outputs per cell, not six."""
+    atomic_write_text(plots / "confusion" / f"{arm}.csv",
                       "actual,predicted\n" + "".join(f"{a},{p}\n" for a, p in zip(y_test, pred)))
     fpr, tpr, _ = roc_curve(y_test, score)
-    atomic_write_text(plots / f"roc-{arm}.csv",
+    atomic_write_text(plots / "roc" / f"{arm}.csv",
                       "fpr,tpr\n" + "".join(f"{f:.6f},{t:.6f}\n" for f, t in zip(fpr, tpr)))
 
 
@@ -297,8 +298,8 @@ def classify(task: str, model: str, cfg: Classify, task_dir: Path, features_dir:
         if r == 0:
             _write_plots(plots_dir, arm_of(name), y_test, pred, score)
     for arm in not_trained:  # dvc.yaml's plots of every arm exist: these hold no rows
-        atomic_write_text(plots_dir / f"confusion-{arm}.csv", "actual,predicted\n")
-        atomic_write_text(plots_dir / f"roc-{arm}.csv", "fpr,tpr\n")
+        atomic_write_text(plots_dir / "confusion" / f"{arm}.csv", "actual,predicted\n")
+        atomic_write_text(plots_dir / "roc" / f"{arm}.csv", "fpr,tpr\n")
     atomic_write_text(predictions_path, predictions.to_csv(index=False))  # patient/slide ids: DVC-cached, not git
     write_json(metrics_path, result)
     if tracker is not None:
@@ -307,7 +308,7 @@ def classify(task: str, model: str, cfg: Classify, task_dir: Path, features_dir:
         tracker.log_metrics({f"drop.{m}": result["drop"]["relative"][m]["value"] for m in metrics.SCALARS})
         for arm in ARMS:  # the files this stage wrote, not the folder: an older layout's predictions.csv (patient ids)
             for kind in ("confusion", "roc"):  # sat there and went to MLflow with it
-                if (plots_dir / f"{kind}-{arm}.csv").is_file():
-                    tracker.log_artifact(plots_dir / f"{kind}-{arm}.csv", "plots")
+                if (plots_dir / kind / f"{arm}.csv").is_file():
+                    tracker.log_artifact(plots_dir / kind / f"{arm}.csv", f"plots/{kind}")
         tracker.log_artifacts(models_out, "model", real_images=True)  # fitted to real images (k-NN keeps them all)
     return result

@@ -9,7 +9,7 @@ Per architecture, side and mode (CPU: fp32; CUDA: fp32 and bf16 + channels_last)
 - `before`, the plain step: every batch converted and resized on the host and copied from pageable memory,
   D's weight gradients computed in the G step, two host syncs per step (the losses), nearest upsampling
   then a 3x3 conv, pixel norm in fp32 under autocast, for-each Adam, an EMA loop over the tensors;
-- `after`, the pipeline's own step (gan/train.train_step on gan/train.TrainingImages): the same algorithm;
+- `after`, the pipeline's own step (the loss object's train_step on gan/train.TrainingImages): the same algorithm;
 their ratio, the peak GPU memory of `after`, and MFU: the plain step's model FLOPs per image (torch's
 flop formulas over one step, the penalty's double backward included) times images/s over the card's bf16
 dense peak (known for H100, H200, A100; else --peak-tflops). Batch 32, full depth, WGAN-GP every step.
@@ -159,7 +159,7 @@ def measure(arch: str, res: int, channels: int, batch: int, steps: int, device: 
 
     def after():
         real = images.batch(np.sort(rng.choice(len(stored.images), batch))).contiguous(memory_format=fmt)
-        T.train_step(opt, nets, real, None, extra, seen[0], gen, bf16)
+        nets[5].train_step(nets, real, None, extra, seen[0], gen, bf16)  # the loss object's step
         seen[0] += batch
     if before is None:  # sg2ada: FLOPs of the pipeline's own step (R1's and path length's lazy ones included)
         with counter:

@@ -162,18 +162,17 @@ def one_thread_here():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory, one_thread_here):
-    """A project folder with the outputs export and generate read: the smoke profile, a DCGAN `cond` stage trained
-    for 2 epochs on a 48-image X-Norm group and its synthetic set (2 draws, hash-screened), the study groups'
+def build_project(root: Path, name: str) -> Path:
+    """A project folder with the outputs export and generate read: the smoke profile, the X-Norm `cond` stage `name`
+    trained for 2 epochs on a 48-image X-Norm group and its synthetic set (2 draws, hash-screened), the study groups'
     counts, Table 3 and dvc.lock."""
-    root = tmp_path_factory.mktemp("project")
+    arch = name.split("-")[0]
     for f in ("params.yaml", "dvc.yaml"):
         shutil.copy(ROOT / f, root / f)
     apply_profile("smoke", root / "params.yaml")
-    set_params(["tasks.xray.arch=dcgan", "tasks.xray.group=x_norm", "tasks.xray.setup=cond", "gan.xray.epochs_cond=2",
+    set_params([f"tasks.xray.arch={arch}", "tasks.xray.group=x_norm", "tasks.xray.setup=cond", "gan.xray.epochs_cond=2",
                 "synthesize.checkpoint=best", "export.sets=table3", "export.with_generator=false",
-                f"export.allow_unlearnt=[{NAME}]"],  # 2 epochs on 48 images: the GAN has not learnt yet
+                f"export.allow_unlearnt=[{name}]"],  # 2 epochs on 48 images: the generator has not learnt yet
                root / "params.yaml")
     groups = root / "data/studygroups/x_norm"
     for side, n, seed in (("train", 48, 0), ("val", 16, 1), ("test", 40, 2)):
@@ -187,28 +186,34 @@ def project(tmp_path_factory, one_thread_here):
         mp.chdir(root)
         mp.setenv("BIOMEDSYNTH_MLFLOW", "0")
         mp.setenv("BIOMEDSYNTH_DEVICE", "cpu")
-        run_ok(["train-gan", "dcgan-x_norm-cond"])
-        run_ok(["synthesize", "dcgan-x_norm-cond"])
+        run_ok(["train-gan", name])
+        run_ok(["synthesize", name])
     write_json(root / "metrics/studygroups.json", studygroups_metrics(root))
     histology = ["dcgan-h_norm-uncond", "dcgan-h_tumor-uncond"]
     write_json(root / "metrics/summary.json", {
         "claims": {"verdict": "holds"},
         "histology": {"vgg16": table3_cell("VGG16 (512-512 head)", histology, 0.95, 0.7),
                       "knn": table3_cell(None, histology, 0.94, 0.87)},
-        "xray_sex": {"vgg16": table3_cell("VGG16 (512-512 head)", [NAME], 0.68, 0.64),
-                     "knn": table3_cell(None, [NAME], 0.74, 0.5, degenerate=True)},
-        "xray_age": {"vgg16": table3_cell("VGG16 (512-512 head)", [NAME], 0.5, 0.47),
-                     "knn": table3_cell(None, [NAME], 0.65, 0.5, degenerate=True)}})
-    lock = {"schema": "2.0", "stages": {f"synthesize@{NAME}": {
-        "cmd": "biomedsynth synthesize dcgan x_norm cond",
-        "deps": [{"path": f"models/gan/{NAME}", "hash": "md5", "md5": "0123456789abcdef0123456789abcdef.dir"},
+        "xray_sex": {"vgg16": table3_cell("VGG16 (512-512 head)", [name], 0.68, 0.64),
+                     "knn": table3_cell(None, [name], 0.74, 0.5, degenerate=True)},
+        "xray_age": {"vgg16": table3_cell("VGG16 (512-512 head)", [name], 0.5, 0.47),
+                     "knn": table3_cell(None, [name], 0.65, 0.5, degenerate=True)}})
+    lock = {"schema": "2.0", "stages": {f"synthesize@{name}": {
+        "cmd": "biomedsynth synthesize",
+        "deps": [{"path": f"models/gan/{name}", "hash": "md5", "md5": "0123456789abcdef0123456789abcdef.dir"},
                  {"path": "data/studygroups/x_norm", "hash": "md5", "md5": "fedcba9876543210fedcba9876543210.dir"},
                  {"path": "src/biomedsynth/synthesize.py", "hash": "md5", "md5": "00000000000000000000000000000001"}],
         "params": {"params.yaml": {"seed": 0, "synthesize": {"checkpoint": "best", "draws": 2}}},
-        "outs": [{"path": f"data/synthetic/{NAME}", "hash": "md5", "md5": "11111111111111111111111111111111.dir"}]}}}
+        "outs": [{"path": f"data/synthetic/{name}", "hash": "md5", "md5": "11111111111111111111111111111111.dir"}]}}}
     (root / "dvc.lock").write_text(yaml.safe_dump(lock))
-    record_synthesize_metrics(root)
+    record_synthesize_metrics(root, name)
     return root
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, one_thread_here):
+    """build_project of a DCGAN stage."""
+    return build_project(tmp_path_factory.mktemp("project"), NAME)
 
 
 def write_tiles(path: Path, n: int, seed: int, label: str = "normal") -> None:
@@ -639,7 +644,7 @@ def test_the_stage_exports_the_sets_params_list_and_notes_the_others(at):
     set_params([f"export.sets=[{NAME}]"], "listed.yaml")
     result = run_ok(["export-sets", "--params", "listed.yaml"])
     assert f"export pggan-x_norm-cond: not exported: export.sets lists {NAME}" in result.output
-    names = yaml.safe_load((at / "params.yaml").read_text())["gan"]["stages"]  # the smoke profile's: all eighteen
+    names = yaml.safe_load((at / "params.yaml").read_text())["gan"]["stages"]  # the smoke profile's: all twenty-four
     assert sorted(p.parent.name for p in (at / "exports").glob("*/SHA256SUMS")) == [NAME]
     noted = sorted(p.parent.name for p in (at / "exports").glob("*/not_exported.json"))
     assert noted == sorted(set(names) - {NAME})  # every other set says why it is not there
@@ -782,3 +787,27 @@ def test_a_shared_generator_draws_without_the_pipeline(at, tmp_path, monkeypatch
     write_checksums(gen)
     bad = CliRunner().invoke(app, ["generate", "--generator", str(gen), "-n", "1", "--out", "x"])
     assert bad.exit_code == 1 and "is not plain weights" in bad.output and not Path("x").exists()
+
+
+# ---- the diffusion architecture through the same gate ----
+
+def test_a_diffusion_set_exports_and_generates_through_the_same_gate(tmp_path_factory, tmp_path, monkeypatch):
+    """A diffusion stage (the smoke profile's UNet, 4 sampler steps with guidance) trained and synthesized by the
+    same commands: its set exports with a datasheet naming the architecture, generate draws the same images for a
+    seed, and a shipped generator draws them again outside the pipeline."""
+    name = "diffusion-x_norm-cond"
+    root = build_project(tmp_path_factory.mktemp("diffusion"), name)
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("BIOMEDSYNTH_DEVICE", "cpu")
+    out = tmp_path / "exp"
+    run_ok(["export", name, "--out", str(out), "--with-generator"])
+    check_export(out)
+    assert "a denoising diffusion model" in (out / "datasheet.md").read_text()
+    args = ["-n", "3", "--label", "M_48-68", "--seed", "1"]
+    run_ok(["generate", name, *args, "--out", str(tmp_path / "a")])
+    run_ok(["generate", name, *args, "--out", str(tmp_path / "b")])
+    assert files_of(tmp_path / "a") == files_of(tmp_path / "b")
+    run_ok(["generate", "--generator", str(out / "generator"), *args, "--out", str(tmp_path / "shipped")])
+    for key in [k for k in files_of(tmp_path / "a") if k.endswith(".png")]:  # bf16 weights move pixels a little
+        a, b = (np.asarray(Image.open(d / key), np.float32) for d in (tmp_path / "a", tmp_path / "shipped"))
+        assert np.abs(a - b).mean() < 3, key

@@ -27,7 +27,7 @@ def dvc_project(root: Path) -> dict:
     pipeline = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     stages = {name: stage for name, stage in pipeline.items() if name in ("check_params", "check_gan", "train_gan")}
     stages["train_gan"] = {**stages["train_gan"], "foreach": {STAGE: gan_stage_table()[STAGE]}}
-    stages["check_gan"]["cmd"] += f" {STAGE}"  # the one GAN stage this project runs (params list all eighteen)
+    stages["check_gan"]["cmd"] += f" {STAGE}"  # the one GAN stage this project runs (params list all twenty-four)
     (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
     for stage in stages.values():
         for dep in stage.get("do", stage)["deps"]:

@@ -23,6 +23,7 @@ from biomedsynth.gan import train as T
 from biomedsynth.gan import run_state as R
 from biomedsynth.gan import verdict as V
 from biomedsynth.gan.feature_net import chance_summary, fingerprint, heldout_accuracy
+from biomedsynth.gan.losses import LOSSES, DcganLoss
 from biomedsynth.params import ParamsError, load_params
 from biomedsynth.store import ImageSet, ImageSetWriter, write_json
 
@@ -76,11 +77,17 @@ SG2ADA = dict(net=dict(channel_base=256, channel_max=16, mapping_layers=2), r1_g
               augment="xray", ada_target=0.1, ada_interval=3, ada_speed_images=48, ema_rampup=0.05)
 
 
+# diffusion: the smallest UNet (8-16 maps, attention at 8 px), DPM-Solver++ in 4 steps with guidance
+DIFFUSION = dict(net=dict(base_width=8, width_max=16, attention_below=8, layers_per_block=1), latent_dim=32 * 32,
+                 label_dropout=0.1, sampling=dict(sampler="dpm++", steps=4, guidance=1.5), betas=(0.9, 0.999))
+
+
 def options(arch: str, setup: str = "cond", epochs: int = 2, **kw) -> C.Options:
     net = dict(base_width=8) if arch == "dcgan" else dict(fmap_base=128, fmap_max=16)
-    extra = {"dcgan": {}, "pggan": dict(images_per_phase=8), "sg2ada": SG2ADA}[arch]
+    extra = {"dcgan": {}, "pggan": dict(images_per_phase=8), "sg2ada": SG2ADA, "diffusion": DIFFUSION}[arch]
     base = dict(arch=arch, setup=setup, labels=("F_a", "M_a"), resolution=32, channels=1, latent_dim=16,
-                batch_size=8, epochs=epochs, seed=3, lr={"dcgan": 2e-4, "pggan": 1e-3, "sg2ada": 2.5e-3}[arch],
+                batch_size=8, epochs=epochs, seed=3,
+                lr={"dcgan": 2e-4, "pggan": 1e-3, "sg2ada": 2.5e-3, "diffusion": 2e-4}[arch],
                 betas=(0.5, 0.999) if arch == "dcgan" else (0.0, 0.99), net=net, score_images=16)
     return C.Options(**{**base, **extra, **kw})
 
@@ -117,7 +124,7 @@ def kill_after_epoch(epoch: int):
     return log
 
 
-@pytest.mark.parametrize("arch", ["dcgan", "pggan", "sg2ada"])
+@pytest.mark.parametrize("arch", ["dcgan", "pggan", "sg2ada", "diffusion"])
 def test_resume_after_a_kill_gives_the_weights_of_a_straight_run(group, val, tmp_path, arch):
     opt = options(arch)
     data = T.model_data(group.meta, val.meta, opt)[0]
@@ -128,7 +135,7 @@ def test_resume_after_a_kill_gives_the_weights_of_a_straight_run(group, val, tmp
     assert len(C.read_log(tmp_path / "b")) == 1
     resumed = T.train_model(opt, data, group, tmp_path / "b", scorer, torch.device("cpu"), log=lambda m: None)
     a, b = (torch.load(p / "checkpoint.pt", weights_only=False) for p in (tmp_path / "a", tmp_path / "b"))
-    for key in ("G", "D") + (("ema",) if arch != "dcgan" else ()):
+    for key in ("G",) + (("D",) if arch != "diffusion" else ()) + (("ema",) if arch != "dcgan" else ()):
         for name, w in a[key].items():
             assert torch.equal(w, b[key][name]), f"{key}.{name} differs after resume"
     if arch == "sg2ada":  # ADA's p, r_t and half-counted interval (8 steps, interval 3), the path-length mean
@@ -137,7 +144,8 @@ def test_resume_after_a_kill_gives_the_weights_of_a_straight_run(group, val, tmp
         assert [r["ada_p"] for r in straight] == [r["ada_p"] for r in resumed] and straight[-1]["ada_p"] > 0
     assert a["images_seen"] == b["images_seen"] == 2 * 32
     assert [r["loss_d"] for r in straight] == [r["loss_d"] for r in resumed]
-    assert all(np.isfinite(r[k]) for r in resumed for k in ("loss_d", "loss_g", "swd", "kid", "swd_floor", "kid_floor"))
+    assert all(np.isfinite(r[k]) for r in resumed for k in ("loss_g", "swd", "kid", "swd_floor", "kid_floor"))
+    assert all((r["loss_d"] is None) == (arch == "diffusion") for r in resumed)  # no discriminator
     assert (tmp_path / "b" / "grids" / "002.png").is_file() and C.epoch_file(tmp_path / "b", 2).is_file()
 
 
@@ -557,7 +565,7 @@ def test_runs_that_crash_before_an_epoch_never_displace_a_trained_resume_state(s
     trained, good = options("dcgan", epochs=1), options("dcgan", epochs=1, seed=6)
     assert run(trained) == [1]
     with monkeypatch.context() as m:
-        m.setattr(T, "train_step", crash)
+        m.setattr(DcganLoss, "train_step", crash)
         for seed in (4, 5):
             with pytest.raises(Killed):
                 run(options("dcgan", epochs=1, seed=seed))
@@ -604,12 +612,12 @@ def test_the_training_loop_never_asks_which_architecture_it_trains():
     import inspect
 
     from biomedsynth.gan import ARCH_NAMES
-    from biomedsynth.gan.losses import LOSSES
 
     assert tuple(LOSSES) == tuple(C.ARCHS) == ARCH_NAMES
-    for fn in (T.train_model, T.train_step, T.build, T.plan_epochs):
+    for fn in (T.train_model, T.build, T.plan_epochs):
         assert "opt.arch ==" not in inspect.getsource(fn) and "opt.arch !=" not in inspect.getsource(fn), fn
-    for name, loss in LOSSES.items():  # the same methods, each with the same signature
-        for method in ("g_inputs", "d_loss", "after_d_step", "g_loss", "epoch_row", "state_dict", "load_state_dict"):
+    for name, loss in LOSSES.items():  # the same methods, each with the same signature; a GAN's step asks for four more
+        gan_parts = ("g_inputs", "d_loss", "after_d_step", "g_loss") if loss.adversarial else ()
+        for method in ("train_step", "epoch_row", "state_dict", "load_state_dict", *gan_parts):
             assert list(inspect.signature(getattr(loss, method)).parameters) == \
                 list(inspect.signature(getattr(LOSSES["dcgan"], method)).parameters), (name, method)

@@ -211,9 +211,9 @@ def test_a_gan_stages_preset_is_written_as_its_table_under_the_tasks_as_set(tmp_
     shutil.copy(ROOT / "params.yaml", path)
     assert _stages(path) == ["dcgan-h_norm-uncond", "dcgan-h_tumor-uncond", "pggan-x_norm-cond"]  # table3
     assert set_params(["gan.stages=table3_sets"], path) == ["gan.stages"]
-    assert _stages(path) == [f"{a}-{s}" for a in ("dcgan", "pggan", "sg2ada")
+    assert _stages(path) == [f"{a}-{s}" for a in ("dcgan", "pggan", "sg2ada", "diffusion")
                              for s in ("x_norm-cond", "h_norm-uncond", "h_tumor-uncond")]
-    assert len(set_params(["gan.stages=all"], path)) == 1 and len(_stages(path)) == 18
+    assert len(set_params(["gan.stages=all"], path)) == 1 and len(_stages(path)) == 24
     assert set_params(["tasks.xray.arch=sg2ada", "gan.stages=table3"], path) == ["tasks.xray.arch", "gan.stages"]
     assert _stages(path) == ["dcgan-h_norm-uncond", "dcgan-h_tumor-uncond", "sg2ada-x_norm-cond"]
     assert set_params(["gan.stages=table3"], path) == []  # the same table: nothing changed

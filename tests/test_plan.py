@@ -52,7 +52,7 @@ def test_plan_counts_gan_steps_and_names_a_model_smaller_than_a_batch():
     plan = make_plan(*data, params(batch_size=64))
     assert list(plan["gans"]) == ["dcgan-h_norm-uncond", "dcgan-h_tumor-uncond", "pggan-x_norm-cond"]  # table3
     side_by_side = make_plan(*data, params("table3_sets", batch_size=64))["gans"]
-    assert sorted(side_by_side) == sorted(f"{arch}-{s}" for arch in ("dcgan", "pggan", "sg2ada")
+    assert sorted(side_by_side) == sorted(f"{arch}-{s}" for arch in ("dcgan", "pggan", "sg2ada", "diffusion")
                                           for s in ("x_norm-cond", "h_norm-uncond", "h_tumor-uncond"))
     cond = plan["gans"]["pggan-x_norm-cond"]["conditional"]
     assert cond["steps_per_epoch"] == cond["images"] // 64 and cond["steps"] == cond["steps_per_epoch"] * cond["epochs"]

@@ -20,7 +20,9 @@ SPLIT = {"patient": "by patient: no patient's scans sit on two sides",
                  "own; tiles of one slide may sit on both sides (training and held out), and no slide independence "
                  "is claimed"}
 ARCH = {"dcgan": ("DCGAN", "Radford et al. 2016"), "pggan": ("PGGAN", "progressive growing, Karras et al. 2018"),
-        "sg2ada": ("StyleGAN2-ADA", "adaptive discriminator augmentation, Karras et al. 2020")}
+        "sg2ada": ("StyleGAN2-ADA", "adaptive discriminator augmentation, Karras et al. 2020"),
+        "diffusion": ("Diffusion", "a denoising diffusion model: v-prediction UNet with classifier-free guidance, "
+                      "Ho et al. 2020, Salimans & Ho 2022")}
 SIDES = ("train", "val", "test")
 SETUP = {"uncond": "one unconditional model per label", "cond": "one model conditional on the label"}
 SPACE = {"pixels": "PCA of downsampled pixels", "features": "the KID feature net trained here",
@@ -31,7 +33,7 @@ PLACEHOLDER = re.compile(r"\b(todo|tbd|fixme|xxx|lorem|placeholder|fill in)\b|<[
 
 
 def arch_names(arch: str) -> tuple[str, str]:
-    """(short name, what it is) of a GAN architecture."""
+    """(short name, what it is) of a generator's architecture."""
     return ARCH.get(arch, (arch, f"biomedsynth.gan.{arch}"))
 
 

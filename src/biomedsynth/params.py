@@ -204,7 +204,8 @@ def setup_of(stage: str) -> str:
 
 def gan_stage_table() -> dict[str, dict]:
     """Every GAN stage there can be, <arch>-<group>-<setup> (its folder under models/gan and data/synthetic) ->
-    the entry params gan.stages gives it (the study's 12 sets, SPEC section 4, and sg2ada's 6, section 8)."""
+    the entry params gan.stages gives it (the study's 12 sets, SPEC section 4, sg2ada's 6, section 8, and the
+    diffusion model's 6)."""
     return {f"{arch}-{group}-{setup}": {"arch": arch, "group": group, "modality": GROUP_MODALITY[group]}
             for arch in ARCH_NAMES for group, setups in GROUP_SETUPS.items() for setup in setups}
 
@@ -283,6 +284,21 @@ class Sg2ada(Strict):
     ada: Ada
 
 
+class Diffusion(Strict):
+    base_width: Annotated[int, Field(ge=8, le=1024)]  # UNet feature maps at the full side, doubling per level
+    width_max: Annotated[int, Field(ge=8, le=2048)]   # ... at most this (levels down to 8 px)
+    attention_below: Annotated[int, Field(ge=0, le=256)]  # self-attention at sides <= this (0: none)
+    layers_per_block: Annotated[int, Field(gt=0, le=4)]   # residual blocks per level
+    lr: PosFloat
+    betas: Betas
+    ema_half_life: PosFloat | None   # images; null: 10,000, at most a quarter of the run (as sg2ada)
+    ema_rampup: Annotated[float, Field(gt=0.0, le=1.0)] | None
+    label_dropout: Annotated[float, Field(ge=0.0, lt=1.0)]  # cond: share of steps without the label (for guidance)
+    sampler: Literal["ddim", "dpm++"]
+    steps: Annotated[int, Field(gt=0, le=1000)]       # sampler steps (network evaluations, twice with guidance)
+    guidance: Annotated[float, Field(ge=0.0, le=20.0)]  # classifier-free guidance scale (1: none; cond only)
+
+
 class Snapshots(Strict):
     every: PosInt                            # keep every k-th selectable epoch's sampling generator (and the last)
     dtype: Literal["float32", "bfloat16"]
@@ -315,7 +331,7 @@ def _stages_named_by_their_entry(stages: dict[str, GanStage]) -> dict[str, GanSt
 
 
 # The GAN stages dvc.yaml runs (train_gan@<name>, synthesize@<name>): `biomedsynth set gan.stages=PRESET` writes
-# the table of a preset: those whose sets Table 3 uses, every architecture on those sets, or all eighteen.
+# the table of a preset: those whose sets Table 3 uses, every architecture on those sets, or all twenty-four.
 GAN_STAGE_PRESETS = ("table3", "table3_sets", "all")
 
 
@@ -346,6 +362,7 @@ class Gan(Strict):
     dcgan: Dcgan
     pggan: Pggan
     sg2ada: Sg2ada
+    diffusion: Diffusion
     snapshots: Snapshots
     score: GanScore
 

@@ -1,8 +1,9 @@
-"""The study's generators (dcgan.py, pggan.py) and the scores that pick their checkpoints (score.py)."""
+"""The generators: the study's GANs (dcgan.py, pggan.py), StyleGAN2-ADA (sg2ada.py) and a diffusion model
+(diffusion.py), and the scores that pick their checkpoints (score.py)."""
 import math
 
 # the architectures, named once: params, the CLI, checkpoint.ARCHS (each a module of this name) and losses.LOSSES
-ARCH_NAMES = ("dcgan", "pggan", "sg2ada")
+ARCH_NAMES = ("dcgan", "pggan", "sg2ada", "diffusion")
 
 
 def doublings(resolution: int, channels: int, lo: int, hi: int) -> int:

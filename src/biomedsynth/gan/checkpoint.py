@@ -20,25 +20,29 @@ from biomedsynth.gan import ARCH_NAMES, ada
 from biomedsynth.store import load_weights
 
 COND_MODEL = "conditional"  # folder of the one model of the `cond` setup
+# options only the diffusion model sets, left out of the others' options.json (so of their run key and scores'
+# record): a GAN trained before they existed keeps its key, its scores and its output's bytes
+UNSET = {"label_dropout": 0.0, "sampling": {}}
 ARCHS = {name: importlib.import_module(f"biomedsynth.gan.{name}") for name in ARCH_NAMES}  # networks by name
 
 
 @dataclass(frozen=True)
 class Options:
     """Everything that decides a model's weights; saved beside the outputs and compared on resume."""
-    arch: str                  # dcgan | pggan | sg2ada
+    arch: str                  # dcgan | pggan | sg2ada | diffusion
     setup: str                 # uncond | cond
     labels: tuple[str, ...]    # the group's labels, sorted (class ids of conditional models)
     resolution: int
     channels: int
-    latent_dim: int
+    latent_dim: int            # diffusion: the noise image it starts from, channels * resolution^2
     batch_size: int            # images per step over all `world` processes
     epochs: int                # PGGAN with epochs_per `depth`: per depth
     seed: int
     lr: float
     betas: tuple[float, float]
     net: dict = field(default_factory=dict)   # dcgan: base_width; pggan: fmap_base, fmap_max;
-                                              # sg2ada: channel_base, channel_max, mapping_layers
+                                              # sg2ada: channel_base, channel_max, mapping_layers;
+                                              # diffusion: base_width, width_max, attention_below, layers_per_block
     world: int = 1                            # processes sharing each step's batch (seeds and stddev groups)
     ema_half_life: float | None = None        # pggan, sg2ada: images; None: ema.half_life_for the shortest phase
     ema_rampup: float | None = None           # pggan, sg2ada: half-life at most this share of the images seen
@@ -52,6 +56,8 @@ class Options:
     ada_target: float = 0.6                   # sg2ada: the overfitting heuristic r_t that ADA steers p to hold
     ada_interval: int = 4                     # sg2ada: D steps between adjustments of p
     ada_speed_images: int = 500_000           # sg2ada: images over which p can move from 0 to 1
+    label_dropout: float = 0.0                # diffusion (cond): share of steps trained without the label (guidance)
+    sampling: dict = field(default_factory=dict)  # diffusion: sampler, steps, guidance (shape samples, not weights)
     snapshot_every: int = 1                   # keep the sampling generator of every k-th selectable epoch
     snapshot_dtype: str = "float32"           # float32 | bfloat16
     score_images: int = 128
@@ -74,11 +80,13 @@ class Options:
             raise ValueError(f"label {bad[0]!r} cannot name a model folder (letters, digits, _ . + - only)")
         if self.batch_size % self.world:
             raise ValueError(f"batch_size {self.batch_size} does not split over {self.world} processes")
-        if self.arch != "dcgan" and self.batch_size // self.world % 4:
+        if self.arch in ("pggan", "sg2ada") and self.batch_size // self.world % 4:
             raise ValueError(f"{self.arch}'s minibatch stddev groups 4 images: each of {self.world} process(es) needs "
                              f"a multiple of 4, got batch_size {self.batch_size}")
         if self.arch == "sg2ada":
             self._check_sg2ada()
+        if self.arch == "diffusion":
+            self._check_diffusion()
 
     def _check_sg2ada(self) -> None:
         """ValueError, one line, for sg2ada settings its networks, regularisers or ADA would refuse or misuse."""
@@ -97,6 +105,25 @@ class Options:
             raise ValueError(f"sg2ada's r1_interval must be >= 1 and pl_weight >= 0, got {self.r1_interval} and "
                              f"{self.pl_weight}")
         ada.AdaptiveP(self.ada_target, self.ada_interval, self.ada_speed_images)  # refuses a bad target or speed
+
+    def _check_diffusion(self) -> None:
+        """ValueError, one line, for diffusion settings its UNet or sampler would refuse."""
+        if set(self.net) != {"base_width", "width_max", "attention_below", "layers_per_block"}:
+            raise ValueError(f"diffusion's net needs base_width, width_max, attention_below and layers_per_block, "
+                             f"got {sorted(self.net)}")
+        ARCHS["diffusion"].widths(self.resolution, self.net["base_width"], self.net["width_max"])
+        if set(self.sampling) != {"sampler", "steps", "guidance"}:
+            raise ValueError(f"diffusion's sampling needs sampler, steps and guidance, got {sorted(self.sampling)}")
+        if self.latent_dim != ARCHS["diffusion"].latent_dim(self.resolution, self.channels):
+            raise ValueError(f"a diffusion model's latent is its noise image: latent_dim must be "
+                             f"{ARCHS['diffusion'].latent_dim(self.resolution, self.channels)}, got {self.latent_dim}")
+        if self.sampling["sampler"] not in ARCHS["diffusion"].SAMPLERS:
+            raise ValueError(f"diffusion's sampler must be {' or '.join(ARCHS['diffusion'].SAMPLERS)}, got "
+                             f"{self.sampling['sampler']!r}")
+        if not 0 <= self.label_dropout < 1:
+            raise ValueError(f"diffusion's label_dropout must be in [0, 1), got {self.label_dropout}")
+        if self.n_classes and self.sampling["guidance"] != 1 and not self.label_dropout:
+            raise ValueError("diffusion's guidance needs label_dropout > 0 (the label-free model it extrapolates from)")
 
     @property
     def n_classes(self) -> int:
@@ -124,6 +151,13 @@ class Options:
             arch_opts = dict(net=dict(fmap_base=net.fmap_base, fmap_max=net.fmap_max), ema_half_life=net.ema_half_life,
                              ema_rampup=net.ema_rampup, epochs_per=net.epochs_per,
                              images_per_phase=net.images_per_phase, gp_interval=net.gp_interval)
+        elif arch == "diffusion":
+            arch_opts = dict(net=dict(base_width=net.base_width, width_max=net.width_max,
+                                      attention_below=net.attention_below, layers_per_block=net.layers_per_block),
+                             ema_half_life=net.ema_half_life, ema_rampup=net.ema_rampup,
+                             label_dropout=net.label_dropout,
+                             sampling=dict(sampler=net.sampler, steps=net.steps, guidance=net.guidance),
+                             latent_dim=ARCHS["diffusion"].latent_dim(data.resolution, channels))
         else:
             gamma = net.r1_gamma if net.r1_gamma is not None else r1_gamma_heuristic(data.resolution, data.batch_size)
             arch_opts = dict(net=dict(channel_base=net.channel_base, channel_max=net.channel_max,
@@ -131,14 +165,15 @@ class Options:
                              ema_rampup=net.ema_rampup, r1_gamma=gamma, r1_interval=net.r1_interval,
                              pl_weight=net.pl_weight, augment=modality, ada_target=net.ada.target,
                              ada_interval=net.ada.interval, ada_speed_images=net.ada.speed_images)
-        return cls(arch=arch, setup=setup, labels=labels, resolution=data.resolution, channels=channels,
-                   latent_dim=data.latent_dim, batch_size=data.batch_size, epochs=epochs, seed=p.seed, lr=net.lr,
-                   betas=tuple(net.betas), world=world, snapshot_every=p.gan.snapshots.every,
+        return cls(**{"latent_dim": data.latent_dim, **arch_opts}, arch=arch, setup=setup, labels=labels,
+                   resolution=data.resolution, channels=channels, batch_size=data.batch_size, epochs=epochs,
+                   seed=p.seed, lr=net.lr, betas=tuple(net.betas), world=world, snapshot_every=p.gan.snapshots.every,
                    snapshot_dtype=p.gan.snapshots.dtype, score_images=p.gan.score.images,
-                   swd_directions=p.gan.score.swd_directions, **arch_opts)
+                   swd_directions=p.gan.score.swd_directions)
 
     def to_json(self) -> dict:
-        return json.loads(json.dumps(asdict(self)))
+        options = json.loads(json.dumps(asdict(self)))
+        return {k: v for k, v in options.items() if k not in UNSET or v != UNSET[k]}
 
     @classmethod
     def from_json(cls, d: dict) -> Options:
@@ -153,7 +188,8 @@ def r1_gamma_heuristic(resolution: int, batch_size: int) -> float:
 def generator(opt: Options) -> torch.nn.Module:
     """G on the CPU, initialised from the options' seed."""
     torch.manual_seed(opt.seed)
-    return ARCHS[opt.arch].Generator(opt.resolution, opt.channels, opt.latent_dim, n_classes=opt.n_classes, **opt.net)
+    return ARCHS[opt.arch].Generator(opt.resolution, opt.channels, opt.latent_dim, n_classes=opt.n_classes, **opt.net,
+                                     **opt.sampling)
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ from biomedsynth.store import atomic_write_text, remove_tree, write_json
 
 # How epochs are scored, not what the weights become: left out of the run key, so changing one rescores the kept
 # generators of a trained run (gan/train.py rescored) instead of training it again
-SCORING = ("score_images", "swd_directions", "feature_net")
+SCORING = ("score_images", "swd_directions", "feature_net", "sampling")
 SCORED = "scored.json"  # per model: the SCORING options its log's scores were computed under
 
 
@@ -27,19 +27,19 @@ def jsonl(rows) -> str:
 
 
 def scoring(opt: Options) -> dict:
-    return {field: getattr(opt, field) for field in SCORING}
+    return {field: value for field, value in opt.to_json().items() if field in SCORING}
 
 
 def run_key(opt: Options) -> str:
     """The name of a run's resume state: a hash of what shapes the weights, the options but the SCORING ones (the
     number of processes sharing a batch among them). `epochs` is left out where a longer run only adds epochs to a
     shorter one: always for DCGAN, for PGGAN with a fixed images_per_phase (else the growth phases stretch
-    with the epochs), for sg2ada unless its EMA's default half-life (a quarter of the run) can act: a half-life
-    set, or a ramp-up of at most 1 / PHASE_QUARTERS, which keeps it below that. Raising the epochs then
+    with the epochs), for sg2ada and the diffusion model unless its EMA's default half-life (a quarter of the run)
+    can act: a half-life set, or a ramp-up of at most 1 / PHASE_QUARTERS, which keeps it below that. Raising the epochs then
     continues the trained models, and lowering them takes the first epochs of the longer run without training."""
     key = {k: v for k, v in opt.to_json().items() if k not in SCORING}
     ema_fixed = opt.ema_half_life is not None or (opt.ema_rampup or 1.0) <= 1 / PHASE_QUARTERS
-    if opt.arch == "dcgan" or opt.images_per_phase is not None or (opt.arch == "sg2ada" and ema_fixed):
+    if opt.arch == "dcgan" or opt.images_per_phase is not None or (opt.arch in ("sg2ada", "diffusion") and ema_fixed):
         del key["epochs"]
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from biomedsynth.distributed import average_gradients, dist_info, pick_device
+from biomedsynth.distributed import dist_info, pick_device
 from biomedsynth.gan import pggan, score
 from biomedsynth.gan.checkpoint import (ARCHS, COND_MODEL, Options, best_epoch, cpu_weights, epoch_file, generate,
                                         generator, read_log, to_uint8)
@@ -71,13 +71,15 @@ GRID_COLUMNS = 8
 # ---- models ----
 
 def build(opt: Options, device: torch.device = torch.device("cpu"), ema_half_life: float | None = None):
-    """(G, D, opt_g, opt_d, ema or None, the architecture's loss object) on `device`, initialised on the CPU from
-    the options' seed (the same weights on every device); on CUDA in channels_last with fused Adam."""
+    """(G, D or None, opt_g, opt_d or None, ema or None, the architecture's loss object) on `device`, initialised on
+    the CPU from the options' seed (the same weights on every device); on CUDA in channels_last with fused Adam."""
     G = generator(opt)
-    d_net = {k: v for k, v in opt.net.items() if k != "mapping_layers"}  # sg2ada's mapping network is G's alone
-    D = ARCHS[opt.arch].Discriminator(opt.resolution, opt.channels, n_classes=opt.n_classes, **d_net)
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    G, D = G.to(device, memory_format=fmt), D.to(device, memory_format=fmt)
+    G, D = G.to(device, memory_format=fmt), None
+    if LOSSES[opt.arch].adversarial:
+        d_net = {k: v for k, v in opt.net.items() if k != "mapping_layers"}  # sg2ada's mapping network is G's alone
+        D = ARCHS[opt.arch].Discriminator(opt.resolution, opt.channels, n_classes=opt.n_classes, **d_net)
+        D = D.to(device, memory_format=fmt)
     opt_g, opt_d = ARCHS[opt.arch].make_optimizers(G, D, opt.lr, opt.betas, fused=device.type == "cuda")
     loss = LOSSES[opt.arch](opt, device)
     return G, D, opt_g, opt_d, EMA(G, ema_half_life, opt.ema_rampup) if loss.uses_ema else None, loss
@@ -245,8 +247,9 @@ def train_model(opt: Options, data: ModelData, images: ImageSet, model_dir: Path
     ckpt_path = model_dir / "checkpoint.pt"
     if ckpt_path.is_file():
         ck = load_weights(ckpt_path, device)
-        G.load_state_dict(ck["G"]), D.load_state_dict(ck["D"])
-        opt_g.load_state_dict(ck["opt_g"]), opt_d.load_state_dict(ck["opt_d"])
+        G.load_state_dict(ck["G"]), opt_g.load_state_dict(ck["opt_g"])
+        if D is not None:
+            D.load_state_dict(ck["D"]), opt_d.load_state_dict(ck["opt_d"])
         if ema is not None:
             ema.model.load_state_dict(ck["ema"])
         loss.load_state_dict(ck["sg2ada"])  # the key of every resume state written so far
@@ -283,7 +286,7 @@ def train_model(opt: Options, data: ModelData, images: ImageSet, model_dir: Path
             if plan.schedule is not None:
                 depth, alpha = plan.schedule(images_seen)
                 real, extra = pggan.fade_reals(real, depth, alpha), (depth, alpha)
-            loss_d, loss_g, norm = train_step(opt, nets, real, y, extra, images_seen, rng, device.type == "cuda")
+            loss_d, loss_g, norm = loss.train_step(nets, real, y, extra, images_seen, rng, device.type == "cuda")
             images_seen += opt.batch_size
             sums[0] += loss_d
             sums[1] += loss_g
@@ -315,11 +318,14 @@ def train_model(opt: Options, data: ModelData, images: ImageSet, model_dir: Path
             row.update(scorer.score(sampler, opt, data, depth, alpha, epoch))
             rows.append(row)
             atomic_write_text(model_dir / "log.jsonl", jsonl(rows))
-            save_torch({"G": G.state_dict(), "D": D.state_dict(), "opt_g": opt_g.state_dict(),
-                        "opt_d": opt_d.state_dict(), "ema": ema.model.state_dict() if ema else None,
+            save_torch({"G": G.state_dict(), "D": None if D is None else D.state_dict(), "opt_g": opt_g.state_dict(),
+                        "opt_d": None if D is None else opt_d.state_dict(),
+                        "ema": ema.model.state_dict() if ema else None,
                         "sg2ada": loss.state_dict(), "epoch": epoch, "images_seen": images_seen},
                        ckpt_path)
-            log(f"{data.name} epoch {epoch}/{epochs}: loss D {row['loss_d']:.3f} G {row['loss_g']:.3f}, "
+            losses = (f"loss D {row['loss_d']:.3f} G {row['loss_g']:.3f}" if row["loss_d"] is not None
+                      else f"loss {row['loss_g']:.4f}")
+            log(f"{data.name} epoch {epoch}/{epochs}: {losses}, "
                 f"SWD {row['swd']:.4f} (real {row['swd_floor']:.4f}), KID {row['kid']:.4f} "
                 f"(real {row['kid_floor']:.4f}), {speed['images_per_s']} img/s"
                 + (f", {row['side']} px alpha {row['alpha']:.2f}" if depth is not None else "")
@@ -351,42 +357,6 @@ def rescored(opt: Options, data: ModelData, model_dir: Path, rows: list[dict], s
             f"{len(rows)} rescored, none trained again")
     write_json(model_dir / SCORED, now)
     return rows
-
-
-def train_step(opt: Options, nets: tuple, real: torch.Tensor, y: torch.Tensor | None, extra: tuple,
-               images_seen: int, rng: torch.Generator, use_amp: bool) -> tuple[torch.Tensor, torch.Tensor,
-                                                                              torch.Tensor | None]:
-    """One D step and one G step (and the EMA's) on this rank's `real` batch: (loss D, loss G, the penalty's
-    mean gradient norm or None), all left on the device; the architecture's loss object (gan/losses.py) says what
-    each loss is. use_amp: under bf16 autocast. The lazy penalties fall on steps counted from images_seen, so on
-    the same steps on every rank and on resume."""
-    G, D, opt_g, opt_d, ema, loss = nets
-    device, per_rank = real.device, len(real)
-    step = images_seen // opt.batch_size
-    g_inputs = loss.g_inputs(rng)  # every random draw from rng: sg2ada's noise maps and augmentations too
-    z = torch.randn(per_rank, opt.latent_dim, device=device, generator=rng)
-    G.requires_grad_(False), D.requires_grad_(True)  # each step computes its own network's gradients only
-    with torch.autocast(device.type, torch.bfloat16, enabled=use_amp):
-        with torch.no_grad():
-            fake = G(z, y, *extra, **g_inputs)
-        loss_d, norm = loss.d_loss(D, real, fake, y, extra, step, rng)
-    opt_d.zero_grad(set_to_none=True)
-    loss_d.backward()
-    average_gradients(D, opt.world)
-    opt_d.step()
-    loss.after_d_step()
-    G.requires_grad_(True), D.requires_grad_(False)
-    with torch.autocast(device.type, torch.bfloat16, enabled=use_amp):
-        z = torch.randn(per_rank, opt.latent_dim, device=device, generator=rng)
-        fake = G(z, y, *extra, **g_inputs)
-        loss_g = loss.g_loss(G, D, z, fake, y, extra, step, rng)
-    opt_g.zero_grad(set_to_none=True)
-    loss_g.backward()
-    average_gradients(G, opt.world)
-    opt_g.step()
-    if ema is not None:
-        ema.update(G, images_seen, opt.batch_size)
-    return loss_d.detach(), loss_g.detach(), norm
 
 
 def log_rows(tracker, name: str, rows: list[dict], speeds: list[dict]) -> None:

@@ -67,7 +67,7 @@ class Options:
     def __post_init__(self):
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))  # Adam refuses int betas
         if self.arch not in ARCHS:
-            raise ValueError(f"arch must be dcgan, pggan or sg2ada, got {self.arch!r}")
+            raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
         if self.setup not in ("uncond", "cond"):
             raise ValueError(f"setup must be uncond or cond, got {self.setup!r}")
         if self.epochs_per not in ("depth", "total"):

@@ -114,9 +114,10 @@ class Options:
         ARCHS["diffusion"].widths(self.resolution, self.net["base_width"], self.net["width_max"])
         if set(self.sampling) != {"sampler", "steps", "guidance"}:
             raise ValueError(f"diffusion's sampling needs sampler, steps and guidance, got {sorted(self.sampling)}")
-        if self.latent_dim != ARCHS["diffusion"].latent_dim(self.resolution, self.channels):
-            raise ValueError(f"a diffusion model's latent is its noise image: latent_dim must be "
-                             f"{ARCHS['diffusion'].latent_dim(self.resolution, self.channels)}, got {self.latent_dim}")
+        noise_image = ARCHS["diffusion"].latent_dim(self.resolution, self.channels)
+        if self.latent_dim != noise_image:
+            raise ValueError(f"a diffusion model's latent is its noise image: latent_dim must be {noise_image}, got "
+                             f"{self.latent_dim}")
         if self.sampling["sampler"] not in ARCHS["diffusion"].SAMPLERS:
             raise ValueError(f"diffusion's sampler must be {' or '.join(ARCHS['diffusion'].SAMPLERS)}, got "
                              f"{self.sampling['sampler']!r}")

@@ -58,12 +58,7 @@ class Generator(nn.Module):
                  steps: int = 25, guidance: float = 1.0):
         from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel  # ~4 s to import
 
-        super().__init__()
-        if sampler not in SAMPLERS:
-            raise ValueError(f"diffusion sampler must be {' or '.join(SAMPLERS)}, got {sampler!r}")
-        if latent_dim != channels * resolution * resolution:
-            raise ValueError(f"a diffusion model's latent is its noise image: latent_dim {latent_dim}, expected "
-                             f"{channels * resolution * resolution}")
+        super().__init__()  # sampler and latent_dim as checkpoint.Options checked them
         self.shape, self.n_classes = (channels, resolution, resolution), n_classes
         self.steps, self.guidance = steps, guidance
         level_widths = widths(resolution, base_width, width_max)

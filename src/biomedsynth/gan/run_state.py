@@ -35,8 +35,9 @@ def run_key(opt: Options) -> str:
     number of processes sharing a batch among them). `epochs` is left out where a longer run only adds epochs to a
     shorter one: always for DCGAN, for PGGAN with a fixed images_per_phase (else the growth phases stretch
     with the epochs), for sg2ada and the diffusion model unless its EMA's default half-life (a quarter of the run)
-    can act: a half-life set, or a ramp-up of at most 1 / PHASE_QUARTERS, which keeps it below that. Raising the epochs then
-    continues the trained models, and lowering them takes the first epochs of the longer run without training."""
+    can act: a half-life set, or a ramp-up of at most 1 / PHASE_QUARTERS, which keeps it below that. Raising the
+    epochs then continues the trained models, and lowering them takes the first epochs of the longer run without
+    training."""
     key = {k: v for k, v in opt.to_json().items() if k not in SCORING}
     ema_fixed = opt.ema_half_life is not None or (opt.ema_rampup or 1.0) <= 1 / PHASE_QUARTERS
     if opt.arch == "dcgan" or opt.images_per_phase is not None or (opt.arch in ("sg2ada", "diffusion") and ema_fixed):

@@ -79,6 +79,30 @@ def test_lbp_model_is_saved_and_reproduces_the_scored_predictions(tmp_path, cfg,
     assert r["real"]["accuracy"]["value"] > 0.9  # an easy problem: a broken pipeline would sit near 0.5
 
 
+def test_a_compared_generator_trains_its_draw_per_replicate_and_gets_its_paired_drop(tmp_path, cfg):
+    """tasks.compare's arm synthetic-<arch>: replicate r trains on its draw r beside the own arms, its drop is paired
+    with the real arm over the same resamples, and its plots and predictions are written like the own arms'."""
+    sets = ("real", "synthetic", "synthetic_d1", "real_synthetic", "real_synthetic_d1", "synthetic-diffusion",
+            "synthetic-diffusion_d1", "test")
+    tasks, feats = _task(tmp_path / "tasks", tmp_path / "features", np.random.default_rng(0), sets)
+    out = tmp_path / "models"
+    r = classify("t", "knn", cfg, tasks, feats, out, tmp_path / "m.json", tmp_path / "plots",
+                 tmp_path / "predictions.csv", log=lambda _: None)
+    assert {"synthetic-diffusion-seed0.joblib", "synthetic-diffusion_d1-seed1.joblib"} <= {p.name for p in out.iterdir()}
+    theirs = r["synthetic-diffusion"]
+    assert len(theirs["replicate_accuracies"]) == 2 and not theirs["degenerate"]
+    lost = r["real"]["accuracy"]["value"] - theirs["accuracy"]["value"]
+    assert r["synthetic-diffusion_drop"]["chance_normalised"]["accuracy"]["value"] == pytest.approx(
+        lost / (r["real"]["accuracy"]["value"] - 0.5), abs=1e-6)
+    assert (tmp_path / "plots" / "roc" / "synthetic-diffusion.csv").is_file()
+    p = pd.read_csv(tmp_path / "predictions.csv")
+    assert set(p["arm"]) == {"real", "synthetic", "real_synthetic", "synthetic-diffusion"}
+    (tasks / "synthetic-diffusion_d1").rename(tasks / "elsewhere")  # one draw of the compared generator for two replicates
+    with pytest.raises(ValueError, match="holds 1 synthetic-diffusion draw"):
+        classify("t", "knn", cfg, tasks, feats, out, tmp_path / "m.json", tmp_path / "plots",
+                 tmp_path / "predictions.csv", log=lambda _: None)
+
+
 def test_vgg16_checkpoints_are_the_models_output(tmp_path, cfg, monkeypatch):
     monkeypatch.setenv("BIOMEDSYNTH_DEVICE", "cpu")
     tasks, feats = _task(tmp_path / "tasks", tmp_path / "features", np.random.default_rng(1))

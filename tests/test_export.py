@@ -659,6 +659,7 @@ def test_the_stage_exports_the_sets_params_list_and_notes_the_others(at):
     # a `dvc exp run -S tasks.xray.arch=dcgan` failed on it: "no synthetic set to export")
     listed = yaml.safe_load(Path("listed.yaml").read_text())
     listed["gan"]["stages"].pop("sg2ada-h_norm-uncond")
+    listed["tasks"]["compare"] = []  # the smoke profile compares every generator, sg2ada's histology sets too
     listed["export"]["sets"] = ["sg2ada-h_norm-uncond"]
     Path("listed.yaml").write_text(yaml.safe_dump(listed))
     bad = CliRunner().invoke(app, ["check-params", "--params", "listed.yaml"])

@@ -65,6 +65,11 @@ def test_profile_show_sets_the_profiles_side_by_side():
     (lambda d: d["ingest"]["xray"].pop("image_size"), "missing key 'ingest.xray.image_size'"),
     (lambda d: d["ingest"]["xray"].update(on_no_lungs="guess"), "ingest.xray.on_no_lungs = 'guess'"),
     (lambda d: d["studygroups"]["xray"]["x_norm"].update(age_bins=[[30, 40], [35, 50]]), "age_bins"),
+    (lambda d: d["tasks"].update(compare=["sg2ada", "sg2ada"]), "tasks.compare = ['sg2ada', 'sg2ada']: lists sg2ada "
+                                                                 "more than once"),
+    (lambda d: d["tasks"].update(compare=["vae"]), "tasks.compare.0 = 'vae'"),
+    (lambda d: d["tasks"].update(compare=["diffusion"]),
+     "the benchmark (tasks) uses diffusion-h_norm-uncond, which gan.stages does not list"),
 ])
 def test_bad_params_name_the_key(tmp_path, edit, message):
     with pytest.raises(ParamsError) as err:
@@ -224,6 +229,10 @@ def test_a_gan_stages_preset_is_written_as_its_table_under_the_tasks_as_set(tmp_
     with pytest.raises(ParamsError, match="gan.stages = 'table4': a preset"):
         set_params(["gan.stages=table4"], path)
     assert load_params(path).tasks.xray.arch == "sg2ada"  # nothing refused was written
+    # the compared generators' stages are Table 3's too: table3 adds them, each on the task's group and setup
+    assert set_params(["tasks.compare=[diffusion, dcgan]", "gan.stages=table3"], path) == ["tasks.compare", "gan.stages"]
+    assert _stages(path) == ["dcgan-x_norm-cond", "dcgan-h_norm-uncond", "dcgan-h_tumor-uncond", "sg2ada-x_norm-cond",
+                             "diffusion-x_norm-cond", "diffusion-h_norm-uncond", "diffusion-h_tumor-uncond"]
 
 
 @pytest.mark.parametrize("edit, message", [

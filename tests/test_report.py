@@ -9,11 +9,12 @@ import pytest
 from PIL import Image
 
 from biomedsynth.gan.feature_net import chance_summary
-from biomedsynth.report import _growth_epochs, _sample_pairs, _synthetic_accuracies, write_report
+from biomedsynth.report import (_growth_epochs, _sample_pairs, _synthetic_accuracies, run_warnings, table3_markdown,
+                                write_report)
 from biomedsynth.store import ImageSet, ImageSetWriter
 from biomedsynth.synthesize import feature_space_reliability
 from biomedsynth.table3 import write_table3
-from test_table3 import HOLDS, STAGES, TASKS, plant
+from test_table3 import BETTER, COSTLY, HOLDS, STAGES, TASKS, _stages, plant
 
 REAL_VALUE = {"A": 40, "B": 200}  # real images are flat grey by label; synthetic ones 10 brighter
 GANS = ("pggan-xg-uncond", "dcgan-xg-cond")
@@ -171,3 +172,26 @@ def test_write_report_needs_every_closest_figure(tree, tmp_path):
     (tree[4] / "dcgan-xg-cond" / "closest.png").unlink()
     with pytest.raises(FileNotFoundError, match="dcgan-xg-cond/closest.png"):
         write_report(*tree, list(GANS), tmp_path / "out")
+
+
+def test_a_compared_generator_is_shown_beside_table3_with_its_answer(tmp_path):
+    """tasks.compare's generator: its answer per model family and its cells beside the own sets' in the README's block
+    and the report, its accuracies where its set is shown, and its left-out cells among the run's warnings."""
+    plant(tmp_path, COSTLY, patients=60, compared={"diffusion": BETTER}, not_learnt=("diffusion-h_tumor-uncond",))
+    s = write_table3(tmp_path, tmp_path / "predictions", STAGES, tmp_path / "summary.json", tmp_path / "table3.json",
+                     200, compared={"diffusion": _stages("diffusion")})
+    g = s["generators"]["diffusion"]
+    md = table3_markdown(s)
+    section = md.split("## Generators compared: diffusion against each task's own")[1]
+    assert g["sentence"] in section and section.index("| model family |") < section.index("| task | model |")
+    deep = g["deep"]
+    assert (f"| VGG16 | no usable cell | {100 * deep['per_task']['xray_sex']['difference']['value']:.1f}%"
+            in section) and f"| {deep['verdict']} | {deep['cells_used']} |" in section
+    knn = g["xray_age"]["knn"]
+    assert (f"| X-ray age | k-NN | {knn['real']['value']:.3f} [{knn['real']['low']:.3f}, {knn['real']['high']:.3f}] | "
+            f"{s['xray_age']['knn']['synthetic']['value']:.3f} [") in section
+    assert "| histology | VGG16 |" in section and section.count("| no |") == 4  # histology: its GAN learnt nothing
+    assert f"X-ray sex: VGG16 {g['xray_sex']['vgg16']['synthetic']['value']:.3f}" in _synthetic_accuracies(
+        s, "diffusion-x_norm-cond")
+    assert ("the diffusion comparison leaves out histology/rf: GAN learnt nothing: diffusion-h_tumor-uncond"
+            in run_warnings(s, tmp_path, []))

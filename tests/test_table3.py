@@ -18,6 +18,12 @@ STAGES = {"histology": ["dcgan-h_norm-uncond", "dcgan-h_tumor-uncond"], "xray_se
           "xray_age": ["pggan-x_norm-cond"]}
 
 
+def _stages(arch: str | None = None) -> dict[str, list[str]]:
+    """Per task, the GAN stages behind its own synthetic set (STAGES), or those of a compared `arch`."""
+    return STAGES if arch is None else {"histology": [f"{arch}-h_norm-uncond", f"{arch}-h_tumor-uncond"],
+                                        "xray_sex": [f"{arch}-x_norm-cond"], "xray_age": [f"{arch}-x_norm-cond"]}
+
+
 def _model(rng, y, accuracy, patients):
     """Predictions right for a random `accuracy` share of patients (all scans of a patient alike)."""
     ok = rng.random(patients.max() + 1) < accuracy
@@ -27,15 +33,17 @@ def _model(rng, y, accuracy, patients):
 
 def plant(root: Path, accuracies: dict, patients: int = 200, scans: int = 2, seed: int = 0,
           constant: tuple = (), not_learnt: tuple = (), copying: tuple = (), replicates: int = 1,
-          replicated: dict | None = None, precision: dict | None = None) -> None:
+          replicated: dict | None = None, precision: dict | None = None, compared: dict | None = None) -> None:
     """metrics/<task>/<model>.json + predictions/<task>/<model>.csv as the classify stage writes them, for planted accuracies
     {model: (real, synthetic)} in each of `replicates` replicates; `replicated` {model: [(real, synthetic), ...]}
     plants those models' replicates one by one instead; `constant` names (task, model) cells whose synthetic
     model predicts class 1; metrics/gan/<stage>.json with learnt false for the stages in `not_learnt`;
     metrics/synthesize/<stage>.json with the memorisation test's copying flag set for the stages in `copying`;
-    `precision` {task: precision} written into that task's VGG16 cell."""
+    `precision` {task: precision} written into that task's VGG16 cell; `compared` {arch: {model: synthetic accuracy}}
+    plants a compared generator's arm (synthetic-<arch>) in every replicate, or with "same" the own synthetic arm's
+    very predictions."""
     rng = np.random.default_rng(seed)
-    for stage in {s for stages in STAGES.values() for s in stages}:
+    for stage in {s for arch in [None, *(compared or {})] for stages in _stages(arch).values() for s in stages}:
         write_json(root / "gan" / f"{stage}.json", {"learnt": stage not in not_learnt, "still_improving": False})
         write_json(root / "synthesize" / f"{stage}.json", {"evidence": {"copying": stage in copying}})
     for t, task in enumerate(TASKS):
@@ -50,6 +58,9 @@ def plant(root: Path, accuracies: dict, patients: int = 200, scans: int = 2, see
                          (f"real_synthetic{draw}", r): _model(rng, y, real, ids)}
                 if (task, model) in constant:
                     runs[(f"synthetic{draw}", r)] = (np.ones(len(y), int), rng.random(len(y)), {})
+                for arch, theirs in (compared or {}).items():
+                    runs[(f"synthetic-{arch}{draw}", r)] = (runs[(f"synthetic{draw}", r)] if theirs == "same"
+                                                            else _model(rng, y, theirs[model], ids))
             result, predictions = evaluate(runs, test, task, 300)
             result["provenance"] = {"data": "abc.dir", "sources": {"xray": {"format": "nih"}}}
             if model == "vgg16":
@@ -263,3 +274,66 @@ def test_cells_whose_gan_learnt_nothing_are_shown_and_left_out(tmp_path):
     assert f["histology.rf.in_verdict"] == 0 and f["xray_sex.rf.in_verdict"] == 1
     assert f["histology.rf.left_out_because"] == "GAN learnt nothing: dcgan-h_tumor-uncond"
     assert "xray_sex.rf.left_out_because" not in f
+
+
+BETTER = {"vgg16": 0.89, "knn": 0.84, "svm": 0.83, "rf": 0.84}  # synthetic accuracies that lose ~nothing
+COSTLY = {"vgg16": (0.90, 0.65), "knn": (0.85, 0.63), "svm": (0.85, 0.64), "rf": (0.85, 0.62)}  # both families lose
+
+
+def test_a_generator_that_costs_less_holds_for_both_families_and_moves_nothing_of_table3(tmp_path):
+    """The own sets cost both families much; a compared generator that costs both ~nothing holds for VGG16 (own
+    drop - its drop above 0) and for the LBP models; Table 3 itself is the same without it."""
+    plant(tmp_path, COSTLY, compared={"diffusion": BETTER})
+    alone = summarise(tmp_path, tmp_path / "predictions", STAGES, n_boot=300)
+    s = summarise(tmp_path, tmp_path / "predictions", STAGES, n_boot=300, compared={"diffusion": _stages("diffusion")})
+    assert "generators" not in alone and {k: v for k, v in s.items() if k != "generators"} == alone
+    g = s["generators"]["diffusion"]
+    assert g["own"] == {"histology": "dcgan", "xray_sex": "pggan", "xray_age": "pggan"}
+    assert g["deep"]["verdict"] == "holds" and g["deep"]["difference"]["low"] > 0.3 and g["deep"]["tasks_used"] == 3
+    assert g["lbp"]["verdict"] == "holds" and g["lbp"]["cells_used"] == 9
+    cell = g["xray_age"]["vgg16"]
+    assert cell["synthetic"]["value"] > s["xray_age"]["vgg16"]["synthetic"]["value"]
+    assert cell["real"] == s["xray_age"]["vgg16"]["real"]  # one real arm, one test set
+    assert cell["own_drop_minus_this"]["value"] == pytest.approx(
+        s["xray_age"]["vgg16"]["drop_chance_normalised"]["value"] - cell["drop_chance_normalised"]["value"], abs=2e-4)
+    assert g["claim"]["cells_used"] == 12 and g["claim"]["cells_left_out"] == {}  # its own Table 3's claim
+    assert "diffusion against each task's own generator (histology dcgan, xray_sex pggan, xray_age pggan)" in g["sentence"]
+    f = flat(s)
+    assert f["compare.diffusion.deep.verdict"] == 1 and f["compare.diffusion.lbp.low"] > 0
+    assert f["compare.diffusion.xray_age.vgg16.synthetic"] == cell["synthetic"]["value"]
+
+
+def test_a_generator_that_costs_more_fails(tmp_path):
+    plant(tmp_path, HOLDS, compared={"sg2ada": {"vgg16": 0.60, "knn": 0.55, "svm": 0.56, "rf": 0.55}})
+    g = summarise(tmp_path, tmp_path / "predictions", STAGES, n_boot=300,
+                  compared={"sg2ada": _stages("sg2ada")})["generators"]["sg2ada"]
+    assert g["deep"]["verdict"] == g["lbp"]["verdict"] == "fails" and g["deep"]["difference"]["high"] < 0
+
+
+def test_the_same_predictions_under_another_name_differ_by_exactly_nothing(tmp_path):
+    """A compared arm with the own arm's very predictions: every paired difference is 0 in every resample, so the
+    answer is inconclusive, never a verdict drawn from resampling noise."""
+    plant(tmp_path, HOLDS, replicates=2, compared={"twin": "same"})
+    g = summarise(tmp_path, tmp_path / "predictions", STAGES, n_boot=300,
+                  compared={"twin": _stages("twin")})["generators"]["twin"]
+    for family in ("deep", "lbp"):
+        assert g[family]["verdict"] == "inconclusive"
+        assert g[family]["difference"] == {"value": 0.0, "low": 0.0, "high": 0.0}
+
+
+def test_a_compared_generator_that_learnt_nothing_leaves_its_cells_out_of_the_comparison_only(tmp_path):
+    plant(tmp_path, COSTLY, compared={"diffusion": BETTER}, not_learnt=("diffusion-x_norm-cond",))
+    s = summarise(tmp_path, tmp_path / "predictions", STAGES, n_boot=300, compared={"diffusion": _stages("diffusion")})
+    g = s["generators"]["diffusion"]
+    assert s["claims"]["cells_left_out"] == {}  # Table 3's own cells all measure
+    assert sorted(g["cells_left_out"]) == sorted(f"{t}/{m}" for t in ("xray_sex", "xray_age") for m in MODELS)
+    assert g["cells_left_out"]["xray_age/rf"] == "GAN learnt nothing: diffusion-x_norm-cond"
+    assert g["claim"]["cells_left_out"] == g["cells_left_out"]
+    assert g["deep"]["tasks_used"] == 1 and g["deep"]["per_task"]["xray_sex"]["reason"] == "no usable cell"
+
+
+def test_a_compared_generator_without_its_arm_is_named(tmp_path):
+    plant(tmp_path, HOLDS, patients=20)
+    with pytest.raises(ValueError, match="histology/knn.json has no synthetic-diffusion arm .tasks.compare lists "
+                                         "diffusion.; rerun the tasks and classify stages"):
+        summarise(tmp_path, tmp_path / "predictions", STAGES, n_boot=100, compared={"diffusion": _stages("diffusion")})

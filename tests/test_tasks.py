@@ -40,10 +40,11 @@ def tree(tmp_path):
     return groups, synth
 
 
-def cfg(**xray) -> Tasks:
+def cfg(compare=(), **xray) -> Tasks:
     x = dict(group="x_norm", arch="pggan", setup="cond", sex={"train": 40, "test": 16},
              age={"train": 40, "test": 16, "young": [18, 38], "mature": [48, 68]})
-    return Tasks.model_validate({"histology": {"arch": "dcgan", "train": 40, "test": 12}, "xray": {**x, **xray}})
+    return Tasks.model_validate({"histology": {"arch": "dcgan", "train": 40, "test": 12}, "xray": {**x, **xray},
+                                 "compare": list(compare)})
 
 
 def test_sets_are_balanced_disjoint_and_at_the_synthetic_side(tree, tmp_path):
@@ -64,6 +65,36 @@ def test_sets_are_balanced_disjoint_and_at_the_synthetic_side(tree, tmp_path):
     age = ImageSet(tmp_path / "tasks/xray_age/test").meta
     assert set(age["age_bin"]) == {"18-38", "48-68"} and "39-47" not in set(age["age_bin"])  # no bin straddles
     assert (age["y"] == (age["age_bin"] == "48-68")).all()
+
+
+def test_a_compared_generator_gets_its_own_sets_and_moves_no_other(tree, tmp_path):
+    """tasks.compare [diffusion, dcgan]: each task gets synthetic-diffusion (and the X-ray tasks synthetic-dcgan; histology's
+    own is dcgan), drawn like the own set; every other set is the same bytes as without the comparison."""
+    groups, synth = tree
+    write_set(synth / "diffusion-x_norm-cond", {lb: 20 for lb in LABELS}, 32, synthetic=True)
+    write_set(synth / "dcgan-x_norm-cond", {lb: 20 for lb in LABELS}, 32, synthetic=True)
+    for g, lb in (("h_norm", "normal"), ("h_tumor", "tumor")):
+        write_set(synth / f"diffusion-{g}-uncond", {lb: 30}, 32, 3, synthetic=True)
+    alone = build_tasks(cfg(), groups, synth, tmp_path / "alone", 0, tmp_path / "alone.json")
+    both = build_tasks(cfg(["diffusion", "dcgan"]), groups, synth, tmp_path / "both", 0, tmp_path / "both.json")
+    assert list(both["histology"]) == [*list(alone["histology"])[:-1], "synthetic-diffusion", "test"]
+    assert list(both["xray_sex"])[-3:] == ["synthetic-diffusion", "synthetic-dcgan", "test"]
+    for task in alone:
+        for name in alone[task]:
+            files = lambda root: {f.name: f.read_bytes() for f in (root / task / name).iterdir()}  # noqa: E731
+            assert files(tmp_path / "both") == files(tmp_path / "alone"), (task, name)
+        theirs = ImageSet(tmp_path / "both" / task / "synthetic-diffusion").meta
+        assert len(theirs) == alone[task]["synthetic"]["images"]
+        assert theirs["y"].value_counts()[0] == theirs["y"].value_counts()[1]
+
+
+def test_a_compared_generator_at_another_side_is_refused(tree, tmp_path):
+    groups, synth = tree
+    write_set(synth / "diffusion-x_norm-cond", {lb: 20 for lb in LABELS}, 64, synthetic=True)
+    for g, lb in (("h_norm", "normal"), ("h_tumor", "tumor")):
+        write_set(synth / f"diffusion-{g}-uncond", {lb: 30}, 32, 3, synthetic=True)
+    with pytest.raises(ValueError, match="xray_sex: diffusion's synthetic images are 64 px, the task's 32 px"):
+        build_tasks(cfg(["diffusion"]), groups, synth, tmp_path / "tasks", 0, tmp_path / "tasks.json")
 
 
 def test_a_task_whose_bins_miss_a_class_names_it(tree, tmp_path):

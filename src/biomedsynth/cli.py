@@ -467,7 +467,7 @@ def classify_cmd(task: str = TaskArg, model: str = typer.Argument(..., help="knn
                  params: Path = ParamsOpt):
     """classify@<task>-<model>: train on real and on synthetic, test on real; accuracy, AUC, drop with intervals."""
     from biomedsynth import tracking
-    from biomedsynth.classify.benchmark import MODELS, classify
+    from biomedsynth.classify.benchmark import MODELS, classify, trained_arms
     from biomedsynth.provenance import fingerprint
 
     _check_task(task)
@@ -496,7 +496,7 @@ def classify_cmd(task: str = TaskArg, model: str = typer.Argument(..., help="knn
 
     typer.echo(f"classify@{task}-{model}: " + ", ".join(
         f"{k} {shown(r[k]['accuracy']['value'])} [{shown(r[k]['accuracy']['low'])}, {shown(r[k]['accuracy']['high'])}]"
-        + (" DEGENERATE" if r[k]["degenerate"] else "") for k in ("real", "synthetic", "real_synthetic") if k in r)
+        + (" DEGENERATE" if r[k]["degenerate"] else "") for k in trained_arms(r))
         + f", drop {shown(r['drop']['relative']['accuracy']['value'], '+.1%')}")
 
 
@@ -507,10 +507,14 @@ def table3(params: Path = ParamsOpt):
 
     p = _params(params)
     _writes(*outputs("table3"))
+    compared = {arch: {task: p.tasks.gan_stages(arch)[task] for task, archs in p.tasks.compared().items()
+                       if arch in archs} for arch in p.tasks.compare}
     summary = _run(write_table3, METRICS, PREDICTIONS, p.tasks.gan_stages(),
                    METRICS / "summary.json", METRICS / "table3.json", p.classify.bootstrap,
-                   METRICS / "forest.csv")
+                   METRICS / "forest.csv", compared)
     typer.echo(f"table3: {summary['claims']['sentence']}")
+    for g in summary.get("generators", {}).values():
+        typer.echo(f"table3: {g['sentence']}")
 
 
 @app.command()

@@ -227,10 +227,12 @@ def _cell(model: str, c: dict) -> dict:
 
 
 def _utility(name: str, summary: dict) -> dict | str:
-    """Table 3's cells whose synthetic arm trained on this set (with the other sets of that arm)."""
+    """Table 3's cells whose synthetic arm trained on this set (with the other sets of that arm), a compared
+    generator's (tasks.compare) included."""
     out = {}
+    tables = [summary, *summary.get("generators", {}).values()]
     for task in TASKS:
-        cells = {model: c for model, c in summary.get(task, {}).items() if name in c["gan"]["stages"]}
+        cells = {model: c for table in tables for model, c in table.get(task, {}).items() if name in c["gan"]["stages"]}
         if cells:
             first = next(iter(cells.values()))
             out[task] = {"synthetic_sets": first["gan"]["stages"], "replicates": first["replicates"],

@@ -413,20 +413,41 @@ class XrayTasks(Strict):
     age: AgeTask
 
 
+def _each_once(archs: list[str]) -> list[str]:
+    if repeated := sorted({a for a in archs if archs.count(a) > 1}):
+        raise ValueError(f"lists {', '.join(repeated)} more than once")
+    return archs
+
+
 class Tasks(Strict):
     histology: HistologyTask
     xray: XrayTasks
+    compare: Annotated[list[Literal[ARCH_NAMES]], AfterValidator(_each_once)]  # generators set beside each task's own
 
-    def gan_stages(self) -> dict[str, list[str]]:
-        """Per task, the GAN stages (<arch>-<group>-<setup>) whose synthetic sets it trains on."""
+    def own_arch(self) -> dict[str, str]:
+        """Per task, the architecture whose synthetic set is Table 3's (tasks.histology.arch, tasks.xray.arch)."""
+        return {"histology": self.histology.arch, "xray_sex": self.xray.arch, "xray_age": self.xray.arch}
+
+    def compared(self) -> dict[str, list[str]]:
+        """Per task, the architectures of tasks.compare other than its own: each one's set of the same group and
+        setup trains one more arm, whose drop table3 sets against the own set's."""
+        return {task: [a for a in self.compare if a != own] for task, own in self.own_arch().items()}
+
+    def gan_stages(self, arch: str | None = None) -> dict[str, list[str]]:
+        """Per task, the GAN stages (<arch>-<group>-<setup>) whose synthetic sets it trains on: its own
+        architecture's, or those of `arch` on the same groups and setup."""
         x = self.xray
-        xray = [f"{x.arch}-{x.group}-{x.setup}"]
-        return {"histology": [f"{self.histology.arch}-{g}-uncond" for g in ("h_norm", "h_tumor")],
-                "xray_sex": xray, "xray_age": xray}
+        own = self.own_arch()
+        histology, xray = arch or own["histology"], arch or own["xray_sex"]
+        return {"histology": [f"{histology}-{g}-uncond" for g in ("h_norm", "h_tumor")],
+                "xray_sex": [f"{xray}-{x.group}-{x.setup}"], "xray_age": [f"{xray}-{x.group}-{x.setup}"]}
 
     def used_gan_stages(self) -> set[str]:
-        """The GAN stages whose synthetic sets the benchmark trains on."""
-        return {stage for stages in self.gan_stages().values() for stage in stages}
+        """The GAN stages whose synthetic sets the benchmark trains on: each task's own and its compared ones."""
+        used = {stage for stages in self.gan_stages().values() for stage in stages}
+        compared = self.compared()
+        return used | {stage for arch in self.compare for task, stages in self.gan_stages(arch).items()
+                       if arch in compared[task] for stage in stages}
 
 
 # --- the classifiers (SPEC section 5) ---

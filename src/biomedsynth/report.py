@@ -1,6 +1,7 @@
 """The report stage: Table 3 with its intervals, flags and verdict (from metrics/summary.json, the table3
 stage's) beside the study's numbers, per GAN stage the figures that show what the synthetic images look
-like and how they were picked and checked, and the architectures that trained the same set side by side.
+like and how they were picked and checked, the architectures that trained the same set side by side, and the
+generators compared (tasks.compare): each one's drops against each task's own, per model family.
 
 `write_report` writes report.md (figures beside it under figures/, so it renders on GitHub) and report.html,
 self-contained: the same PNGs embedded as data URIs, so it opens offline and can be mailed as one file.
@@ -24,8 +25,8 @@ from PIL import Image
 
 from biomedsynth.evidence import RULE
 from biomedsynth.store import ImageSet
-from biomedsynth.table3 import DROPS, HEADLINE, forest_rows
-from biomedsynth.tasks import TASKS
+from biomedsynth.table3 import DROPS, FAMILIES, HEADLINE, forest_rows
+from biomedsynth.tasks import TASKS, synthetic_set
 
 TASK_NAMES = {"histology": "histology", "xray_sex": "X-ray sex", "xray_age": "X-ray age"}
 MODEL_NAMES = {"vgg16": "VGG16", "knn": "k-NN", "svm": "SVM", "rf": "RF"}
@@ -273,7 +274,8 @@ def _task_sets(tasks_json: Path) -> list:
     def clusters(s):
         return " / ".join(str(s.get("clusters_per_class", {}).get(c, "?")) for c in ("0", "1"))
     rows = [[TASK_NAMES.get(t, t), tasks[t]["real"]["images"], tasks[t]["synthetic"]["images"],
-             sum(1 for k in tasks[t] if k.startswith("synthetic")), tasks[t]["test"]["images"],
+             sum(1 for k in tasks[t] if k.startswith(synthetic_set(0)) and not k.startswith("synthetic-")),
+             tasks[t]["test"]["images"],
              clusters(tasks[t]["test"]), tasks[t]["test"]["side"]] for t in order]
     return [("h2", "Benchmark sets (Table 2)"),
             ("table", ["task", "train real", "train synthetic (per draw)", "synthetic draws", "test (real)",
@@ -344,9 +346,10 @@ def _membership(m: dict) -> str:
 
 
 def _synthetic_accuracies(summary: dict, stage: str) -> str:
-    """Table 3's synthetic-arm accuracies of the cells trained on GAN stage `stage`'s set, per task."""
+    """Table 3's synthetic-arm accuracies of the cells trained on GAN stage `stage`'s set (its own or a compared
+    generator's), per task."""
     by_task: dict[str, list[str]] = {}
-    for task, model, v in _cells(summary):
+    for task, model, v in _cells(summary) + [c for g in summary.get("generators", {}).values() for c in _cells(g)]:
         if stage in v["gan"]["stages"]:
             value = v["synthetic"]["value"]
             by_task.setdefault(task, []).append(f"{MODEL_NAMES[model]} {'n/a' if value is None else f'{value:.3f}'}")
@@ -454,10 +457,42 @@ def _provenance(summary: dict) -> list:
     return blocks + [("p", f"WARNING: {w}") for w in summary.get("warnings", [])]
 
 
+def _generators(summary: dict) -> list:
+    """Per compared generator (tasks.compare): its answer, per model family own drop - its drop per task and over
+    tasks, and its Table 3 beside the own sets'."""
+    blocks = []
+    for arch, g in summary.get("generators", {}).items():
+        family_rows = [[{"deep": "VGG16", "lbp": "LBP (k-NN, SVM, RF)"}[family],
+                        *(_ci(t["difference"], True) if t["difference"] else t["reason"]
+                          for t in g[family]["per_task"].values()),
+                        _ci(g[family]["difference"], True) if g[family]["difference"] else g[family]["reason"],
+                        g[family]["verdict"], g[family]["cells_used"]] for family in FAMILIES]
+        cell_rows = [[TASK_NAMES[task], v.get("model_name", MODEL_NAMES[model]), _ci(v["real"]),
+                      _ci(summary[task][model]["synthetic"]), _ci(v["synthetic"]),
+                      _ci(summary[task][model]["drop_chance_normalised"], True), _ci(v["drop_chance_normalised"], True),
+                      _ci(v["own_drop_minus_this"], True), "; ".join(f"{arm}: {', '.join(r)}" for arm, r in
+                                                                      v["degenerate_reasons"].items()) or "ok",
+                      "no" if f"{task}/{model}" in g["cells_left_out"] else "yes"]
+                     for task, model, v in _cells(g)]
+        claim = g["claim"]
+        blocks += [("h2", f"Generators compared: {arch} against each task's own"),
+                   ("p", g["sentence"] + f" Its own Table 3's claim (LBP drop - deep drop, with its sets): "
+                    + (f"{claim['verdict']}, {_ci(claim['difference'], True)}" if claim["difference"] else
+                       f"no answer ({claim['reason']})") + f" over {claim['cells_used']} cells."
+                    + (" Left out: " + "; ".join(f"{c} ({r})" for c, r in g["cells_left_out"].items()) + "."
+                       if g["cells_left_out"] else "")),
+                   ("table", ["model family", *(f"{TASK_NAMES[t]}: own - {arch}" for t in g["deep"]["per_task"]),
+                              "mean over tasks [95%]", "verdict", "cells"], family_rows),
+                   ("table", ["task", "model", "real", "synthetic (own)", f"synthetic ({arch})", "drop (own)",
+                              f"drop ({arch})", f"own - {arch}", "flag", "compared"], cell_rows)]
+    return blocks
+
+
 def table3_markdown(summary: dict) -> str:
-    """The verdict on the study's claim, each task's contrast and Table 3 beside the study's, as Markdown: the
-    report's first section, the review page's smoke table and the README's results (readme_with_table3)."""
-    return _markdown([*_claim(summary["claims"]), *_table3(summary)])
+    """The verdict on the study's claim, each task's contrast, Table 3 beside the study's and the generators
+    compared, as Markdown: the report's first section, the review page's smoke table and the README's results
+    (readme_with_table3)."""
+    return _markdown([*_claim(summary["claims"]), *_table3(summary), *_generators(summary)])
 
 
 README_START = "<!-- table3: written by `biomedsynth readme` from metrics/summary.json; edits here are overwritten -->"
@@ -486,6 +521,8 @@ def run_warnings(summary: dict, metrics_dir: Path, gan_names: list[str]) -> list
         lines += [f"feature_net@{modality}: {w}" for w in (_read_json(net).get("warnings", []) if net.is_file() else [])]
     claims = summary["claims"]
     lines += [f"Table 3 leaves out {cell}: {why}" for cell, why in claims.get("cells_left_out", {}).items()]
+    lines += [f"the {arch} comparison leaves out {cell}: {why}" for arch, g in summary.get("generators", {}).items()
+              for cell, why in g["cells_left_out"].items()]
     if claims.get("replicate_variance") != "measured":
         lines.append("seed and draw variance not measured: one replicate (classify.replicates)")
     for task, model, cell in _cells(summary):
@@ -519,7 +556,7 @@ def write_report(metrics_dir: Path, models_dir: Path, groups_dir: Path, syntheti
     warnings = run_warnings(summary, metrics_dir, gan_names)
     blocks = [("h1", TITLE), forest, *_claim(summary["claims"]),
               ("p", f"{len(warnings)} warning(s): " + " / ".join(warnings) if warnings else "No warnings."),
-              *_provenance(summary), *_table3(summary),
+              *_provenance(summary), *_table3(summary), *_generators(summary),
               *_task_sets(metrics_dir / "tasks.json"), *_gan_table(metrics_dir, gan_names),
               *_side_by_side(summary, metrics_dir, groups_dir, synthetic_dir, gan_names, samples, seed)]
     for name in gan_names:

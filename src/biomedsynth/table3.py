@@ -21,6 +21,11 @@ task even from real images), a GAN behind its synthetic set learnt nothing (metr
 synthetic arm is degenerate (a model trained on synthetic images that calls every real image one class) stays
 in, flagged: that is the cost the study measures. The earlier rule, which also left such cells out, survives
 as a labelled sensitivity line: it selects cells by their outcome.
+
+Generators compared (tasks.compare): each listed architecture trained one more arm of every cell on its own set of
+the task's group and setup. The same machinery answers a second question, per model family: each task's own drop
+minus that generator's, over the same resampled replicates and clusters, averaged over tasks; holds when its copies
+cost the family less. A cell leaves that comparison when either set's cell measures nothing.
 """
 from __future__ import annotations
 
@@ -66,21 +71,28 @@ def _test_set(predictions: pd.DataFrame, task: str) -> tuple[np.ndarray, np.ndar
     return y, np.char.add(MODALITY[task] + ":", groups)
 
 
-def _cell(m: dict, task: str, model: str) -> dict:
-    """One row of Table 3 from a classify stage's metrics JSON."""
+def _cell(m: dict, task: str, model: str, synthetic: str = "synthetic") -> dict:
+    """One row of Table 3 from a classify stage's metrics JSON; with `synthetic` a compared generator's arm
+    (synthetic-<arch>), that generator's row: its arm in the synthetic column, no real + synthetic arm, no study."""
     ci = lambda d: {b: None if d[b] is None else round(float(d[b]), 4) for b in ("value", "low", "high")}  # noqa: E731
-    row = {arm: ci(m[arm]["accuracy"]) for arm in ARMS if arm in m}
-    row |= {"drop": ci(m["drop"]["relative"]["accuracy"]),
-            "drop_chance_normalised": ci(m["drop"]["chance_normalised"]["accuracy"])}
-    if "real_synthetic_drop" in m:
+    own = synthetic == "synthetic"
+    arms = {"real": "real", "synthetic": synthetic, **({"real_synthetic": "real_synthetic"} if own else {})}
+    arms = {column: arm for column, arm in arms.items() if arm in m}
+    drop = m["drop" if own else f"{synthetic}_drop"]
+    row = {column: ci(m[arm]["accuracy"]) for column, arm in arms.items()}
+    row |= {"drop": ci(drop["relative"]["accuracy"]),
+            "drop_chance_normalised": ci(drop["chance_normalised"]["accuracy"])}
+    if own and "real_synthetic_drop" in m:
         row["real_synthetic_drop"] = ci(m["real_synthetic_drop"]["relative"]["accuracy"])
-    reasons = {arm: m[arm]["degenerate_reasons"] for arm in ("real", "synthetic") if m[arm]["degenerate"]}
+    reasons = {column: m[arms[column]]["degenerate_reasons"] for column in ("real", "synthetic")
+               if m[arms[column]]["degenerate"]}
     row |= {"degenerate": bool(reasons), "degenerate_reasons": reasons, "replicates": m["replicates"],
-            "replicate_accuracies": {arm: m[arm]["replicate_accuracies"] for arm in ARMS if arm in m},
-            "replicate_std": {arm: m[arm]["replicate_std"] for arm in ARMS if arm in m},
-            "study": dict(zip(("real", "synthetic", "drop"), STUDY_TABLE3[task][model]))}
-    for key in ("model_name", "precision", "not_trained"):  # VGG16's head and precision; arms params left out
-        if key in m:
+            "replicate_accuracies": {column: m[arm]["replicate_accuracies"] for column, arm in arms.items()},
+            "replicate_std": {column: m[arm]["replicate_std"] for column, arm in arms.items()}}
+    if own:
+        row["study"] = dict(zip(("real", "synthetic", "drop"), STUDY_TABLE3[task][model]))
+    for key in ("model_name", "precision", *(("not_trained",) if own else ())):  # VGG16's head and precision; arms
+        if key in m:                                                              # params left out
             row[key] = m[key]
     return row
 
@@ -121,17 +133,51 @@ def verdict(samples: dict[tuple[str, str], np.ndarray], used: list[tuple[str, st
     if not contrasts:
         return {**out, "verdict": "inconclusive", "reason": "no task has a usable deep and LBP cell",
                 "difference": None, "interval": None}
+    return {**out, **_over_tasks(contrasts, rules, alpha, "LBP drop - deep drop")}
+
+
+def _over_tasks(contrasts: dict[str, np.ndarray], rules: dict[str, dict], alpha: float, what: str) -> dict:
+    """The mean of the tasks' contrast samples (tasks weighing alike) with its interval under the strictest of their
+    rules, and what it decides: holds when the whole interval is above 0, fails when below."""
     rule = metrics.strictest([rules[t] for t in contrasts])
     diff = metrics.interval(np.mean(list(contrasts.values()), 0), alpha, rule)
-    out["interval"] = metrics.describe(rule)
+    out = {"interval": metrics.describe(rule)}
     if diff["value"] is None or diff["low"] is None:
         return {**out, "verdict": "inconclusive", "difference": None,
                 "reason": "the contrast or its interval is undefined (a real arm at chance, or a class of one cluster)"}
     decided = "holds" if diff["low"] > 0 else "fails" if diff["high"] < 0 else "inconclusive"
-    reason = {"holds": "the whole interval of (LBP drop - deep drop) is above 0",
-              "fails": "the whole interval of (LBP drop - deep drop) is below 0",
-              "inconclusive": "the interval of (LBP drop - deep drop) contains 0"}[decided]
+    reason = {"holds": f"the whole interval of ({what}) is above 0",
+              "fails": f"the whole interval of ({what}) is below 0",
+              "inconclusive": f"the interval of ({what}) contains 0"}[decided]
     return {**out, "verdict": decided, "reason": reason, "difference": _rounded(diff)}
+
+
+FAMILIES = {"deep": DEEP, "lbp": LBP}
+
+
+def versus(differences: dict[tuple[str, str], np.ndarray], used: list[tuple[str, str]], rules: dict[str, dict],
+           arch: str, alpha: float = 0.05) -> dict:
+    """Generator `arch` against each task's own, per model family, from the samples {(task, model): (1 + B,)} of
+    (own set's drop - arch's set's drop) of the `used` cells: per task the mean over the family's cells, and the
+    mean over tasks (tasks weighing alike). Holds: the whole interval is above 0, arch's copies cost the family
+    less; fails: below 0, they cost it more."""
+    out = {}
+    for family, models in FAMILIES.items():
+        per_task, contrasts = {}, {}
+        for task, rule in rules.items():
+            cells = [c for c in used if c[0] == task and c[1] in models]
+            if not cells:
+                per_task[task] = {"cells": 0, "difference": None, "reason": "no usable cell"}
+                continue
+            contrasts[task] = np.mean([differences[c] for c in cells], 0)
+            per_task[task] = {"cells": len(cells),
+                              "difference": _rounded(metrics.interval(contrasts[task], alpha, rule))}
+        row = {"cells_used": sum(t["cells"] for t in per_task.values()), "tasks_used": len(contrasts),
+               "per_task": per_task}
+        out[family] = ({**row, **_over_tasks(contrasts, rules, alpha, f"own drop - {arch} drop")} if contrasts else
+                       {**row, "verdict": "inconclusive", "reason": "no task has a usable cell", "difference": None,
+                        "interval": None})
+    return out
 
 
 def _points(d: dict) -> str:
@@ -169,20 +215,31 @@ def _check_comparable(table: dict) -> tuple[int, dict]:
     return replicates.pop(), {k.split("/")[1]: v for k, v in precisions.items()}
 
 
+def _measures_nothing(cell: dict, gan: dict) -> list[str]:
+    """Why a cell measures nothing (empty: it measures): its real arm is degenerate, a GAN behind its synthetic set
+    learnt nothing, or that set copies training images."""
+    reasons = [f"real arm: {', '.join(cell['degenerate_reasons']['real'])}"] \
+        if "real" in cell["degenerate_reasons"] else []
+    reasons += [f"GAN learnt nothing: {s}" for s in gan["not_learnt"]]
+    return reasons + [f"synthetic set copies training images: {s}" for s in gan["copying"]]
+
+
 def summarise(metrics_dir: Path, predictions_dir: Path, gan_stages: dict[str, list[str]],
               tasks: tuple[str, ...] = TASKS, models: tuple[str, ...] = MODELS, n_boot: int = 1000,
-              seed: int = 0) -> dict:
+              seed: int = 0, compared: dict[str, dict[str, list[str]]] | None = None) -> dict:
     """Table 3 from metrics/<task>/<model>.json, the GAN stages behind each task's synthetic set
     (gan_stages, read from metrics/gan/<stage>.json) and the verdict from data/predictions/<task>/<model>.csv
-    (predictions_dir: every test prediction with its patient or slide id, so DVC-cached and kept out of git)."""
+    (predictions_dir: every test prediction with its patient or slide id, so DVC-cached and kept out of git).
+    `compared` {arch: {task: its GAN stages}}: the generators tasks.compare sets beside each task's own
+    (`generators`, compare_generator)."""
     for name, given, known in (("task", tasks, TASKS), ("model", models, MODELS)):
         if unknown := sorted(set(given) - set(known)):
             raise ValueError(f"unknown {name}(s) {', '.join(unknown)}; known: {', '.join(known)}")
     metrics_dir = Path(metrics_dir)
-    table, predictions, prints = {}, {}, {}
+    table, predictions, prints, found = {}, {}, {}, {}
     for task in tasks:
         for model in models:
-            m = _read_json(metrics_dir / task / f"{model}.json")
+            m = found[(task, model)] = _read_json(metrics_dir / task / f"{model}.json")
             prints[f"{task}/{model}"] = m.get("provenance", {"data": None, "sources": None})
             try:
                 table.setdefault(task, {})[model] = _cell(m, task, model)
@@ -201,10 +258,11 @@ def summarise(metrics_dir: Path, predictions_dir: Path, gan_stages: dict[str, li
     weights = metrics.joint_cluster_weights(tests, n_boot, seed)
     picks = metrics.replicate_picks(replicates, n_boot, seed)
     rules = {t: metrics.interval_rule(*tests[t]) for t in tasks}
-    samples = {kind: {} for kind in DROPS}
+    samples, real = {kind: {} for kind in DROPS}, {}
     for (task, model), p in predictions.items():
         y = tests[task][0]
         arms = {arm: arm_samples(p, arm, y, weights[task], picks) for arm in ("real", "synthetic")}
+        real[(task, model)] = arms["real"]
         for kind, d in metrics.drops(arms["real"], arms["synthetic"]).items():
             samples[kind][(task, model)] = d["accuracy"]
     gans = {task: gan_evidence(metrics_dir, gan_stages[task]) for task in tasks}
@@ -212,11 +270,7 @@ def summarise(metrics_dir: Path, predictions_dir: Path, gan_stages: dict[str, li
     for task, model in predictions:
         cell = table[task][model]
         cell["gan"] = gans[task]
-        reasons = [f"real arm: {', '.join(cell['degenerate_reasons']['real'])}"] \
-            if "real" in cell["degenerate_reasons"] else []
-        reasons += [f"GAN learnt nothing: {s}" for s in gans[task]["not_learnt"]]
-        reasons += [f"synthetic set copies training images: {s}" for s in gans[task]["copying"]]
-        if reasons:
+        if reasons := _measures_nothing(cell, gans[task]):
             left_out[f"{task}/{model}"] = "; ".join(reasons)
         elif "synthetic" in cell["degenerate_reasons"]:
             synthetic_degenerate.append((task, model))
@@ -246,14 +300,71 @@ def summarise(metrics_dir: Path, predictions_dir: Path, gan_stages: dict[str, li
     # the one place a run's commit is written (with the MLflow runs' tags): the per-stage outputs name their data
     # only, and dvc.lock the code each came from
     provenance = {"data": first["data"], "sources": first["sources"], "commit": git_commit()}
-    return {**table, "claims": claims, "provenance": provenance}
+    generators = {arch: compare_generator(arch, stages, table, found, predictions, real, samples[HEADLINE], left_out,
+                                          {t: (tests[t][0], weights[t], rules[t]) for t in tasks}, picks, metrics_dir)
+                  for arch, stages in (compared or {}).items() if stages}
+    return {**table, "claims": claims, **({"generators": generators} if generators else {}), "provenance": provenance}
+
+
+def compare_generator(arch: str, stages: dict[str, list[str]], table: dict, found: dict, predictions: dict,
+                      real: dict, own_drops: dict, own_left_out: dict, tests: dict, picks: np.ndarray,
+                      metrics_dir: Path) -> dict:
+    """Generator `arch` beside each task's own (tasks.compare): its Table 3 (arm synthetic-<arch>, the real arm and
+    test set the own set's), its claim (LBP - deep with its drops), and per model family own drop - its drop
+    (versus), every cell over the same resampled replicates and clusters as Table 3. A cell leaves its Table 3
+    when it measures nothing with its set; it leaves the comparison when either set's cell measures nothing."""
+    arm = f"synthetic-{arch}"
+    if missing := [f"{task}/{model}" for task in stages for model in table[task]
+                   if f"{arm}_drop" not in found[(task, model)]]:
+        raise ValueError(f"{metrics_dir / missing[0]}.json has no {arm} arm (tasks.compare lists {arch}); rerun the "
+                         "tasks and classify stages")
+    gans = {task: gan_evidence(metrics_dir, task_stages) for task, task_stages in stages.items()}
+    cells, drops, differences, its_left_out, left_out = {}, {}, {}, {}, {}
+    for task in stages:
+        y, weights, rule = tests[task]
+        for model in table[task]:
+            cell = cells.setdefault(task, {})[model] = _cell(found[(task, model)], task, model, arm)
+            cell["gan"] = gans[task]
+            theirs = arm_samples(predictions[(task, model)], arm, y, weights, picks)
+            drops[(task, model)] = metrics.drops(real[(task, model)], theirs)[HEADLINE]["accuracy"]
+            differences[(task, model)] = own_drops[(task, model)] - drops[(task, model)]
+            cell["own_drop_minus_this"] = _rounded(metrics.interval(differences[(task, model)], rule=rule))
+            key = f"{task}/{model}"
+            if its := _measures_nothing(cell, gans[task]):
+                its_left_out[key] = "; ".join(its)
+            both = its + [r for r in own_left_out.get(key, "").split("; ") if r and r not in its]
+            if both:
+                left_out[key] = "; ".join(both)
+    rules = {task: tests[task][2] for task in stages}
+    claim = verdict(drops, [c for c in drops if f"{c[0]}/{c[1]}" not in its_left_out], rules)
+    families = versus(differences, [c for c in drops if f"{c[0]}/{c[1]}" not in left_out], rules, arch)
+    own = {task: next(iter(table[task].values()))["gan"]["stages"][0].split("-")[0] for task in stages}
+    result = {"arm": arm, "measure": DROPS[HEADLINE], "stages": stages, "own": own, **cells,
+              "claim": {**claim, "cells_left_out": its_left_out}, "cells_left_out": left_out, **families}
+    result["sentence"] = generator_sentence(arch, result)
+    return result
+
+
+def generator_sentence(arch: str, g: dict) -> str:
+    """A compared generator's answer in one sentence: per model family, own drop - its drop over tasks."""
+    own = ", ".join(f"{t} {a}" for t, a in g["own"].items())
+    parts = [f"{'VGG16' if family == 'deep' else 'the LBP models'} "
+             + (f"{_points(g[family]['difference'])}, {g[family]['verdict']}" if g[family]["difference"]
+                else f"no answer ({g[family]['reason']})") for family in FAMILIES]
+    left = f"; {len(g['cells_left_out'])} cells left out as measuring nothing" if g["cells_left_out"] else ""
+    return (f"{arch} against each task's own generator ({own}), own minus {arch} {DROPS[HEADLINE].split(' (')[0]}, "
+            f"mean over tasks: {'; '.join(parts)} (above 0: {arch}'s copies cost less{left}).")
+
+
+VERDICT_CODES = {"holds": 1, "inconclusive": 0, "fails": -1}
 
 
 def flat(summary: dict) -> dict:
     """One value per column, for `dvc exp show` / `dvc metrics diff`: each arm's accuracy, the drops, the
     degenerate flag (is_degenerate) and whether the verdict uses the cell (in_verdict; a cell left out says why in
     left_out_because, the one text column) per cell, each task's contrast, then the verdict (1 holds,
-    0 inconclusive, -1 fails) with its interval."""
+    0 inconclusive, -1 fails) with its interval; per compared generator (compare.<arch>.*) its cells' accuracy,
+    drop and own drop - its drop, per model family that difference over tasks with its verdict, and its claim's."""
     out = {}
     left_out = summary["claims"]["cells_left_out"]
     for task, row in summary.items():
@@ -271,12 +382,23 @@ def flat(summary: dict) -> dict:
     for task, t in v["per_task"].items():
         if t["contrast"] is not None and t["contrast"]["value"] is not None:
             out[f"{task}.contrast"] = t["contrast"]["value"]
-    out["verdict"] = {"holds": 1, "inconclusive": 0, "fails": -1}[v["verdict"]]
+    out["verdict"] = VERDICT_CODES[v["verdict"]]
     if v["difference"] is not None:
         out |= {"verdict_difference": v["difference"]["value"], "verdict_low": v["difference"]["low"],
                 "verdict_high": v["difference"]["high"]}
     out["cells_used"] = v["cells_used"]
     out["replicates"] = summary["claims"]["replicates"]
+    for arch, g in summary.get("generators", {}).items():
+        for task, model, c in ((t, m, c) for t in TASKS if t in g for m, c in g[t].items()):
+            for key in ("synthetic", "drop_chance_normalised", "own_drop_minus_this"):
+                if c[key]["value"] is not None:
+                    out[f"compare.{arch}.{task}.{model}.{key}"] = c[key]["value"]
+        for family in FAMILIES:
+            out[f"compare.{arch}.{family}.verdict"] = VERDICT_CODES[g[family]["verdict"]]
+            if g[family]["difference"] is not None:
+                out |= {f"compare.{arch}.{family}.{k}": g[family]["difference"][b]
+                        for k, b in (("difference", "value"), ("low", "low"), ("high", "high"))}
+        out[f"compare.{arch}.claim_verdict"] = VERDICT_CODES[g["claim"]["verdict"]]
     return out
 
 
@@ -321,11 +443,12 @@ def forest_rows(summary: dict) -> pd.DataFrame:
 
 
 def write_table3(metrics_dir: Path, predictions_dir: Path, gan_stages: dict[str, list[str]], summary_path: Path,
-                 flat_path: Path, n_boot: int, forest_path: Path | None = None) -> dict:
-    """Write metrics/summary.json (Table 3 with intervals, flags, replicates, claims, the data it came from, the
-    commit table3 ran at and ingest's warnings about that data), the flat metrics/table3.json and the forest plot's
-    rows."""
-    summary = summarise(metrics_dir, predictions_dir, gan_stages, n_boot=n_boot)
+                 flat_path: Path, n_boot: int, forest_path: Path | None = None,
+                 compared: dict[str, dict[str, list[str]]] | None = None) -> dict:
+    """Write metrics/summary.json (Table 3 with intervals, flags, replicates, claims, the compared generators, the
+    data it came from, the commit table3 ran at and ingest's warnings about that data), the flat metrics/table3.json
+    and the forest plot's rows."""
+    summary = summarise(metrics_dir, predictions_dir, gan_stages, n_boot=n_boot, compared=compared)
     summary["warnings"] = data_warnings(metrics_dir)
     write_json(summary_path, summary)
     write_json(flat_path, flat(summary))

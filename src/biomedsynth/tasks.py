@@ -12,11 +12,14 @@ Training arms: `real`; `synthetic`, and `synthetic_d<k>` for every further indep
 group holds (its `draw` column, from synthesize.draws: fresh latents from the same checkpoint), so the spread
 between draws can be told from the test set's; `real_synthetic` and `real_synthetic_d<k>`, the real set plus
 synthetic draw k (synthetic data as augmentation, medigan's trained_on_real_and_fake). The classifiers' replicate
-k trains on draw k (classify.replicates).
+k trains on draw k (classify.replicates). Generators compared (tasks.compare): `synthetic-<arch>` and
+`synthetic-<arch>_d<k>`, drawn the same way from that architecture's set of the same group and setup, each with its
+own random stream, so listing one more architecture leaves every other set as it was.
 """
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,9 +44,16 @@ def real_synthetic_set(draw: int) -> str:
     return "real_synthetic" if draw == 0 else f"real_synthetic_d{draw}"
 
 
-def set_names(draws: int) -> list[str]:
-    """The sets of a task whose synthetic group holds `draws` draws: training arms first, the test set last."""
-    return ["real", *(synthetic_set(d) for d in range(draws)), *(real_synthetic_set(d) for d in range(draws)), TEST]
+def compared_set(arch: str, draw: int) -> str:
+    """The task set trained on draw `draw` of architecture `arch`'s synthetic set (tasks.compare)."""
+    return f"synthetic-{arch}" if draw == 0 else f"synthetic-{arch}_d{draw}"
+
+
+def set_names(draws: int, compared: dict[str, int] | None = None) -> list[str]:
+    """The sets of a task whose synthetic group holds `draws` draws and whose compared architectures {arch: draws}
+    hold theirs: training arms first, the test set last."""
+    return ["real", *(synthetic_set(d) for d in range(draws)), *(real_synthetic_set(d) for d in range(draws)),
+            *(compared_set(a, d) for a, n in (compared or {}).items() for d in range(n)), TEST]
 
 
 @dataclass
@@ -139,15 +149,13 @@ def task_classes(task: str, cfg: Tasks):
 
 
 def task_pools(task: str, cfg: Tasks, groups: Path, synthetic: Path) -> dict[str, Pool]:
-    """The real-train, synthetic-train and real-test candidate pools of one task."""
+    """The real-train, synthetic-train and real-test candidate pools of one task, and one synthetic pool per
+    compared architecture (keyed by its arm, synthetic-<arch>)."""
     classify = task_classes(task, cfg)
-    if task == "histology":
-        real = [groups / g for g in ("h_norm", "h_tumor")]
-        synth = [synthetic / f"{cfg.histology.arch}-{g}-uncond" for g in ("h_norm", "h_tumor")]
-    else:
-        x = cfg.xray
-        real, synth = [groups / x.group], [synthetic / f"{x.arch}-{x.group}-{x.setup}"]
-    return {"real": _pool([p / "train" for p in real], classify), "synthetic": _pool(synth, classify),
+    real = [groups / g for g in ("h_norm", "h_tumor")] if task == "histology" else [groups / cfg.xray.group]
+    synth = lambda arch=None: _pool([synthetic / s for s in cfg.gan_stages(arch)[task]], classify)  # noqa: E731
+    return {"real": _pool([p / "train" for p in real], classify), "synthetic": synth(),
+            **{compared_set(arch, 0): synth(arch) for arch in cfg.compared()[task]},
             TEST: _pool([p / "test" for p in real], classify)}
 
 
@@ -156,6 +164,27 @@ def _set_summary(rows: pd.DataFrame, requested: int, side: int) -> dict:
             "per_class": {str(c): int(v) for c, v in rows["y"].value_counts().sort_index().items()},
             "clusters_per_class": {str(c): int(v) for c, v in rows.groupby("y")["group"].nunique().items()},
             "strata": int(rows["stratum"].nunique()), "side": side}
+
+
+def _write_compared(task: str, arch: str, pools: dict[str, Pool], requested: int, side: int, out: Path, seed: int,
+                    summary: dict) -> int:
+    """Write every draw of a compared architecture's training set (compared_set) into out/<task>/ and its summary;
+    the number of draws. Its random stream is its own (seed, task, arch): the other sets do not move with it."""
+    pool = pools[compared_set(arch, 0)]
+    if (found := pool.sets[0].shape[0]) != side:
+        raise ValueError(f"{task}: {arch}'s synthetic images are {found} px, the task's {side} px; compared "
+                         "generators must draw at the same side (gan.<modality>.resolution)")
+    rng = np.random.default_rng([seed, zlib.crc32(f"{task}/{arch}".encode())])
+    draws = int(pool.meta["draw"].max()) + 1
+    for d in range(draws):
+        name = compared_set(arch, d)
+        try:
+            rows = draw_balanced(pool.meta[pool.meta["draw"] == d], requested, rng)
+        except ValueError as e:
+            raise ValueError(f"{task} {name}: {e}") from None
+        _write([(pool, rows)], out / task / name, side, f"{task}/{name}")
+        summary[name] = _set_summary(rows, requested, side)
+    return draws
 
 
 def build_tasks(cfg: Tasks, groups: Path, synthetic: Path, out: Path, seed: int, summary_path: Path) -> dict:
@@ -186,7 +215,9 @@ def build_tasks(cfg: Tasks, groups: Path, synthetic: Path, out: Path, seed: int,
                    out / task / name, side, f"{task}/{name}")
             both = pd.concat([chosen["real"], chosen[synthetic_set(d)]])
             summary[task][name] = _set_summary(both, 2 * sizes[task].train, side)
-        summary[task] = {name: summary[task][name] for name in set_names(draws)}
+        compared = {arch: _write_compared(task, arch, pools, sizes[task].train, side, out, seed, summary[task])
+                    for arch in cfg.compared()[task]}
+        summary[task] = {name: summary[task][name] for name in set_names(draws, compared)}
         shared = set(pools[TEST].meta["group"]) & set(pools["real"].meta["group"])
         if shared:  # the study-group split is by patient / slide, so this is a bug, not bad data
             raise AssertionError(f"{task}: test shares {len(shared)} patients/slides with real training")

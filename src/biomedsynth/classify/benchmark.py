@@ -1,17 +1,18 @@
 """The classify stage: one model of one task trained on each training arm, all tested on the same real test
 set (SPEC sections 5-6 and 8).
 
-Arms: `real`, `synthetic` and `real_synthetic` (real + synthetic). Replicates (classify.replicates): replicate r
-trains the real arm with seed r, the synthetic arm on synthetic draw r with seed r and the real + synthetic arm
-on real + draw r with seed r, so the replicates carry training-seed and draw variance together. Each arm's
-number is the mean over the replicates, with a 95% interval from a two-level bootstrap: the replicates, then
-the test set's patients / slides (metrics.over_replicates); a test set with few clusters in a class gets a
-cluster t interval instead of the percentile one (metrics.interval_rule). The drops real -> synthetic and real
--> real + synthetic are paired over the same resampled replicates and clusters. An arm whose models predict
-one class, or whose interval contains chance, is flagged `degenerate`. With one replicate the spread between
-training runs is not measured, and the metrics say so (null, never 0). Every test prediction goes to
-data/predictions/<task>/<model>.csv (with patient or slide ids: DVC-cached, never in git), from which the table3
-stage pairs all cells over the same resamples.
+Arms: `real`, `synthetic` and `real_synthetic` (real + synthetic), and `synthetic-<arch>` for each generator
+compared (tasks.compare: another architecture's set of the same group and setup). Replicates
+(classify.replicates): replicate r trains the real arm with seed r, the synthetic arm on synthetic draw r with
+seed r, the real + synthetic arm on real + draw r and each compared arm on its draw r, each with seed r, so the
+replicates carry training-seed and draw variance together. Each arm's number is the mean over the replicates,
+with a 95% interval from a two-level bootstrap: the replicates, then the test set's patients / slides
+(metrics.over_replicates); a test set with few clusters in a class gets a cluster t interval instead of the
+percentile one (metrics.interval_rule). The drops from the real arm to each other arm are paired over the same
+resampled replicates and clusters. An arm whose models predict one class, or whose interval contains chance, is
+flagged `degenerate`. With one replicate the spread between training runs is not measured, and the metrics say so
+(null, never 0). Every test prediction goes to data/predictions/<task>/<model>.csv (with patient or slide ids:
+DVC-cached, never in git), from which the table3 stage pairs all cells over the same resamples.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from biomedsynth.classify.lbp import read_features
 from biomedsynth.lifetime import die_with_parent
 from biomedsynth.params import Classify
 from biomedsynth.store import ImageSet, atomic_write_text, remove_tree, write_json
-from biomedsynth.tasks import TEST, real_synthetic_set, synthetic_set
+from biomedsynth.tasks import TEST, compared_set, real_synthetic_set, synthetic_set
 
 CLASSIC = ("knn", "svm", "rf")
 MODELS = (*CLASSIC, "vgg16")
@@ -41,25 +42,33 @@ def arm_of(set_name: str) -> str:
     return re.sub(r"_d[0-9]+$", "", set_name)
 
 
+def compared_arms(names) -> list[str]:
+    """The compared generators' arms (synthetic-<arch>) among training set or arm names, sorted."""
+    return sorted({arm_of(n) for n in names if arm_of(n).startswith("synthetic-")})
+
+
 def training_sets(task_dir: Path) -> list[str]:
-    """The task's training sets, arm by arm: real, synthetic draws in order, real + synthetic draws in order."""
+    """The task's training sets, arm by arm: real, synthetic draws in order, real + synthetic draws in order, then
+    each compared arm's draws in order."""
     found = {p.name for p in Path(task_dir).iterdir() if p.is_dir() and p.name != TEST}
     if missing := {"real", "synthetic"} - found:
         raise FileNotFoundError(f"{task_dir} has no {' or '.join(sorted(missing))} set; run the tasks stage")
     by_draw = lambda n: (len(n), n)  # noqa: E731  synthetic before synthetic_d1 before synthetic_d10
-    return (["real"] + sorted((n for n in found if arm_of(n) == "synthetic"), key=by_draw)
-            + sorted((n for n in found if arm_of(n) == "real_synthetic"), key=by_draw))
+    return ["real", *(n for arm in ("synthetic", "real_synthetic", *compared_arms(found))
+                      for n in sorted((n for n in found if arm_of(n) == arm), key=by_draw))]
 
 
 def replicate_plan(task_dir: Path, replicates: int, not_trained: dict[str, str]) -> list[tuple[int, str]]:
-    """(replicate, training set) of every model to train: replicate r the real set, synthetic draw r and real +
-    draw r (arms params leave out are skipped), each with seed r."""
+    """(replicate, training set) of every model to train: replicate r the real set, synthetic draw r, real +
+    draw r and each compared arm's draw r (arms params leave out are skipped), each with seed r."""
     found = set(training_sets(task_dir))
-    draws = sum(arm_of(n) == "synthetic" for n in found)
-    if draws < replicates:
-        raise ValueError(f"classify.replicates is {replicates} but {task_dir} holds {draws} synthetic draw(s); "
-                         f"set synthesize.draws to {replicates} or more")
-    plan = [(r, name) for r in range(replicates) for name in ("real", synthetic_set(r), real_synthetic_set(r))
+    compared = [arm.removeprefix("synthetic-") for arm in compared_arms(found)]
+    for arm in ("synthetic", *(f"synthetic-{a}" for a in compared)):
+        if (draws := sum(arm_of(n) == arm for n in found)) < replicates:
+            raise ValueError(f"classify.replicates is {replicates} but {task_dir} holds {draws} {arm} draw(s); "
+                             f"set synthesize.draws to {replicates} or more")
+    plan = [(r, name) for r in range(replicates)
+            for name in ("real", synthetic_set(r), real_synthetic_set(r), *(compared_set(a, r) for a in compared))
             if arm_of(name) not in not_trained]
     if missing := sorted({name for _, name in plan} - found):
         raise FileNotFoundError(f"{task_dir} has no {', '.join(missing)} set; run the tasks stage")
@@ -72,6 +81,12 @@ def arms_not_trained(model: str, cfg: Classify) -> dict[str, str]:
     if model == "vgg16" and not cfg.vgg16.real_synthetic:
         return {"real_synthetic": "not trained: classify.vgg16.real_synthetic is false"}
     return {}
+
+
+def trained_arms(result: dict) -> list[str]:
+    """The arms a cell's metrics hold, in order: Table 3's, then the compared generators'."""
+    return [a for a in ARMS if a in result] + compared_arms(k for k in result if k.startswith("synthetic-")
+                                                            and not k.endswith("_drop"))
 
 
 def _lbp_folds(y: np.ndarray, groups: np.ndarray, folds: int) -> tuple[int, np.ndarray | None, str | None]:
@@ -199,7 +214,8 @@ def score_arms(predictions: pd.DataFrame, n_boot: int, seed: int = 0) -> tuple[d
     picks = metrics.replicate_picks(replicates, n_boot, seed)
     rule = metrics.interval_rule(y, groups)
     result, samples = {}, {}
-    for arm in (a for a in ARMS if a in set(predictions["arm"])):
+    present = set(predictions["arm"])
+    for arm in [a for a in ARMS if a in present] + compared_arms(present):
         samples[arm] = arm_samples(predictions, arm, y, weights, picks)
         runs = replicate_runs(predictions, arm)
         scores = {k: metrics.interval(v, rule=rule, bounds=(0, 1)) for k, v in samples[arm].items()}
@@ -209,7 +225,8 @@ def score_arms(predictions: pd.DataFrame, n_boot: int, seed: int = 0) -> tuple[d
                        "degenerate": bool(reasons), "degenerate_reasons": reasons,
                        "replicate_accuracies": per_replicate,
                        "replicate_std": round(float(np.std(per_replicate, ddof=1)), 4) if len(runs) > 1 else None}
-    for arm, key in (("synthetic", "drop"), ("real_synthetic", "real_synthetic_drop")):
+    for arm, key in (("synthetic", "drop"), ("real_synthetic", "real_synthetic_drop"),
+                     *((a, f"{a}_drop") for a in compared_arms(samples))):
         if arm in samples:
             result[key] = {kind: {k: metrics.interval(v, rule=rule) for k, v in d.items()}
                            for kind, d in metrics.drops(samples["real"], samples[arm]).items()}
@@ -303,10 +320,10 @@ def classify(task: str, model: str, cfg: Classify, task_dir: Path, features_dir:
     atomic_write_text(predictions_path, predictions.to_csv(index=False))  # patient/slide ids: DVC-cached, not git
     write_json(metrics_path, result)
     if tracker is not None:
-        tracker.log_metrics({f"{arm}.{m}": result[arm][m]["value"] for arm in ARMS if arm in result
+        tracker.log_metrics({f"{arm}.{m}": result[arm][m]["value"] for arm in trained_arms(result)
                              for m in metrics.SCALARS})
         tracker.log_metrics({f"drop.{m}": result["drop"]["relative"][m]["value"] for m in metrics.SCALARS})
-        for arm in ARMS:  # the files this stage wrote, not the folder: an older layout's predictions.csv (patient ids)
+        for arm in trained_arms(result) + list(not_trained):  # the files this stage wrote, not the folder: an older layout's predictions.csv (patient ids)
             for kind in ("confusion", "roc"):  # sat there and went to MLflow with it
                 if (plots_dir / kind / f"{arm}.csv").is_file():
                     tracker.log_artifact(plots_dir / kind / f"{arm}.csv", f"plots/{kind}")

@@ -153,7 +153,8 @@ def test_architectures_of_one_set_side_by_side(tree, tmp_path):
     write_report(*tree, [*GANS, "sg2ada-xg-cond"], out)
     md = (out / "report.md").read_text()
     section = md.split("## Architectures side by side")[1].split("\n### ")[0]  # before the per-stage sections
-    assert "| xg-cond | dcgan | 0.1000 (0.0500) | 0.0200 (0.0100) | 1/2 NOT LEARNT | no | not benchmarked |" in section
+    assert ("| xg-cond | dcgan | 0.1000 (0.0500) | 0.0200 (0.0100) | 1/2 NOT LEARNT | -4.2 / -4.2 | 3 of 6 | no | "
+            "not benchmarked |") in section
     assert "| xg-cond | sg2ada |" in section and "xg-uncond" not in section
     grid = np.asarray(Image.open(out / "figures" / "xg-cond-architectures.png"))
     k = grid.shape[1] // (6 * 10 - 2)  # _tile enlarges a row of the sets' 6 images, 8 px and 2 px gaps, to >= 512 px

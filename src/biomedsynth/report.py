@@ -369,11 +369,13 @@ def _side_by_side(summary: dict, metrics_dir: Path, groups_dir: Path, synthetic_
             continue
         for name in names:
             g = _read_json(metrics_dir / "gan" / f"{name}.json")
-            copying = _read_json(metrics_dir / "synthesize" / f"{name}.json")["evidence"]["copying"]
+            e = _read_json(metrics_dir / "synthesize" / f"{name}.json")["evidence"]
             rows.append([set_name, name.split("-")[0], f"{g['swd_best']:.4f} ({g['swd_floor']:.4f})",
                          f"{g['kid_best']:.4f} ({g['kid_floor']:.4f})",
                          f"{g['models_learnt']}/{g['models']}" + ("" if g["learnt"] else " NOT LEARNT"),
-                         "COPYING" if copying else "no", _synthetic_accuracies(summary, name)])
+                         f"{_num(e['pixels']['c_t'], '+.1f')} / {_num(e['features']['c_t'], '+.1f')}",
+                         f"{e['near_duplicates']} of {e['images']['synthetic']}",
+                         "COPYING" if e["copying"] else "no", _synthetic_accuracies(summary, name)])
         real, first, labels = _sample_pairs(ImageSet(groups_dir / set_name.split("-")[0] / "train"),
                                             ImageSet(synthetic_dir / names[0]), samples, seed)
         others = [_same_labels(ImageSet(synthetic_dir / name), labels, seed) for name in names[1:]]
@@ -385,10 +387,12 @@ def _side_by_side(summary: dict, metrics_dir: Path, groups_dir: Path, synthetic_
         return []
     return [("h2", "Architectures side by side"),
             ("p", "Each set trained by more than one architecture: SWD/KID of the best epoch (real floor in brackets), "
-                  "models that learnt, the memorisation verdict (see Evidence), and the synthetic arm's accuracy in "
-                  "Table 3 where the benchmark trained on that architecture's set (tasks.*.arch)."),
-            ("table", ["set", "architecture", "SWD best (floor)", "KID best (floor)", "learnt", "copying",
-                       "Table 3 synthetic accuracy"], rows), *figures]
+                  "models that learnt, the memorisation evidence (C_T in pixel-PCA / feature space, near-duplicates "
+                  "of a training image, the verdict: see Evidence), and the synthetic arm's accuracy in Table 3 "
+                  "where the benchmark trained on that architecture's set (tasks.*.arch, or tasks.compare)."),
+            ("table", ["set", "architecture", "SWD best (floor)", "KID best (floor)", "learnt",
+                       "C_T pixels / features", "near-duplicates", "copying", "Table 3 synthetic accuracy"], rows),
+            *figures]
 
 
 def _stage(name: str, metrics_dir: Path, models_dir: Path, groups_dir: Path, synthetic_dir: Path,

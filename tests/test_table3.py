@@ -301,6 +301,8 @@ def test_a_generator_that_costs_less_holds_for_both_families_and_moves_nothing_o
     f = flat(s)
     assert f["compare.diffusion.deep.verdict"] == 1 and f["compare.diffusion.lbp.low"] > 0
     assert f["compare.diffusion.xray_age.vgg16.synthetic"] == cell["synthetic"]["value"]
+    assert f["compare.diffusion.claim.verdict"] in (1, 0, -1)
+    assert not [k for k in f if k.startswith("compare.") and k.count(".") < 3]  # the review page's cells have two
 
 
 def test_a_generator_that_costs_more_fails(tmp_path):

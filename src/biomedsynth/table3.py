@@ -398,7 +398,7 @@ def flat(summary: dict) -> dict:
             if g[family]["difference"] is not None:
                 out |= {f"compare.{arch}.{family}.{k}": g[family]["difference"][b]
                         for k, b in (("difference", "value"), ("low", "low"), ("high", "high"))}
-        out[f"compare.{arch}.claim_verdict"] = VERDICT_CODES[g["claim"]["verdict"]]
+        out[f"compare.{arch}.claim.verdict"] = VERDICT_CODES[g["claim"]["verdict"]]  # not 2 dots: a review page cell
     return out
 
 

@@ -356,17 +356,18 @@ def _synthetic_accuracies(summary: dict, stage: str) -> str:
     return "; ".join(f"{TASK_NAMES[t]}: {', '.join(cells)}" for t, cells in by_task.items()) or "not benchmarked"
 
 
-def _side_by_side(summary: dict, metrics_dir: Path, groups_dir: Path, synthetic_dir: Path, gan_names: list[str],
-                  samples: int, seed: int) -> list:
-    """Per set (group and setup) that several architectures trained: their scores, verdicts and Table 3 accuracies
-    in one table, and one figure of real images above each architecture's images of the same labels."""
+def _shared_sets(gan_names: list[str]) -> dict[str, list[str]]:
+    """{set (group-setup): its GAN stages} of the sets more than one architecture trained."""
     by_set: dict[str, list[str]] = {}
     for name in gan_names:
         by_set.setdefault(name.split("-", 1)[1], []).append(name)
-    rows, figures = [], []
-    for set_name, names in by_set.items():
-        if len(names) < 2:
-            continue
+    return {set_name: names for set_name, names in by_set.items() if len(names) > 1}
+
+
+def _architecture_table(summary: dict, metrics_dir: Path, gan_names: list[str]) -> list:
+    """The architectures side by side, per set several trained: scores, memorisation and Table 3 accuracies."""
+    rows = []
+    for set_name, names in _shared_sets(gan_names).items():
         for name in names:
             g = _read_json(metrics_dir / "gan" / f"{name}.json")
             e = _read_json(metrics_dir / "synthesize" / f"{name}.json")["evidence"]
@@ -376,13 +377,6 @@ def _side_by_side(summary: dict, metrics_dir: Path, groups_dir: Path, synthetic_
                          f"{_num(e['pixels']['c_t'], '+.1f')} / {_num(e['features']['c_t'], '+.1f')}",
                          f"{e['near_duplicates']} of {e['images']['synthetic']}",
                          "COPYING" if e["copying"] else "no", _synthetic_accuracies(summary, name)])
-        real, first, labels = _sample_pairs(ImageSet(groups_dir / set_name.split("-")[0] / "train"),
-                                            ImageSet(synthetic_dir / names[0]), samples, seed)
-        others = [_same_labels(ImageSet(synthetic_dir / name), labels, seed) for name in names[1:]]
-        figures.append(("img", f"{set_name}-architectures.png", _png(_tile(np.concatenate([real, first, *others]),
-                                                                          len(real))),
-                        f"{set_name}, top to bottom: real training images, then "
-                        f"{', '.join(n.split('-')[0] for n in names)} images of the same labels ({', '.join(labels)})."))
     if not rows:
         return []
     return [("h2", "Architectures side by side"),
@@ -391,8 +385,23 @@ def _side_by_side(summary: dict, metrics_dir: Path, groups_dir: Path, synthetic_
                   "of a training image, the verdict: see Evidence), and the synthetic arm's accuracy in Table 3 "
                   "where the benchmark trained on that architecture's set (tasks.*.arch, or tasks.compare)."),
             ("table", ["set", "architecture", "SWD best (floor)", "KID best (floor)", "learnt",
-                       "C_T pixels / features", "near-duplicates", "copying", "Table 3 synthetic accuracy"], rows),
-            *figures]
+                       "C_T pixels / features", "near-duplicates", "copying", "Table 3 synthetic accuracy"], rows)]
+
+
+def _side_by_side(summary: dict, metrics_dir: Path, groups_dir: Path, synthetic_dir: Path, gan_names: list[str],
+                  samples: int, seed: int) -> list:
+    """The architectures' table (_architecture_table) and, per set several trained, one figure of real images above
+    each architecture's images of the same labels."""
+    figures = []
+    for set_name, names in _shared_sets(gan_names).items():
+        real, first, labels = _sample_pairs(ImageSet(groups_dir / set_name.split("-")[0] / "train"),
+                                            ImageSet(synthetic_dir / names[0]), samples, seed)
+        others = [_same_labels(ImageSet(synthetic_dir / name), labels, seed) for name in names[1:]]
+        figures.append(("img", f"{set_name}-architectures.png", _png(_tile(np.concatenate([real, first, *others]),
+                                                                          len(real))),
+                        f"{set_name}, top to bottom: real training images, then "
+                        f"{', '.join(n.split('-')[0] for n in names)} images of the same labels ({', '.join(labels)})."))
+    return [*_architecture_table(summary, metrics_dir, gan_names), *figures]
 
 
 def _stage(name: str, metrics_dir: Path, models_dir: Path, groups_dir: Path, synthetic_dir: Path,
@@ -499,18 +508,46 @@ def table3_markdown(summary: dict) -> str:
     return _markdown([*_claim(summary["claims"]), *_table3(summary), *_generators(summary)])
 
 
-README_START = "<!-- table3: written by `biomedsynth readme` from metrics/summary.json; edits here are overwritten -->"
-README_END = "<!-- /table3 -->"
+def generators_markdown(results: Path) -> str:
+    """A generators-compared experiment's answer as Markdown, from its metrics kept under `results` (summary.json,
+    gan/ and synthesize/ of its own and compared stages, run.json: how it ran): each compared generator's section,
+    then the architectures side by side."""
+    summary = _read_json(Path(results) / "summary.json")
+    run = _read_json(Path(results) / "run.json")  # how it was run: command, params changed, wall time, machine
+    stages = sorted({s for table in (summary, *summary["generators"].values()) for _, _, cell in _cells(table)
+                     for s in cell["gan"]["stages"]})
+    made = (f"`{run['command']}` on the committed default: {run['wall_s'] / 60:.0f} min on {run['machine']} "
+            f"({', '.join(run['params'])}); Table 3 made at commit {summary['provenance']['commit'][:10]}.")
+    return _markdown([("p", made), *_generators(summary), *_architecture_table(summary, Path(results), stages)])
+
+
+README_BLOCKS = {  # marker name -> (what writes it, from where)
+    "table3": "metrics/summary.json",
+    "generators": "docs/results/generators (a `dvc exp run` with tasks.compare: its summary.json, gan/, synthesize/)"}
+
+
+def readme_markers(name: str) -> tuple[str, str]:
+    return (f"<!-- {name}: written by `biomedsynth readme` from {README_BLOCKS[name]}; edits here are overwritten -->",
+            f"<!-- /{name} -->")
+
+
+README_START, README_END = readme_markers("table3")
+
+
+def readme_with_block(readme: str, name: str, markdown: str) -> str:
+    """The README with the block between its `name` markers (readme_markers) rewritten as `markdown`."""
+    start, end = readme_markers(name)
+    if readme.count(start) != 1 or readme.count(end) != 1:
+        raise ValueError(f"the README needs one {start!r} line and one {end!r} line")
+    head, rest = readme.split(start)
+    _, tail = rest.split(end)
+    return f"{head}{start}\n{markdown}{end}{tail}"
 
 
 def readme_with_table3(readme: str, summary: dict) -> str:
     """The README with the block between its table3 markers rewritten from the summary, so the numbers it
     states are the committed metrics'."""
-    if readme.count(README_START) != 1 or readme.count(README_END) != 1:
-        raise ValueError(f"the README needs one {README_START!r} line and one {README_END!r} line")
-    head, rest = readme.split(README_START)
-    _, tail = rest.split(README_END)
-    return f"{head}{README_START}\n{table3_markdown(summary)}{README_END}{tail}"
+    return readme_with_block(readme, "table3", table3_markdown(summary))
 
 
 def run_warnings(summary: dict, metrics_dir: Path, gan_names: list[str]) -> list[str]:

@@ -9,11 +9,14 @@ import pytest
 from PIL import Image
 
 from biomedsynth.gan.feature_net import chance_summary
-from biomedsynth.report import (_growth_epochs, _sample_pairs, _synthetic_accuracies, run_warnings, table3_markdown,
-                                write_report)
+from biomedsynth.report import (_growth_epochs, _sample_pairs, _synthetic_accuracies, generators_markdown, readme_markers,
+                                run_warnings, table3_markdown, write_report)
 from biomedsynth.store import ImageSet, ImageSetWriter
 from biomedsynth.synthesize import feature_space_reliability
+from biomedsynth.cli import app
+from biomedsynth.report import README_END, README_START
 from biomedsynth.table3 import write_table3
+from typer.testing import CliRunner
 from test_table3 import BETTER, COSTLY, HOLDS, STAGES, TASKS, _stages, plant
 
 REAL_VALUE = {"A": 40, "B": 200}  # real images are flat grey by label; synthetic ones 10 brighter
@@ -43,6 +46,23 @@ def test_sample_pairs_match_labels_and_cover_them(tmp_path):
     assert labels == again[2] and np.array_equal(real, again[0])
 
 
+def write_gan_metrics(m, name: str, learnt: bool = True, copying: bool = False, reliability: dict | None = None):
+    """metrics/gan/<name>.json and metrics/synthesize/<name>.json as train_gan and synthesize write them."""
+    (m / "gan" / "scores").mkdir(parents=True, exist_ok=True)
+    (m / "gan" / f"{name}.json").write_text(json.dumps({
+        "swd_best": 0.1, "kid_best": 0.02, "swd_floor": 0.05, "kid_floor": 0.01, "models": 2,
+        "models_learnt": 2 if learnt else 1, "learnt": learnt, "still_improving": False}))
+    (m / "synthesize").mkdir(parents=True, exist_ok=True)
+    space = {"prdc": {"precision": 0.7, "coverage": 0.05}, "prdc_heldout": {"precision": 0.9, "coverage": 0.8},
+             "c_t": -4.2, "authentic": 0.1, "authentic_heldout": 0.6,
+             "membership": {"value": 0.93, "low": 0.88, "high": None}}
+    (m / "synthesize" / f"{name}.json").write_text(json.dumps({
+        "checkpoint_epochs": {"A": 2, "B": 3}, "hash_screen": True, "rejection_rate": 0.125,
+        "hash_threshold": 31, "hash_threshold_source": "calibrated", "real_rejection_rate": 0.0,
+        "evidence": {"pixels": space, "copying": copying, "features": {**space, **(reliability or {"reliable": True})},
+                     "near_duplicates": 3, "images": {"synthetic": 6}}}))
+
+
 @pytest.fixture
 def tree(tmp_path):
     m, models, groups, synthetic, evidence = (tmp_path / d for d in ("metrics", "models", "groups", "synthetic",
@@ -62,24 +82,11 @@ def tree(tmp_path):
     write_images(groups / "xg" / "train", ["A", "B"] * 4, 16)
     for name in GANS:
         write_images(synthetic / name, ["A", "B"] * 3, 8, offset=10)
-        (m / "gan" / "scores").mkdir(parents=True, exist_ok=True)
-        (m / "gan" / f"{name}.json").write_text(json.dumps({
-            "swd_best": 0.1, "kid_best": 0.02, "swd_floor": 0.05, "kid_floor": 0.01, "models": 2,
-            "models_learnt": 1 if name.startswith("dcgan") else 2, "learnt": not name.startswith("dcgan"),
-            "still_improving": False}))
+        # synthesize's mark: the dcgan set was drawn against the net above, the pggan one before it
+        write_gan_metrics(m, name, learnt=not name.startswith("dcgan"), copying=name.startswith("pggan"),
+                          reliability=feature_space_reliability({"modality": "xray", **net})
+                          if name.startswith("dcgan") else {"reliable": True})
         (m / "gan" / "scores" / f"{name}.csv").write_text("epoch,swd,kid\n1,0.3,0.2\n2,0.2,0.1\n3,0.25,0.05\n")
-        (m / "synthesize" / f"{name}.json").parent.mkdir(parents=True, exist_ok=True)
-        space = {"prdc": {"precision": 0.7, "coverage": 0.05}, "prdc_heldout": {"precision": 0.9, "coverage": 0.8},
-                 "c_t": -4.2, "authentic": 0.1, "authentic_heldout": 0.6,
-                 "membership": {"value": 0.93, "low": 0.88, "high": None}}
-        (m / "synthesize" / f"{name}.json").write_text(json.dumps({
-            "checkpoint_epochs": {"A": 2, "B": 3}, "hash_screen": True, "rejection_rate": 0.125,
-            "hash_threshold": 31, "hash_threshold_source": "calibrated", "real_rejection_rate": 0.0,
-            "evidence": {"pixels": space, "copying": name.startswith("pggan"),
-                         # synthesize's mark: the dcgan set was drawn against the net above, the pggan one before it
-                         "features": {**space, **(feature_space_reliability({"modality": "xray", **net})
-                                                  if name.startswith("dcgan") else {"reliable": True})},
-                         "near_duplicates": 3, "images": {"synthetic": 6}}}))
         (evidence / name).mkdir(parents=True)
         Image.new("L", (20, 10), 128).save(evidence / name / "closest.png")
         for model in ("A", "B"):
@@ -196,3 +203,37 @@ def test_a_compared_generator_is_shown_beside_table3_with_its_answer(tmp_path):
         s, "diffusion-x_norm-cond")
     assert ("the diffusion comparison leaves out histology/rf: GAN learnt nothing: diffusion-h_tumor-uncond"
             in run_warnings(s, tmp_path, []))
+
+
+def test_the_readme_block_of_a_generators_experiment_is_written_from_its_kept_metrics(tmp_path, monkeypatch):
+    """`biomedsynth readme` writes the generators block from docs/results/generators (the experiment's summary.json,
+    gan/ and synthesize/ of its six stages, run.json) where the README has its markers, and leaves a README without
+    them as it was but for Table 3."""
+    results = tmp_path / "docs" / "results" / "generators"
+    plant(results, COSTLY, patients=40, compared={"diffusion": BETTER})
+    write_table3(results, results / "predictions", STAGES, results / "summary.json", results / "table3.json", 200,
+                 compared={"diffusion": _stages("diffusion")})
+    stages = [*{s for v in STAGES.values() for s in v}, *{s for v in _stages("diffusion").values() for s in v}]
+    for name in stages:
+        write_gan_metrics(results, name, copying=name == "diffusion-h_norm-uncond")
+    (results / "run.json").write_text(json.dumps({"command": "dvc exp run -n generators", "wall_s": 3600,
+                                                  "machine": "a 2-core CPU", "params": ["tasks.compare=[diffusion]"]}))
+    md = generators_markdown(results)
+    assert md.startswith("`dvc exp run -n generators` on the committed default: 60 min on a 2-core CPU "
+                         "(tasks.compare=[diffusion]); Table 3 made at commit ")
+    assert "## Generators compared: diffusion against each task's own" in md
+    assert "| h_norm-uncond | diffusion | 0.1000 (0.0500) | 0.0200 (0.0100) | 2/2 | -4.2 / -4.2 | 3 of 6 | COPYING |" in md
+    assert md.count("| x_norm-cond |") == 2 and "| h_tumor-uncond | dcgan |" in md
+    start, end = readme_markers("generators")
+    (tmp_path / "metrics").mkdir()
+    shutil.copy(results / "summary.json", tmp_path / "metrics" / "summary.json")
+    readme = f"# x\n{README_START}\nSTALE\n{README_END}\nprose\n{start}\nSTALE\n{end}\ntail\n"
+    (tmp_path / "README.md").write_text(readme)
+    monkeypatch.chdir(tmp_path)
+    assert CliRunner().invoke(app, ["readme"]).exit_code == 0
+    written = (tmp_path / "README.md").read_text()
+    assert f"{start}\n{md}{end}\ntail\n" in written and "STALE" not in written
+    assert md.index("| histology: own - diffusion | X-ray sex: own - diffusion | X-ray age: own - diffusion |") > 0
+    (tmp_path / "README.md").write_text(readme.replace(f"{start}\nSTALE\n{end}\n", ""))
+    result = CliRunner().invoke(app, ["readme"])
+    assert result.exit_code == 0 and "generators" not in result.output

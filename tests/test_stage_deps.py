@@ -20,6 +20,8 @@ NOT_SHAPING_OUTPUTS = {
     "biomedsynth.params": "the params models: every value a stage reads is a key of params.yaml, which DVC tracks "
                           "key by key, and check_params (deps params.py) validates the file before any stage runs",
     "biomedsynth.provenance": "the fingerprint of what a run read (code, data, params), written beside the metrics",
+    "biomedsynth": "caps numpy's and torch's CPU kernels at AVX2, so every CPU computes what an AVX2 one does: like the "
+                   "machine and the package versions (which DVC does not track either), it decides no output's design",
 }
 
 

@@ -522,15 +522,18 @@ def readme(summary: Path = typer.Option(METRICS / "summary.json", help="the tabl
            generators: Path = typer.Option(Path("docs/results/generators"),
                                            help="a generators-compared experiment's summary.json, gan/, synthesize/"),
            path: Path = typer.Option(Path("README.md"), help="the README whose blocks are rewritten")):
-    """Rewrite the README's Table 3 and verdict (between its table3 markers) from metrics/summary.json, and its
-    generators-compared block from the experiment's metrics kept under docs/results/generators."""
-    from biomedsynth.report import generators_markdown, readme_with_block, readme_with_table3
+    """Rewrite the README's Table 3 and verdict (between its table3 markers) from metrics/summary.json, and, where it
+    has generators markers, that block from a generators-compared experiment's metrics kept under --generators."""
+    from biomedsynth.report import generators_markdown, readme_markers, readme_with_block, readme_with_table3
     from biomedsynth.store import atomic_write_text
 
     text = _run(readme_with_table3, _run(Path.read_text, path), json.loads(_run(Path.read_text, summary)))
-    text = _run(readme_with_block, text, "generators", _run(generators_markdown, generators))
+    written = f"Table 3 and the verdict written from {summary}"
+    if readme_markers("generators")[0] in text:
+        text = _run(readme_with_block, text, "generators", _run(generators_markdown, generators))
+        written += f", the generators compared from {generators}"
     _run(atomic_write_text, path, text)
-    typer.echo(f"{path}: Table 3 and the verdict written from {summary}, the generators compared from {generators}")
+    typer.echo(f"{path}: {written}")
 
 
 @app.command()

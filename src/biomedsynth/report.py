@@ -475,9 +475,10 @@ def _generators(summary: dict) -> list:
     tasks, and its Table 3 beside the own sets'."""
     blocks = []
     for arch, g in summary.get("generators", {}).items():
+        tasks = [t for t in TASKS if t in g["deep"]["per_task"]]  # the study's order (summary.json sorts its keys)
         family_rows = [[{"deep": "VGG16", "lbp": "LBP (k-NN, SVM, RF)"}[family],
                         *(_ci(t["difference"], True) if t["difference"] else t["reason"]
-                          for t in g[family]["per_task"].values()),
+                          for t in (g[family]["per_task"][task] for task in tasks)),
                         _ci(g[family]["difference"], True) if g[family]["difference"] else g[family]["reason"],
                         g[family]["verdict"], g[family]["cells_used"]] for family in FAMILIES]
         cell_rows = [[TASK_NAMES[task], v.get("model_name", MODEL_NAMES[model]), _ci(v["real"]),
@@ -494,7 +495,7 @@ def _generators(summary: dict) -> list:
                        f"no answer ({claim['reason']})") + f" over {claim['cells_used']} cells."
                     + (" Left out: " + "; ".join(f"{c} ({r})" for c, r in g["cells_left_out"].items()) + "."
                        if g["cells_left_out"] else "")),
-                   ("table", ["model family", *(f"{TASK_NAMES[t]}: own - {arch}" for t in g["deep"]["per_task"]),
+                   ("table", ["model family", *(f"{TASK_NAMES[t]}: own - {arch}" for t in tasks),
                               "mean over tasks [95%]", "verdict", "cells"], family_rows),
                    ("table", ["task", "model", "real", "synthetic (own)", f"synthetic ({arch})", "drop (own)",
                               f"drop ({arch})", f"own - {arch}", "flag", "compared"], cell_rows)]

@@ -507,11 +507,9 @@ def table3(params: Path = ParamsOpt):
 
     p = _params(params)
     _writes(*outputs("table3"))
-    compared = {arch: {task: p.tasks.gan_stages(arch)[task] for task, archs in p.tasks.compared().items()
-                       if arch in archs} for arch in p.tasks.compare}
     summary = _run(write_table3, METRICS, PREDICTIONS, p.tasks.gan_stages(),
                    METRICS / "summary.json", METRICS / "table3.json", p.classify.bootstrap,
-                   METRICS / "forest.csv", compared)
+                   METRICS / "forest.csv", p.tasks.compared_stages())
     typer.echo(f"table3: {summary['claims']['sentence']}")
     for g in summary.get("generators", {}).values():
         typer.echo(f"table3: {g['sentence']}")

@@ -442,12 +442,16 @@ class Tasks(Strict):
         return {"histology": [f"{histology}-{g}-uncond" for g in ("h_norm", "h_tumor")],
                 "xray_sex": [f"{xray}-{x.group}-{x.setup}"], "xray_age": [f"{xray}-{x.group}-{x.setup}"]}
 
+    def compared_stages(self) -> dict[str, dict[str, list[str]]]:
+        """{arch: {task: its GAN stages}} of tasks.compare, each over the tasks it is compared on (not its own)."""
+        compared = self.compared()
+        return {arch: {task: stages for task, stages in self.gan_stages(arch).items() if arch in compared[task]}
+                for arch in self.compare}
+
     def used_gan_stages(self) -> set[str]:
         """The GAN stages whose synthetic sets the benchmark trains on: each task's own and its compared ones."""
-        used = {stage for stages in self.gan_stages().values() for stage in stages}
-        compared = self.compared()
-        return used | {stage for arch in self.compare for task, stages in self.gan_stages(arch).items()
-                       if arch in compared[task] for stage in stages}
+        return {stage for table in (self.gan_stages(), *self.compared_stages().values())
+                for stages in table.values() for stage in stages}
 
 
 # --- the classifiers (SPEC section 5) ---

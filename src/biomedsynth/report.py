@@ -23,10 +23,11 @@ import pandas as pd
 from matplotlib.figure import Figure
 from PIL import Image
 
+from biomedsynth.classify.benchmark import arm_of
 from biomedsynth.evidence import RULE
 from biomedsynth.store import ImageSet
 from biomedsynth.table3 import DROPS, FAMILIES, HEADLINE, forest_rows
-from biomedsynth.tasks import TASKS, synthetic_set
+from biomedsynth.tasks import TASKS
 
 TASK_NAMES = {"histology": "histology", "xray_sex": "X-ray sex", "xray_age": "X-ray age"}
 MODEL_NAMES = {"vgg16": "VGG16", "knn": "k-NN", "svm": "SVM", "rf": "RF"}
@@ -274,8 +275,7 @@ def _task_sets(tasks_json: Path) -> list:
     def clusters(s):
         return " / ".join(str(s.get("clusters_per_class", {}).get(c, "?")) for c in ("0", "1"))
     rows = [[TASK_NAMES.get(t, t), tasks[t]["real"]["images"], tasks[t]["synthetic"]["images"],
-             sum(1 for k in tasks[t] if k.startswith(synthetic_set(0)) and not k.startswith("synthetic-")),
-             tasks[t]["test"]["images"],
+             sum(1 for k in tasks[t] if arm_of(k) == "synthetic"), tasks[t]["test"]["images"],
              clusters(tasks[t]["test"]), tasks[t]["test"]["side"]] for t in order]
     return [("h2", "Benchmark sets (Table 2)"),
             ("table", ["task", "train real", "train synthetic (per draw)", "synthetic draws", "test (real)",

@@ -6,7 +6,9 @@ Per side and profile widths (gan.diffusion of profiles/<name>.yaml: UNet widths,
 prints the UNet's parameters, the images/s of the pipeline's own training step (gan/losses.DiffusionLoss, a
 conditional model of two labels, EMA included) and of drawing images (gan/diffusion.Generator: `steps` sampler steps,
 each two network evaluations under guidance; timed over 2 steps and scaled), and on CUDA the peak memory of each; fp32 on the CPU, bf16 autocast
-on CUDA for training (sampling runs in fp32, as synthesize does). Batch 16 for both, one untimed warm-up.
+on CUDA for training (sampling runs in fp32, as synthesize does). Training at batch 16; sampling hands over 64
+latents at once, as scoring and synthesize hand over theirs (on a CPU the sampler runs them 16 network inputs at a
+time: diffusion.CPU_BATCH); one untimed warm-up each.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from biomedsynth.params_edit import profile_values
 from timing import images_per_s  # benchmarks/timing.py, beside this script
 
 BATCH = 16
+DRAWN = 64  # latents per sampling call
 SAMPLED_STEPS = 2  # sampler steps timed; every step costs the same (one or, under guidance, two evaluations)
 
 
@@ -53,8 +56,9 @@ def measure(opt: C.Options, device: torch.device, steps: int) -> dict:
     train_rate, train_peak = images_per_s(train, BATCH, steps, device)
     sampler = nets[4].model
     sampler.steps = SAMPLED_STEPS  # timed over a few sampler steps, scaled to the profile's
-    z = torch.randn(BATCH, opt.latent_dim, device=device)
-    rate, sample_peak = images_per_s(lambda: C.generate(sampler, opt, z, y), BATCH, 1, device)
+    z = torch.randn(DRAWN, opt.latent_dim, device=device)
+    y = torch.arange(DRAWN, device=device) % 2
+    rate, sample_peak = images_per_s(lambda: C.generate(sampler, opt, z, y), DRAWN, 1, device)
     sample_rate = rate * SAMPLED_STEPS / opt.sampling["steps"]
     return {"params": sum(p.numel() for p in G.parameters()) / 1e6, "train": train_rate, "train_peak": train_peak,
             "sample": sample_rate, "sample_peak": sample_peak}
@@ -68,7 +72,7 @@ def main() -> None:
     args = ap.parse_args()
     device = pick_device()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"diffusion on {name}, batch {BATCH}, conditional (2 labels)")
+    print(f"diffusion on {name}, training batch {BATCH}, {DRAWN} latents per sampling call, conditional (2 labels)")
     print("side  widths   UNet M   sampler      train img/s  sample img/s  peak MiB train/sample")
     for res in args.res:
         for widths in args.widths:

@@ -105,3 +105,18 @@ def test_the_sampler_steps_and_guidance_come_from_the_options_and_a_latent_gives
     with pytest.raises(ValueError, match="multiple of 8"):
         options("cond", ("a", "b"), net=dict(base_width=12, width_max=24, attention_below=0, layers_per_block=1))
     assert diffusion.widths(256, 128, 256) == [128, 256, 256, 256, 256, 256]  # 256 px down to 8 px
+
+
+def test_a_large_draw_on_the_cpu_gives_each_latent_the_image_it_gives_alone():
+    """The sampler runs a CPU batch in chunks of diffusion.CPU_BATCH network inputs (guidance doubles each): every
+    image still comes from its own latent and label, whatever the batch around it."""
+    opt = options("cond", ("a", "b"), sampling=dict(sampler="dpm++", steps=2, guidance=2.0))
+    G = C.generator(opt).eval()
+    n = diffusion.CPU_BATCH + 3  # two chunks under guidance: 8 latents, then the other 11
+    z = torch.randn(n, opt.latent_dim, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(n) % 2
+    together = C.generate(G, opt, z, y)
+    alone = torch.cat([C.generate(G, opt, z[i:i + 1], y[i:i + 1]) for i in (0, 8, n - 1)])
+    torch.testing.assert_close(together[[0, 8, n - 1]], alone, atol=1e-5, rtol=0)
+    swapped = C.generate(G, opt, z[n - 1:], 1 - y[n - 1:])  # the label counts: another label, another image
+    assert (swapped - together[n - 1:]).abs().max() > 1e-3

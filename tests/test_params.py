@@ -233,6 +233,8 @@ def test_a_gan_stages_preset_is_written_as_its_table_under_the_tasks_as_set(tmp_
     assert set_params(["tasks.compare=[diffusion, dcgan]", "gan.stages=table3"], path) == ["tasks.compare", "gan.stages"]
     assert _stages(path) == ["dcgan-x_norm-cond", "dcgan-h_norm-uncond", "dcgan-h_tumor-uncond", "sg2ada-x_norm-cond",
                              "diffusion-x_norm-cond", "diffusion-h_norm-uncond", "diffusion-h_tumor-uncond"]
+    assert ("    diffusion-h_tumor-uncond: {arch: diffusion, group: h_tumor, modality: histology}\n"
+            in path.read_text())  # one line per stage, however long
 
 
 @pytest.mark.parametrize("edit, message", [

@@ -92,6 +92,7 @@ def _overlay(overlay: dict, params_path: Path, source: str) -> list[str]:
     """Write `overlay`'s values into params_path, keeping comments and order, after validating the result."""
     rt = YAML()
     rt.preserve_quotes = True
+    rt.width = 120  # params.yaml's width: a stage's entry stays on its line (at 80 one wrapped mid-entry)
     rt.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
     doc = rt.load(params_path.read_text())
     changed: list[str] = []

@@ -96,6 +96,9 @@ def test_profile_switch_keeps_comments_and_reports_changes(tmp_path):
     assert "# Every knob of the pipeline" in text and load_params(path).ingest.xray.image_size == 32
     apply_profile("default", path)
     assert yaml.safe_load(path.read_text()) == yaml.safe_load((ROOT / "params.yaml").read_text())
+    for name in ("paper", "smoke", "default"):  # switched back, the file's own bytes: no comment drifts
+        apply_profile(name, path)
+    assert path.read_text() == (ROOT / "params.yaml").read_text()
     with pytest.raises(ParamsError, match="does not exist"):
         apply_profile("huge", path)
 

@@ -110,6 +110,7 @@ def _overlay(overlay: dict, params_path: Path, source: str) -> list[str]:
                     node[key].fa.set_flow_style()    # again, as a bare `[]` under its commented key (invalid YAML)
                 else:
                     node[key] = value
+                _align_comment(node, key)
                 changed.append(dotted)
 
     before = dict(doc["gan"]["stages"]) if isinstance(doc["gan"]["stages"], dict) else None
@@ -126,6 +127,18 @@ def _overlay(overlay: dict, params_path: Path, source: str) -> list[str]:
         raise ParamsError(error_line(Path(source), e, yaml.safe_load(buf.getvalue()))) from None
     atomic_write_text(params_path, buf.getvalue())
     return changed
+
+
+def _align_comment(mapping: CommentedMap, key: str) -> None:
+    """Put the end-of-line comment of a key just set where most of its neighbours' comments start, unless one
+    already starts where it does: ruamel keeps the column the file had, so a profile switched to and back (a long
+    list, then null) left the comment where the list had pushed it."""
+    def column(k):
+        token = (mapping.ca.items.get(k) or [None] * 3)[2]
+        return None if token is None else token.column
+    columns = [c for k in mapping if k != key and (c := column(k)) is not None]
+    if column(key) is not None and columns and column(key) not in columns:
+        mapping.ca.items[key][2].column = min(set(columns), key=lambda c: (-columns.count(c), c))
 
 
 def _not_a_preset_name(preset: str, source: str) -> str:

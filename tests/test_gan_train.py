@@ -522,8 +522,10 @@ def test_a_scoring_option_rescores_the_kept_generators_without_training_again(st
         return trained_epochs(lines), C.read_log(tmp_path / "models/gan/x" / C.COND_MODEL), lines
 
     first = options("dcgan", epochs=3, snapshot_every=2)  # epochs 2 and 3 (the last) keep their generator
-    trained, logged, _ = run(first)
+    trained, logged, lines = run(first)
     assert trained == [1, 2, 3] and [r["snapshot"] for r in logged] == [False, True, True]
+    assert logged[0]["swd"] is None and logged[0]["swd_floor"] == logged[1]["swd_floor"]  # best can't choose it:
+    assert "not kept, not scored" in next(line for line in lines if " epoch 1/3" in line)  # nothing drawn to score
     ckpt = next(states.glob(f"*/{C.COND_MODEL}/checkpoint.pt"))
     before = ckpt.stat().st_mtime_ns
     more = dataclasses.replace(first, score_images=32, swd_directions=256)
@@ -536,7 +538,7 @@ def test_a_scoring_option_rescores_the_kept_generators_without_training_again(st
     assert json.loads((tmp_path / "m.json").read_text())["per_model"][C.COND_MODEL]["best_epoch"] in (2, 3)
     assert (tmp_path / "s.csv").read_text().splitlines()[1].startswith("1,,,")  # the curve's unscored epoch
     _, again, _ = run(first)
-    assert [(r["swd"], r["kid"]) for r in again[1:]] == [(r["swd"], r["kid"]) for r in logged[1:]]
+    assert [(r["swd"], r["kid"]) for r in again] == [(r["swd"], r["kid"]) for r in logged]
     # a state named by the key of an earlier version (it hashed the scoring options too) is adopted
     state = ckpt.parent.parent
     state.rename(state.with_name("0123456789abcdef"))

@@ -14,9 +14,10 @@ model conditional on the label. The stage's output (models/gan/<name>) holds wha
     <model>/speed.jsonl       per epoch: seconds and images/s; kept out of DVC's hash (.dvcignore), so
                               retraining on another machine or load changes no hash when the weights agree
 
-The GANs learn from the group's `train` side only. Each epoch is scored against its `val` side (real images
-of patients or slides the GAN never saw), in KID's case in the feature space of the modality's net (the
-feature_net stage), so a generator is not rewarded for copying its training images. Beside the curve, each
+The GANs learn from the group's `train` side only. Each epoch that `best` can choose (and each of PGGAN's growing
+ones) is scored against its `val` side (real images of patients or slides the GAN never saw), in KID's case in the
+feature space of the modality's net (the feature_net stage), so a generator is not rewarded for copying its
+training images. Beside the curve, each
 model gets the same scores of real training images against the validation images (the floor: what a
 perfect generator gets) and of noise and heavily blurred images (what one that learnt nothing gets).
 
@@ -315,7 +316,10 @@ def train_model(opt: Options, data: ModelData, images: ImageSet, model_dir: Path
             y_grid = None if grid_labels is None else torch.from_numpy(grid_labels).to(device)
             save_grid(to_uint8(generate(sampler, opt, z_grid.to(device), y_grid, depth, alpha)),
                       model_dir / "grids" / f"{epoch:03d}.png")
-            row.update(scorer.score(sampler, opt, data, depth, alpha, epoch))
+            # an epoch `best` cannot choose at the full side is left unscored, as a rescore leaves it: with
+            # gan.snapshots.every k the diffusion model draws a k-th of its scored images; growth epochs are scored
+            row.update(scorer.score(sampler, opt, data, depth, alpha, epoch) if row["snapshot"] or not grown
+                       else _unscored(scorer, opt, data))
             rows.append(row)
             atomic_write_text(model_dir / "log.jsonl", jsonl(rows))
             save_torch({"G": G.state_dict(), "D": None if D is None else D.state_dict(), "opt_g": opt_g.state_dict(),
@@ -325,9 +329,9 @@ def train_model(opt: Options, data: ModelData, images: ImageSet, model_dir: Path
                        ckpt_path)
             losses = (f"loss D {row['loss_d']:.3f} G {row['loss_g']:.3f}" if row["loss_d"] is not None
                       else f"loss {row['loss_g']:.4f}")
-            log(f"{data.name} epoch {epoch}/{epochs}: {losses}, "
-                f"SWD {row['swd']:.4f} (real {row['swd_floor']:.4f}), KID {row['kid']:.4f} "
-                f"(real {row['kid_floor']:.4f}), {speed['images_per_s']} img/s"
+            scores = (f"SWD {row['swd']:.4f} (real {row['swd_floor']:.4f}), KID {row['kid']:.4f} "
+                      f"(real {row['kid_floor']:.4f})" if row["swd"] is not None else "not kept, not scored")
+            log(f"{data.name} epoch {epoch}/{epochs}: {losses}, {scores}, {speed['images_per_s']} img/s"
                 + (f", {row['side']} px alpha {row['alpha']:.2f}" if depth is not None else "")
                 + (f", ADA p {row['ada_p']:.3f}" if "ada_p" in row else ""))
             if tracker is not None:
@@ -337,6 +341,12 @@ def train_model(opt: Options, data: ModelData, images: ImageSet, model_dir: Path
     return rows
 
 
+def _unscored(scorer: Scorer, opt: Options, data: ModelData) -> dict:
+    """The scores of an epoch whose generator was not kept: none, beside the model's real floors."""
+    floors = scorer.reference(opt, data).scores
+    return {"swd": None, "kid": None, "swd_floor": floors["swd_floor"], "kid_floor": floors["kid_floor"]}
+
+
 def rescored(opt: Options, data: ModelData, model_dir: Path, rows: list[dict], scorer: Scorer, device: torch.device,
              log=print) -> list[dict]:
     """A model's log rows scored under opt's scoring options (run_state.SCORING): as they are where its scores were
@@ -344,9 +354,8 @@ def rescored(opt: Options, data: ModelData, model_dir: Path, rows: list[dict], s
     generator was not kept lose their scores (None), whatever they were. SCORED records the options either way."""
     now = scoring(opt)
     if rows and (model_dir / SCORED).is_file() and json.loads((model_dir / SCORED).read_text()) != now:
-        floors = scorer.reference(opt, data).scores
         for row in rows:
-            row.update(swd=None, kid=None, swd_floor=floors["swd_floor"], kid_floor=floors["kid_floor"])
+            row.update(_unscored(scorer, opt, data))
             if row["snapshot"]:
                 snap = load_weights(epoch_file(model_dir, row["epoch"]), device)
                 G = generator(opt).to(device)

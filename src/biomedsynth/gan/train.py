@@ -17,9 +17,9 @@ model conditional on the label. The stage's output (models/gan/<name>) holds wha
 The GANs learn from the group's `train` side only. Each epoch that `best` can choose (and each of PGGAN's growing
 ones) is scored against its `val` side (real images of patients or slides the GAN never saw), in KID's case in the
 feature space of the modality's net (the feature_net stage), so a generator is not rewarded for copying its
-training images. Beside the curve, each
-model gets the same scores of real training images against the validation images (the floor: what a
-perfect generator gets) and of noise and heavily blurred images (what one that learnt nothing gets).
+training images. Beside the curve, each model gets the same scores of real training images against the validation
+images (the floor: what a perfect generator gets) and of noise and heavily blurred images (what one that learnt
+nothing gets).
 
 Training happens in a resume state outside the DVC output, .cache/gan/<name>/<hash of the options>/: the
 same files plus <model>/checkpoint.pt (G, D, EMA, optimisers, sg2ada's ADA and path-length state, images seen,

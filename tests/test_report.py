@@ -217,10 +217,12 @@ def test_the_readme_block_of_a_generators_experiment_is_written_from_its_kept_me
     for name in stages:
         write_gan_metrics(results, name, copying=name == "diffusion-h_norm-uncond")
     (results / "run.json").write_text(json.dumps({"command": "dvc exp run -n generators", "wall_s": 3600,
-                                                  "machine": "a 2-core CPU", "params": ["tasks.compare=[diffusion]"]}))
+                                                  "machine": "a 2-core CPU", "params": ["tasks.compare=[diffusion]"],
+                                                  "note": "It ran in two parts."}))
     md = generators_markdown(results)
     assert md.startswith("`dvc exp run -n generators` on the committed default: 60 min on a 2-core CPU "
                          "(tasks.compare=[diffusion]); Table 3 made at commit ")
+    assert md.split("\n")[0].endswith(". It ran in two parts.")
     assert "## Generators compared: diffusion against each task's own" in md
     assert "| h_norm-uncond | diffusion | 0.1000 (0.0500) | 0.0200 (0.0100) | 2/2 | -4.2 / -4.2 | 3 of 6 | COPYING |" in md
     assert md.count("| x_norm-cond |") == 2 and "| h_tumor-uncond | dcgan |" in md

@@ -514,11 +514,13 @@ def generators_markdown(results: Path) -> str:
     gan/ and synthesize/ of its own and compared stages, run.json: how it ran): each compared generator's section,
     then the architectures side by side."""
     summary = _read_json(Path(results) / "summary.json")
-    run = _read_json(Path(results) / "run.json")  # how it was run: command, params changed, wall time, machine
+    run = _read_json(Path(results) / "run.json")  # how it was run: command, params changed, wall time, machine,
+    # and a note where the wall time needs one (an interrupted and resumed run)
     stages = sorted({s for table in (summary, *summary["generators"].values()) for _, _, cell in _cells(table)
                      for s in cell["gan"]["stages"]})
     made = (f"`{run['command']}` on the committed default: {run['wall_s'] / 60:.0f} min on {run['machine']} "
-            f"({', '.join(run['params'])}); Table 3 made at commit {summary['provenance']['commit'][:10]}.")
+            f"({', '.join(run['params'])}); Table 3 made at commit {summary['provenance']['commit'][:10]}."
+            + (f" {run['note']}" if run.get("note") else ""))
     return _markdown([("p", made), *_generators(summary), *_architecture_table(summary, Path(results), stages)])
 
 

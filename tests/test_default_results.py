@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from biomedsynth.provenance import data_hash
-from biomedsynth.report import readme_with_table3
+from biomedsynth.report import generators_markdown, readme_with_block, readme_with_table3
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = {"histology", "xray_sex", "xray_age"}
@@ -61,6 +61,17 @@ def test_the_readme_says_what_the_committed_metrics_say():
     readme = (ROOT / "README.md").read_text()
     assert readme_with_table3(readme, _summary()) == readme, \
         "README.md's Table 3 block differs from metrics/summary.json: run `biomedsynth readme`"
+
+
+def test_the_readme_says_what_the_kept_generators_experiment_says():
+    """The README's generators block is written from the experiment kept in docs/results/generators (its summary.json,
+    its stages' GAN and synthesize metrics, run.json), and that experiment compared the diffusion model on each task."""
+    kept = ROOT / "docs" / "results" / "generators"
+    readme = (ROOT / "README.md").read_text()
+    assert readme_with_block(readme, "generators", generators_markdown(kept)) == readme, \
+        "README.md's generators block differs from docs/results/generators: run `biomedsynth readme`"
+    generators = json.loads((kept / "summary.json").read_text())["generators"]
+    assert set(generators) == {"diffusion"} and TASKS <= set(generators["diffusion"])  # its cells, per task
 
 
 def test_the_default_run_measures_seed_and_draw_variance():

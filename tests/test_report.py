@@ -205,6 +205,18 @@ def test_a_compared_generator_is_shown_beside_table3_with_its_answer(tmp_path):
             in run_warnings(s, tmp_path, []))
 
 
+def test_a_compared_generators_degenerate_arm_is_among_the_runs_warnings(tmp_path):
+    """A classifier trained on a compared generator's set that calls every real image one class is warned about as the
+    own set's is (the README's generators table flagged it, the run's warnings did not), once, under its generator."""
+    plant(tmp_path, HOLDS, patients=60, constant=(("xray_age", "svm"),), compared={"diffusion": "same"})
+    s = write_table3(tmp_path, tmp_path / "predictions", STAGES, tmp_path / "summary.json", tmp_path / "table3.json",
+                     200, compared={"diffusion": _stages("diffusion")})
+    warnings = run_warnings(s, tmp_path, [])
+    own = "X-ray age SVM synthetic arm degenerate: predicts one class for 100% of test images"
+    assert [w for w in warnings if own in w] == [f"{own}; accuracy interval contains chance (0.5)",
+                                                 f"the diffusion comparison: {own}; accuracy interval contains chance (0.5)"]
+
+
 def test_the_readme_block_of_a_generators_experiment_is_written_from_its_kept_metrics(tmp_path, monkeypatch):
     """`biomedsynth readme` writes the generators block from docs/results/generators (the experiment's summary.json,
     gan/ and synthesize/ of its six stages, run.json) where the README has its markers, and leaves a README without

@@ -569,9 +569,12 @@ def run_warnings(summary: dict, metrics_dir: Path, gan_names: list[str]) -> list
               for cell, why in g["cells_left_out"].items()]
     if claims.get("replicate_variance") != "measured":
         lines.append("seed and draw variance not measured: one replicate (classify.replicates)")
-    for task, model, cell in _cells(summary):
-        lines += [f"{TASK_NAMES[task]} {MODEL_NAMES[model]} {arm} arm degenerate: {'; '.join(why)}"
-                  for arm, why in cell.get("degenerate_reasons", {}).items()]
+    # a compared generator's cells hold the same real arm as the own ones: only its synthetic arm is news
+    tables = [("", summary, set()), *((f"the {arch} comparison: ", g, {"real"})
+                                      for arch, g in summary.get("generators", {}).items())]
+    lines += [f"{prefix}{TASK_NAMES[task]} {MODEL_NAMES[model]} {arm} arm degenerate: {'; '.join(why)}"
+              for prefix, table, shown in tables for task, model, cell in _cells(table)
+              for arm, why in cell.get("degenerate_reasons", {}).items() if arm not in shown]
     for name in gan_names:
         g = _read_json(metrics_dir / "gan" / f"{name}.json")
         if not g["learnt"]:

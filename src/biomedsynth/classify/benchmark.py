@@ -83,10 +83,11 @@ def arms_not_trained(model: str, cfg: Classify) -> dict[str, str]:
     return {}
 
 
-def trained_arms(result: dict) -> list[str]:
-    """The arms a cell's metrics hold, in order: Table 3's, then the compared generators'."""
-    return [a for a in ARMS if a in result] + compared_arms(k for k in result if k.startswith("synthetic-")
-                                                            and not k.endswith("_drop"))
+def trained_arms(names) -> list[str]:
+    """The arms among arm names (a predictions table's, or a cell's metrics keys beside their drops), in order:
+    Table 3's, then the compared generators'."""
+    names = set(names)
+    return [a for a in ARMS if a in names] + compared_arms(n for n in names if not n.endswith("_drop"))
 
 
 def _lbp_folds(y: np.ndarray, groups: np.ndarray, folds: int) -> tuple[int, np.ndarray | None, str | None]:
@@ -163,8 +164,9 @@ def _fit_predict(model: str, task_dir: Path, features_dir: Path, train: str, cfg
 
 
 def _write_plots(plots: Path, arm: str, y_test: np.ndarray, pred: np.ndarray, score: np.ndarray) -> None:
-    """Per test image actual/predicted (DVC's confusion template) and the ROC curve (fpr, tpr): plots/confusion/<arm>.csv
-    and plots/roc/<arm>.csv, one folder per kind, so dvc.yaml declares two outputs per cell, not six."""
+    """Per test image actual/predicted (DVC's confusion template) and the ROC curve (fpr, tpr):
+    plots/confusion/<arm>.csv and plots/roc/<arm>.csv, one folder per kind, so dvc.yaml declares two outputs per cell,
+    not six."""
     atomic_write_text(plots / "confusion" / f"{arm}.csv",
                       "actual,predicted\n" + "".join(f"{a},{p}\n" for a, p in zip(y_test, pred)))
     fpr, tpr, _ = roc_curve(y_test, score)
@@ -214,8 +216,7 @@ def score_arms(predictions: pd.DataFrame, n_boot: int, seed: int = 0) -> tuple[d
     picks = metrics.replicate_picks(replicates, n_boot, seed)
     rule = metrics.interval_rule(y, groups)
     result, samples = {}, {}
-    present = set(predictions["arm"])
-    for arm in [a for a in ARMS if a in present] + compared_arms(present):
+    for arm in trained_arms(predictions["arm"]):
         samples[arm] = arm_samples(predictions, arm, y, weights, picks)
         runs = replicate_runs(predictions, arm)
         scores = {k: metrics.interval(v, rule=rule, bounds=(0, 1)) for k, v in samples[arm].items()}
@@ -323,8 +324,10 @@ def classify(task: str, model: str, cfg: Classify, task_dir: Path, features_dir:
         tracker.log_metrics({f"{arm}.{m}": result[arm][m]["value"] for arm in trained_arms(result)
                              for m in metrics.SCALARS})
         tracker.log_metrics({f"drop.{m}": result["drop"]["relative"][m]["value"] for m in metrics.SCALARS})
-        for arm in trained_arms(result) + list(not_trained):  # the files this stage wrote, not the folder: an older layout's predictions.csv (patient ids)
-            for kind in ("confusion", "roc"):  # sat there and went to MLflow with it
+        # the files this stage wrote, not the folder: an older layout's predictions.csv (patient ids) sat there and
+        # went to MLflow with it
+        for arm in trained_arms(result) + list(not_trained):
+            for kind in ("confusion", "roc"):
                 if (plots_dir / kind / f"{arm}.csv").is_file():
                     tracker.log_artifact(plots_dir / kind / f"{arm}.csv", f"plots/{kind}")
         tracker.log_artifacts(models_out, "model", real_images=True)  # fitted to real images (k-NN keeps them all)
